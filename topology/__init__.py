@@ -1,0 +1,40 @@
+"""The broker layout as data: exchanges, work queues, retry queues, DLQs."""
+
+from .declare import declare, declare_url
+from .definitions import to_definitions
+from .errors import LeveretError, QueueMismatchError, TopologyError
+from .model import (
+    DELAY_BITS,
+    DELAY_UNIT_S,
+    MAX_DELAY_S,
+    Topology,
+    WorkQueue,
+    delay_entry_exchange,
+    delay_levels,
+    delayed_job_routing_key,
+    dlq_name,
+    retry_queue_name,
+    retry_routing_key,
+    retry_ttl_ms,
+)
+
+__all__ = [
+    "DELAY_BITS",
+    "DELAY_UNIT_S",
+    "MAX_DELAY_S",
+    "LeveretError",
+    "QueueMismatchError",
+    "Topology",
+    "TopologyError",
+    "WorkQueue",
+    "declare",
+    "declare_url",
+    "delay_entry_exchange",
+    "delay_levels",
+    "delayed_job_routing_key",
+    "dlq_name",
+    "retry_queue_name",
+    "retry_routing_key",
+    "retry_ttl_ms",
+    "to_definitions",
+]
