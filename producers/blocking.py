@@ -1,0 +1,65 @@
+"""A blocking facade over ``Publisher`` for Flask, Django, scripts.
+
+It runs one event loop in a daemon thread and hands each call to it, so a synchronous caller
+gets the same confirms, pipelining and errors as the async API.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterable
+from types import TracebackType
+from typing import Any, Self
+
+from .publisher import Job, Payload, Publisher
+from .settings import ConnectionSettings
+
+
+class BlockingPublisher:
+    """``with BlockingPublisher(url) as pub: pub.publish("job", {...})``; thread-safe."""
+
+    def __init__(self, url: str | None = None, *, settings: ConnectionSettings | None = None):
+        self._publisher = Publisher(url, settings=settings)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="leveret-publisher", daemon=True
+        )
+        self._thread.start()
+        self._run(self._publisher.connect())
+
+    def _run(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def publish(
+        self,
+        job: str,
+        payload: Payload,
+        *,
+        priority: int | None = None,
+        delay: float | None = None,
+        job_id: str | None = None,
+    ) -> str:
+        return self._run(
+            self._publisher.publish(job, payload, priority=priority, delay=delay, job_id=job_id)
+        )
+
+    def publish_many(self, jobs: Iterable[Job | tuple[str, Payload]]) -> list[str]:
+        return self._run(self._publisher.publish_many(list(jobs)))
+
+    def close(self) -> None:
+        if self._loop.is_running():
+            self._run(self._publisher.close())
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=5)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()

@@ -1,0 +1,93 @@
+"""Opening connections: TLS, masked URLs, and errors that say what to do.
+
+Every connection error passes through ``connect`` so that no caller ever formats the raw URL
+(with its password) into a message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from typing import Any
+
+import aio_pika
+import aiormq
+from aio_pika.abc import AbstractRobustConnection
+from yarl import URL
+
+from .errors import BrokerUnavailable
+from .settings import ConnectionSettings
+
+# Errors that mean "the broker went away"; callers retry on these (aio-pika's own list).
+CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
+    ConnectionError,
+    OSError,
+    asyncio.TimeoutError,
+    aiormq.exceptions.AMQPConnectionError,
+    aiormq.exceptions.ChannelInvalidStateError,
+)
+
+
+def mask_url(url: str) -> str:
+    """The URL with its password replaced, safe for logs and errors."""
+    try:
+        parsed = URL(url)
+    except (TypeError, ValueError):
+        return "<unparseable URL>"
+    if parsed.password is not None:
+        parsed = parsed.with_password("******")
+    return str(parsed)
+
+
+def _ssl_context(settings: ConnectionSettings) -> ssl.SSLContext:
+    context = ssl.create_default_context(
+        cafile=str(settings.tls_ca_file) if settings.tls_ca_file else None
+    )
+    if settings.tls_cert_file:
+        context.load_cert_chain(
+            str(settings.tls_cert_file),
+            str(settings.tls_key_file) if settings.tls_key_file else None,
+        )
+    return context
+
+
+def explain(exc: BaseException, url: str) -> BrokerUnavailable:
+    """Turn a low-level connection failure into one clear, password-free error."""
+    masked = mask_url(url)
+    password = URL(url).password if "://" in url else None
+    reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    if password:
+        reason = reason.replace(password, "******")
+    if isinstance(
+        exc,
+        aiormq.exceptions.AuthenticationError | aiormq.exceptions.ProbableAuthenticationError,
+    ):
+        return BrokerUnavailable(
+            masked, "login refused", "check the user and password in LEVERET_AMQP_URL"
+        )
+    if isinstance(exc, ssl.SSLError):
+        return BrokerUnavailable(
+            masked, reason, "check LEVERET_TLS_CA_FILE (the CA that signed the broker's certificate)"
+        )
+    if "access_refused" in reason.lower() or "not_allowed" in reason.lower():
+        return BrokerUnavailable(
+            masked, reason, "check that the vhost exists and the user has permissions on it"
+        )
+    return BrokerUnavailable(
+        masked, reason, "check that RabbitMQ is running and LEVERET_AMQP_URL is right"
+    )
+
+
+async def connect(
+    settings: ConnectionSettings, *, robust: bool = True, **kwargs: Any
+) -> AbstractRobustConnection:
+    """Connect once (raising ``BrokerUnavailable`` on failure); robust connections then reconnect
+    by themselves after a drop."""
+    url = settings.amqp_url.get_secret_value()
+    if url.startswith("amqps://"):
+        kwargs.setdefault("ssl_context", _ssl_context(settings))
+    opener = aio_pika.connect_robust if robust else aio_pika.connect
+    try:
+        return await opener(url, timeout=settings.connect_timeout, **kwargs)  # type: ignore[return-value]
+    except (*CONNECTION_ERRORS, ssl.SSLError, ValueError) as exc:
+        raise explain(exc, url) from None

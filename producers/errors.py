@@ -1,0 +1,61 @@
+"""Errors of the publishing side (see ``topology.errors`` for the whole tree)."""
+
+from __future__ import annotations
+
+from topology.errors import LeveretError
+
+
+class BrokerUnavailable(LeveretError, ConnectionError):
+    """The broker could not be reached or refused the connection.
+
+    The URL in the message is always masked: a password never reaches a log line through here.
+    """
+
+    def __init__(self, url: str, reason: str, advice: str) -> None:
+        self.url = url
+        self.reason = reason
+        super().__init__(f"cannot connect to RabbitMQ at {url}: {reason}; {advice}")
+
+
+class PublishError(LeveretError):
+    """A job could not be safely handed to the broker; the caller must assume it was not queued."""
+
+    def __init__(self, job: str, message: str) -> None:
+        self.job = job
+        super().__init__(message)
+
+
+class UnroutableError(PublishError):
+    """No queue is bound for the job, so RabbitMQ returned it (``mandatory``)."""
+
+    def __init__(self, job: str, exchange: str, routing_key: str) -> None:
+        self.exchange = exchange
+        self.routing_key = routing_key
+        super().__init__(
+            job,
+            f"job {job!r} is unroutable: no queue is bound to exchange {exchange!r} for it; "
+            f"start a worker that serves {job!r} or run `leveret topology declare APP`",
+        )
+
+
+class RefusedError(PublishError):
+    """The broker nacked the job (e.g. a full quorum queue, an internal error)."""
+
+    def __init__(self, job: str, detail: str = "") -> None:
+        super().__init__(
+            job,
+            f"the broker refused job {job!r}{': ' + detail if detail else ''}; it was not "
+            f"queued, try again later",
+        )
+
+
+class PublishTimeout(PublishError, TimeoutError):
+    """No confirm arrived in time: broker blocked by an alarm, connection lost, or overloaded."""
+
+    def __init__(self, job: str, timeout_s: float) -> None:
+        self.timeout_s = timeout_s
+        super().__init__(
+            job,
+            f"job {job!r} was not confirmed by the broker within {timeout_s:g} s (is it down, "
+            f"or blocked by a memory/disk alarm?); it may or may not have been queued",
+        )

@@ -1,0 +1,202 @@
+"""``Publisher``: a submitted job is either confirmed in a queue, or the caller gets an error.
+
+Every publish uses publisher confirms and ``mandatory``: a nack raises ``RefusedError``, a job no
+queue is bound for comes back from the broker and raises ``UnroutableError``, and no confirm
+within ``publish_timeout`` raises ``PublishTimeout``. An id is only ever returned for a job the
+broker confirmed.
+
+Concurrent ``publish`` calls share one channel and are pipelined: each waits only for its own
+confirm, so a thousand tasks publishing at once need one round trip, not a thousand.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable, Mapping
+from types import TracebackType
+from typing import Any, Self
+
+import aiormq
+from aio_pika.abc import AbstractChannel, AbstractRobustConnection
+from pamqp.commands import Basic
+from prometheus_client import CollectorRegistry
+from pydantic import BaseModel
+
+from topology.model import check_name, delay_entry_exchange, delayed_job_routing_key
+
+from .connection import CONNECTION_ERRORS, connect, mask_url
+from .errors import PublishError, PublishTimeout, RefusedError, UnroutableError
+from .message import check_priority, encode_payload, job_properties, new_job_id
+from .metrics import published_counter
+from .settings import ConnectionSettings
+
+Payload = BaseModel | dict[str, Any]
+
+
+class Job(BaseModel):
+    """One job for ``publish_many``."""
+
+    job: str
+    payload: dict[str, Any] | BaseModel
+    priority: int | None = None
+    delay: float | None = None
+    job_id: str | None = None
+
+
+class Publisher:
+    """Publishes jobs with confirms; use as ``async with Publisher(url) as pub``."""
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        settings: ConnectionSettings | None = None,
+        registry: CollectorRegistry | None = None,
+    ) -> None:
+        if settings is None:
+            settings = ConnectionSettings() if url is None else ConnectionSettings(amqp_url=url)
+        elif url is not None:
+            settings = settings.model_copy(update={"amqp_url": url})
+        self.settings = settings
+        self._exchange = settings.exchange
+        self._delay_exchange = delay_entry_exchange(settings.exchange)
+        self._timeout = settings.publish_timeout
+        self._published = published_counter(registry)
+        self._published_children: dict[str, Any] = {}
+        self._connection: AbstractRobustConnection | None = None
+        self._channel: AbstractChannel | None = None
+
+    def __repr__(self) -> str:
+        return f"Publisher({mask_url(self.settings.amqp_url.get_secret_value())!r})"
+
+    async def connect(self) -> None:
+        self._connection = await connect(self.settings)
+        self._channel = await self._connection.channel(
+            publisher_confirms=True, on_return_raises=True
+        )
+
+    async def close(self) -> None:
+        if self._connection is not None:
+            await self._connection.close()
+        self._connection = self._channel = None
+
+    async def __aenter__(self) -> Self:
+        await self.connect()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def publish(
+        self,
+        job: str,
+        payload: Payload,
+        *,
+        priority: int | None = None,
+        delay: float | None = None,
+        job_id: str | None = None,
+        headers: Mapping[str, Any] | None = None,
+    ) -> str:
+        """Publish one job and wait for the broker's confirm; return its id."""
+        body, properties, exchange, routing_key = self._prepare(
+            job, payload, priority, delay, job_id, headers
+        )
+        await self._send(job, body, properties, exchange, routing_key)
+        return properties.message_id  # type: ignore[return-value]
+
+    async def publish_many(self, jobs: Iterable[Job | tuple[str, Payload]]) -> list[str]:
+        """Send a whole batch, then wait for all its confirms at once.
+
+        Every job is validated before the first is sent. Returns the ids in order; if any job is
+        refused, the first error is raised after every confirm has arrived (the others were
+        queued).
+        """
+        prepared = []
+        for item in jobs:
+            spec = item if isinstance(item, Job) else Job(job=item[0], payload=item[1])
+            prepared.append(
+                self._prepare(
+                    spec.job, spec.payload, spec.priority, spec.delay, spec.job_id, None
+                )
+                + (spec.job,)
+            )
+        results = await asyncio.gather(
+            *(self._send(job, body, props, ex, rk) for body, props, ex, rk, job in prepared),
+            return_exceptions=True,
+        )
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        return [props.message_id for _, props, _, _, _ in prepared]  # type: ignore[misc]
+
+    def _prepare(
+        self,
+        job: str,
+        payload: Payload,
+        priority: int | None,
+        delay: float | None,
+        job_id: str | None,
+        headers: Mapping[str, Any] | None,
+    ) -> tuple[bytes, Basic.Properties, str, str]:
+        check_name("job", job)
+        body = encode_payload(payload)
+        properties = job_properties(
+            job,
+            job_id if job_id is not None else new_job_id(),
+            check_priority(priority),
+            dict(headers) if headers else None,
+        )
+        if delay:
+            return body, properties, self._delay_exchange, delayed_job_routing_key(delay, job)
+        return body, properties, self._exchange, job
+
+    async def _send(
+        self,
+        job: str,
+        body: bytes,
+        properties: Basic.Properties,
+        exchange: str,
+        routing_key: str,
+    ) -> None:
+        if self._channel is None:
+            raise RuntimeError("Publisher is not connected: use `async with Publisher(...)`")
+        try:
+            async with asyncio.timeout(self._timeout):
+                channel = await self._channel.get_underlay_channel()
+                confirmation = await channel.basic_publish(
+                    body,
+                    exchange=exchange,
+                    routing_key=routing_key,
+                    properties=properties,
+                    mandatory=True,
+                )
+        except TimeoutError:
+            raise PublishTimeout(job, self._timeout) from None
+        except aiormq.exceptions.PublishError:
+            raise UnroutableError(job, exchange, routing_key) from None
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            raise PublishError(
+                job,
+                f"exchange {exchange!r} does not exist; run `leveret topology declare APP` "
+                f"or start a worker first",
+            ) from None
+        except aiormq.exceptions.DeliveryError as exc:
+            raise RefusedError(job, str(exc.frame) if exc.frame else "") from None
+        except CONNECTION_ERRORS as exc:
+            raise PublishError(
+                job,
+                f"job {job!r} may not have been queued: the connection failed "
+                f"({type(exc).__name__}); publish it again",
+            ) from None
+        if not isinstance(confirmation, Basic.Ack):
+            # A nack (or an unexpected frame) is never success.
+            raise RefusedError(job, type(confirmation).__name__)
+        child = self._published_children.get(job)
+        if child is None:
+            child = self._published_children[job] = self._published.labels(job=job)
+        child.inc()

@@ -1,0 +1,22 @@
+"""Connection settings, read once from ``LEVERET_*`` at the edge and passed down."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ConnectionSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LEVERET_", frozen=True, extra="ignore")
+
+    amqp_url: SecretStr = SecretStr("amqp://guest:guest@localhost:5672/")
+    exchange: str = "jobs"
+    # Bounded waits: a publish never hangs on a blocked or vanished broker.
+    publish_timeout: float = 30.0
+    connect_timeout: float = 10.0
+    # TLS for amqps:// URLs; the server certificate is verified by default.
+    tls_ca_file: Path | None = None
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
