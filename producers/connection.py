@@ -67,7 +67,9 @@ def explain(exc: BaseException, url: str) -> BrokerUnavailable:
         )
     if isinstance(exc, ssl.SSLError):
         return BrokerUnavailable(
-            masked, reason, "check LEVERET_TLS_CA_FILE (the CA that signed the broker's certificate)"
+            masked,
+            reason,
+            "check LEVERET_TLS_CA_FILE (the CA that signed the broker's certificate)",
         )
     if "access_refused" in reason.lower() or "not_allowed" in reason.lower():
         return BrokerUnavailable(

@@ -119,12 +119,10 @@ class Publisher:
         prepared = []
         for item in jobs:
             spec = item if isinstance(item, Job) else Job(job=item[0], payload=item[1])
-            prepared.append(
-                self._prepare(
-                    spec.job, spec.payload, spec.priority, spec.delay, spec.job_id, None
-                )
-                + (spec.job,)
+            body, props, exchange, key = self._prepare(
+                spec.job, spec.payload, spec.priority, spec.delay, spec.job_id, None
             )
+            prepared.append((body, props, exchange, key, spec.job))
         results = await asyncio.gather(
             *(self._send(job, body, props, ex, rk) for body, props, ex, rk, job in prepared),
             return_exceptions=True,

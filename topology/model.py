@@ -134,7 +134,7 @@ def retry_routing_key(delay_s: float, queue: str) -> str:
 
 
 def delayed_job_routing_key(delay_s: float, job: str) -> str:
-    """Routing key for a delayed publish: after ``delay_s`` it reaches every queue serving ``job``."""
+    """Routing key for a delayed publish: after ``delay_s`` it reaches the queues of ``job``."""
     return f"{_bits_key(delay_units(delay_s))}.j.{job}"
 
 

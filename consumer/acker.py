@@ -1,0 +1,76 @@
+"""Coalesced acknowledgements: one ``basic.ack(multiple=True)`` per event-loop turn.
+
+A job is marked done only after its outcome is durable (see ``settle``). Deliveries arrive in
+delivery-tag order, so the acker keeps them in that order and, once per loop turn, acks the
+longest prefix of done tags with one frame. A done tag behind a still-running job is acked on
+its own, so a long job never holds finished ones hostage. A tag is never covered by a
+``multiple`` ack before it is done: the prefix stops at the first job still running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import deque
+
+import aiormq
+import structlog
+
+log = structlog.get_logger("leveret.worker")
+
+
+class Acker:
+    def __init__(self, channel: aiormq.abc.AbstractChannel) -> None:
+        self._channel = channel
+        self._order: deque[int] = deque()
+        self._done: set[int] = set()
+        self._flush_scheduled = False
+        self._loop = asyncio.get_running_loop()
+        self._flushes: set[asyncio.Task[None]] = set()
+
+    def track(self, tag: int) -> None:
+        self._order.append(tag)
+
+    def ack(self, tag: int) -> None:
+        self._done.add(tag)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._start_flush)
+
+    async def nack(self, tag: int, *, requeue: bool) -> None:
+        self._forget(tag)
+        await self._channel.basic_nack(tag, requeue=requeue, wait=False)
+
+    def _forget(self, tag: int) -> None:
+        with contextlib.suppress(ValueError):
+            self._order.remove(tag)
+
+    def _start_flush(self) -> None:
+        task = self._loop.create_task(self._flush())
+        self._flushes.add(task)
+        task.add_done_callback(self._flushes.discard)
+
+    async def _flush(self) -> None:
+        self._flush_scheduled = False
+        order, done = self._order, self._done
+        last, count = 0, 0
+        while order and order[0] in done:
+            last = order.popleft()
+            done.discard(last)
+            count += 1
+        singles = list(done)
+        done.clear()
+        for tag in singles:
+            self._forget(tag)
+        try:
+            if count:
+                await self._channel.basic_ack(last, multiple=count > 1, wait=False)
+            for tag in singles:
+                await self._channel.basic_ack(tag, wait=False)
+        except (aiormq.exceptions.ChannelInvalidStateError, aiormq.exceptions.AMQPError):
+            # The channel is gone: the broker requeues these jobs and they run again.
+            log.warning("ack_lost_channel_closed", jobs=count + len(singles))
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._order)

@@ -1,0 +1,31 @@
+"""The ``leveret`` command line."""
+
+from __future__ import annotations
+
+import click
+
+from .publish_cmd import publish
+from .topology_cmd import topology
+from .worker_cmd import worker
+
+
+@click.group(
+    context_settings={"help_option_names": ["-h", "--help"]},
+    epilog="""\b
+Settings come from LEVERET_* environment variables, e.g.
+  LEVERET_AMQP_URL=amqp://guest:guest@localhost:5672/   broker (amqps:// for TLS)
+  LEVERET_PREFETCH=50                                  jobs one worker runs at once
+Run `leveret COMMAND --help` for examples.""",
+)
+@click.version_option(package_name="leveret")
+def cli() -> None:
+    """Leveret: background jobs on RabbitMQ."""
+
+
+cli.add_command(worker)
+cli.add_command(topology)
+cli.add_command(publish)
+
+
+def main() -> None:
+    cli()

@@ -1,0 +1,80 @@
+"""Worker metrics, built in one place on a given registry so tests can use a fresh one."""
+
+from __future__ import annotations
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+
+from producers.metrics import published_counter
+
+# Jobs range from milliseconds to hours.
+DURATION_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    60.0, 300.0, 900.0, 3600.0,
+)  # fmt: skip
+
+SUCCEEDED = "succeeded"
+RETRIED = "retried"
+DEAD_LETTERED = "dead_lettered"
+UNKNOWN_JOB = "unknown"
+
+
+class WorkerMetrics:
+    """One set per registry; ``for_registry`` shares it between workers of one process."""
+
+    _by_registry: dict[int, WorkerMetrics] = {}  # noqa: RUF012
+
+    @classmethod
+    def for_registry(cls, registry: CollectorRegistry | None = None) -> WorkerMetrics:
+        registry = registry or REGISTRY
+        metrics = cls._by_registry.get(id(registry))
+        if metrics is None:
+            metrics = cls._by_registry[id(registry)] = cls(registry)
+        return metrics
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        registry = registry or REGISTRY
+        self.registry = registry
+        self.started = Counter(
+            "leveret_jobs_started_total",
+            "Handler runs started.",
+            ["queue", "job"],
+            registry=registry,
+        )
+        self.completed = Counter(
+            "leveret_jobs_completed_total",
+            "Handler runs (and messages no handler could take) by outcome.",
+            ["queue", "job", "outcome"],
+            registry=registry,
+        )
+        self.duration = Histogram(
+            "leveret_job_duration_seconds",
+            "Handler run time.",
+            ["queue", "job"],
+            buckets=DURATION_BUCKETS,
+            registry=registry,
+        )
+        self.in_progress = Gauge(
+            "leveret_jobs_in_progress",
+            "Jobs being handled right now.",
+            ["queue"],
+            registry=registry,
+        )
+        self.prefetch = Gauge(
+            "leveret_worker_prefetch",
+            "The most jobs this worker holds at once (its concurrency), per consumed queue.",
+            ["queue"],
+            registry=registry,
+        )
+        self.connected = Gauge(
+            "leveret_worker_ready",
+            "1 while the worker is connected and consuming, else 0.",
+            registry=registry,
+        )
+        self.dlq_messages = Gauge(
+            "leveret_dlq_messages",
+            "Messages waiting in the queue's DLQ.",
+            ["queue"],
+            registry=registry,
+        )
+        # So a process that both works and publishes exposes one published counter.
+        self.published = published_counter(registry)

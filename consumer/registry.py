@@ -1,0 +1,158 @@
+"""Job registrations, checked and resolved once when the decorator runs.
+
+A bad registration fails at import time with a ``ConfigError``, never on a message; everything
+a delivery needs (validator, whether to pass ``ctx``, sync or async, the backoff) is worked out
+here so the hot path only looks things up.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel, TypeAdapter
+from tenacity import RetryCallState
+from tenacity.wait import wait_base, wait_exponential
+
+from topology.model import MAX_DELAY_S, Topology, WorkQueue, check_name
+
+from .context import JobContext
+from .errors import ConfigError
+
+Backoff = float | int | wait_base
+
+DEFAULT_QUEUE = "default"
+DEFAULT_MAX_ATTEMPTS = 3
+# 2 s, 4 s, 8 s … capped at an hour: the usual shape for transient failures.
+DEFAULT_BACKOFF = wait_exponential(multiplier=2, max=3600)
+
+
+@dataclass(frozen=True, slots=True)
+class JobSpec:
+    name: str
+    queue: str
+    fn: Callable[..., Any]
+    validate: Callable[[bytes], Any]  # body bytes -> the handler's first argument
+    takes_ctx: bool
+    is_async: bool
+    max_attempts: int
+    backoff: Backoff
+    timeout_s: float | None
+
+    def delay_after(self, attempt: int, error: BaseException) -> float:
+        """Seconds to wait before the run after failed run number ``attempt``."""
+        if isinstance(self.backoff, int | float):
+            delay = float(self.backoff)
+        else:
+            state = RetryCallState(retry_object=None, fn=self.fn, args=(), kwargs={})  # type: ignore[arg-type]
+            state.attempt_number = attempt
+            state.set_exception((type(error), error, error.__traceback__))
+            delay = float(self.backoff(state))
+        return min(max(delay, 0.0), MAX_DELAY_S)
+
+
+def _validator(fn: Callable[..., Any], name: str) -> tuple[Callable[[bytes], Any], bool]:
+    params = list(inspect.signature(fn).parameters.values())
+    if not params or params[0].kind not in (
+        inspect.Parameter.POSITIONAL_ONLY,
+        inspect.Parameter.POSITIONAL_OR_KEYWORD,
+    ):
+        raise ConfigError(
+            f"handler for job {name!r} must take the payload as its first parameter, "
+            f"annotated with a pydantic model"
+        )
+    try:
+        hints = typing.get_type_hints(fn)
+    except Exception as exc:
+        raise ConfigError(f"cannot resolve the annotations of handler {name!r}: {exc}") from None
+    model = hints.get(params[0].name)
+    if isinstance(model, type) and issubclass(model, BaseModel):
+        validate: Callable[[bytes], Any] = model.model_validate_json
+    elif model is dict or typing.get_origin(model) is dict:
+        adapter = TypeAdapter(model)
+        validate = adapter.validate_json
+    else:
+        raise ConfigError(
+            f"the first parameter of handler {name!r} must be annotated with a pydantic model "
+            f"(or dict), got {model!r}"
+        )
+    extra = params[1:]
+    if len(extra) > 1 or any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in extra):
+        raise ConfigError(f"handler {name!r} may take (payload) or (payload, ctx), nothing more")
+    takes_ctx = bool(extra)
+    if takes_ctx:
+        hint = hints.get(extra[0].name)
+        if hint not in (None, JobContext):
+            raise ConfigError(f"the second parameter of handler {name!r} must be a JobContext")
+    return validate, takes_ctx
+
+
+class Registry:
+    """Job name → ``JobSpec``, and the topology those jobs need."""
+
+    def __init__(self) -> None:
+        self.jobs: dict[str, JobSpec] = {}
+
+    def add(
+        self,
+        fn: Callable[..., Any],
+        name: str,
+        queue: str,
+        max_attempts: int,
+        backoff: Backoff,
+        timeout: float | None,
+    ) -> JobSpec:
+        try:
+            check_name("job", name)
+            WorkQueue(name=queue)
+        except ValueError as exc:
+            raise ConfigError(str(exc).splitlines()[-1] if "\n" in str(exc) else str(exc)) from None
+        if name in self.jobs:
+            raise ConfigError(f"job {name!r} is registered twice; job names must be unique")
+        if isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 1:
+            raise ConfigError(f"max_attempts of job {name!r} must be 1 or more")
+        if isinstance(backoff, int | float):
+            if not 0 <= backoff <= MAX_DELAY_S or math.isnan(backoff):
+                raise ConfigError(
+                    f"backoff of job {name!r} must be 0 to {MAX_DELAY_S:g} seconds, got {backoff}"
+                )
+        elif not isinstance(backoff, wait_base):
+            raise ConfigError(
+                f"backoff of job {name!r} must be seconds or a tenacity wait strategy"
+            )
+        if timeout is not None and not timeout > 0:
+            raise ConfigError(f"timeout of job {name!r} must be a positive number of seconds")
+        validate, takes_ctx = _validator(fn, name)
+        spec = JobSpec(
+            name=name,
+            queue=queue,
+            fn=fn,
+            validate=validate,
+            takes_ctx=takes_ctx,
+            is_async=inspect.iscoroutinefunction(fn),
+            max_attempts=max_attempts,
+            backoff=backoff,
+            timeout_s=timeout,
+        )
+        self.jobs[name] = spec
+        return spec
+
+    @property
+    def queues(self) -> list[str]:
+        return sorted({spec.queue for spec in self.jobs.values()})
+
+    def topology(self, exchange: str, queue_type: str = "classic") -> Topology:
+        by_queue: dict[str, list[str]] = {}
+        for spec in self.jobs.values():
+            by_queue.setdefault(spec.queue, []).append(spec.name)
+        return Topology(
+            exchange=exchange,
+            queues=tuple(
+                WorkQueue(name=q, jobs=tuple(jobs), queue_type=queue_type)  # type: ignore[arg-type]
+                for q, jobs in by_queue.items()
+            ),
+        )

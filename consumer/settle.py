@@ -1,0 +1,165 @@
+"""Outcomes: a job is acked only after its outcome is durable.
+
+* succeeded: the handler returned, so the work is done; ack.
+* retried: a copy with ``x-attempts`` goes into the delayed-retry chain; ack once the broker
+  confirmed the copy.
+* dead-lettered: a copy with ``x-reason``/``x-error``/``x-attempts`` goes to ``Q.dlq``; ack once
+  confirmed.
+
+If a copy cannot be confirmed (connection lost, broker nack) the original is not acked: the
+broker redelivers it and it runs again. A duplicate at worst, never a loss.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import aiormq
+import structlog
+from pamqp.commands import Basic
+
+from producers.connection import CONNECTION_ERRORS
+from producers.message import (
+    HEADER_ATTEMPTS,
+    HEADER_DIED_AT,
+    HEADER_ERROR,
+    HEADER_QUEUE,
+    HEADER_REASON,
+    PERSISTENT,
+    one_line,
+)
+from topology.model import delay_entry_exchange, dlq_name, retry_routing_key
+
+from .acker import Acker
+
+log = structlog.get_logger("leveret.worker")
+
+# Headers Leveret itself manages; never copied from one attempt to the next.
+_OWN_HEADERS = frozenset({HEADER_ATTEMPTS, HEADER_REASON, HEADER_ERROR, HEADER_DIED_AT,
+                          HEADER_QUEUE, "x-redeliveries", "x-death", "x-first-death-exchange",
+                          "x-first-death-queue", "x-first-death-reason",
+                          "x-last-death-exchange", "x-last-death-queue",
+                          "x-last-death-reason"})  # fmt: skip
+
+
+class SettleFailed(Exception):
+    """The outcome copy was not confirmed; the original must stay unacked."""
+
+
+def copy_properties(
+    props: Basic.Properties, job: str, job_id: str, headers: dict[str, Any]
+) -> Basic.Properties:
+    """The original's properties for a new copy, minus what would break or mislead it.
+
+    ``expiration`` would fight the retry queues' TTL; ``user_id`` must name the publishing
+    connection's user, which is ours now.
+    """
+    return Basic.Properties(
+        content_type=props.content_type,
+        content_encoding=props.content_encoding,
+        headers=headers,
+        delivery_mode=PERSISTENT,
+        priority=props.priority,
+        correlation_id=props.correlation_id,
+        reply_to=props.reply_to,
+        message_id=job_id,
+        timestamp=props.timestamp,
+        message_type=job,
+        app_id=props.app_id,
+    )
+
+
+def carried_headers(props: Basic.Properties) -> dict[str, Any]:
+    headers = props.headers
+    if not headers:
+        return {}
+    return {k: v for k, v in headers.items() if k not in _OWN_HEADERS}
+
+
+class Settler:
+    """Publishes outcome copies on a confirming channel and hands done tags to the acker."""
+
+    def __init__(
+        self, publish_channel: aiormq.abc.AbstractChannel, acker: Acker, exchange: str
+    ) -> None:
+        self.channel = publish_channel
+        self.acker = acker
+        self._delay_exchange = delay_entry_exchange(exchange)
+
+    async def _publish(
+        self, body: bytes, exchange: str, routing_key: str, properties: Basic.Properties
+    ) -> None:
+        try:
+            confirmation = await self.channel.basic_publish(
+                body,
+                exchange=exchange,
+                routing_key=routing_key,
+                properties=properties,
+                mandatory=True,
+            )
+        except (aiormq.exceptions.DeliveryError, *CONNECTION_ERRORS) as exc:
+            raise SettleFailed(f"{type(exc).__name__}: {exc}") from None
+        if not isinstance(confirmation, Basic.Ack):
+            raise SettleFailed(f"broker answered {type(confirmation).__name__}")
+
+    async def retry(
+        self,
+        message: aiormq.abc.DeliveredMessage,
+        queue: str,
+        job: str,
+        job_id: str,
+        attempts: int,
+        delay_s: float,
+    ) -> None:
+        props = message.header.properties
+        headers = carried_headers(props)
+        headers[HEADER_ATTEMPTS] = attempts
+        await self._publish(
+            message.body,
+            self._delay_exchange,
+            retry_routing_key(delay_s, queue),
+            copy_properties(props, job, job_id, headers),
+        )
+        self.acker.ack(message.delivery.delivery_tag)
+
+    async def requeue_counted(
+        self,
+        message: aiormq.abc.DeliveredMessage,
+        queue: str,
+        job: str,
+        job_id: str,
+        attempts: int,
+        redeliveries: int,
+    ) -> None:
+        """Put a redelivered job back with its redelivery count persisted in a header."""
+        props = message.header.properties
+        headers = carried_headers(props)
+        if attempts:
+            headers[HEADER_ATTEMPTS] = attempts
+        headers["x-redeliveries"] = redeliveries
+        await self._publish(message.body, "", queue, copy_properties(props, job, job_id, headers))
+        self.acker.ack(message.delivery.delivery_tag)
+
+    async def dead_letter(
+        self,
+        message: aiormq.abc.DeliveredMessage,
+        queue: str,
+        job: str,
+        job_id: str,
+        *,
+        reason: str,
+        error: str,
+        attempts: int,
+    ) -> None:
+        props = message.header.properties
+        headers = carried_headers(props)
+        headers[HEADER_REASON] = reason
+        headers[HEADER_ERROR] = one_line(error)
+        headers[HEADER_ATTEMPTS] = attempts
+        headers[HEADER_DIED_AT] = datetime.now(UTC).isoformat(timespec="milliseconds")
+        headers[HEADER_QUEUE] = queue
+        await self._publish(
+            message.body, "", dlq_name(queue), copy_properties(props, job, job_id, headers)
+        )
+        self.acker.ack(message.delivery.delivery_tag)

@@ -1,0 +1,580 @@
+"""``Worker``: registrations, the consume loop, reconnects and graceful shutdown.
+
+The loop talks to aiormq's channels directly: aiormq already runs each delivery as its own
+task, and skipping aio-pika's per-message wrapper is a large share of the per-job CPU. Prefetch
+bounds the deliveries held at once, so it *is* the concurrency; nothing else limits it.
+
+A session is one connection with two channels: one consumes (and acks, coalesced by ``Acker``),
+one publishes outcome copies with confirms. When either closes, the session is over: in-flight
+jobs are abandoned to the broker (which redelivers them) and a new session is opened with
+backoff, ``/readyz`` answering 503 meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import functools
+import signal
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import aiormq
+import structlog
+from aio_pika.abc import AbstractConnection
+from prometheus_client import CollectorRegistry
+from pydantic import ValidationError
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
+from tenacity.wait import wait_exponential_jitter
+
+from producers.connection import CONNECTION_ERRORS, connect, mask_url
+from producers.errors import BrokerUnavailable
+from producers.message import CONTENT_TYPE, HEADER_ATTEMPTS, one_line
+from topology.declare import declare
+from topology.model import DELAY_BITS, Topology
+
+from .acker import Acker
+from .context import JobContext
+from .errors import ConfigError, Reject
+from .health import HealthServer
+from .metrics import DEAD_LETTERED, RETRIED, SUCCEEDED, UNKNOWN_JOB, WorkerMetrics
+from .registry import DEFAULT_BACKOFF, DEFAULT_MAX_ATTEMPTS, DEFAULT_QUEUE, Backoff, Registry
+from .settings import WorkerSettings
+from .settle import SettleFailed, Settler
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+log = structlog.get_logger("leveret.worker")
+
+
+class _BadMessage(Exception):
+    """The message cannot be run as it is: dead-letter it as ``invalid``."""
+
+
+@dataclass(eq=False)
+class _Session:
+    connection: AbstractConnection
+    consume: aiormq.abc.AbstractChannel
+    settler: Settler
+    acker: Acker
+    lost: asyncio.Event
+    consumer_tags: list[str] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class _Children:
+    """Metric children for one (queue, job): resolved once, not per message."""
+
+    started: Any
+    succeeded: Any
+    retried: Any
+    dead_lettered: Any
+    duration: Any
+
+
+class Worker:
+    """Runs registered jobs from RabbitMQ; settings come from ``LEVERET_*``."""
+
+    def __init__(
+        self,
+        settings: WorkerSettings | None = None,
+        *,
+        registry: CollectorRegistry | None = None,
+    ) -> None:
+        self.settings = settings if settings is not None else WorkerSettings()
+        self.jobs = Registry()
+        self._metrics_registry = registry
+        self._stopping: asyncio.Event | None = None
+        self._ready = False
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._children: dict[tuple[str, str], _Children] = {}
+        self._in_progress: dict[str, Any] = {}
+        self._counts = {SUCCEEDED: 0, RETRIED: 0, DEAD_LETTERED: 0}
+        self.health_port: int | None = None
+
+    # -- registration ---------------------------------------------------------------------
+
+    def job(
+        self,
+        name: str,
+        *,
+        queue: str = DEFAULT_QUEUE,
+        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+        backoff: Backoff = DEFAULT_BACKOFF,
+        timeout: float | None = None,
+    ) -> Callable[[F], F]:
+        """Register a handler; the function is returned unchanged so tests can call it."""
+
+        def register(fn: F) -> F:
+            self.jobs.add(fn, name, queue, max_attempts, backoff, timeout)
+            return fn
+
+        return register
+
+    @property
+    def topology(self) -> Topology:
+        return self.jobs.topology(self.settings.exchange, self.settings.queue_type)
+
+    @property
+    def ready(self) -> bool:
+        """Connected to the broker and consuming."""
+        return self._ready
+
+    # -- running ----------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Ask a running worker to shut down gracefully (what SIGTERM does)."""
+        if self._stopping is not None:
+            if self._stopping.is_set():
+                log.warning("second_stop_signal", action="giving up on in-flight jobs now")
+                for task in list(self._tasks):
+                    task.cancel()
+            self._stopping.set()
+
+    async def run(
+        self,
+        queues: list[str] | None = None,
+        *,
+        prefetch: int | None = None,
+        handle_signals: bool = False,
+    ) -> None:
+        """Consume until ``stop()`` (or SIGTERM/SIGINT with ``handle_signals``)."""
+        if not self.jobs.jobs:
+            raise ConfigError("this worker has no jobs: register handlers with @worker.job(...)")
+        known = self.jobs.queues
+        queues = list(dict.fromkeys(queues or known))
+        unknown = [q for q in queues if q not in known]
+        if unknown:
+            raise ConfigError(
+                f"no job is registered on queue(s) {', '.join(unknown)}; "
+                f"this app serves: {', '.join(known)}"
+            )
+        prefetch = prefetch or self.settings.prefetch
+        loop = asyncio.get_running_loop()
+        self._stopping = asyncio.Event()
+        self._metrics = WorkerMetrics.for_registry(self._metrics_registry)
+        for q in queues:
+            self._metrics.prefetch.labels(queue=q).set(prefetch)
+            self._in_progress[q] = self._metrics.in_progress.labels(queue=q)
+        health = None
+        if self.settings.metrics_port:
+            health = HealthServer(
+                self.settings.metrics_host,
+                self.settings.metrics_port,
+                self._metrics.registry,
+                lambda: self._ready,
+            )
+            await health.start()
+            self.health_port = health.port
+        # Plain `def` handlers run here; as many threads as jobs may run at once.
+        executor = ThreadPoolExecutor(max_workers=prefetch, thread_name_prefix="leveret-job")
+        self._executor = executor
+        if handle_signals:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self.stop)
+        log.info(
+            "worker_starting",
+            broker=mask_url(self.settings.amqp_url.get_secret_value()),
+            queues=queues,
+            prefetch=prefetch,
+            jobs=sorted(self.jobs.jobs),
+        )
+        try:
+            while not self._stopping.is_set():
+                session = await self._open_session(queues, prefetch)
+                if session is None:
+                    break
+                await self._serve(session)
+        finally:
+            self._set_ready(False)
+            if handle_signals:
+                for sig in (signal.SIGTERM, signal.SIGINT):
+                    loop.remove_signal_handler(sig)
+            if health is not None:
+                await health.stop()
+            executor.shutdown(wait=False, cancel_futures=True)
+            log.info("worker_stopped", **self._counts)
+
+    def _set_ready(self, ready: bool) -> None:
+        self._ready = ready
+        if hasattr(self, "_metrics"):
+            self._metrics.connected.set(1 if ready else 0)
+
+    async def _sleep_unless_stopped(self, seconds: float) -> None:
+        assert self._stopping is not None
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), seconds)
+
+    @staticmethod
+    def _log_connect_failure(state: RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome else None
+        log.warning(
+            "broker_unavailable",
+            error=str(exc),
+            attempt=state.attempt_number,
+            retry_in_s=round(state.upcoming_sleep, 2),
+        )
+
+    async def _open_session(self, queues: list[str], prefetch: int) -> _Session | None:
+        """Connect, declare and consume, retrying with backoff until it works or we stop."""
+        retrying = AsyncRetrying(
+            wait=wait_exponential_jitter(initial=0.5, max=30),
+            retry=retry_if_exception_type((BrokerUnavailable, *CONNECTION_ERRORS)),
+            before_sleep=self._log_connect_failure,
+            sleep=self._sleep_unless_stopped,
+            reraise=True,
+        )
+        assert self._stopping is not None
+        async for attempt in retrying:
+            if self._stopping.is_set():
+                return None
+            with attempt:
+                return await self._connect_session(queues, prefetch)
+        return None  # pragma: no cover - AsyncRetrying either returns or raises
+
+    async def _connect_session(self, queues: list[str], prefetch: int) -> _Session:
+        connection = await connect(self.settings, robust=False)
+        try:
+            await declare(connection, self.topology)
+            lost = asyncio.Event()
+            consume = await (
+                await connection.channel(publisher_confirms=False)
+            ).get_underlay_channel()
+            publish = await (
+                await connection.channel(publisher_confirms=True, on_return_raises=True)
+            ).get_underlay_channel()
+            for channel in (consume, publish):
+                channel.closing.add_done_callback(lambda _: lost.set())
+            # Per-channel (global) QoS when consuming several queues, so `prefetch` bounds the
+            # worker's total, not each queue's share.
+            await consume.basic_qos(prefetch_count=prefetch, global_=len(queues) > 1)
+            acker = Acker(consume)
+            session = _Session(
+                connection, consume, Settler(publish, acker, self.settings.exchange), acker, lost
+            )
+            for q in queues:
+                ok = await consume.basic_consume(
+                    q, functools.partial(self._on_message, session, q), no_ack=False
+                )
+                session.consumer_tags.append(ok.consumer_tag)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await connection.close()
+            raise
+        self._set_ready(True)
+        log.info("consuming", queues=queues, prefetch=prefetch)
+        return session
+
+    async def _serve(self, session: _Session) -> None:
+        """Wait until the session is lost or a stop is asked for, then wind it down."""
+        assert self._stopping is not None
+        stop = asyncio.ensure_future(self._stopping.wait())
+        lost = asyncio.ensure_future(session.lost.wait())
+        await asyncio.wait((stop, lost), return_when=asyncio.FIRST_COMPLETED)
+        stop.cancel()
+        lost.cancel()
+        self._set_ready(False)
+        if session.lost.is_set() and not self._stopping.is_set():
+            log.warning(
+                "connection_lost",
+                in_flight=len(self._tasks),
+                action="reconnecting; unacked jobs are redelivered by the broker",
+            )
+            for task in list(self._tasks):
+                task.cancel()
+            with contextlib.suppress(Exception):
+                await session.connection.close()
+            return
+        await self._shutdown(session)
+
+    async def _shutdown(self, session: _Session) -> None:
+        grace = self.settings.shutdown_grace
+        log.info("worker_stopping", in_flight=len(self._tasks), grace_s=grace)
+        for tag in session.consumer_tags:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(session.consume.basic_cancel(tag), 5)
+        if self._tasks:
+            _, pending = await asyncio.wait(set(self._tasks), timeout=grace)
+            if pending:
+                log.warning("returning_unfinished_jobs", count=len(pending))
+                for task in pending:
+                    task.cancel()
+                await asyncio.wait(pending, timeout=5)
+        # Let the last coalesced acks reach the socket before closing.
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        with contextlib.suppress(Exception):
+            await session.connection.close()
+
+    # -- one delivery -------------------------------------------------------------------------
+
+    def _children_for(self, queue: str, job: str) -> _Children:
+        children = self._children.get((queue, job))
+        if children is None:
+            m = self._metrics
+            children = self._children[(queue, job)] = _Children(
+                started=m.started.labels(queue=queue, job=job),
+                succeeded=m.completed.labels(queue=queue, job=job, outcome=SUCCEEDED),
+                retried=m.completed.labels(queue=queue, job=job, outcome=RETRIED),
+                dead_lettered=m.completed.labels(queue=queue, job=job, outcome=DEAD_LETTERED),
+                duration=m.duration.labels(queue=queue, job=job),
+            )
+        return children
+
+    async def _on_message(
+        self, session: _Session, queue: str, message: aiormq.abc.DeliveredMessage
+    ) -> None:
+        tag = message.delivery.delivery_tag
+        session.acker.track(tag)
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        try:
+            await self._process(session, queue, message)
+        except asyncio.CancelledError:
+            # Shutdown grace ran out, or the connection is gone: give the job back unburnt.
+            if not session.lost.is_set():
+                with contextlib.suppress(Exception):
+                    await session.acker.nack(tag, requeue=True)
+        except SettleFailed as exc:
+            log.error("settle_failed", error=str(exc), action="job left unacked; it will run again")
+            if not session.lost.is_set():
+                with contextlib.suppress(Exception):
+                    await session.acker.nack(tag, requeue=True)
+        finally:
+            self._tasks.discard(task)
+
+    @staticmethod
+    def _job_name(props: Any, routing_key: str | None) -> str:
+        if props.message_type:
+            return props.message_type
+        key = routing_key or ""
+        words = key.split(".")
+        # A delayed publish without `type`: "<bits>.j.<job>".
+        if len(words) > DELAY_BITS + 1 and words[DELAY_BITS] == "j":
+            return ".".join(words[DELAY_BITS + 1 :])
+        return key
+
+    def _check(self, message: aiormq.abc.DeliveredMessage) -> int:
+        """Validate the envelope; return the attempts already made."""
+        props = message.header.properties
+        if props.content_encoding not in (None, "", "identity", "utf-8", "UTF-8"):
+            raise _BadMessage(f"unsupported content-encoding {props.content_encoding!r}")
+        ctype = props.content_type
+        if ctype and ctype.split(";")[0].strip().lower() != CONTENT_TYPE:
+            raise _BadMessage(f"content type {ctype!r} is not {CONTENT_TYPE}")
+        if len(message.body) > self.settings.max_body_bytes:
+            raise _BadMessage(
+                f"body of {len(message.body)} bytes exceeds LEVERET_MAX_BODY_BYTES "
+                f"({self.settings.max_body_bytes})"
+            )
+        headers = props.headers
+        raw = headers.get(HEADER_ATTEMPTS, 0) if headers else 0
+        if isinstance(raw, bool) or not isinstance(raw, int) or raw < 0:
+            raise _BadMessage(
+                f"header {HEADER_ATTEMPTS} must be a non-negative integer, got {raw!r}"
+            )
+        return raw
+
+    async def _process(
+        self, session: _Session, queue: str, message: aiormq.abc.DeliveredMessage
+    ) -> None:
+        props = message.header.properties
+        job_id = props.message_id
+        if not job_id:
+            job_id = str(uuid.uuid4())
+            log.warning("job_id_assigned", job_id=job_id, queue=queue,
+                        reason="message arrived without message_id")  # fmt: skip
+        name = self._job_name(props, message.delivery.routing_key)
+        spec = self.jobs.jobs.get(name)
+        settler = session.settler
+        try:
+            prior = self._check(message)
+        except _BadMessage as exc:
+            await self._dead_without_run(
+                session, queue, message, name, job_id, "invalid", str(exc), 0
+            )
+            return
+        if spec is None:
+            await self._dead_without_run(
+                session, queue, message, name, job_id, "unknown_job",
+                f"no handler for job {name!r} on queue {queue!r}", prior,
+            )  # fmt: skip
+            return
+        if message.delivery.redelivered and await self._redelivery_guard(
+            session, queue, message, name, job_id, prior
+        ):
+            return
+        try:
+            payload = spec.validate(message.body)
+        except ValidationError as exc:
+            first = exc.errors()[0] if exc.error_count() else {}
+            where = ".".join(str(p) for p in first.get("loc", ())) or "body"
+            error = (
+                f"ValidationError: {exc.error_count()} error(s); {where}: {first.get('msg', exc)}"
+            )
+            await self._dead_without_run(
+                session, queue, message, name, job_id, "invalid", error, prior
+            )
+            return
+        except ValueError as exc:  # not UTF-8, recursion too deep, ...
+            await self._dead_without_run(
+                session,
+                queue,
+                message,
+                name,
+                job_id,
+                "invalid",
+                f"{type(exc).__name__}: {exc}",
+                prior,
+            )
+            return
+
+        attempt = prior + 1
+        children = self._children_for(queue, spec.name)
+        in_progress = self._in_progress[queue]
+        structlog.contextvars.bind_contextvars(
+            job_id=job_id, job=spec.name, queue=queue, attempt=attempt
+        )
+        ctx = JobContext(
+            job_id=job_id,
+            job=spec.name,
+            queue=queue,
+            attempt=attempt,
+            max_attempts=spec.max_attempts,
+            log=log,
+            redelivered=message.delivery.redelivered,
+            priority=props.priority,
+            headers=props.headers or {},
+        )
+        children.started.inc()
+        in_progress.inc()
+        error: BaseException | None = None
+        started = time.perf_counter()
+        try:
+            args = (payload, ctx) if spec.takes_ctx else (payload,)
+            if spec.is_async:
+                if spec.timeout_s is None:
+                    await spec.fn(*args)
+                else:
+                    async with asyncio.timeout(spec.timeout_s):
+                        await spec.fn(*args)
+            else:
+                call = functools.partial(contextvars.copy_context().run, spec.fn, *args)
+                future = asyncio.get_running_loop().run_in_executor(self._executor, call)
+                if spec.timeout_s is None:
+                    await future
+                else:
+                    async with asyncio.timeout(spec.timeout_s):
+                        await future
+        except asyncio.CancelledError:
+            in_progress.dec()
+            raise
+        except TimeoutError as exc:
+            error = (
+                exc
+                if spec.timeout_s is None
+                else TimeoutError(f"job overran its timeout of {spec.timeout_s:g} s")
+            )
+        except BaseException as exc:
+            error = exc
+        duration = time.perf_counter() - started
+        children.duration.observe(duration)
+        in_progress.dec()
+
+        if error is None:
+            session.acker.ack(message.delivery.delivery_tag)
+            children.succeeded.inc()
+            self._counts[SUCCEEDED] += 1
+            log.debug("job_succeeded", duration_s=round(duration, 6))
+            return
+        described = one_line(f"{type(error).__name__}: {error}")
+        if isinstance(error, Reject):
+            await settler.dead_letter(message, queue, spec.name, job_id, reason="rejected",
+                                      error=described, attempts=attempt)  # fmt: skip
+            children.dead_lettered.inc()
+            self._counts[DEAD_LETTERED] += 1
+            log.warning("job_dead_lettered", reason="rejected", error=described,
+                        duration_s=round(duration, 6))  # fmt: skip
+        elif attempt >= spec.max_attempts:
+            await settler.dead_letter(message, queue, spec.name, job_id, reason="exhausted",
+                                      error=described, attempts=attempt)  # fmt: skip
+            children.dead_lettered.inc()
+            self._counts[DEAD_LETTERED] += 1
+            log.error("job_dead_lettered", reason="exhausted", error=described,
+                      duration_s=round(duration, 6))  # fmt: skip
+            log.debug("job_traceback", exc_info=error)
+        else:
+            delay = spec.delay_after(attempt, error if isinstance(error, Exception) else
+                                     RuntimeError(described))  # fmt: skip
+            await settler.retry(message, queue, spec.name, job_id, attempt, delay)
+            children.retried.inc()
+            self._counts[RETRIED] += 1
+            log.warning("job_retried", error=described, retry_in_s=round(delay, 3),
+                        duration_s=round(duration, 6))  # fmt: skip
+            log.debug("job_traceback", exc_info=error)
+
+    async def _dead_without_run(
+        self,
+        session: _Session,
+        queue: str,
+        message: aiormq.abc.DeliveredMessage,
+        name: str,
+        job_id: str,
+        reason: str,
+        error: str,
+        attempts: int,
+    ) -> None:
+        """Dead-letter a message no handler could take; metrics never take wire values."""
+        label = name if name in self.jobs.jobs else UNKNOWN_JOB
+        await session.settler.dead_letter(
+            message, queue, name or "", job_id, reason=reason, error=error, attempts=attempts
+        )
+        self._children_for(queue, label).dead_lettered.inc()
+        self._counts[DEAD_LETTERED] += 1
+        log.error("job_dead_lettered", job_id=job_id, job=label, queue=queue, reason=reason,
+                  error=one_line(error))  # fmt: skip
+
+    async def _redelivery_guard(
+        self,
+        session: _Session,
+        queue: str,
+        message: aiormq.abc.DeliveredMessage,
+        name: str,
+        job_id: str,
+        prior: int,
+    ) -> bool:
+        """Count broker redeliveries durably; dead-letter a job that keeps killing workers.
+
+        The broker's redelivered flag is a boolean and classic queues keep no count, so the
+        count is persisted by republishing the job with ``x-redeliveries`` + 1 (confirmed) and
+        acking the original. Returns True when the message was handled here.
+        """
+        headers = message.header.properties.headers or {}
+        count = headers.get("x-delivery-count")  # quorum queues count for us
+        if not isinstance(count, int) or isinstance(count, bool):
+            raw = headers.get("x-redeliveries", 0)
+            count = (raw if isinstance(raw, int) and not isinstance(raw, bool) else 0) + 1
+            if count <= self.settings.max_redeliveries:
+                await session.settler.requeue_counted(message, queue, name, job_id, prior, count)
+                log.warning("job_redelivered", job_id=job_id, job=name, queue=queue,
+                            redeliveries=count, limit=self.settings.max_redeliveries)  # fmt: skip
+                return True
+        if count > self.settings.max_redeliveries:
+            await session.settler.dead_letter(
+                message, queue, name, job_id, reason="exhausted",
+                error=f"delivered {count} times without a handler run finishing (the worker "
+                f"crashed, was killed or lost its connection each time)",
+                attempts=prior,
+            )  # fmt: skip
+            self._children_for(queue, name).dead_lettered.inc()
+            self._counts[DEAD_LETTERED] += 1
+            log.error("job_dead_lettered", job_id=job_id, job=name, queue=queue,
+                      reason="exhausted", redeliveries=count)  # fmt: skip
+            return True
+        return False

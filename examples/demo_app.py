@@ -1,0 +1,41 @@
+"""The demo application: one job that succeeds, one that fails once then succeeds, one that
+always fails (and ends in the DLQ), and one that rejects bad input."""
+
+from __future__ import annotations
+
+import asyncio
+
+from pydantic import BaseModel
+
+from consumer import JobContext, Reject, Worker
+
+worker = Worker()
+
+
+class Email(BaseModel):
+    to: str
+    subject: str
+
+
+class Resize(BaseModel):
+    image: str
+    width: int
+
+
+@worker.job("send_email", queue="email", max_attempts=3, backoff=1.0)
+async def send_email(email: Email, ctx: JobContext) -> None:
+    """Succeeds, except that the address flaky@example.com fails on its first attempt."""
+    await asyncio.sleep(0.05)
+    if email.to == "flaky@example.com" and ctx.attempt == 1:
+        raise ConnectionError("SMTP server hung up (first attempt only)")
+    if email.to.endswith("@invalid"):
+        raise Reject(f"domain of {email.to} does not exist")
+    ctx.log.info("email_sent", to=email.to, subject=email.subject)
+
+
+@worker.job("resize_image", queue="images", max_attempts=2, backoff=1.0, timeout=10)
+def resize_image(job: Resize, ctx: JobContext) -> None:
+    """A plain `def` handler: runs in a thread. A width of 0 always fails."""
+    if job.width <= 0:
+        raise ValueError(f"cannot resize {job.image} to width {job.width}")
+    ctx.log.info("image_resized", image=job.image, width=job.width)
