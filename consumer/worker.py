@@ -223,7 +223,7 @@ class Worker:
     async def _open_session(self, queues: list[str], prefetch: int) -> _Session | None:
         """Connect, declare and consume, retrying with backoff until it works or we stop."""
         retrying = AsyncRetrying(
-            wait=wait_exponential_jitter(initial=0.5, max=30),
+            wait=wait_exponential_jitter(multiplier=0.5, max=30),
             retry=retry_if_exception_type((BrokerUnavailable, *CONNECTION_ERRORS)),
             before_sleep=self._log_connect_failure,
             sleep=self._sleep_unless_stopped,

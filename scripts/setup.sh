@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Everything a fresh Debian/Ubuntu machine needs to run Leveret's demo and tests:
+# a RabbitMQ broker (found, or installed and started), its management API, and a venv.
+# Idempotent; sourced by scripts/demo.sh and scripts/test.sh. Progress goes to stderr.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+say() { printf '\033[1m==>\033[0m %s\n' "$*" >&2; }
+
+port_open() { (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null; }
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+
+ensure_broker() {
+  if [ -n "${LEVERET_AMQP_URL:-}" ]; then
+    say "using the broker in LEVERET_AMQP_URL"
+    return
+  fi
+  if port_open 127.0.0.1 5672; then
+    say "RabbitMQ answers on localhost:5672"
+  elif command -v rabbitmq-server >/dev/null || [ -x /usr/sbin/rabbitmq-server ]; then
+    say "starting the local rabbitmq-server"
+    as_root rabbitmq-server -detached || true
+  elif command -v apt-get >/dev/null; then
+    say "installing rabbitmq-server from Debian's packages (once)"
+    as_root apt-get update -qq >&2
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq rabbitmq-server >&2
+    as_root rabbitmq-server -detached || true
+  elif command -v docker >/dev/null && docker info >/dev/null 2>&1; then
+    say "starting RabbitMQ in Docker (rabbitmq:3.13-management)"
+    docker run -d --rm --name leveret-rabbitmq -p 5672:5672 -p 15672:15672 \
+      rabbitmq:3.13-management >/dev/null
+  else
+    say "no RabbitMQ found and no way to start one: set LEVERET_AMQP_URL"; exit 1
+  fi
+  for _ in $(seq 1 120); do port_open 127.0.0.1 5672 && break; sleep 0.5; done
+  port_open 127.0.0.1 5672 || { say "RabbitMQ did not come up on localhost:5672"; exit 1; }
+  if command -v rabbitmq-plugins >/dev/null && ! port_open 127.0.0.1 15672; then
+    say "enabling the management plugin (UI on http://localhost:15672, guest/guest)"
+    as_root rabbitmq-plugins enable rabbitmq_management rabbitmq_prometheus >/dev/null || true
+  fi
+  for _ in $(seq 1 120); do port_open 127.0.0.1 15672 && break; sleep 0.5; done
+  # `rabbitmqctl await_startup` makes sure the node accepts connections, not just the port.
+  if command -v rabbitmqctl >/dev/null; then as_root rabbitmqctl -q await_startup >&2 || true; fi
+}
+
+ensure_venv() {
+  local extras="$1"
+  if [ ! -x "$ROOT/.venv/bin/python" ]; then
+    say "creating the virtualenv in .venv"
+    python3 -m venv "$ROOT/.venv"
+  fi
+  local stamp="$ROOT/.venv/.leveret-installed-$extras"
+  if [ ! -f "$stamp" ] || [ "$ROOT/pyproject.toml" -nt "$stamp" ]; then
+    say "installing leveret[$extras] into .venv"
+    "$ROOT/.venv/bin/python" -m pip install -q --upgrade pip >&2
+    "$ROOT/.venv/bin/python" -m pip install -q -e "$ROOT[$extras]" >&2
+    touch "$stamp"
+  fi
+}
