@@ -282,8 +282,8 @@ def panels() -> list[dict[str, Any]]:
             "backoff absorbs; a high failure ratio loses work to the DLQ.",
             _targets(
                 (
-                    f'sum by (job) (rate(leveret_jobs_completed_total{{{LEV_JOB}, outcome="retried"}}'
-                    f"{RATE})) / {by_job}",
+                    f"sum by (job) (rate(leveret_jobs_completed_total{{{LEV_JOB}, "
+                    f'outcome="retried"}}{RATE})) / {by_job}',
                     "{{job}} retried",
                 ),
                 (
@@ -355,9 +355,9 @@ def panels() -> list[dict[str, Any]]:
     lay.add(
         timeseries(
             "Saturation: in progress against prefetch",
-            "Jobs running against the workers' capacity "
-            "(the sum of their LEVERET_PREFETCH). In progress at capacity while ready messages grow: "
-            "add workers (the autoscaler's max) or raise the prefetch for I/O-bound jobs.",
+            "Jobs running against the workers' capacity (the sum of their LEVERET_PREFETCH). "
+            "In progress at capacity while ready messages grow: add workers (the autoscaler's "
+            "max) or raise the prefetch for I/O-bound jobs.",
             _targets(
                 (f"sum by (queue) (leveret_jobs_in_progress{{{LEV}}})", "{{queue}} in progress"),
                 (
@@ -392,6 +392,17 @@ def panels() -> list[dict[str, Any]]:
     )
     lay.add(
         timeseries(
+            "Workers connected",
+            "Workers connected to the broker and consuming (leveret_worker_ready, what /readyz "
+            "reports). Below the pod count: some workers lost the broker; their logs say why.",
+            _targets(('sum(leveret_worker_ready{namespace=~"$namespace"})', "ready workers")),
+            "short",
+        ),
+        6,
+        8,
+    )
+    lay.add(
+        timeseries(
             "Consumers (RabbitMQ)",
             "Consumers per work queue: one per worker. Zero with ready "
             "messages fires LeveretQueueHasNoConsumers: workers down, crash-looping or not ready.",
@@ -403,7 +414,7 @@ def panels() -> list[dict[str, Any]]:
             ),
             "short",
         ),
-        8,
+        6,
         8,
     )
     lay.add(
@@ -420,7 +431,7 @@ def panels() -> list[dict[str, Any]]:
             ),
             "short",
         ),
-        8,
+        6,
         8,
     )
     lay.add(
@@ -431,7 +442,7 @@ def panels() -> list[dict[str, Any]]:
             _targets((f"sum by (queue) (rabbitmq_detailed_queue_messages{{{DLQS}}})", "{{queue}}")),
             "short",
         ),
-        8,
+        6,
         8,
     )
     return lay.panels

@@ -35,9 +35,24 @@ def _tidy(node: Any) -> Any:
             node.update(rest[0])
         else:
             node["anyOf"] = rest
+    pattern = node.get("pattern")
+    if isinstance(pattern, str) and pattern.startswith("^(?i)"):
+        # Go's regexp takes a flag group anywhere; Python's only at the start.
+        node["pattern"] = "(?i)^" + pattern[len("^(?i)") :]
     if node.get("type") == "object" and "properties" in node:
         node.setdefault("additionalProperties", False)
     return node
+
+
+def _prune(schema: dict[str, Any]) -> None:
+    """Drop the definitions nothing refers to any more (ObjectMeta, status types)."""
+    while True:
+        text = json.dumps({k: v for k, v in schema.items()})
+        unused = [name for name in schema.get("$defs", {}) if f'"#/$defs/{name}"' not in text]
+        if not unused:
+            return
+        for name in unused:
+            del schema["$defs"][name]
 
 
 def _schema(model: Any, api_version: str, kind: str) -> dict[str, Any]:
@@ -48,6 +63,7 @@ def _schema(model: Any, api_version: str, kind: str) -> dict[str, Any]:
     props["metadata"] = {"type": "object"}  # ObjectMeta is checked by the core tests
     props.pop("status", None)
     schema["required"] = sorted({"apiVersion", "kind", "metadata", "spec"})
+    _prune(schema)
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["description"] = f"{kind} ({api_version}) from {model.__module__}, made strict"
     return schema
