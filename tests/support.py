@@ -97,6 +97,23 @@ class Broker:
         response.raise_for_status()
         return response.json()
 
+    def publish_via_api(
+        self, routing_key: str, payload: str, properties: dict[str, Any] | None = None
+    ) -> bool:
+        """Publish through the management API: a client that sets no message_id by itself."""
+        response = self.api(
+            "POST",
+            f"/exchanges/{self.qvhost}/jobs/publish",
+            json={
+                "routing_key": routing_key,
+                "payload": payload,
+                "payload_encoding": "string",
+                "properties": properties or {},
+            },
+        )
+        response.raise_for_status()
+        return bool(response.json()["routed"])
+
     def settings(self, **overrides: Any) -> WorkerSettings:
         values: dict[str, Any] = {
             "amqp_url": self.url,

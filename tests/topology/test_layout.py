@@ -1,0 +1,121 @@
+"""The layout as data: names, arguments, and the retry-delay design's bounds."""
+
+from __future__ import annotations
+
+import pytest
+
+from topology import (
+    DELAY_BITS,
+    MAX_DELAY_S,
+    Topology,
+    WorkQueue,
+    delay_levels,
+    retry_queue_name,
+    retry_routing_key,
+    retry_ttl_ms,
+    to_definitions,
+)
+
+
+def _bound(delay: float) -> float:
+    return max(1.0, 0.1 * delay)
+
+
+@pytest.mark.parametrize(
+    "delay", [1.0, 1.001, 1.3, 2.0, 7.77, 10.0, 59.9, 600.0, 3599.5, 86_399.9, 86_400.0]
+)
+def test_the_chain_waits_no_less_than_the_delay_and_at_most_the_bound_more(delay: float) -> None:
+    """Summing the TTLs of the queues a delay passes through gives [delay, delay + bound)."""
+    waited = sum(retry_ttl_ms(n) for n in delay_levels(delay)) / 1000
+    assert delay <= waited < delay + _bound(delay)
+    assert waited - delay <= 0.25  # the chain's own resolution
+
+
+def test_every_delay_from_one_second_to_a_day_is_within_bounds() -> None:
+    """A sweep over 1 s … 24 h in uneven steps never breaks the bound."""
+    delay = 1.0
+    while delay <= 86_400:
+        waited = sum(retry_ttl_ms(n) for n in delay_levels(delay)) / 1000
+        assert delay <= waited < delay + _bound(delay), delay
+        delay = delay * 1.0137 + 0.0113
+
+
+def test_delays_beyond_the_chain_are_refused() -> None:
+    """A delay longer than the chain can express raises instead of running early."""
+    with pytest.raises(ValueError, match="longest"):
+        delay_levels(MAX_DELAY_S + 1)
+    with pytest.raises(ValueError):
+        delay_levels(-1)
+
+
+def test_each_work_queue_has_a_bounded_set_of_named_queues() -> None:
+    """Q, Q.dlq and DELAY_BITS retry queues named Q.retry.<ttl>, whatever the backoff."""
+    topo = Topology(queues=(WorkQueue(name="email", jobs=("send_email",)),))
+    names = [q.name for q in topo.queue_decls()]
+    assert names[0] == "email" and names[-1] == "email.dlq"
+    retry = names[1:-1]
+    assert len(retry) == DELAY_BITS == 19
+    assert all(n.startswith("email.retry.") for n in retry)
+    assert retry[0] == "email.retry.250ms" and retry[4] == "email.retry.4s"
+
+
+def test_queue_arguments_follow_the_contract() -> None:
+    """The work queue is a priority queue; retry queues have a TTL and a route onward; DLQ none."""
+    topo = Topology(queues=(WorkQueue(name="email", jobs=("send_email",)),))
+    decls = {q.name: q.arguments for q in topo.queue_decls()}
+    assert decls["email"]["x-max-priority"] == 10
+    assert decls["email.dlq"] == {}
+    for n in range(DELAY_BITS):
+        args = decls[retry_queue_name("email", n)]
+        assert args["x-message-ttl"] == 250 * 2**n
+        assert args["x-dead-letter-exchange"].startswith("jobs.delay.")
+        assert "x-dead-letter-routing-key" not in args  # keeps the routing key: the address
+
+
+def test_quorum_queues_drop_priorities_and_gain_a_delivery_limit() -> None:
+    """queue_type=quorum switches every queue of Q and explains itself through arguments."""
+    topo = Topology(queues=(WorkQueue(name="q", jobs=("j",), queue_type="quorum"),))
+    decls = {q.name: q.arguments for q in topo.queue_decls()}
+    assert decls["q"]["x-queue-type"] == "quorum"
+    assert "x-max-priority" not in decls["q"]
+    assert decls["q"]["x-delivery-limit"] > 0
+    assert all(a["x-queue-type"] == "quorum" for a in decls.values())
+
+
+def test_routing_keys_carry_the_delay_bits_and_the_address() -> None:
+    """1 s is four 250 ms units: bit 2 only, then the queue address."""
+    key = retry_routing_key(1.0, "email")
+    bits = key.split(".")[:DELAY_BITS]
+    assert key.endswith(".q.email")
+    assert [i for i, b in enumerate(reversed(bits)) if b == "1"] == [2]
+
+
+@pytest.mark.parametrize("name", ["", "a b", "x*", "a.#", "a..b", "x" * 201])
+def test_names_that_would_break_routing_are_refused(name: str) -> None:
+    """Queue and job names become routing-key words; wildcards and blanks are refused."""
+    with pytest.raises(ValueError):
+        WorkQueue(name=name)
+    with pytest.raises(ValueError):
+        WorkQueue(name="ok", jobs=(name,))
+
+
+def test_derived_names_cannot_be_used_as_work_queues() -> None:
+    """A work queue called x.dlq or x.retry.y would collide with another queue's layout."""
+    for name in ("a.dlq", "a.retry.1s"):
+        with pytest.raises(ValueError, match="collides"):
+            WorkQueue(name=name)
+
+
+def test_definitions_hold_every_exchange_queue_and_binding() -> None:
+    """The export is the same layout declare() applies, in RabbitMQ's definitions format."""
+    topo = Topology(queues=(WorkQueue(name="email", jobs=("send_email", "send_sms")),))
+    defs = to_definitions(topo, vhost="v")
+    assert {e["name"] for e in defs["exchanges"]} == {e.name for e in topo.exchanges()}
+    assert len(defs["queues"]) == len(topo.queue_decls())
+    assert {(b["source"], b["destination"], b["routing_key"]) for b in defs["bindings"]} == {
+        (b.source, b.destination, b.routing_key) for b in topo.bindings()
+    }
+    assert ("jobs", "email", "send_sms") in {
+        (b["source"], b["destination"], b["routing_key"]) for b in defs["bindings"]
+    }
+    assert all(x["vhost"] == "v" for x in defs["queues"] + defs["exchanges"] + defs["bindings"])
