@@ -472,9 +472,14 @@ class Worker:
                 else:
                     async with asyncio.timeout(spec.timeout_s):
                         await future
-        except asyncio.CancelledError:
-            in_progress.dec()
-            raise
+        except asyncio.CancelledError as exc:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                in_progress.dec()
+                raise  # we cancelled it (shutdown, lost connection): give the job back
+            # The handler raised CancelledError itself (e.g. from a sub-task it awaited): a
+            # failure like any other, not a reason to requeue it unburnt forever.
+            error = exc
         except TimeoutError as exc:
             error = (
                 exc
