@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from .dlq_cmd import dlq
 from .publish_cmd import publish
 from .topology_cmd import topology
 from .worker_cmd import worker
@@ -25,6 +26,7 @@ def cli() -> None:
 cli.add_command(worker)
 cli.add_command(topology)
 cli.add_command(publish)
+cli.add_command(dlq)
 
 
 def main() -> None:

@@ -1,0 +1,489 @@
+"""Operating a dead-letter queue: list, replay and purge ``Q.dlq``, losing nothing.
+
+Reading a queue without changing it
+===================================
+
+AMQP 0-9-1 has no "peek": the only way to see a message is to have it delivered. Listing
+therefore consumes ``Q.dlq`` with manual acks and **never acks**: it takes the messages in
+pages (a channel-wide prefetch window that grows by one page at a time, so a 4,000-message DLQ
+is never pushed at the client all at once), reads them, then cancels the consumer and nacks
+everything with ``requeue=True`` in one frame.
+
+* Nothing is lost: an unacked message cannot leave the queue; if the lister dies, the broker
+  requeues what it held, exactly as the final nack does.
+* Order is kept: a classic queue puts requeued messages back at their original position, so the
+  DLQ reads in the same order afterwards (the tests compare ids, order, headers and bodies).
+* What does change: the broker sets ``redelivered`` on requeued messages (and a quorum DLQ
+  counts an ``x-delivery-count``). Nothing Leveret does depends on that flag *in the DLQ*: a
+  replay publishes a fresh copy to ``Q``, whose ``redelivered`` is false and whose headers drop
+  ``x-delivery-count`` along with the attempt bookkeeping, so a listed job replays exactly like
+  an unlisted one.
+
+The alternatives were worse: ``basic.get`` plus ``nack`` one at a time costs a round trip per
+message and has the same ``redelivered`` side effect; moving messages to a copy queue and back
+rewrites the DLQ and can lose messages to a crash in between.
+
+Replay: confirm first, then ack
+===============================
+
+A replayed job is published to ``Q`` through the default exchange with publisher confirms and
+``mandatory``; only once the broker confirmed it is the DLQ copy acked. A crash (even SIGKILL)
+between the two leaves the job in both queues (a duplicate at worst), never in neither.
+Messages that do not match the filters are held unacked during the scan and requeued at the end,
+in place.
+
+A scan stops after the messages that were in the DLQ when it started: jobs that die again while
+a replay runs land at the tail and are not replayed a second time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import aiormq
+from aio_pika.abc import AbstractConnection
+from pamqp.commands import Basic
+
+from producers.connection import CONNECTION_ERRORS, connect
+from producers.message import (
+    HEADER_ATTEMPTS,
+    HEADER_DIED_AT,
+    HEADER_ERROR,
+    HEADER_QUEUE,
+    HEADER_REASON,
+    PERSISTENT,
+)
+from producers.settings import ConnectionSettings
+from topology.errors import LeveretError
+from topology.model import dlq_name
+
+from .settle import carried_headers
+
+PAGE_SIZE = 500
+# basic.qos prefetch_count is a 16-bit field; past it the window is lifted (0 = unlimited).
+_MAX_PREFETCH = 65535
+IDLE_TIMEOUT_S = 5.0
+REPLAY_IN_FLIGHT = 200
+# Broker-managed headers a replayed copy must not carry into Q.
+_DROP_ON_REPLAY = frozenset({"x-delivery-count", "x-redeliveries", HEADER_QUEUE})
+
+
+class DlqError(LeveretError):
+    """A DLQ operation cannot run (no such queue, refused publish, ...)."""
+
+
+@dataclass(frozen=True, slots=True)
+class DeadJob:
+    """One message in ``Q.dlq``, as the operator sees it."""
+
+    id: str | None
+    job: str | None
+    attempts: int | None
+    reason: str | None
+    error: str | None
+    died_at: str | None
+    queue: str | None
+    body: bytes
+    headers: dict[str, Any]
+    redelivered: bool = False
+
+    @classmethod
+    def from_message(cls, message: aiormq.abc.DeliveredMessage) -> DeadJob:
+        props = message.header.properties
+        headers = dict(props.headers or {})
+        attempts = headers.get(HEADER_ATTEMPTS)
+        return cls(
+            id=props.message_id,
+            job=props.message_type,
+            attempts=attempts if isinstance(attempts, int) and not isinstance(attempts, bool)
+            else None,
+            reason=_text(headers.get(HEADER_REASON)),
+            error=_text(headers.get(HEADER_ERROR)),
+            died_at=_text(headers.get(HEADER_DIED_AT)),
+            queue=_text(headers.get(HEADER_QUEUE)),
+            body=bytes(message.body),
+            headers=headers,
+            redelivered=bool(message.delivery.redelivered),
+        )
+
+    def died_at_datetime(self) -> datetime | None:
+        if not self.died_at:
+            return None
+        try:
+            value = datetime.fromisoformat(self.died_at)
+        except ValueError:
+            return None
+        return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+    def row(self) -> dict[str, Any]:
+        """The listing's columns, JSON-ready."""
+        return {
+            "id": self.id,
+            "job": self.job,
+            "attempts": self.attempts,
+            "reason": self.reason,
+            "error": self.error,
+            "died_at": self.died_at,
+        }
+
+
+def _text(value: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return str(value)
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$", re.IGNORECASE)
+_UNITS_S = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, None: 1}
+
+
+def parse_duration(text: str) -> float:
+    """``90``, ``90s``, ``15m``, ``2h``, ``7d``, ``1w`` → seconds."""
+    match = _DURATION.match(text)
+    if not match:
+        raise ValueError(
+            f"duration {text!r} is not valid: use a number with an optional unit "
+            f"ms, s, m, h, d or w (e.g. 30m, 2h, 7d)"
+        )
+    unit = match[2].lower() if match[2] else None
+    return float(match[1]) * _UNITS_S[unit]
+
+
+@dataclass(frozen=True)
+class Filter:
+    """Which dead jobs an operation applies to; every given criterion must hold."""
+
+    ids: frozenset[str] = frozenset()
+    job: str | None = None
+    reason: str | None = None
+    older_than_s: float | None = None
+    now: datetime = field(default_factory=lambda: datetime.now(UTC))
+
+    @property
+    def empty(self) -> bool:
+        return not self.ids and self.job is None and self.reason is None and (
+            self.older_than_s is None
+        )
+
+    def matches(self, dead: DeadJob) -> bool:
+        if self.ids and dead.id not in self.ids:
+            return False
+        if self.job is not None and dead.job != self.job:
+            return False
+        if self.reason is not None and dead.reason != self.reason:
+            return False
+        if self.older_than_s is not None:
+            died = dead.died_at_datetime()
+            # A message with no readable death time is never "old enough": purge keeps it.
+            if died is None or (self.now - died).total_seconds() < self.older_than_s:
+                return False
+        return True
+
+    def describe(self) -> str:
+        parts = []
+        if self.ids:
+            parts.append(f"id in {sorted(self.ids)}")
+        if self.job is not None:
+            parts.append(f"job = {self.job}")
+        if self.reason is not None:
+            parts.append(f"reason = {self.reason}")
+        if self.older_than_s is not None:
+            parts.append(f"died more than {self.older_than_s:g} s ago")
+        return " and ".join(parts) or "all"
+
+
+@dataclass
+class _Delivery:
+    tag: int
+    dead: DeadJob
+    message: aiormq.abc.DeliveredMessage
+
+
+class _Scan:
+    """Consume ``Q.dlq`` in pages with manual acks; whatever is not acked is requeued at close."""
+
+    def __init__(self, channel: aiormq.abc.AbstractChannel, dlq: str, total: int) -> None:
+        self.channel = channel
+        self.dlq = dlq
+        self.total = total
+        self.received = 0
+        self._inbox: asyncio.Queue[aiormq.abc.DeliveredMessage] = asyncio.Queue()
+        self._tag: str | None = None
+        self._window = 0
+        self._last_tag = 0
+        self._settled: set[int] = set()
+
+    async def _set_window(self, window: int) -> None:
+        # Channel-wide (global) QoS can be raised while the consumer runs.
+        self._window = window
+        prefetch = 0 if window > _MAX_PREFETCH else window
+        await self.channel.basic_qos(prefetch_count=prefetch, global_=True)
+
+    async def start(self, page: int) -> None:
+        await self._set_window(max(1, min(page, self.total)))
+        ok = await self.channel.basic_consume(self.dlq, self._inbox.put, no_ack=False)
+        self._tag = ok.consumer_tag
+
+    async def deliveries(
+        self, page: int, idle_timeout_s: float, on_page: Callable[[int], None] | None = None
+    ) -> AsyncIterator[_Delivery]:
+        """The first ``total`` messages of the DLQ, paged; stops early when it runs dry."""
+        while self.received < self.total:
+            if self.received >= self._window:
+                await self._set_window(min(self.total, self._window + page))
+                if on_page is not None:
+                    on_page(self.received)
+            try:
+                message = await asyncio.wait_for(self._inbox.get(), idle_timeout_s)
+            except TimeoutError:
+                return  # fewer than counted: consumed by someone else meanwhile
+            self.received += 1
+            tag = message.delivery.delivery_tag
+            self._last_tag = max(self._last_tag, tag)
+            yield _Delivery(tag, DeadJob.from_message(message), message)
+
+    async def ack(self, tag: int) -> None:
+        await self.channel.basic_ack(tag)
+        self._settled.add(tag)
+
+    async def close(self) -> None:
+        """Stop the consumer and requeue, in one frame, everything not acked."""
+        if self.channel.is_closed:
+            return
+        with contextlib.suppress(*CONNECTION_ERRORS, aiormq.exceptions.AMQPError):
+            if self._tag is not None:
+                await self.channel.basic_cancel(self._tag)
+            # Messages delivered after we stopped reading are unacked too.
+            while not self._inbox.empty():
+                late = self._inbox.get_nowait()
+                self._last_tag = max(self._last_tag, late.delivery.delivery_tag)
+            if self._last_tag:
+                await self.channel.basic_nack(self._last_tag, multiple=True, requeue=True)
+            await self.channel.close()
+
+
+def replay_properties(dead: DeadJob, props: Basic.Properties) -> Basic.Properties:
+    """The DLQ copy's properties for ``Q``: same id, type and body; attempt count reset."""
+    headers = {k: v for k, v in carried_headers(props).items() if k not in _DROP_ON_REPLAY}
+    return Basic.Properties(
+        content_type=props.content_type,
+        content_encoding=props.content_encoding,
+        headers=headers or None,
+        delivery_mode=PERSISTENT,
+        priority=props.priority,
+        correlation_id=props.correlation_id,
+        reply_to=props.reply_to,
+        message_id=dead.id,
+        timestamp=props.timestamp,
+        message_type=props.message_type or None,
+        app_id=props.app_id,
+    )
+
+
+class DeadLetters:
+    """DLQ operations for one work queue ``queue`` over one connection.
+
+    Use as ``async with DeadLetters(settings, "email") as dlq: ...``.
+    """
+
+    def __init__(
+        self,
+        settings: ConnectionSettings,
+        queue: str,
+        *,
+        page_size: int = PAGE_SIZE,
+        idle_timeout_s: float = IDLE_TIMEOUT_S,
+        in_flight: int = REPLAY_IN_FLIGHT,
+    ) -> None:
+        self.settings = settings
+        self.queue = queue
+        self.dlq = dlq_name(queue)
+        self.page_size = page_size
+        self.idle_timeout_s = idle_timeout_s
+        self.in_flight = in_flight
+        self._connection: AbstractConnection | None = None
+
+    async def __aenter__(self) -> DeadLetters:
+        self._connection = await connect(self.settings, robust=False)
+        try:
+            await self.depth()
+        except BaseException:
+            await self._connection.close()
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._connection is not None:
+            await self._connection.close()
+
+    async def _channel(self, *, confirms: bool = False) -> aiormq.abc.AbstractChannel:
+        assert self._connection is not None, "use DeadLetters in `async with`"
+        channel = await self._connection.channel(
+            publisher_confirms=confirms, on_return_raises=confirms
+        )
+        return await channel.get_underlay_channel()
+
+    async def _passive(self, name: str) -> aiormq.spec.Queue.DeclareOk:
+        channel = await self._channel()
+        try:
+            return await channel.queue_declare(name, passive=True)
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            raise DlqError(
+                f"queue {name!r} does not exist in this vhost; check the queue name (a work "
+                f"queue Q has its dead jobs in Q.dlq) or run `leveret topology declare APP`"
+            ) from None
+        finally:
+            if not channel.is_closed:
+                await channel.close()
+
+    async def depth(self) -> int:
+        """Messages ready in ``Q.dlq`` (raises ``DlqError`` when it does not exist)."""
+        ok = await self._passive(self.dlq)
+        return ok.message_count or 0
+
+    @contextlib.asynccontextmanager
+    async def _scan(self, limit: int | None = None) -> AsyncIterator[_Scan]:
+        total = await self.depth()
+        if limit is not None:
+            total = min(total, limit)
+        scan = _Scan(await self._channel(), self.dlq, total)
+        try:
+            if total:
+                await scan.start(self.page_size)
+            yield scan
+        finally:
+            await scan.close()
+
+    async def list(
+        self,
+        limit: int | None = None,
+        where: Filter | None = None,
+        on_progress: Callable[[int, int], None] | None = None,
+    ) -> AsyncIterator[DeadJob]:
+        """Yield the DLQ's jobs in queue order, leaving the DLQ as it was (see module doc).
+
+        Wrap it in ``contextlib.aclosing`` when you may stop early, so the requeue happens at
+        once rather than whenever the generator is collected.
+        """
+        where = where or Filter()
+        async with self._scan(None if not where.empty else limit) as scan:
+            shown = 0
+            progress = (lambda n: on_progress(n, scan.total)) if on_progress else None
+            async for delivery in scan.deliveries(self.page_size, self.idle_timeout_s, progress):
+                if where.matches(delivery.dead):
+                    yield delivery.dead
+                    shown += 1
+                    if limit is not None and shown >= limit:
+                        break
+            if progress:
+                progress(scan.received)
+
+    async def count(self, where: Filter | None = None) -> int:
+        """How many jobs match, read-only (a listing that only counts)."""
+        async with contextlib.aclosing(self.list(where=where)) as jobs:
+            return sum([1 async for _ in jobs])
+
+    async def replay(
+        self,
+        where: Filter | None = None,
+        limit: int | None = None,
+        *,
+        dry_run: bool = False,
+        on_progress: Callable[[int, int], None] | None = None,
+    ) -> int:
+        """Move matching jobs to ``Q``: publish confirmed, then ack the DLQ copy. Returns the
+        number moved (or, with ``dry_run``, that would move)."""
+        where = where or Filter()
+        await self._passive(self.queue)  # a missing Q would only show as returned publishes
+        publish = await self._channel(confirms=True)
+        moved = 0
+        failures: list[str] = []
+        gate = asyncio.Semaphore(self.in_flight)
+        pending: set[asyncio.Task[None]] = set()
+
+        async def move(scan: _Scan, delivery: _Delivery) -> None:
+            nonlocal moved
+            try:
+                confirmation = await asyncio.wait_for(
+                    publish.basic_publish(
+                        delivery.message.body,
+                        exchange="",
+                        routing_key=self.queue,
+                        properties=replay_properties(delivery.dead, delivery.message.header.
+                                                     properties),
+                        mandatory=True,
+                    ),
+                    self.settings.publish_timeout,
+                )
+                if not isinstance(confirmation, Basic.Ack):
+                    raise DlqError(f"the broker answered {type(confirmation).__name__}")
+                await scan.ack(delivery.tag)  # only now: the copy in Q is safe
+                moved += 1
+            except Exception as exc:  # left unacked: it stays in the DLQ
+                failures.append(f"{delivery.dead.id}: {type(exc).__name__}: {exc}")
+            finally:
+                gate.release()
+
+        try:
+            async with self._scan() as scan:
+                selected = 0
+                progress = (lambda n: on_progress(n, scan.total)) if on_progress else None
+                async for delivery in scan.deliveries(
+                    self.page_size, self.idle_timeout_s, progress
+                ):
+                    if not where.matches(delivery.dead):
+                        continue
+                    selected += 1
+                    if not dry_run:
+                        await gate.acquire()
+                        task = asyncio.create_task(move(scan, delivery))
+                        pending.add(task)
+                        task.add_done_callback(pending.discard)
+                    if limit is not None and selected >= limit:
+                        break
+                if pending:
+                    await asyncio.wait(set(pending))
+        finally:
+            for task in pending:
+                task.cancel()
+            if not publish.is_closed:
+                with contextlib.suppress(*CONNECTION_ERRORS, aiormq.exceptions.AMQPError):
+                    await publish.close()
+        if dry_run:
+            return selected
+        if failures:
+            raise DlqError(
+                f"{moved} job(s) replayed, {len(failures)} could not be and stay in "
+                f"{self.dlq} (first: {failures[0]}); run the replay again"
+            )
+        return moved
+
+    async def purge(self, where: Filter | None = None, ids: Iterable[str] = ()) -> int:
+        """Delete matching jobs (all of them without a filter); returns how many."""
+        where = where or Filter()
+        if ids:
+            where = Filter(frozenset(ids), where.job, where.reason, where.older_than_s, where.now)
+        if where.empty:
+            channel = await self._channel()
+            try:
+                ok = await channel.queue_purge(self.dlq)
+                return ok.message_count or 0
+            finally:
+                if not channel.is_closed:
+                    await channel.close()
+        deleted = 0
+        async with self._scan() as scan:
+            async for delivery in scan.deliveries(self.page_size, self.idle_timeout_s):
+                if where.matches(delivery.dead):
+                    await scan.ack(delivery.tag)
+                    deleted += 1
+        return deleted
+

@@ -1,0 +1,172 @@
+"""A small client for RabbitMQ's management HTTP API, as the operator tools need it.
+
+Where it points: ``LEVERET_MANAGEMENT_URL`` when set, otherwise the AMQP URL's host on port
+15672 (``https`` for ``amqps://``), with the AMQP URL's user and password unless the management
+URL carries its own. The vhost is always the AMQP URL's, decoded the way the AMQP client decodes
+it, so ``status`` and ``doctor`` look at the same vhost the worker uses.
+
+The password never leaves this module in text: ``repr`` and every error show the URL masked.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+from yarl import URL
+
+from producers.connection import mask_url
+from producers.settings import ConnectionSettings
+from topology.errors import LeveretError
+
+MANAGEMENT_PORT = 15672
+DEFAULT_TIMEOUT_S = 10.0
+
+
+class ManagementError(LeveretError):
+    """The management API could not be used; ``status`` is the HTTP status, if any."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        self.status = status
+        super().__init__(message)
+
+
+def amqp_vhost(amqp_url: str) -> str:
+    """The vhost an AMQP URL names, decoded like aiormq does (``/`` or empty path is ``/``)."""
+    url = URL(amqp_url)
+    if url.path in ("", "/"):
+        return "/"
+    return url.raw_path[1:].replace("%2F", "/").replace("%2f", "/")
+
+
+@dataclass(frozen=True)
+class ManagementTarget:
+    """Where the API lives and who we are there; ``base`` never carries credentials."""
+
+    base: str
+    user: str
+    password: str
+    vhost: str
+
+    @classmethod
+    def from_settings(cls, settings: ConnectionSettings) -> ManagementTarget:
+        amqp = settings.amqp_url.get_secret_value()
+        amqp_url = URL(amqp)
+        explicit = getattr(settings, "management_url", None)
+        if explicit is not None and explicit.get_secret_value():
+            mgmt = URL(explicit.get_secret_value())
+        else:
+            scheme = "https" if amqp_url.scheme == "amqps" else "http"
+            mgmt = URL.build(scheme=scheme, host=amqp_url.host or "localhost", port=MANAGEMENT_PORT)
+        user = mgmt.user if mgmt.user is not None else (amqp_url.user or "guest")
+        password = mgmt.password if mgmt.password is not None else (amqp_url.password or "guest")
+        base = str(mgmt.with_user(None).with_query(None).with_fragment(None)).rstrip("/")
+        # Accept both http://host:15672 and http://host:15672/api.
+        if base.endswith("/api"):
+            base = base[: -len("/api")]
+        return cls(base=base, user=user, password=password, vhost=amqp_vhost(amqp))
+
+    @property
+    def display(self) -> str:
+        """The base URL with the user and a masked password: safe to print."""
+        return mask_url(str(URL(self.base).with_user(self.user).with_password(self.password)))
+
+
+class Management:
+    """Synchronous and asynchronous GET/POST against one broker's management API."""
+
+    def __init__(self, target: ManagementTarget, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+        self.target = target
+        self.timeout_s = timeout_s
+
+    @classmethod
+    def from_settings(cls, settings: ConnectionSettings, **kwargs: Any) -> Management:
+        return cls(ManagementTarget.from_settings(settings), **kwargs)
+
+    def __repr__(self) -> str:
+        return f"Management({self.target.display!r})"
+
+    @property
+    def qvhost(self) -> str:
+        return quote(self.target.vhost, safe="")
+
+    def _url(self, path: str) -> str:
+        return f"{self.target.base}/api{path}"
+
+    def _explain(self, exc: Exception | None, response: httpx.Response | None) -> ManagementError:
+        where = self.target.display
+        if response is not None:
+            status = response.status_code
+            if status == 401:
+                return ManagementError(
+                    f"the management API at {where} refused the login; check the user and "
+                    f"password (LEVERET_MANAGEMENT_URL or LEVERET_AMQP_URL) and that the user "
+                    f"has the 'management' or 'monitoring' tag",
+                    status,
+                )
+            if status == 404:
+                return ManagementError(f"not found at {where}: {response.request.url.path}", 404)
+            return ManagementError(
+                f"the management API at {where} answered {status}: {response.text[:200]}",
+                status,
+            )
+        reason = f"{type(exc).__name__}: {exc}" if exc is not None and str(exc) else repr(exc)
+        reason = reason.replace(self.target.password, "******") if self.target.password else reason
+        return ManagementError(
+            f"the management API at {where} is not reachable ({reason}); enable it with "
+            f"`rabbitmq-plugins enable rabbitmq_management` or set LEVERET_MANAGEMENT_URL"
+        )
+
+    def _check(self, response: httpx.Response) -> Any:
+        if response.status_code >= 400:
+            raise self._explain(None, response)
+        if not response.content:
+            return None
+        return response.json()
+
+    def request(self, method: str, path: str, **kwargs: Any) -> Any:
+        try:
+            response = httpx.request(
+                method,
+                self._url(path),
+                auth=(self.target.user, self.target.password),
+                timeout=self.timeout_s,
+                **kwargs,
+            )
+        except httpx.HTTPError as exc:
+            raise self._explain(exc, None) from None
+        return self._check(response)
+
+    async def arequest(self, method: str, path: str, **kwargs: Any) -> Any:
+        try:
+            async with httpx.AsyncClient(
+                auth=(self.target.user, self.target.password), timeout=self.timeout_s
+            ) as client:
+                response = await client.request(method, self._url(path), **kwargs)
+        except httpx.HTTPError as exc:
+            raise self._explain(exc, None) from None
+        return self._check(response)
+
+    def get(self, path: str, **params: Any) -> Any:
+        return self.request("GET", path, params=params or None)
+
+    async def aget(self, path: str, **params: Any) -> Any:
+        return await self.arequest("GET", path, params=params or None)
+
+    # -- what the tools ask -----------------------------------------------------------------
+
+    def overview(self) -> dict[str, Any]:
+        return self.get("/overview")
+
+    def queues(self) -> list[dict[str, Any]]:
+        """Every queue of the vhost, with counts and message rates."""
+        return self.get(f"/queues/{self.qvhost}")
+
+    def queue(self, name: str) -> dict[str, Any]:
+        return self.get(f"/queues/{self.qvhost}/{quote(name, safe='')}")
+
+    def import_definitions(self, definitions: dict[str, Any]) -> None:
+        """Import a definitions document into this vhost (``POST /api/definitions/{vhost}``)."""
+        self.request("POST", f"/definitions/{self.qvhost}", json=definitions)

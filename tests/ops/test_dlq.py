@@ -1,0 +1,155 @@
+"""`leveret dlq list|replay|purge` against a real broker."""
+
+from __future__ import annotations
+
+import json
+
+from tests.ops.helpers import days_ago, declare_queue, drain, fill_dlq
+from tests.support import leveret_cli, unique
+
+REPLAY_DROPPED = {"x-attempts", "x-reason", "x-error", "x-died-at", "x-redeliveries", "x-queue"}
+
+
+def env(broker) -> dict[str, str]:
+    return {"LEVERET_AMQP_URL": broker.url}
+
+
+async def test_listing_leaves_the_dlq_unchanged(broker):
+    """Listing shows every dead job and leaves ids, order, headers and bodies of the DLQ as they were."""
+    queue = unique("list")
+    await declare_queue(broker.url, queue)
+    sent = await fill_dlq(broker.url, queue, 1200, job=lambda i: "job_b" if i % 7 == 0
+                          else "job_a")  # fmt: skip
+
+    result = leveret_cli("dlq", "list", queue, "--json", env=env(broker))
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["id"] for r in rows] == [s.id for s in sent]
+    assert rows[7] == {
+        "id": sent[7].id, "job": "job_b", "attempts": 3, "reason": "exhausted",
+        "error": "ValueError: boom number 7", "died_at": sent[7].headers["x-died-at"],
+    }  # fmt: skip
+    # A second listing sees exactly the same thing, and the table form works on the same data.
+    again = leveret_cli("dlq", "list", queue, "--json", env=env(broker))
+    assert again.stdout == result.stdout
+    table = leveret_cli("dlq", "list", queue, "--limit", "3", env=env(broker))
+    assert table.returncode == 0, table.stderr
+    lines = table.stdout.splitlines()
+    assert lines[0].split()[:4] == ["ID", "JOB", "ATTEMPTS", "REASON"]
+    assert [line.split()[0] for line in lines[1:]] == [s.id for s in sent[:3]]
+
+    after = await drain(broker.url, f"{queue}.dlq")
+    assert [m.id for m in after] == [s.id for s in sent]
+    assert [m.body for m in after] == [s.body for s in sent]
+    assert [m.headers for m in after] == [s.headers for s in sent]
+    assert [m.job for m in after] == [s.job for s in sent]
+
+
+async def test_replay_of_one_id_moves_only_that_job_with_attempts_reset(broker):
+    """Replaying one id moves just that job to Q, same id and body, bookkeeping headers gone."""
+    queue = unique("one")
+    await declare_queue(broker.url, queue)
+    sent = await fill_dlq(broker.url, queue, 20)
+    target = sent[11]
+
+    result = leveret_cli("dlq", "replay", queue, "--id", target.id, env=env(broker))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "1\n"
+
+    moved = await drain(broker.url, queue)
+    assert [m.id for m in moved] == [target.id]
+    assert moved[0].body == target.body
+    assert moved[0].job == target.job
+    assert not REPLAY_DROPPED & set(moved[0].headers)
+    assert moved[0].headers == {"trace-id": "trace-11"}
+    assert moved[0].redelivered is False
+    left = await drain(broker.url, f"{queue}.dlq")
+    assert [m.id for m in left] == [s.id for s in sent if s is not target]
+
+
+async def test_replay_filters_combine_and_dry_run_moves_nothing(broker):
+    """--job and --reason select jobs matching both; --dry-run only counts; --limit caps."""
+    queue = unique("filt")
+    await declare_queue(broker.url, queue)
+    sent = await fill_dlq(
+        broker.url, queue, 60,
+        job=lambda i: "job_a" if i % 2 else "job_b",
+        reason=lambda i: "rejected" if i % 3 == 0 else "exhausted",
+    )  # fmt: skip
+    wanted = [s for s in sent if s.job == "job_a" and s.headers["x-reason"] == "rejected"]
+    args = ("dlq", "replay", queue, "--job", "job_a", "--reason", "rejected")
+
+    dry = leveret_cli(*args, "--dry-run", env=env(broker))
+    assert dry.returncode == 0, dry.stderr
+    assert dry.stdout == f"{len(wanted)}\n"
+    assert await broker.depth(queue) == 0
+
+    limited = leveret_cli(*args, "--limit", "2", env=env(broker))
+    assert limited.stdout == "2\n", limited.stderr
+    rest = leveret_cli(*args, env=env(broker))
+    assert rest.stdout == f"{len(wanted) - 2}\n", rest.stderr
+
+    moved = await drain(broker.url, queue)
+    assert sorted(m.id for m in moved) == sorted(s.id for s in wanted)
+    left = await drain(broker.url, f"{queue}.dlq")
+    assert [m.id for m in left] == [s.id for s in sent if s not in wanted]
+
+
+async def test_replay_of_all_moves_every_job(broker):
+    """A replay without filters moves the whole DLQ to Q, in order, and leaves it empty."""
+    queue = unique("all")
+    await declare_queue(broker.url, queue)
+    sent = await fill_dlq(broker.url, queue, 700)
+
+    result = leveret_cli("dlq", "replay", queue, env=env(broker))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "700\n"
+    assert await broker.depth(f"{queue}.dlq") == 0
+    moved = await drain(broker.url, queue)
+    assert sorted(m.id for m in moved) == [s.id for s in sent]
+    assert all(not REPLAY_DROPPED & set(m.headers) for m in moved)
+
+
+async def test_purge_with_and_without_filters(broker):
+    """Purge by id and by age deletes only matches; purge --yes with no filter empties the DLQ."""
+    queue = unique("purge")
+    await declare_queue(broker.url, queue)
+    sent = await fill_dlq(broker.url, queue, 30,
+                          died=lambda i: days_ago(10) if i < 10 else days_ago(0))  # fmt: skip
+
+    by_id = leveret_cli("dlq", "purge", queue, "--id", sent[20].id, "--id", sent[21].id,
+                        "--yes", env=env(broker))  # fmt: skip
+    assert by_id.returncode == 0, by_id.stderr
+    assert by_id.stdout == "2\n"
+    old = leveret_cli("dlq", "purge", queue, "--older-than", "7d", "--yes", env=env(broker))
+    assert old.stdout == "10\n", old.stderr
+    left = [s.id for s in sent[10:] if s.id not in (sent[20].id, sent[21].id)]
+    listed = leveret_cli("dlq", "list", queue, "--json", env=env(broker))
+    assert [json.loads(line)["id"] for line in listed.stdout.splitlines()] == left
+
+    everything = leveret_cli("dlq", "purge", queue, "--yes", env=env(broker))
+    assert everything.stdout == f"{len(left)}\n", everything.stderr
+    assert await broker.depth(f"{queue}.dlq") == 0
+
+
+async def test_purge_refuses_without_yes_when_nobody_can_confirm(broker):
+    """Without --yes and without a terminal, purge deletes nothing and says how to proceed."""
+    queue = unique("refuse")
+    await declare_queue(broker.url, queue)
+    await fill_dlq(broker.url, queue, 3)
+
+    result = leveret_cli("dlq", "purge", queue, env=env(broker), stdin="y\n")
+    assert result.returncode != 0
+    assert "--yes" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert await broker.depth(f"{queue}.dlq") == 3
+
+
+async def test_dlq_of_unknown_queue_is_one_clear_line(broker):
+    """Naming a queue without a DLQ fails with one line that says what to check."""
+    result = leveret_cli("dlq", "list", unique("nope"), env=env(broker))
+    assert result.returncode != 0
+    assert "does not exist" in result.stderr
+    assert "Traceback" not in result.stderr
+    bad = leveret_cli("dlq", "purge", "x", "--older-than", "soon", "--yes", env=env(broker))
+    assert bad.returncode != 0 and "duration" in bad.stderr
