@@ -51,8 +51,11 @@ ensure_venv() {
   local stamp="$ROOT/.venv/.leveret-installed-$extras"
   if [ ! -f "$stamp" ] || [ "$ROOT/pyproject.toml" -nt "$stamp" ]; then
     say "installing leveret[$extras] into .venv"
-    "$ROOT/.venv/bin/python" -m pip install -q --upgrade pip >&2
-    "$ROOT/.venv/bin/python" -m pip install -q -e "$ROOT[$extras]" >&2
+    local log="$ROOT/.venv/pip-install.log"
+    if ! { "$ROOT/.venv/bin/python" -m pip install -q --upgrade pip &&
+           "$ROOT/.venv/bin/python" -m pip install -q -e "$ROOT[$extras]"; } >"$log" 2>&1; then
+      tail -n 30 "$log" >&2; say "pip install failed (full log: $log)"; exit 1
+    fi
     touch "$stamp"
   fi
 }

@@ -1,0 +1,201 @@
+"""The README's demo: a real worker, real jobs, and what happened to each.
+
+Starts `leveret worker demo_app:worker` as a subprocess, publishes jobs that succeed, retry,
+get rejected, fail for good and carry a bad payload, waits for every outcome, then prints where
+each job ended up, the DLQ's headers, the worker's metrics and where to look in the management
+UI. Exits 0 when every job ended where it should; `--keep` leaves the worker running.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import aio_pika
+import httpx
+
+from consumer.settings import WorkerSettings
+from producers import Publisher, mask_url
+
+HERE = Path(__file__).resolve().parent
+QUEUES = ("email", "images")
+
+JOBS = [
+    # (job, payload, what should happen)
+    ("send_email", {"to": "ada@example.com", "subject": "welcome"}, "succeeded"),
+    ("send_email", {"to": "grace@example.com", "subject": "invoice"}, "succeeded"),
+    ("send_email", {"to": "flaky@example.com", "subject": "retry me"}, "succeeded after a retry"),
+    ("send_email", {"to": "nobody@invalid", "subject": "bounce"}, "DLQ: rejected"),
+    ("resize_image", {"image": "cat.png", "width": 320}, "succeeded"),
+    ("resize_image", {"image": "dog.png", "width": 0}, "DLQ: exhausted after 2 attempts"),
+    ("send_email", {"to": "carol@example.com"}, "DLQ: invalid (no subject)"),
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _say(text: str = "") -> None:
+    print(text, flush=True)
+
+
+async def _depth(url: str, queue: str) -> int:
+    connection = await aio_pika.connect(url)
+    try:
+        channel = await connection.channel()
+        declared = await channel.declare_queue(queue, passive=True)
+        return declared.declaration_result.message_count or 0
+    finally:
+        await connection.close()
+
+
+async def _dead_letters(url: str, queue: str) -> list[aio_pika.abc.AbstractIncomingMessage]:
+    """Read the DLQ without changing it: get each message and requeue them all at the end."""
+    connection = await aio_pika.connect(url)
+    messages = []
+    try:
+        channel = await connection.channel()
+        dlq = await channel.declare_queue(f"{queue}.dlq", passive=True)
+        while (message := await dlq.get(no_ack=False, fail=False)) is not None:
+            messages.append(message)
+    finally:
+        await connection.close()  # unacked messages return to the DLQ
+    return messages
+
+
+def _wait_ready(port: int, proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            sys.exit(f"the worker exited early with code {proc.returncode}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    sys.exit("the worker did not become ready in time; see its log above")
+
+
+def _metrics(port: int) -> list[str]:
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    return [
+        line
+        for line in text.splitlines()
+        if line.startswith("leveret_jobs_completed_total") and not line.endswith(" 0.0")
+    ]
+
+
+async def main(keep: bool) -> int:
+    settings = WorkerSettings()
+    url = settings.amqp_url.get_secret_value()
+    port = int(os.environ.get("LEVERET_METRICS_PORT") or _free_port())
+    log_path = Path(os.environ.get("TMPDIR", "/tmp")) / "leveret-demo-worker.log"
+    _say(f"broker:  {mask_url(url)}")
+    _say(f"worker:  leveret worker demo_app:worker  (log: {log_path}, metrics :{port})")
+    env = {**os.environ, "LEVERET_METRICS_PORT": str(port), "LEVERET_LOG_LEVEL": "info"}
+    log_file = log_path.open("wb")
+    proc = subprocess.Popen(  # noqa: ASYNC220 - started once, before any job runs
+        [str(Path(sys.executable).parent / "leveret"), "worker", "demo_app:worker"],
+        cwd=HERE,
+        env=env,
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        _wait_ready(port, proc)
+        async with Publisher(url) as pub:
+            dlq_before = {q: await _depth(url, f"{q}.dlq") for q in QUEUES}
+            _say("\npublishing (each id is returned only after the broker confirmed the job):")
+            ids = []
+            for job, payload, expected in JOBS:
+                job_id = await pub.publish(job, payload)
+                ids.append(job_id)
+                _say(f"  {job_id}  {job:<13} {payload!s:<52} -> expect {expected}")
+        dead_expected = sum(1 for *_, e in JOBS if e.startswith("DLQ"))
+        deadline = time.monotonic() + 30
+        while True:
+            dead_now = 0
+            for q in QUEUES:
+                dead_now += await _depth(url, f"{q}.dlq") - dlq_before[q]
+            done = sum(
+                float(line.rsplit(" ", 1)[1])
+                for line in _metrics(port)
+                if 'outcome="succeeded"' in line
+            )
+            if dead_now >= dead_expected and done >= 4:
+                break
+            if time.monotonic() > deadline:
+                _say("timed out waiting for the jobs; see the worker log")
+                return 1
+            await asyncio.sleep(0.2)
+
+        _say("\nworker metrics (leveret_jobs_completed_total):")
+        for line in _metrics(port):
+            _say(f"  {line}")
+        _say("\ndead-letter queues (x-reason / x-attempts / x-error):")
+        ours = set(ids)
+        for queue in QUEUES:
+            for message in await _dead_letters(url, queue):
+                if message.message_id not in ours:
+                    continue
+                headers = message.headers or {}
+                _say(
+                    f"  {queue}.dlq  {message.message_id}  {headers.get('x-reason')!s:<9} "
+                    f"attempts={headers.get('x-attempts')}  {headers.get('x-error')}"
+                )
+        _say("\nfrom the worker's log (JSON lines on stderr; these are this run's jobs):")
+        for line in log_path.read_text().splitlines():
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            if entry.get("job_id") in ours:
+                detail = entry.get("error") or entry.get("to") or entry.get("image") or ""
+                _say(
+                    f"  {entry['event']:<18} {entry['job_id'][:8]}  attempt={entry.get('attempt')}"
+                    f"  {detail}"
+                )
+        host = urlsplit(url).hostname or "localhost"
+        _say(
+            f"\nsee it in the management UI: http://{host}:15672/#/queues (guest/guest):\n"
+            "  email, images           work queues (x-max-priority 10; Bindings: the job names)\n"
+            "  email.retry.1s          a retry waits here for its backoff (TTL 1 s)\n"
+            "  email.dlq, images.dlq   dead jobs; click one, 'Get messages' shows x-reason\n"
+            "try: leveret dlq list email   |   leveret status demo_app:worker (from examples/)"
+        )
+        if keep:
+            _say(f"\nworker keeps running (metrics http://127.0.0.1:{port}/metrics); Ctrl-C stops")
+            await asyncio.to_thread(proc.wait)
+        return 0
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=40)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        log_file.close()
+        if proc.returncode not in (0, None, -signal.SIGTERM):
+            _say(f"worker exited with {proc.returncode}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--keep", action="store_true", help="leave the worker running")
+    try:
+        sys.exit(asyncio.run(main(parser.parse_args().keep)))
+    except KeyboardInterrupt:
+        sys.exit(0)

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# The README's demo: finds or starts a broker, installs Leveret in .venv, runs a worker,
+# publishes jobs (one retries, some end in the DLQ) and shows what happened. Exits 0 by itself;
+# `scripts/demo.sh --keep` leaves the worker running for exploring.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+source "$ROOT/scripts/setup.sh"
+ensure_broker
+ensure_venv "test"
+cd "$ROOT/examples"
+exec "$ROOT/.venv/bin/python" demo.py "$@"
