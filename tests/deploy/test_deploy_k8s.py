@@ -289,6 +289,7 @@ def test_prod_scales_on_queue_depth_with_keda(rendered: dict[str, list[dict[str,
     assert trigger["metadata"]["mode"] == "QueueLength"
     assert int(trigger["metadata"]["value"]) >= int(_settings(objects)["LEVERET_PREFETCH"])
     assert "host" not in trigger["metadata"], "the broker URL comes from the TriggerAuthentication"
+    assert trigger["metadata"]["vhostName"], "the vhost is named, not read from the URL's path"
     auth = find(objects, "TriggerAuthentication", trigger["authenticationRef"]["name"])
     (ref,) = auth["spec"]["secretTargetRef"]
     assert (ref["parameter"], ref["name"], ref["key"]) == ("host", SECRET, "management-url")
