@@ -44,13 +44,17 @@ def _scrub(text: str) -> str:
     return text
 
 
+def _settings_error(exc: ValidationError) -> NoReturn:
+    first = exc.errors()[0]
+    name = "LEVERET_" + str(first["loc"][0]).upper() if first.get("loc") else "LEVERET_*"
+    fail(f"setting {name} is invalid: {first['msg']}")
+
+
 def load_settings(**overrides: Any) -> WorkerSettings:
     try:
         settings = WorkerSettings()
     except ValidationError as exc:
-        first = exc.errors()[0]
-        name = "LEVERET_" + str(first["loc"][0]).upper() if first.get("loc") else "LEVERET_*"
-        fail(f"setting {name} is invalid: {first['msg']}")
+        _settings_error(exc)
     overrides = {k: v for k, v in overrides.items() if v is not None}
     return settings.model_copy(update=overrides) if overrides else settings
 
@@ -73,6 +77,10 @@ def load_app(spec: str) -> Worker:
         fail(f"importing {module_name!r} failed: {type(exc).__name__}: {exc}")
     except ConfigError as exc:
         fail(f"{module_name!r} registers a job wrongly: {exc}")
+    except ValidationError as exc:
+        if exc.title == WorkerSettings.__name__:
+            _settings_error(exc)
+        fail(f"importing {module_name!r} failed: {_scrub(str(exc).splitlines()[0])}")
     except Exception as exc:
         fail(f"importing {module_name!r} failed: {type(exc).__name__}: {_scrub(str(exc))}")
     try:

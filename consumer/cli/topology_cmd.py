@@ -10,7 +10,7 @@ from producers.connection import connect
 from topology.declare import declare as declare_topology
 from topology.definitions import to_definitions
 
-from .common import command_setup, load_app, load_settings, run_async
+from .common import command_setup, load_app, run_async
 
 
 @click.group()
@@ -30,11 +30,10 @@ named in the error, with the argument that differs."""
 def declare(app: str) -> None:
     """Declare exchanges, queues and bindings of APP on the broker."""
     app_worker = load_app(app)
-    settings = load_settings()
-    layout = app_worker.jobs.topology(settings.exchange, settings.queue_type)
+    layout = app_worker.topology
 
     async def run() -> None:
-        connection = await connect(settings, robust=False)
+        connection = await connect(app_worker.settings, robust=False)
         try:
             await declare_topology(connection, layout)
         finally:
@@ -59,6 +58,5 @@ Example:
 def export(app: str, vhost: str) -> None:
     """Print APP's layout as RabbitMQ definitions JSON (stdout only)."""
     app_worker = load_app(app)
-    settings = load_settings()
-    layout = app_worker.jobs.topology(settings.exchange, settings.queue_type)
+    layout = app_worker.topology
     click.echo(json.dumps(to_definitions(layout, vhost), indent=2))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .common import command_setup, load_app, load_settings, run_async
+from .common import command_setup, load_app, run_async
 
 
 @click.command(
@@ -25,8 +25,4 @@ Metrics and health: http://HOST:LEVERET_METRICS_PORT/{metrics,healthz,readyz}.""
 def worker(app: str, queues: tuple[str, ...], prefetch: int | None) -> None:
     """Run the jobs of APP (module:attribute naming a consumer.Worker)."""
     app_worker = load_app(app)
-    settings = load_settings(prefetch=prefetch)
-    app_worker.settings = settings.model_copy(
-        update={k: v for k, v in settings.model_dump().items() if k in type(settings).model_fields}
-    )
-    run_async(app_worker.run(list(queues) or None, handle_signals=True))
+    run_async(app_worker.run(list(queues) or None, prefetch=prefetch, handle_signals=True))
