@@ -47,7 +47,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import aiormq
-from aio_pika.abc import AbstractConnection
+from aio_pika.abc import AbstractChannel, AbstractConnection
 from pamqp.commands import Basic
 
 from producers.connection import CONNECTION_ERRORS, connect
@@ -101,7 +101,8 @@ class DeadJob:
         return cls(
             id=props.message_id,
             job=props.message_type,
-            attempts=attempts if isinstance(attempts, int) and not isinstance(attempts, bool)
+            attempts=attempts
+            if isinstance(attempts, int) and not isinstance(attempts, bool)
             else None,
             reason=_text(headers.get(HEADER_REASON)),
             error=_text(headers.get(HEADER_ERROR)),
@@ -169,8 +170,11 @@ class Filter:
 
     @property
     def empty(self) -> bool:
-        return not self.ids and self.job is None and self.reason is None and (
-            self.older_than_s is None
+        return (
+            not self.ids
+            and self.job is None
+            and self.reason is None
+            and (self.older_than_s is None)
         )
 
     def matches(self, dead: DeadJob) -> bool:
@@ -267,7 +271,6 @@ class _Scan:
                 self._last_tag = max(self._last_tag, late.delivery.delivery_tag)
             if self._last_tag:
                 await self.channel.basic_nack(self._last_tag, multiple=True, requeue=True)
-            await self.channel.close()
 
 
 def replay_properties(dead: DeadJob, props: Basic.Properties) -> Basic.Properties:
@@ -310,6 +313,7 @@ class DeadLetters:
         self.idle_timeout_s = idle_timeout_s
         self.in_flight = in_flight
         self._connection: AbstractConnection | None = None
+        self._wrappers: dict[int, AbstractChannel] = {}
 
     async def __aenter__(self) -> DeadLetters:
         self._connection = await connect(self.settings, robust=False)
@@ -325,11 +329,20 @@ class DeadLetters:
             await self._connection.close()
 
     async def _channel(self, *, confirms: bool = False) -> aiormq.abc.AbstractChannel:
+        """A fresh aiormq channel; its aio-pika wrapper is kept so ``_close`` closes it once."""
         assert self._connection is not None, "use DeadLetters in `async with`"
         channel = await self._connection.channel(
             publisher_confirms=confirms, on_return_raises=confirms
         )
-        return await channel.get_underlay_channel()
+        raw = await channel.get_underlay_channel()
+        self._wrappers[id(raw)] = channel
+        return raw
+
+    async def _close(self, raw: aiormq.abc.AbstractChannel) -> None:
+        wrapper = self._wrappers.pop(id(raw), None)
+        if wrapper is not None and not wrapper.is_closed:
+            with contextlib.suppress(*CONNECTION_ERRORS, aiormq.exceptions.AMQPError):
+                await wrapper.close()
 
     async def _passive(self, name: str) -> aiormq.spec.Queue.DeclareOk:
         channel = await self._channel()
@@ -341,8 +354,7 @@ class DeadLetters:
                 f"queue Q has its dead jobs in Q.dlq) or run `leveret topology declare APP`"
             ) from None
         finally:
-            if not channel.is_closed:
-                await channel.close()
+            await self._close(channel)
 
     async def depth(self) -> int:
         """Messages ready in ``Q.dlq`` (raises ``DlqError`` when it does not exist)."""
@@ -361,6 +373,7 @@ class DeadLetters:
             yield scan
         finally:
             await scan.close()
+            await self._close(scan.channel)
 
     async def list(
         self,
@@ -417,8 +430,9 @@ class DeadLetters:
                         delivery.message.body,
                         exchange="",
                         routing_key=self.queue,
-                        properties=replay_properties(delivery.dead, delivery.message.header.
-                                                     properties),
+                        properties=replay_properties(
+                            delivery.dead, delivery.message.header.properties
+                        ),
                         mandatory=True,
                     ),
                     self.settings.publish_timeout,
@@ -454,9 +468,7 @@ class DeadLetters:
         finally:
             for task in pending:
                 task.cancel()
-            if not publish.is_closed:
-                with contextlib.suppress(*CONNECTION_ERRORS, aiormq.exceptions.AMQPError):
-                    await publish.close()
+            await self._close(publish)
         if dry_run:
             return selected
         if failures:
@@ -477,8 +489,7 @@ class DeadLetters:
                 ok = await channel.queue_purge(self.dlq)
                 return ok.message_count or 0
             finally:
-                if not channel.is_closed:
-                    await channel.close()
+                await self._close(channel)
         deleted = 0
         async with self._scan() as scan:
             async for delivery in scan.deliveries(self.page_size, self.idle_timeout_s):
@@ -486,4 +497,3 @@ class DeadLetters:
                     await scan.ack(delivery.tag)
                     deleted += 1
         return deleted
-

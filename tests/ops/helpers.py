@@ -117,20 +117,20 @@ class Drained:
     redelivered: bool
 
 
-async def drain(url: str, queue: str) -> list[Drained]:
-    """Take every message out of ``queue`` (destructively), in order."""
+async def drain(url: str, queue: str, timeout: float = 60) -> list[Drained]:
+    """Take every message out of ``queue`` (destructively, no-ack consumer), in order."""
     out: list[Drained] = []
     connection = await aio_pika.connect(url)
     try:
         channel = await connection.channel()
         raw = await channel.get_underlay_channel()
-        while True:
-            try:
-                message = await raw.basic_get(queue, no_ack=True, timeout=10)
-            except aiormq.exceptions.AMQPError:
-                break
-            if message.delivery.__class__.__name__ == "GetEmpty":
-                break
+        ok = await raw.queue_declare(queue, passive=True)
+        total = ok.message_count or 0
+        if not total:
+            return out
+        done = asyncio.Event()
+
+        def take(message: aiormq.abc.DeliveredMessage) -> None:
             props = message.header.properties
             out.append(
                 Drained(
@@ -142,6 +142,15 @@ async def drain(url: str, queue: str) -> list[Drained]:
                     redelivered=message.delivery.redelivered,
                 )
             )
+            if len(out) >= total:
+                done.set()
+
+        async def on_message(message: aiormq.abc.DeliveredMessage) -> None:
+            take(message)
+
+        consumer = await raw.basic_consume(queue, on_message, no_ack=True)
+        await asyncio.wait_for(done.wait(), timeout)
+        await raw.basic_cancel(consumer.consumer_tag)
     finally:
         await connection.close()
     return out

@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
 
 from tests.ops.helpers import days_ago, declare_queue, drain, fill_dlq
-from tests.support import leveret_cli, unique
+from tests.support import leveret_cli, unique, wait_for
 
 REPLAY_DROPPED = {"x-attempts", "x-reason", "x-error", "x-died-at", "x-redeliveries", "x-queue"}
 
@@ -15,7 +23,7 @@ def env(broker) -> dict[str, str]:
 
 
 async def test_listing_leaves_the_dlq_unchanged(broker):
-    """Listing shows every dead job and leaves ids, order, headers and bodies of the DLQ as they were."""
+    """Listing shows every dead job and leaves ids, order, headers and bodies as they were."""
     queue = unique("list")
     await declare_queue(broker.url, queue)
     sent = await fill_dlq(broker.url, queue, 1200, job=lambda i: "job_b" if i % 7 == 0
@@ -153,3 +161,50 @@ async def test_dlq_of_unknown_queue_is_one_clear_line(broker):
     assert "Traceback" not in result.stderr
     bad = leveret_cli("dlq", "purge", "x", "--older-than", "soon", "--yes", env=env(broker))
     assert bad.returncode != 0 and "duration" in bad.stderr
+
+
+@pytest.mark.slow
+async def test_replay_killed_midway_loses_nothing(broker):
+    """SIGKILL during a big replay leaves every job in Q or Q.dlq (duplicates allowed)."""
+    queue = unique("kill")
+    await declare_queue(broker.url, queue)
+    total = 10_000
+    started = time.monotonic()
+    sent = await fill_dlq(broker.url, queue, total)
+    fill_s = time.monotonic() - started
+    exe = Path(sys.executable).parent / "leveret"
+    proc = await asyncio.create_subprocess_exec(
+        str(exe), "dlq", "replay", queue,
+        env={**os.environ, **env(broker)},
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        # Kill it once a fifth has moved: well inside the replay (about 1,500 jobs/s here).
+        await wait_for(
+            lambda: _at_least(broker, queue, total // 5), 30, "the replay to be under way"
+        )
+        proc.send_signal(signal.SIGKILL)
+        await asyncio.wait_for(proc.wait(), 10)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    # The broker requeues what the dead connection held; wait until nothing is unacked.
+    await wait_for(
+        lambda: not broker.api("GET", f"/vhosts/{broker.qvhost}/connections").json(),
+        30, "the killed replay's connection to be gone",
+    )  # fmt: skip
+    in_queue = await drain(broker.url, queue)
+    in_dlq = await drain(broker.url, f"{queue}.dlq")
+    ids_q = {m.id for m in in_queue}
+    ids_dlq = {m.id for m in in_dlq}
+    assert ids_q | ids_dlq == {s.id for s in sent}, "a job was lost"
+    assert 0 < len(ids_q) < total, f"kill was not midway: {len(ids_q)} of {total} moved"
+    print(f"\nfill {total} in {fill_s:.1f} s; killed after {len(ids_q)} moved, "
+          f"{len(ids_q & ids_dlq)} duplicate(s), {len(ids_dlq)} left in DLQ")  # fmt: skip
+
+
+async def _at_least(broker, queue: str, count: int) -> bool:
+    return await broker.depth(queue) >= count
