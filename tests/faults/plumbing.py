@@ -445,3 +445,67 @@ def with_password(url: str, user: str, password: str) -> str:
 
 def tls_client_context(ca: Path) -> ssl.SSLContext:
     return ssl.create_default_context(cafile=str(ca))
+
+
+# -- the subprocess app ----------------------------------------------------------------------
+
+
+@dataclass
+class FaultApp:
+    """``app_template.py`` installed in a directory, with its queue and its run log."""
+
+    cwd: Path
+    queue: str
+    log: Path
+    url: str
+
+    @property
+    def job(self) -> str:
+        return f"{self.queue}-job"
+
+    def env(self, **extra: str) -> dict[str, str]:
+        return {
+            "FAULT_QUEUE": self.queue,
+            "FAULT_LOG": str(self.log),
+            "FAULT_MARKS": str(self.cwd / "marks"),
+            **extra,
+        }
+
+    def worker(self, *, args: tuple[str, ...] = (), **extra: str) -> WorkerProcess:
+        return WorkerProcess.start(self.cwd, "faultapp:worker", self.url, env=self.env(**extra),
+                                   args=args)  # fmt: skip
+
+    def runs(self) -> list[tuple[str, int, str, int]]:
+        """(event, pid, job_id, attempt) for every line the handlers wrote."""
+        if not self.log.exists():
+            return []
+        out = []
+        for line in self.log.read_text().splitlines():
+            event, pid, job_id, attempt = line.split()
+            out.append((event, int(pid), job_id, int(attempt)))
+        return out
+
+    async def declare(self) -> None:
+        """Declare the app's topology from the test process, so publishing can start first."""
+        import aio_pika
+
+        from consumer import Worker, WorkerSettings
+        from topology.declare import declare
+
+        probe = Worker(WorkerSettings(amqp_url=self.url, metrics_port=0))
+
+        @probe.job(self.job, queue=self.queue)
+        async def _unused(payload: dict) -> None:  # type: ignore[type-arg]
+            """Never runs: only its registration shapes the topology."""
+
+        connection = await aio_pika.connect(self.url)
+        async with connection:
+            await declare(connection, probe.topology)
+
+
+def install_app(directory: Path, queue: str, url: str) -> FaultApp:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "marks").mkdir(exist_ok=True)
+    source = Path(__file__).with_name("app_template.py").read_text()
+    (directory / "faultapp.py").write_text(source)
+    return FaultApp(directory, queue, directory / "runs.log", url)
