@@ -141,6 +141,19 @@ class Settler:
         await self._publish(message.body, "", queue, copy_properties(props, job, job_id, headers))
         self.acker.ack(message.delivery.delivery_tag)
 
+    async def give_back(self, message: aiormq.abc.DeliveredMessage, queue: str) -> None:
+        """Return an unfinished job to its queue as it came: no attempt, no redelivery counted.
+
+        ``basic.nack(requeue=True)`` would flag it redelivered, and the next worker's redelivery
+        guard would count a graceful shutdown as a crash: a long job caught by a few rolling
+        deploys would reach the DLQ without ever failing. A confirmed copy, then an ack, does not.
+        """
+        props = message.header.properties
+        headers = dict(props.headers) if props.headers else None
+        copy = copy_properties(props, props.message_type, props.message_id, headers)  # type: ignore[arg-type]
+        await self._publish(message.body, "", queue, copy)
+        self.acker.ack(message.delivery.delivery_tag)
+
     async def dead_letter(
         self,
         message: aiormq.abc.DeliveredMessage,

@@ -339,8 +339,11 @@ class Worker:
         except asyncio.CancelledError:
             # Shutdown grace ran out, or the connection is gone: give the job back unburnt.
             if not session.lost.is_set():
-                with contextlib.suppress(Exception):
-                    await session.acker.nack(tag, requeue=True)
+                try:
+                    await session.settler.give_back(message, queue)
+                except Exception:
+                    with contextlib.suppress(Exception):
+                        await session.acker.nack(tag, requeue=True)
         except SettleFailed as exc:
             log.error("settle_failed", error=str(exc), action="job left unacked; it will run again")
             if not session.lost.is_set():
