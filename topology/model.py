@@ -33,6 +33,12 @@ project promises, max(1 s, 10 %), holds with room to spare. Each work queue has 
 queues, whatever its backoff, and a delay of 0 (a DLQ replay) takes the same road without
 waiting anywhere.
 
+One constraint follows: a job name should be served by one work queue per vhost. Retries are
+addressed to a queue and are unaffected, but a delayed *publish* is addressed to a job name,
+and if two queues serve that name, every hop of the chain copies it into both (as the ``jobs``
+exchange itself would, once per hop). ``Worker`` cannot register a name twice; two applications
+sharing a vhost must not reuse each other's job names.
+
 Queues for a work queue ``Q``:
 
 * ``Q``: durable; ``x-max-priority`` (classic) so higher-priority jobs run first; its own
