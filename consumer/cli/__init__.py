@@ -6,6 +6,7 @@ import click
 
 from .dlq_cmd import dlq
 from .publish_cmd import publish
+from .status_cmd import status
 from .topology_cmd import topology
 from .worker_cmd import worker
 
@@ -27,6 +28,7 @@ cli.add_command(worker)
 cli.add_command(topology)
 cli.add_command(publish)
 cli.add_command(dlq)
+cli.add_command(status)
 
 
 def main() -> None:
