@@ -2,18 +2,104 @@
 
 The same document ``rabbitmqctl import_definitions`` and the management UI's "Import
 definitions" accept, so an operator can review or apply the layout without running Python.
+Imported into a fresh vhost (``POST /api/definitions/{vhost}``) it yields exactly the layout
+``declare`` creates: same queues, arguments and bindings (a test compares two vhosts).
+
+The vhost itself and users are added only when asked: a user entry carries a password *hash*
+and overwrites an existing user's password on import, so it must be a deliberate choice. The
+permissions given to such a user are the least the app needs, as regular expressions naming
+exactly its exchanges and queues (``required_permissions``); ``doctor`` checks a live user
+against the same list.
+
+No policies are exported: RabbitMQ applies at most one policy to a queue, so a Leveret policy
+would silently replace whatever policy an operator already applies (HA, max-length, ...).
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import os
+import re
 from typing import Any
 
-from .model import Topology
+from .model import Topology, delay_exchange_name, dlq_name
+
+DEFAULT_EXCHANGE_RESOURCE = "amq.default"
 
 
-def to_definitions(topology: Topology, vhost: str = "/") -> dict[str, Any]:
-    """Exchanges, queues and bindings of ``topology`` in ``vhost``; no users or permissions."""
+def required_permissions(topology: Topology) -> dict[str, list[str]]:
+    """Resource names a worker of this topology touches, by permission kind.
+
+    configure: declares every exchange and queue. write: publishes to the jobs exchange, to the
+    delay chain and through the default exchange (DLQ copies, replays), and binds queues and
+    exchanges (the destination needs write). read: consumes work queues, binds (the source
+    exchange needs read), and reads ``Q.dlq`` for ``leveret dlq``.
+    """
+    exchanges = [ex.name for ex in topology.exchanges()]
+    queues = [q.name for q in topology.queue_decls()]
     return {
+        "configure": [*exchanges, *queues],
+        "write": [*exchanges, *queues, DEFAULT_EXCHANGE_RESOURCE],
+        "read": [*exchanges, *(n for q in topology.queues for n in (q.name, q.dlq))],
+    }
+
+
+def permission_regexes(topology: Topology) -> dict[str, str]:
+    """Anchored regular expressions granting exactly ``required_permissions``."""
+    ex = re.escape(topology.exchange)
+    chain = re.escape(delay_exchange_name(topology.exchange, -1).rsplit(".", 1)[0])
+    exchanges = f"{ex}|{chain}\\..+"
+    work = "|".join(
+        f"{re.escape(q.name)}({re.escape(dlq_name(q.name)[len(q.name) :])})?"
+        for q in topology.queues
+    )
+    all_queues = "|".join(
+        f"{re.escape(q.name)}(\\.retry\\..+|{re.escape(dlq_name(q.name)[len(q.name) :])})?"
+        for q in topology.queues
+    )
+    both = f"{exchanges}|{all_queues}" if all_queues else exchanges
+    return {
+        "configure": f"^({both})$",
+        "write": f"^({both}|amq\\.default)$",
+        "read": f"^({exchanges}|{work})$" if work else f"^({exchanges})$",
+    }
+
+
+def rabbit_password_hash(password: str, salt: bytes | None = None) -> str:
+    """RabbitMQ's ``rabbit_password_hashing_sha256``: base64(salt + sha256(salt + password))."""
+    salt = salt if salt is not None else os.urandom(4)
+    return base64.b64encode(salt + hashlib.sha256(salt + password.encode()).digest()).decode()
+
+
+def to_definitions(
+    topology: Topology,
+    vhost: str = "/",
+    *,
+    with_vhost: bool = False,
+    users: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """Exchanges, queues and bindings of ``topology`` in ``vhost``.
+
+    ``with_vhost`` adds the vhost; ``users`` (name → password) adds those users, with a salted
+    password hash and the least permissions the app needs on ``vhost``.
+    """
+    document: dict[str, Any] = {}
+    if with_vhost:
+        document["vhosts"] = [{"name": vhost}]
+    if users:
+        regexes = permission_regexes(topology)
+        document["users"] = [
+            {
+                "name": name,
+                "password_hash": rabbit_password_hash(password),
+                "hashing_algorithm": "rabbit_password_hashing_sha256",
+                "tags": "",
+            }
+            for name, password in users.items()
+        ]
+        document["permissions"] = [{"user": name, "vhost": vhost, **regexes} for name in users]
+    return document | {
         "exchanges": [
             {
                 "name": ex.name,

@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 
 import click
+from yarl import URL
 
 from producers.connection import connect
 from topology.declare import declare as declare_topology
 from topology.definitions import to_definitions
 
-from .common import command_setup, load_app, run_async
+from .common import command_setup, fail, load_app, run_async
 
 
 @click.group()
@@ -48,15 +49,32 @@ def declare(app: str) -> None:
 
 @topology.command(
     epilog="""\b
-Example:
+Examples:
   leveret topology export myapp.tasks:worker > definitions.json
-  rabbitmqctl import_definitions definitions.json"""
+  rabbitmqctl import_definitions definitions.json
+  curl -u admin -H 'content-type: application/json' -d @definitions.json \\
+       http://rabbit:15672/api/definitions/%2F
+  leveret topology export myapp.tasks:worker --vhost jobs --with-vhost --with-users
+--with-users adds the user of LEVERET_AMQP_URL with a salted hash of its
+password (treat the file as a secret: importing it sets that user's password)
+and the least permissions the app needs on the vhost."""
 )
 @click.argument("app")
 @click.option("--vhost", default="/", show_default=True, help="vhost to put in the definitions.")
+@click.option("--with-vhost", is_flag=True, help="Also define the vhost itself.")
+@click.option(
+    "--with-users", is_flag=True, help="Also define the AMQP URL's user and its permissions."
+)
 @command_setup
-def export(app: str, vhost: str) -> None:
+def export(app: str, vhost: str, with_vhost: bool, with_users: bool) -> None:
     """Print APP's layout as RabbitMQ definitions JSON (stdout only)."""
     app_worker = load_app(app)
     layout = app_worker.topology
-    click.echo(json.dumps(to_definitions(layout, vhost), indent=2))
+    users = None
+    if with_users:
+        url = URL(app_worker.settings.amqp_url.get_secret_value())
+        if not url.user:
+            fail("--with-users needs a user in LEVERET_AMQP_URL (amqp://USER:PASSWORD@host/)")
+        users = {url.user: url.password or ""}
+    document = to_definitions(layout, vhost, with_vhost=with_vhost, users=users)
+    click.echo(json.dumps(document, indent=2))
