@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from .dlq_cmd import dlq
+from .doctor_cmd import doctor
 from .publish_cmd import publish
 from .status_cmd import status
 from .topology_cmd import topology
@@ -29,6 +30,7 @@ cli.add_command(topology)
 cli.add_command(publish)
 cli.add_command(dlq)
 cli.add_command(status)
+cli.add_command(doctor)
 
 
 def main() -> None:

@@ -1,0 +1,434 @@
+"""Check the broker against an app before anything goes wrong.
+
+Each check yields ``Finding``s whose message says what to change. ``error`` means the app will
+misbehave as things are (a job that will be killed by ``consumer_timeout``, a queue that cannot
+be declared, a permission the worker lacks); ``warning`` means it may (a job without a
+timeout); ``info`` records what was seen or assumed. ``leveret doctor`` exits non-zero on an
+error; ``leveret worker`` logs the same findings at start and starts anyway.
+
+Where the figures come from:
+
+* broker version: the AMQP handshake (``server_properties``), else ``/api/overview``;
+* ``consumer_timeout``: RabbitMQ 3.x has no API for it, so on the broker's own host it is read
+  with ``rabbitmqctl eval`` (as ``rabbitmqctl environment`` would show it); elsewhere the
+  version's default is assumed (30 minutes since 3.8.15) and the finding says so;
+* queue arguments and permissions: the management API (permissions need an administrator
+  login); without it, arguments are checked by redeclaring existing queues on a throwaway
+  channel, which the broker refuses, changing nothing, when they differ.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import re
+import shutil
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+from urllib.parse import quote
+
+import aiormq
+import structlog
+from yarl import URL
+
+from producers.connection import connect
+from producers.errors import BrokerUnavailable
+from topology.definitions import permission_regexes, required_permissions
+from topology.model import Topology
+
+from .management import Management, ManagementError
+from .registry import Registry
+from .settings import WorkerSettings
+
+Severity = Literal["error", "warning", "info", "ok"]
+SEVERITIES: tuple[Severity, ...] = ("error", "warning", "info", "ok")
+
+DEFAULT_CONSUMER_TIMEOUT_MS = 1_800_000  # RabbitMQ 3.8.15+ (and 3.10): 30 minutes
+_LOCAL_HOSTS = {"localhost", "127.0.0.1", "::1"}
+
+log = structlog.get_logger("leveret.doctor")
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    severity: Severity
+    check: str
+    message: str
+
+
+def _version(text: str | None) -> tuple[int, ...] | None:
+    if not text:
+        return None
+    match = re.match(r"(\d+)\.(\d+)(?:\.(\d+))?", text)
+    return tuple(int(p) for p in match.groups() if p is not None) if match else None
+
+
+def _human_s(seconds: float) -> str:
+    if seconds >= 3600 and seconds % 3600 == 0:
+        return f"{seconds / 3600:g} h"
+    if seconds >= 60 and seconds % 60 == 0:
+        return f"{seconds / 60:g} min"
+    return f"{seconds:g} s"
+
+
+@dataclass
+class _Facts:
+    version: str | None = None
+    api: Management | None = None
+    api_error: str | None = None
+    consumer_timeout_ms: int | Literal[False] | None = None  # False: disabled
+    consumer_timeout_source: str = ""
+
+
+class Doctor:
+    """Runs every check for one app (its registry and topology) against one broker."""
+
+    def __init__(
+        self,
+        settings: WorkerSettings,
+        registry: Registry,
+        topology: Topology,
+        *,
+        use_amqp: bool = True,
+        use_rabbitmqctl: bool = True,
+    ) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.topology = topology
+        self.use_amqp = use_amqp
+        self.use_rabbitmqctl = use_rabbitmqctl
+        self.findings: list[Finding] = []
+
+    def add(self, severity: Severity, check: str, message: str) -> None:
+        self.findings.append(Finding(severity, check, message))
+
+    async def run(self) -> list[Finding]:
+        facts = _Facts()
+        connection = None
+        if self.use_amqp:
+            try:
+                connection = await connect(self.settings, robust=False)
+            except BrokerUnavailable as exc:
+                self.add("error", "broker", str(exc))
+                return self.findings
+            facts.version = str(connection.transport.connection.server_properties.get(
+                "version", "") or "") or None  # fmt: skip
+        try:
+            await self._management(facts)
+            self._versions(facts)
+            await self._consumer_timeout(facts)
+            self._job_timeouts(facts)
+            if facts.api is not None:
+                await self._queue_arguments_api(facts.api)
+                await self._permissions(facts.api)
+            elif connection is not None:
+                await self._queue_arguments_amqp(connection)
+        finally:
+            if connection is not None:
+                await connection.close()
+        order = {s: i for i, s in enumerate(SEVERITIES)}
+        self.findings.sort(key=lambda f: order[f.severity])
+        return self.findings
+
+    # -- management plugin ----------------------------------------------------------------
+
+    async def _management(self, facts: _Facts) -> None:
+        api = Management.from_settings(self.settings, timeout_s=5)
+        try:
+            overview = await api.aget("/overview")
+        except ManagementError as exc:
+            facts.api_error = str(exc)
+            self.add(
+                "warning",
+                "management",
+                f"{exc}. Without it `leveret status` falls back to passive declares (no unacked "
+                f"counts or rates) and doctor cannot check permissions",
+            )
+            return
+        facts.api = api
+        facts.version = facts.version or overview.get("rabbitmq_version")
+        self.add("ok", "management", f"management API answers at {api.target.display}")
+
+    # -- version and features -------------------------------------------------------------
+
+    def _versions(self, facts: _Facts) -> None:
+        version = _version(facts.version)
+        if version is None:
+            self.add("info", "version", "broker version unknown (no AMQP or management access)")
+            return
+        quorum = any(q.queue_type == "quorum" for q in self.topology.queues)
+        features = ["consumer_timeout enforced" if version >= (3, 8, 15)
+                    else "no consumer_timeout"]  # fmt: skip
+        features.append("quorum delivery-limit" if version >= (3, 8) else "no quorum queues")
+        features.append(
+            "at-least-once dead-lettering" if version >= (3, 10) else "no at-least-once DLX"
+        )
+        features.append("priorities on quorum queues" if version >= (4, 0)
+                        else "no priorities on quorum queues")  # fmt: skip
+        self.add("info", "version", f"RabbitMQ {facts.version}: {', '.join(features)}")
+        if version < (3, 8):
+            self.add(
+                "error", "version",
+                f"RabbitMQ {facts.version} is too old for Leveret: upgrade to 3.10 or later",
+            )  # fmt: skip
+        if quorum and version < (3, 10):
+            self.add(
+                "error", "version",
+                f"quorum retry queues use at-least-once dead-lettering, which RabbitMQ "
+                f"{facts.version} lacks: upgrade to 3.10+ or set LEVERET_QUEUE_TYPE=classic",
+            )  # fmt: skip
+        if quorum and version < (4, 0):
+            self.add(
+                "info", "version",
+                f"quorum queues on RabbitMQ {facts.version} ignore job priorities (FIFO); use "
+                f"LEVERET_QUEUE_TYPE=classic where priorities matter",
+            )  # fmt: skip
+
+    # -- consumer_timeout -----------------------------------------------------------------
+
+    async def _consumer_timeout(self, facts: _Facts) -> None:
+        host = URL(self.settings.amqp_url.get_secret_value()).host or ""
+        rabbitmqctl = shutil.which("rabbitmqctl")
+        reason = "it has no API in RabbitMQ 3.x"
+        if self.use_rabbitmqctl and rabbitmqctl and host in _LOCAL_HOSTS:
+            try:
+                proc = await asyncio.create_subprocess_exec(
+                    rabbitmqctl, "eval", "application:get_env(rabbit, consumer_timeout).",
+                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+                )  # fmt: skip
+                out, _ = await asyncio.wait_for(proc.communicate(), 30)
+                text = out.decode().strip()
+                match = re.search(r"\{ok,\s*(\d+|false)\}", text)
+                if proc.returncode == 0 and (match or text == "undefined"):
+                    if text == "undefined":
+                        facts.consumer_timeout_ms = DEFAULT_CONSUMER_TIMEOUT_MS
+                    elif match and match[1] == "false":
+                        facts.consumer_timeout_ms = False
+                    else:
+                        facts.consumer_timeout_ms = int(match[1]) if match else None
+                    facts.consumer_timeout_source = "read with rabbitmqctl"
+                    return
+                reason = f"rabbitmqctl answered {text[:80]!r}"
+            except (OSError, TimeoutError) as exc:
+                reason = f"rabbitmqctl failed: {type(exc).__name__}"
+        version = _version(facts.version)
+        if version is not None and version < (3, 8, 15):
+            facts.consumer_timeout_ms = False
+            facts.consumer_timeout_source = f"RabbitMQ {facts.version} does not enforce one"
+            return
+        facts.consumer_timeout_ms = DEFAULT_CONSUMER_TIMEOUT_MS
+        facts.consumer_timeout_source = (
+            f"assumed: the default, since it could not be read ({reason}); check "
+            f"`rabbitmqctl environment | grep consumer_timeout` on the broker"
+        )
+
+    def _job_timeouts(self, facts: _Facts) -> None:
+        limit_ms = facts.consumer_timeout_ms
+        if limit_ms is False or limit_ms is None:
+            self.add("info", "consumer_timeout",
+                     f"consumer_timeout is off ({facts.consumer_timeout_source})")  # fmt: skip
+            return
+        limit_s = limit_ms / 1000
+        self.add(
+            "info", "consumer_timeout",
+            f"consumer_timeout is {_human_s(limit_s)} ({facts.consumer_timeout_source})",
+        )  # fmt: skip
+        consequence = (
+            "the broker closes the worker's channel when a job stays unacked longer, and every "
+            "job that worker held runs again"
+        )
+        for spec in sorted(self.registry.jobs.values(), key=lambda s: s.name):
+            if spec.timeout_s is None:
+                self.add(
+                    "warning", "consumer_timeout",
+                    f"job {spec.name!r} has no timeout, so nothing stops a run at the broker's "
+                    f"consumer_timeout of {_human_s(limit_s)} ({consequence}); give it "
+                    f"@worker.job(..., timeout=S) with S below {limit_s:g}",
+                )  # fmt: skip
+            elif spec.timeout_s >= limit_s:
+                self.add(
+                    "error", "consumer_timeout",
+                    f"job {spec.name!r} may run for {_human_s(spec.timeout_s)}, not less than "
+                    f"the broker's consumer_timeout of {_human_s(limit_s)}: {consequence}. "
+                    f"Lower its timeout below {limit_s:g} s, or raise consumer_timeout "
+                    f"(rabbitmq.conf: consumer_timeout = "
+                    f"{int(spec.timeout_s * 1000 * 2)}) above it",
+                )  # fmt: skip
+        longest = max((s.timeout_s or 0 for s in self.registry.jobs.values()), default=0)
+        if longest and longest < limit_s:
+            self.add(
+                "ok", "consumer_timeout",
+                f"longest job timeout {_human_s(longest)} is below consumer_timeout",
+            )  # fmt: skip
+
+    # -- queue arguments --------------------------------------------------------------------
+
+    def _mismatch(self, name: str, what: str) -> None:
+        self.add(
+            "error", "queue_arguments",
+            f"queue {name!r} exists with {what}; the worker cannot declare it. Drain it (or "
+            f"move its messages with a shovel), delete it, and run `leveret topology declare "
+            f"APP`, or change the app to match",
+        )  # fmt: skip
+
+    async def _queue_arguments_api(self, api: Management) -> None:
+        try:
+            existing = {q["name"]: q for q in await api.aget(f"/queues/{api.qvhost}")}
+        except ManagementError as exc:
+            self.add("warning", "queue_arguments", f"could not list queues: {exc}")
+            return
+        missing = []
+        bad = 0
+        for decl in self.topology.queue_decls():
+            queue = existing.get(decl.name)
+            if queue is None:
+                missing.append(decl.name)
+                continue
+            wanted = {k: v for k, v in decl.arguments.items() if k != "x-queue-type"}
+            actual = {k: v for k, v in (queue.get("arguments") or {}).items()
+                      if k != "x-queue-type"}  # fmt: skip
+            wanted_type = decl.arguments.get("x-queue-type", "classic")
+            diffs = [
+                f"{key}={actual.get(key)!r} (the app wants {wanted.get(key)!r})"
+                for key in sorted(set(wanted) | set(actual))
+                if actual.get(key) != wanted.get(key)
+            ]
+            if queue.get("type", "classic") != wanted_type:
+                diffs.insert(0, f"type {queue.get('type')!r} (the app wants {wanted_type!r})")
+            if queue.get("durable") is not True:
+                diffs.append("durable=False (the app wants durable=True)")
+            if diffs:
+                bad += 1
+                self._mismatch(decl.name, "; ".join(diffs))
+        if missing:
+            self.add(
+                "info", "queue_arguments",
+                f"{len(missing)} queue(s) do not exist yet (e.g. {missing[0]!r}); the worker "
+                f"or `leveret topology declare APP` creates them",
+            )  # fmt: skip
+        if not bad:
+            self.add("ok", "queue_arguments", "existing queues match the topology")
+
+    async def _queue_arguments_amqp(self, connection: Any) -> None:
+        """Without the API: redeclare existing queues with the app's arguments on a throwaway
+        channel; the broker refuses a difference and changes nothing either way."""
+        bad = 0
+        for decl in self.topology.queue_decls():
+            channel = await (await connection.channel()).get_underlay_channel()
+            try:
+                await channel.queue_declare(decl.name, passive=True)
+            except aiormq.exceptions.ChannelNotFoundEntity:
+                continue
+            try:
+                await channel.queue_declare(
+                    decl.name, durable=decl.durable, arguments=decl.arguments
+                )
+            except aiormq.exceptions.ChannelPreconditionFailed as exc:
+                bad += 1
+                text = str(exc)
+                found = re.search(r"inequivalent arg[^\"]*", text)
+                self._mismatch(decl.name, found[0].rstrip("'\" )") if found else text)
+            finally:
+                with contextlib.suppress(Exception):
+                    await channel.close()
+        if not bad:
+            self.add("ok", "queue_arguments", "existing queues match the topology")
+
+    # -- permissions --------------------------------------------------------------------
+
+    async def _permissions(self, api: Management) -> None:
+        user, vhost = api.target.user, api.target.vhost
+        amqp_user = URL(self.settings.amqp_url.get_secret_value()).user or "guest"
+        try:
+            granted = await api.aget(
+                f"/permissions/{quote(vhost, safe='')}/{quote(amqp_user, safe='')}"
+            )
+        except ManagementError as exc:
+            if exc.status == 404:
+                self.add(
+                    "error", "permissions",
+                    f"user {amqp_user!r} has no permissions on vhost {vhost!r}; grant them, "
+                    f"e.g. rabbitmqctl set_permissions -p {vhost} {amqp_user} "
+                    + " ".join(f"'{r}'" for r in permission_regexes(self.topology).values()),
+                )  # fmt: skip
+            else:
+                self.add(
+                    "info", "permissions",
+                    f"cannot read permissions as {user!r} (it needs the administrator tag): "
+                    f"{exc}",
+                )  # fmt: skip
+            return
+        lacking = []
+        for kind, names in required_permissions(self.topology).items():
+            pattern = granted.get(kind, "")
+            denied = [n for n in names if not _permits(pattern, n)]
+            if denied:
+                lacking.append(f"{kind} on {_sample(denied)}")
+        if lacking:
+            regexes = permission_regexes(self.topology)
+            self.add(
+                "error", "permissions",
+                f"user {amqp_user!r} on vhost {vhost!r} lacks " + "; ".join(lacking)
+                + f". Grant at least: rabbitmqctl set_permissions -p {vhost} {amqp_user} "
+                + " ".join(f"'{regexes[k]}'" for k in ("configure", "write", "read")),
+            )  # fmt: skip
+        else:
+            self.add("ok", "permissions", f"user {amqp_user!r} may do all the app needs")
+
+
+def _permits(pattern: str, name: str) -> bool:
+    """RabbitMQ permission semantics: an unanchored regex match; the empty string denies."""
+    if pattern == "":
+        return False
+    try:
+        return re.search(pattern, name) is not None
+    except re.error:
+        return False
+
+
+def _sample(names: Iterable[str], k: int = 3) -> str:
+    names = list(names)
+    shown = ", ".join(repr(n) for n in names[:k])
+    return shown + (f" and {len(names) - k} more" if len(names) > k else "")
+
+
+async def diagnose(
+    settings: WorkerSettings,
+    registry: Registry,
+    topology: Topology,
+    *,
+    use_amqp: bool = True,
+    use_rabbitmqctl: bool = True,
+) -> list[Finding]:
+    """All findings, errors first."""
+    return await Doctor(
+        settings, registry, topology, use_amqp=use_amqp, use_rabbitmqctl=use_rabbitmqctl
+    ).run()
+
+
+async def log_findings(
+    settings: WorkerSettings, registry: Registry, topology: Topology, timeout_s: float = 30
+) -> None:
+    """What ``leveret worker`` runs at start: the same checks, logged; never raises.
+
+    It uses the management API only (no extra AMQP connection, no ``rabbitmqctl`` process per
+    worker start), so it costs a few HTTP requests.
+    """
+    try:
+        findings = await asyncio.wait_for(
+            diagnose(settings, registry, topology, use_amqp=False, use_rabbitmqctl=False),
+            timeout_s,
+        )
+    except Exception as exc:
+        log.debug("doctor_skipped", error=f"{type(exc).__name__}: {exc}")
+        return
+    for finding in findings:
+        level = {"error": log.error, "warning": log.warning, "info": log.info,
+                 "ok": log.debug}[finding.severity]  # fmt: skip
+        level("doctor_finding", check=finding.check, finding=finding.message)
+
+
+def to_json(findings: list[Finding]) -> str:
+    return "\n".join(json.dumps(asdict(f)) for f in findings)
