@@ -27,6 +27,11 @@ class Acker:
         self._flush_scheduled = False
         self._loop = asyncio.get_running_loop()
         self._flushes: set[asyncio.Task[None]] = set()
+        # Every ack/nack frame is sent under this lock, in the order the bookkeeping changed.
+        # aiormq's write queue is bounded, so a send can yield; without the lock a later flush's
+        # `multiple` ack could overtake an earlier single ack (or nack) of a tag it covers, and
+        # the broker closes the channel on the second one: "unknown delivery tag".
+        self._send_lock = asyncio.Lock()
 
     def track(self, tag: int) -> None:
         self._order.append(tag)
@@ -37,9 +42,19 @@ class Acker:
             self._flush_scheduled = True
             self._loop.call_soon(self._start_flush)
 
+    async def ack_now(self, tag: int) -> None:
+        """Ack one tag now and return once the frame is written, not on the next loop turn."""
+        async with self._send_lock:
+            self._forget(tag)
+            try:
+                await self._channel.basic_ack(tag)
+            except (aiormq.exceptions.ChannelInvalidStateError, aiormq.exceptions.AMQPError):
+                log.warning("ack_lost_channel_closed", jobs=1)  # requeued by the broker
+
     async def nack(self, tag: int, *, requeue: bool) -> None:
-        self._forget(tag)
-        await self._channel.basic_nack(tag, requeue=requeue, wait=False)
+        async with self._send_lock:
+            self._forget(tag)
+            await self._channel.basic_nack(tag, requeue=requeue, wait=False)
 
     def _forget(self, tag: int) -> None:
         with contextlib.suppress(ValueError):
@@ -52,6 +67,10 @@ class Acker:
 
     async def _flush(self) -> None:
         self._flush_scheduled = False
+        async with self._send_lock:
+            await self._flush_locked()
+
+    async def _flush_locked(self) -> None:
         order, done = self._order, self._done
         last, count = 0, 0
         while order and order[0] in done:

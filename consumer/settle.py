@@ -139,7 +139,9 @@ class Settler:
             headers[HEADER_ATTEMPTS] = attempts
         headers["x-redeliveries"] = redeliveries
         await self._publish(message.body, "", queue, copy_properties(props, job, job_id, headers))
-        self.acker.ack(message.delivery.delivery_tag)
+        # Acked at once, not coalesced: the copy may be delivered (and crash a worker) before a
+        # coalesced ack would go out, leaving two uncounted copies of the job.
+        await self.acker.ack_now(message.delivery.delivery_tag)
 
     async def give_back(self, message: aiormq.abc.DeliveredMessage, queue: str) -> None:
         """Return an unfinished job to its queue as it came: no attempt, no redelivery counted.

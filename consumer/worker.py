@@ -95,6 +95,9 @@ class Worker:
         self._children: dict[tuple[str, str], _Children] = {}
         self._in_progress: dict[str, Any] = {}
         self._counts = {SUCCEEDED: 0, RETRIED: 0, DEAD_LETTERED: 0}
+        # job id -> set once the redelivery guard's counted copy is confirmed and the original
+        # acked (see _redelivery_guard).
+        self._counting: dict[str, asyncio.Event] = {}
         self.health_port: int | None = None
 
     # -- registration ---------------------------------------------------------------------
@@ -409,6 +412,10 @@ class Worker:
                 f"no handler for job {name!r} on queue {queue!r}", prior,
             )  # fmt: skip
             return
+        if self._counting and job_id in self._counting:
+            # This is the guard's counted copy, delivered before the original's ack was out:
+            # running it now, a crash would requeue both and the count would never add up.
+            await self._counting[job_id].wait()
         if message.delivery.redelivered and await self._redelivery_guard(
             session, queue, message, name, job_id, prior
         ):
@@ -569,7 +576,14 @@ class Worker:
             raw = headers.get("x-redeliveries", 0)
             count = (raw if isinstance(raw, int) and not isinstance(raw, bool) else 0) + 1
             if count <= self.settings.max_redeliveries:
-                await session.settler.requeue_counted(message, queue, name, job_id, prior, count)
+                counted = self._counting[job_id] = asyncio.Event()
+                try:
+                    await session.settler.requeue_counted(
+                        message, queue, name, job_id, prior, count
+                    )
+                finally:
+                    self._counting.pop(job_id, None)
+                    counted.set()
                 log.warning("job_redelivered", job_id=job_id, job=name, queue=queue,
                             redeliveries=count, limit=self.settings.max_redeliveries)  # fmt: skip
                 return True

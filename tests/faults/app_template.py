@@ -23,6 +23,7 @@ _PID = os.getpid()
 class Step(BaseModel):
     sleep: float = 0.0  # seconds, on the first run only (a marker file remembers)
     crash: bool = False  # kill the whole worker process from inside the handler
+    pause: float = 0.0  # seconds, on every run
 
 
 @worker.job(f"{QUEUE}-job", queue=QUEUE, max_attempts=3, backoff=0)
@@ -30,6 +31,8 @@ async def job(step: Step, ctx: JobContext) -> None:
     os.write(_LOG, f"start {_PID} {ctx.job_id} {ctx.attempt}\n".encode())
     if step.crash:
         os._exit(17)
+    if step.pause:
+        await asyncio.sleep(step.pause)
     if step.sleep:
         try:  # O_EXCL: only the first run of this id sleeps
             os.close(os.open(os.path.join(MARKS, ctx.job_id), os.O_CREAT | os.O_EXCL))
