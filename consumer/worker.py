@@ -187,6 +187,13 @@ class Worker:
             prefetch=prefetch,
             jobs=sorted(self.jobs.jobs),
         )
+        from .dlq_depth import DlqDepthRefresher
+        from .doctor import log_findings
+
+        # Operator checks (logged, never fatal) and the DLQ depth gauge run beside the loop.
+        self._dlq_depth = DlqDepthRefresher(queues, self._metrics.dlq_messages)
+        self._dlq_depth.start()
+        doctor = asyncio.create_task(log_findings(self.settings, self.jobs, self.topology))
         try:
             while not self._stopping.is_set():
                 session = await self._open_session(queues, prefetch)
@@ -195,6 +202,8 @@ class Worker:
                 await self._serve(session)
         finally:
             self._set_ready(False)
+            doctor.cancel()
+            await self._dlq_depth.stop()
             if handle_signals:
                 for sig in (signal.SIGTERM, signal.SIGINT):
                     loop.remove_signal_handler(sig)
@@ -270,6 +279,8 @@ class Worker:
                 await connection.close()
             raise
         self._set_ready(True)
+        if hasattr(self, "_dlq_depth"):
+            self._dlq_depth.attach(connection)
         log.info("consuming", queues=queues, prefetch=prefetch)
         return session
 
