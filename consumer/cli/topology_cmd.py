@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import click
 from yarl import URL
@@ -78,3 +79,46 @@ def export(app: str, vhost: str, with_vhost: bool, with_users: bool) -> None:
         users = {url.user: url.password or ""}
     document = to_definitions(layout, vhost, with_vhost=with_vhost, users=users)
     click.echo(json.dumps(document, indent=2))
+
+
+@topology.command(
+    epilog="""\b
+Examples:
+  leveret topology schema myapp.tasks:worker > asyncapi.json
+  leveret topology schema myapp.tasks:worker --job send_email
+  leveret topology schema myapp.tasks:worker --out schemas/
+The schemas come from the handlers' pydantic models (what the worker accepts);
+publishers in any language can validate payloads against them before sending."""
+)
+@click.argument("app")
+@click.option("--job", "job", help="Print only this job's payload JSON Schema.")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Write asyncapi.json and JOB.schema.json files into this directory instead.",
+)
+@command_setup
+def schema(app: str, job: str | None, out: Path | None) -> None:
+    """Print an AsyncAPI 2.6 document (or one job's JSON Schema) for APP's jobs."""
+    from ..management import amqp_vhost
+    from ..schema import asyncapi, job_schema, job_schemas
+
+    app_worker = load_app(app)
+    url = app_worker.settings.amqp_url.get_secret_value()
+    if job is not None:
+        spec = app_worker.jobs.jobs.get(job)
+        if spec is None:
+            known = ", ".join(sorted(app_worker.jobs.jobs)) or "none"
+            fail(f"{app} has no job {job!r} (its jobs: {known})")
+        click.echo(json.dumps(job_schema(spec), indent=2))
+        return
+    document = asyncapi(app_worker.jobs, app_worker.topology, amqp_url=url, vhost=amqp_vhost(url))
+    if out is None:
+        click.echo(json.dumps(document, indent=2))
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "asyncapi.json").write_text(json.dumps(document, indent=2) + "\n")
+    for name, one in job_schemas(app_worker.jobs).items():
+        (out / f"{name}.schema.json").write_text(json.dumps(one, indent=2) + "\n")
+    click.echo(f"wrote asyncapi.json and {len(app_worker.jobs.jobs)} job schema(s) to {out}",
+               err=True)  # fmt: skip

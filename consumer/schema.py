@@ -1,0 +1,151 @@
+"""What to send, for teams publishing from other languages: JSON Schema and AsyncAPI.
+
+Both come from the same pydantic models the worker validates with (validation mode, so the
+schema describes what the worker *accepts*: defaults make a field optional, extra fields pass
+unless the model forbids them). The AsyncAPI 2.6 document describes the whole layout: one
+channel per job name (the routing key on the ``jobs`` direct exchange), with the AMQP bindings
+and message properties of wire format v1.
+"""
+
+from __future__ import annotations
+
+import inspect
+import typing
+from typing import Any
+
+from pydantic import TypeAdapter
+from yarl import URL
+
+from topology.model import Topology
+
+from .registry import JobSpec, Registry
+
+JSON_SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
+ASYNCAPI_VERSION = "2.6.0"
+AMQP_BINDING_VERSION = "0.2.0"
+
+
+def payload_type(spec: JobSpec) -> Any:
+    """The annotation of the handler's first parameter (a pydantic model or a dict type)."""
+    first = next(iter(inspect.signature(spec.fn).parameters.values()))
+    return typing.get_type_hints(spec.fn)[first.name]
+
+
+def job_schema(spec: JobSpec) -> dict[str, Any]:
+    """A standalone JSON Schema (draft 2020-12) for the payload of one job."""
+    schema = TypeAdapter(payload_type(spec)).json_schema(mode="validation")
+    return {"$schema": JSON_SCHEMA_DIALECT, **schema}
+
+
+def job_schemas(registry: Registry) -> dict[str, dict[str, Any]]:
+    return {name: job_schema(spec) for name, spec in sorted(registry.jobs.items())}
+
+
+def _server(amqp_url: str | None) -> dict[str, Any]:
+    url = URL(amqp_url or "amqp://localhost:5672/")
+    return {
+        "url": f"{url.host or 'localhost'}:{url.port or 5672}",
+        "protocol": "amqps" if url.scheme == "amqps" else "amqp",
+        "protocolVersion": "0.9.1",
+        "description": "RabbitMQ. Credentials are not part of this document.",
+    }
+
+
+def _headers_schema() -> dict[str, Any]:
+    return {
+        "type": "object",
+        "description": "Optional application headers; the x-* headers are Leveret's own and "
+        "must not be set by publishers.",
+        "properties": {},
+    }
+
+
+def asyncapi(
+    registry: Registry, topology: Topology, *, amqp_url: str | None = None, vhost: str = "/"
+) -> dict[str, Any]:
+    """An AsyncAPI 2.6 document for every job of ``registry`` on ``topology``."""
+    specs = sorted(registry.jobs.values(), key=lambda s: s.name)
+    keys, top = TypeAdapter.json_schemas(
+        [(spec.name, "validation", TypeAdapter(payload_type(spec))) for spec in specs],
+        ref_template="#/components/schemas/{model}",
+    )
+    exchange = {
+        "name": topology.exchange,
+        "type": "direct",
+        "durable": True,
+        "autoDelete": False,
+        "vhost": vhost,
+    }
+    channels: dict[str, Any] = {}
+    messages: dict[str, Any] = {}
+    for spec in specs:
+        payload = keys[(spec.name, "validation")]
+        description = inspect.getdoc(spec.fn) or ""
+        messages[spec.name] = {
+            "name": spec.name,
+            "title": spec.name,
+            "summary": f"Job {spec.name!r}, run from queue {spec.queue!r}.",
+            "contentType": "application/json",
+            "payload": payload,
+            "headers": _headers_schema(),
+            "correlationId": {
+                "description": "The job id: AMQP message_id (kept through retries and replays)",
+                "location": "$message.header#/message_id",
+            },
+            "bindings": {
+                "amqp": {
+                    "contentEncoding": "utf-8",
+                    "messageType": spec.name,
+                    "bindingVersion": AMQP_BINDING_VERSION,
+                },
+            },
+        }
+        channels[spec.name] = {
+            "description": (
+                f"Routing key {spec.name!r} on exchange {topology.exchange!r}, bound to work "
+                f"queue {spec.queue!r} (retries in {spec.queue}.retry.*, dead jobs in "
+                f"{spec.queue}.dlq). " + description
+            ).strip(),
+            "bindings": {
+                "amqp": {
+                    "is": "routingKey",
+                    "exchange": exchange,
+                    "bindingVersion": AMQP_BINDING_VERSION,
+                },
+            },
+            "publish": {
+                "operationId": f"submit_{spec.name}",
+                "summary": f"Submit a {spec.name} job; the broker confirms it or returns it.",
+                "bindings": {
+                    "amqp": {
+                        "deliveryMode": 2,
+                        "mandatory": True,
+                        "priority": 0,
+                        "ack": True,
+                        "bindingVersion": AMQP_BINDING_VERSION,
+                    }
+                },
+                "message": {"$ref": f"#/components/messages/{spec.name}"},
+            },
+        }
+    return {
+        "asyncapi": ASYNCAPI_VERSION,
+        "id": f"urn:leveret:{topology.exchange}",
+        "info": {
+            "title": f"Leveret jobs on exchange {topology.exchange!r}",
+            "version": "1",
+            "description": (
+                "Wire format v1. Publish to the direct exchange with the job name as routing "
+                "key, a UTF-8 JSON object body, content_type application/json, type = the job "
+                "name, message_id = the job id, optional priority 0-9, delivery_mode 2, with "
+                "publisher confirms and the mandatory flag."
+            ),
+        },
+        "servers": {"rabbitmq": _server(amqp_url)},
+        "defaultContentType": "application/json",
+        "channels": channels,
+        "components": {"messages": messages, "schemas": top.get("$defs", {})},
+    }
+
+
+__all__ = ["asyncapi", "job_schema", "job_schemas", "payload_type"]
