@@ -1,0 +1,381 @@
+"""Runs the workloads, interleaved, each run in fresh subprocesses, and keeps every figure.
+
+Method, so that figures from a noisy shared machine still mean something:
+
+* Rounds: every round runs every workload for every library once, libraries in a rotated
+  order, so drift in machine load spreads over all of them. Figures are the median over rounds
+  with the min–max beside it; ratios are taken to the bare aio-pika loop *of the same round*,
+  then the median of those ratios is quoted.
+* Each run starts the library's runner (``bench/runners``) in a new process; the harness fills
+  its queue in the library's own wire format while the consumer is not attached, then lets it
+  go. Throughput is jobs over the span from the first handler start to the last handler end, so
+  start-up is not counted.
+* Nothing lost: after a consume run the queue must be empty (the runner has closed its
+  connection, so anything unacked would be back) and the handler count must equal the jobs
+  sent; after a publish run the queue must hold exactly the jobs published. A run that fails
+  either check is reported as failed, not averaged in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import statistics
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench.broker import BenchBroker
+from bench.wire import encode, payload
+
+ROOT = Path(__file__).resolve().parent.parent
+RUNNERS = {
+    "aiopika": ("bench.runners.aiopika_runner", {}),
+    "leveret": ("bench.runners.leveret_runner", {}),
+    "leveret-uvloop": ("bench.runners.leveret_runner", {"uvloop": True}),
+    "leveret-blocking": ("bench.runners.leveret_runner", {"blocking": True}),
+    "dramatiq": ("bench.runners.dramatiq_runner", {}),
+    "celery": ("bench.runners.celery_runner", {}),
+    "faststream": ("bench.runners.faststream_runner", {}),
+    "taskiq": ("bench.runners.taskiq_runner", {}),
+}
+ALL_PEERS = ["dramatiq", "celery", "faststream", "taskiq"]
+THREADED = {"dramatiq", "celery"}  # concurrency is threads (or Celery's solo pool at 1)
+
+
+@dataclass
+class Workload:
+    name: str
+    title: str
+    libs: list[str]
+    params: dict[str, Any]
+    processes: int = 1
+
+
+def plan(quick: bool, libs: list[str] | None) -> list[Workload]:
+    """What runs, with the sizes of a full run (the issue's) or of ``--quick``."""
+    q = quick
+    w = [
+        Workload(
+            "publish_seq",
+            "Publish, sequential (each waits for its confirm)",
+            ["aiopika", "leveret", "leveret-blocking", *ALL_PEERS],
+            {"n": 200 if q else 2000},
+        ),
+        Workload(
+            "publish_pipelined",
+            "Publish, pipelined (1,000 confirms in flight)",
+            ["aiopika", "leveret", "faststream", "taskiq"],
+            {"n": 1000 if q else 10000, "window": 1000},
+        ),
+        Workload(
+            "publish_batch",
+            "Publish, batch API (`publish_many`, 1,000 per batch)",
+            ["leveret", "leveret-blocking"],
+            {"n": 1000 if q else 10000, "batch": 1000},
+        ),
+        Workload(
+            "publish_noconfirm",
+            "Publish without confirms (reference for the batch target)",
+            ["aiopika"],
+            {"n": 1000 if q else 10000},
+        ),
+        Workload(
+            "consume_noop",
+            "Consume no-op jobs, one worker process (prefetch 1,000)",
+            ["aiopika", "leveret", "leveret-uvloop", *ALL_PEERS],
+            {"n": 500 if q else 20000, "prefetch": 1000, "concurrency": 1},
+        ),
+        Workload(
+            "consume_2proc",
+            "Consume no-op jobs, two worker processes on one queue",
+            ["aiopika", "leveret", "dramatiq"],
+            {"n": 500 if q else 20000, "prefetch": 1000, "concurrency": 1},
+            processes=2,
+        ),
+        Workload(
+            "io",
+            "I/O-bound: 2,000 jobs × 50 ms at concurrency 100 (ideal 1.0 s)",
+            ["aiopika", "leveret", "dramatiq", "celery", "taskiq"],
+            {"n": 400 if q else 2000, "io_s": 0.05, "prefetch": 100, "concurrency": 100},
+        ),
+        Workload(
+            "latency",
+            "Latency enqueue → handler start at 500 jobs/s (and idle RSS)",
+            ["aiopika", "leveret", "leveret-uvloop", *ALL_PEERS],
+            {"n": 250 if q else 2000, "rate": 500, "prefetch": 100, "concurrency": 1},
+        ),
+        Workload(
+            "retry",
+            "Retry: 500 jobs failing once, 1 s backoff",
+            ["leveret", "dramatiq", "celery", "taskiq"],
+            {"n": 100 if q else 500, "backoff_s": 1.0, "prefetch": 500, "concurrency": 1},
+        ),
+    ]
+    if libs:
+        for item in w:
+            item.libs = [lib for lib in item.libs if lib in libs]
+    return [item for item in w if item.libs]
+
+
+@dataclass
+class Run:
+    workload: str
+    lib: str
+    round: int
+    ok: bool
+    error: str = ""
+    figures: dict[str, float] = field(default_factory=dict)
+
+
+class Harness:
+    def __init__(self, broker: BenchBroker, logdir: Path, timeout_s: float = 180.0) -> None:
+        self.broker = broker
+        self.logdir = logdir
+        self.timeout_s = timeout_s
+        self.runs: list[Run] = []
+
+    async def _spawn(self, lib: str, spec: dict[str, Any], tag: str) -> asyncio.subprocess.Process:
+        module, extra = RUNNERS[lib]
+        log = open(self.logdir / f"{tag}.log", "wb")  # noqa: SIM115, ASYNC230 - for the child
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            module,
+            json.dumps({**spec, **extra}),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=log,
+            cwd=ROOT,
+            env=env,
+            limit=2**26,
+        )
+        log.close()
+        return proc
+
+    @staticmethod
+    async def _expect(proc: asyncio.subprocess.Process, tag: str, timeout: float) -> dict[str, Any]:
+        assert proc.stdout is not None
+        while True:
+            line = await asyncio.wait_for(proc.stdout.readline(), timeout)
+            if not line:
+                raise RuntimeError(f"runner exited (code {await proc.wait()}) before {tag}")
+            word, _, rest = line.decode().partition(" ")
+            if word == tag:
+                return json.loads(rest) if rest.strip() else {}
+
+    @staticmethod
+    def _go(proc: asyncio.subprocess.Process) -> None:
+        assert proc.stdin is not None
+        proc.stdin.write(b"GO\n")
+
+    async def run(self, wl: Workload, lib: str, rnd: int, profile: Path | None = None) -> Run:
+        key = uuid.uuid4().hex[:8]
+        queue = f"bq_{wl.name}_{lib.replace('-', '_')}_{key}"
+        spec = {
+            "workload": wl.name,
+            "url": self.broker.url,
+            "queue": queue,
+            "job": queue,
+            **wl.params,
+        }
+        if lib in THREADED and wl.name == "io":
+            spec["prefetch"] = 100
+        procs: list[asyncio.subprocess.Process] = []
+        try:
+            for p in range(wl.processes):
+                procs.append(await self._spawn(lib, spec, f"{wl.name}-{lib}-r{rnd}-p{p}"))
+            figures = await asyncio.wait_for(
+                self._drive(wl, lib, spec, procs, profile), self.timeout_s
+            )
+            run = Run(wl.name, lib, rnd, True, figures=figures)
+        except Exception as exc:
+            run = Run(wl.name, lib, rnd, False, error=f"{type(exc).__name__}: {exc}"[:300])
+        finally:
+            for proc in procs:
+                if proc.returncode is None:
+                    proc.kill()
+                    await proc.wait()
+            await asyncio.to_thread(self.broker.delete_queues, queue)
+        self.runs.append(run)
+        return run
+
+    async def _drive(
+        self,
+        wl: Workload,
+        lib: str,
+        spec: dict[str, Any],
+        procs: list[asyncio.subprocess.Process],
+        profile: Path | None,
+    ) -> dict[str, float]:
+        for proc in procs:
+            await self._expect(proc, "READY", 60)
+        n = spec["n"]
+        if wl.name.startswith("publish"):
+            (proc,) = procs
+            self._go(proc)
+            result = await self._expect(proc, "RESULT", self.timeout_s)
+            await proc.wait()
+            got = await self.broker.wait_depth(spec["queue"], n)
+            if got != n:
+                raise RuntimeError(f"queue holds {got} jobs after publishing {n}")
+            return {"rate": n / result["elapsed"]}
+        if wl.name != "latency":
+            wires = (encode(lib, spec["queue"], spec["job"], payload(i)) for i in range(n))
+            await self.broker.fill(wires)
+        spy = None
+        if profile is not None:
+            spy = await asyncio.create_subprocess_exec(
+                str(Path(sys.executable).with_name("py-spy")),
+                "record",
+                "--pid",
+                str(procs[0].pid),
+                "--rate",
+                "250",
+                "--format",
+                "raw",
+                "--output",
+                str(profile),
+                "--nonblocking",
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.DEVNULL,
+            )
+            await asyncio.sleep(1.5)
+        for proc in procs:
+            self._go(proc)
+        for proc in procs:
+            await self._expect(proc, "CONSUMING", 60)
+        figures: dict[str, float] = {}
+        if wl.name == "latency":
+            await asyncio.sleep(0.5)
+            figures["rss_idle_mib"] = _rss_kib(procs[0].pid) / 1024
+            await self._paced(lib, spec, wl.params["rate"])
+        results = [await self._expect(proc, "RESULT", self.timeout_s) for proc in procs]
+        for proc in procs:
+            await proc.wait()
+        if spy is not None:
+            await asyncio.wait_for(spy.wait(), 30)
+        handled = sum(r["handled"] for r in results)
+        left = await self.broker.depth(spec["queue"])
+        if handled != n or left:
+            raise RuntimeError(f"handled {handled} of {n} jobs; {left} left in the queue")
+        t_first = min(r["t_first"] for r in results)
+        t_last = max(r["t_last"] for r in results)
+        span = t_last - t_first
+        if wl.name in ("consume_noop", "consume_2proc"):
+            figures["rate"] = n / span
+            figures["cpu_us_per_job"] = sum(r["cpu_s"] for r in results) / n * 1e6
+            figures["rss_loaded_mib"] = max(r["rss_hwm_kib"] for r in results) / 1024
+        elif wl.name == "io":
+            figures["wall_s"] = span
+        elif wl.name == "latency":
+            lat = sorted(x for r in results for x in r.get("latencies", []))
+            figures["p50_ms"] = _pct(lat, 50) * 1000
+            figures["p99_ms"] = _pct(lat, 99) * 1000
+        elif wl.name == "retry":
+            late = sorted(x for r in results for x in r.get("lateness", []))
+            figures["wall_s"] = span
+            figures["late_p50_ms"] = _pct(late, 50) * 1000
+            figures["late_max_ms"] = late[-1] * 1000 if late else 0.0
+        return figures
+
+    async def _paced(self, lib: str, spec: dict[str, Any], rate: float) -> None:
+        """Publish at a steady ``rate``, stamping each body with its send time."""
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        pending: set[asyncio.Task[None]] = set()
+        for i in range(spec["n"]):
+            delay = start + i / rate - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            wire = encode(lib, spec["queue"], spec["job"], payload(i, stamp=True))
+            task = asyncio.create_task(self.broker.send(wire))
+            pending.add(task)
+            task.add_done_callback(pending.discard)
+        if pending:
+            await asyncio.gather(*pending)
+
+
+def _pct(values: list[float], p: float) -> float:
+    if not values:
+        return 0.0
+    k = min(len(values) - 1, max(0, round(p / 100 * (len(values) - 1))))
+    return values[k]
+
+
+def _rss_kib(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def loadavg() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "?"
+
+
+async def run_all(
+    broker: BenchBroker,
+    workloads: list[Workload],
+    rounds: int,
+    logdir: Path,
+    progress: bool = True,
+) -> list[Run]:
+    harness = Harness(broker, logdir)
+    await broker.open()
+    try:
+        for rnd in range(rounds):
+            for wl in workloads:
+                shift = rnd % len(wl.libs)
+                order = wl.libs[shift:] + wl.libs[:shift]
+                for lib in order:
+                    started = time.monotonic()
+                    run = await harness.run(wl, lib, rnd)
+                    if progress:
+                        shown = {k: round(v, 3) for k, v in run.figures.items()}
+                        status = shown if run.ok else f"FAILED {run.error}"
+                        print(
+                            f"[round {rnd + 1}/{rounds}] {wl.name:18} {lib:17} "
+                            f"{time.monotonic() - started:5.1f}s {status}",
+                            file=sys.stderr,
+                            flush=True,
+                        )
+    finally:
+        await broker.close()
+    return harness.runs
+
+
+def summarise(runs: list[Run]) -> dict[tuple[str, str, str], dict[str, float]]:
+    """(workload, lib, figure) → median, min, max, n, and the same-round ratio to aio-pika."""
+    by_key: dict[tuple[str, str, str], list[tuple[int, float]]] = {}
+    for run in runs:
+        if run.ok:
+            for name, value in run.figures.items():
+                by_key.setdefault((run.workload, run.lib, name), []).append((run.round, value))
+    out: dict[tuple[str, str, str], dict[str, float]] = {}
+    for (wl, lib, name), values in by_key.items():
+        xs = [v for _, v in values]
+        entry = {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs)}
+        out[(wl, lib, name)] = entry
+    for (wl, lib, name), entry in out.items():
+        for ref_lib, label in (("aiopika", "x_aiopika"), ("dramatiq", "x_dramatiq")):
+            ref = dict(by_key.get((wl, ref_lib, name), []))
+            mine = dict(by_key[(wl, lib, name)])
+            ratios = [mine[r] / ref[r] for r in mine if ref.get(r)]
+            if ratios:
+                entry[label] = statistics.median(ratios)
+                entry[label + "_min"] = min(ratios)
+                entry[label + "_max"] = max(ratios)
+    return out

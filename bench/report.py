@@ -1,0 +1,325 @@
+"""``bench/RESULTS.md``: machine, versions, command, targets, then one table per workload."""
+
+from __future__ import annotations
+
+import platform
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from bench.harness import Run, Workload
+
+Summary = dict[tuple[str, str, str], dict[str, float]]
+
+UNITS = {
+    "rate": ("jobs/s", 0),
+    "cpu_us_per_job": ("µs CPU/job", 0),
+    "rss_loaded_mib": ("MiB peak", 1),
+    "wall_s": ("s", 3),
+    "p50_ms": ("ms p50", 2),
+    "p99_ms": ("ms p99", 2),
+    "rss_idle_mib": ("MiB idle", 1),
+    "late_p50_ms": ("ms late p50", 0),
+    "late_max_ms": ("ms late max", 0),
+}
+HIGHER_IS_BETTER = {"rate"}
+PACKAGES = [
+    "leveret",
+    "aio-pika",
+    "aiormq",
+    "pydantic",
+    "structlog",
+    "prometheus-client",
+    "dramatiq",
+    "pika",
+    "celery",
+    "kombu",
+    "faststream",
+    "taskiq",
+    "taskiq-aio-pika",
+    "uvloop",
+]
+SETTINGS = """\
+| library | how it runs here |
+|---|---|
+| aio-pika (bare) | `aio_pika.connect`, `channel.set_qos(prefetch)`, `queue.consume(callback)`, `json.loads`, one `message.ack()` per job after the handler; publishing: persistent, `mandatory`, confirms (sequential, or 1,000 lanes in flight), or a channel without confirms |
+| leveret | the real `consumer.Worker` (`prefetch` as below, metrics served on a free port, structlog JSON at info to a log file, pydantic `Item` model validated from bytes, `max_attempts=3`, confirmed retries); `producers.Publisher` (`publish` sequential or 1,000 lanes, `publish_many` in batches of 1,000) |
+| leveret-uvloop | the same worker under `uvloop.run` |
+| leveret-blocking | `producers.BlockingPublisher` |
+| dramatiq | `RabbitmqBroker(confirm_delivery=True)`, `Worker(worker_threads=1)` with `dramatiq_queue_prefetch` = prefetch (100 threads for I/O), `actor.send` |
+| celery | py-amqp, `task_acks_late`, results ignored, `confirm_publish`, solo pool with `worker_prefetch_multiplier` = prefetch (threads pool ×100 for I/O), without gossip/mingle/heartbeat; `apply_async`; `self.retry(countdown=1)` |
+| faststream | `RabbitBroker`, subscriber on a `Channel(prefetch_count=…)`, default ack policy (ack after the handler), `publish(persist=True)` with its default confirms |
+| taskiq | `AioPikaBroker(qos=…)` on a classic queue, receiver with `max_async_tasks`, `ack_time=WHEN_EXECUTED`, `SmartRetryMiddleware(delay=1 s, no jitter)`, `task.kiq` with confirms |
+"""  # noqa: E501 - a Markdown table
+
+
+def _fmt(value: float, digits: int) -> str:
+    return f"{value:,.{digits}f}"
+
+
+def _cell(entry: dict[str, float] | None, digits: int) -> str:
+    if not entry:
+        return "—"
+    return (
+        f"{_fmt(entry['median'], digits)} ({_fmt(entry['min'], digits)}–"
+        f"{_fmt(entry['max'], digits)})"
+    )
+
+
+def _ratio(entry: dict[str, float] | None, label: str = "x_aiopika") -> str:
+    if not entry or label not in entry:
+        return "—"
+    return f"{entry[label]:.2f}× ({entry[label + '_min']:.2f}–{entry[label + '_max']:.2f})"
+
+
+def machine_line() -> str:
+    cpu = "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = "?"
+    try:
+        kib = int(Path("/proc/meminfo").read_text().split()[1])
+        mem = f"{kib / 1024 / 1024:.1f} GiB"
+    except (OSError, ValueError, IndexError):
+        pass
+    import os
+
+    return (
+        f"{cpu}, {os.cpu_count()} cores, {mem} RAM, Linux {platform.release()}, "
+        f"Python {platform.python_version()}"
+    )
+
+
+def versions() -> str:
+    found = []
+    for name in PACKAGES:
+        try:
+            found.append(f"{name} {metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            continue
+    return ", ".join(found)
+
+
+def targets(summary: Summary) -> list[tuple[str, str, str, str]]:
+    """(workload, target, measured, verdict) for the issue's targets table."""
+    rows = []
+
+    def get(wl: str, lib: str, fig: str) -> dict[str, float] | None:
+        return summary.get((wl, lib, fig))
+
+    def verdict(value: float, goal: float, higher: bool) -> str:
+        met = value >= goal if higher else value <= goal
+        if met:
+            return "**met**"
+        miss = (goal - value) / goal if higher else (value - goal) / goal
+        return f"missed by {miss:.0%}"
+
+    c = get("consume_noop", "leveret", "rate")
+    if c and "x_aiopika" in c:
+        rows.append(
+            (
+                "consume no-op, one worker process",
+                "≥ 1.4× bare aio-pika",
+                _ratio(c),
+                verdict(c["x_aiopika"], 1.4, True),
+            )
+        )
+    if c and "x_dramatiq" in c:
+        rows.append(
+            (
+                "consume no-op, one worker process",
+                "≥ 1.4× Dramatiq, same run",
+                _ratio(c, "x_dramatiq"),
+                verdict(c["x_dramatiq"], 1.4, True),
+            )
+        )
+    p = get("publish_pipelined", "leveret", "rate")
+    if p and "x_aiopika" in p:
+        rows.append(
+            (
+                "publish with confirms, pipelined",
+                "≥ 1.0× bare aio-pika, 1,000 in flight",
+                _ratio(p),
+                verdict(p["x_aiopika"], 1.0, True),
+            )
+        )
+    if p:
+        best, best_lib = 0.0, ""
+        for wl in ("publish_pipelined", "publish_seq"):
+            for lib in ALL_PEERS:
+                e = get(wl, lib, "rate")
+                if e and e["median"] > best:
+                    best, best_lib = e["median"], f"{lib} ({wl.split('_')[1]})"
+        if best:
+            ratio = p["median"] / best
+            rows.append(
+                (
+                    "publish with confirms, pipelined",
+                    "≥ 1.5× the best peer",
+                    f"{ratio:.2f}× {best_lib} (medians)",
+                    verdict(ratio, 1.5, True),
+                )
+            )
+    b = get("publish_batch", "leveret", "rate")
+    nc = get("publish_noconfirm", "aiopika", "rate")
+    if b and nc:
+        ratio = b["median"] / nc["median"]
+        rows.append(
+            (
+                "`publish_many` with confirms",
+                "≥ 0.9× bare aio-pika without confirms",
+                f"{ratio:.2f}× (medians: {_fmt(b['median'], 0)} vs {_fmt(nc['median'], 0)}/s)",
+                verdict(ratio, 0.9, True),
+            )
+        )
+    io = get("io", "leveret", "wall_s")
+    if io:
+        rows.append(
+            (
+                "I/O-bound 2,000 × 50 ms, concurrency 100",
+                "≤ 1.07 s (ideal 1.0 s)",
+                _cell(io, 3) + " s",
+                verdict(io["median"], 1.07, False),
+            )
+        )
+    lat = get("latency", "leveret", "p99_ms")
+    if lat:
+        rows.append(
+            (
+                "latency at 500 jobs/s",
+                "p99 ≤ 2.5 ms",
+                _cell(lat, 2) + " ms",
+                verdict(lat["median"], 2.5, False),
+            )
+        )
+    r = get("retry", "leveret", "wall_s")
+    if r:
+        rows.append(
+            (
+                "retry, 500 jobs failing once, 1 s backoff",
+                "≤ 1.3 s wall",
+                _cell(r, 3) + " s",
+                verdict(r["median"], 1.3, False),
+            )
+        )
+    rss = get("latency", "leveret", "rss_idle_mib")
+    if rss:
+        rows.append(
+            (
+                "worker RSS",
+                "≤ 45 MiB idle",
+                _cell(rss, 1) + " MiB",
+                verdict(rss["median"], 45, False),
+            )
+        )
+    return rows
+
+
+ALL_PEERS = ["dramatiq", "celery", "faststream", "taskiq"]
+
+
+def write(
+    path: Path,
+    summary: Summary,
+    runs: list[Run],
+    workloads: list[Workload],
+    meta: dict[str, Any],
+) -> None:
+    out: list[str] = []
+    out.append("# Leveret benchmark results\n")
+    out.append(
+        "Written by `bench/` (`python -m bench`); do not edit by hand. Method: "
+        "`bench/harness.py` docstring. Where the time goes: `bench/PROFILE.md`.\n"
+    )
+    out.append(
+        f"- **Machine:** {meta['machine']}; RabbitMQ {meta['rabbitmq']} on the same "
+        "machine (shared with other engineers' test runs while this ran)"
+    )
+    out.append(
+        f"- **Load average (1/5/15 min):** {meta['load_start']} at start, {meta['load_end']} at end"
+    )
+    out.append(
+        f"- **When:** {meta['started']} UTC, {meta['duration_s'] / 60:.1f} min, "
+        f"{meta['rounds']} round(s), libraries interleaved (rotated order per round)"
+    )
+    out.append(f"- **Command:** `{meta['command']}`")
+    out.append(f"- **Versions:** {meta['versions']}")
+    out.append(
+        "- **Payload:** JSON object of about 512 bytes, persistent messages, durable "
+        "classic queues, a vhost of the run's own, unique queue names per run\n"
+    )
+    out.append(
+        "Each cell: median over rounds (min–max). Ratios: the library's figure divided "
+        "by bare aio-pika's **in the same round**, median of those ratios (min–max).\n"
+    )
+
+    out.append("## Targets (Leveret with validation, metrics, logs and confirmed retries on)\n")
+    out.append("| workload | target | measured | verdict |")
+    out.append("|---|---|---|---|")
+    for row in targets(summary):
+        out.append("| " + " | ".join(row) + " |")
+    out.append("")
+
+    failed = [r for r in runs if not r.ok]
+    for wl in workloads:
+        figs: list[str] = []
+        for lib in wl.libs:
+            for w, lb, fig in summary:
+                if w == wl.name and lb == lib and fig not in figs:
+                    figs.append(fig)
+        out.append(f"## {wl.title}\n")
+        params = ", ".join(f"{k}={v}" for k, v in wl.params.items())
+        out.append(
+            f"`{wl.name}`: {params}"
+            + (f", {wl.processes} processes" if wl.processes > 1 else "")
+            + "\n"
+        )
+        head = ["library"]
+        for fig in figs:
+            unit, _ = UNITS.get(fig, (fig, 2))
+            head.append(unit)
+            if fig in HIGHER_IS_BETTER or fig in ("wall_s", "p99_ms"):
+                head.append("× aio-pika")
+        out.append("| " + " | ".join(head) + " |")
+        out.append("|" + "---|" * len(head))
+        for lib in wl.libs:
+            cells = [lib]
+            for fig in figs:
+                entry = summary.get((wl.name, lib, fig))
+                cells.append(_cell(entry, UNITS.get(fig, ("", 2))[1]))
+                if fig in HIGHER_IS_BETTER or fig in ("wall_s", "p99_ms"):
+                    cells.append(_ratio(entry))
+            ok = sum(1 for r in runs if r.workload == wl.name and r.lib == lib and r.ok)
+            bad = [r for r in failed if r.workload == wl.name and r.lib == lib]
+            if bad:
+                cells[0] += f" ({ok} ok, {len(bad)} failed)"
+            out.append("| " + " | ".join(cells) + " |")
+        out.append("")
+    out.append("## Not run, and why\n")
+    out.append(
+        "- Dramatiq and Celery publish through blocking clients that wait for each "
+        "confirm, and have no batch API: sequential only. FastStream and taskiq have no "
+        "batch publish for RabbitMQ: pipelined is their best."
+    )
+    out.append(
+        "- FastStream 0.7: a RabbitMQ subscriber handles one message at a time with no "
+        "documented concurrency option, and there is no delayed retry: not in the I/O "
+        "and retry workloads. Bare aio-pika has no retry either."
+    )
+    out.append("- Two processes: Leveret beside bare aio-pika and Dramatiq (the fastest peer).\n")
+    if failed:
+        out.append("## Failed runs\n")
+        for r in failed:
+            out.append(f"- {r.workload} / {r.lib} / round {r.round + 1}: {r.error}")
+        out.append("")
+    out.append("## Settings per library\n")
+    out.append(SETTINGS)
+    notes = path.parent / "NOTES.md"
+    if notes.exists():
+        out.append(notes.read_text())
+    path.write_text("\n".join(out).rstrip() + "\n")

@@ -1,0 +1,166 @@
+"""Leveret as users run it: the real ``consumer.Worker`` and ``producers.Publisher``.
+
+Defaults stay on: pydantic validation of every body, Prometheus metrics (served on a free port),
+structlog JSON at info level (stderr, which the harness keeps in a log file), confirmed retries
+through the delay chain, acks only after the outcome is durable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from typing import Any
+
+from pydantic import BaseModel
+
+from bench.runners.common import Tally, load_spec, say, wait_go
+from bench.wire import payload
+from consumer import JobContext, Worker, WorkerSettings
+from consumer.logging import configure_logging
+from producers import Publisher
+from producers.connection import connect
+from producers.settings import ConnectionSettings
+from topology.declare import declare
+
+
+class Item(BaseModel):
+    i: int
+    ts: float
+    pad: str
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_worker(spec: dict[str, Any], tally: Tally | None) -> Worker:
+    settings = WorkerSettings(
+        amqp_url=spec["url"],
+        prefetch=spec.get("prefetch", 50),
+        metrics_port=free_port(),
+        metrics_host="127.0.0.1",
+        shutdown_grace=10,
+    )
+    worker = Worker(settings)
+    io_s = float(spec.get("io_s", 0.0))
+
+    @worker.job(
+        spec["job"], queue=spec["queue"], max_attempts=3, backoff=spec.get("backoff_s", 1.0)
+    )
+    async def handle(item: Item, ctx: JobContext) -> None:
+        assert tally is not None
+        if tally.start({"i": item.i, "ts": item.ts}):
+            raise RuntimeError("first attempt fails on purpose")
+        if io_s:
+            await asyncio.sleep(io_s)
+        tally.end()
+
+    return worker
+
+
+async def declare_topology(spec: dict[str, Any], worker: Worker) -> None:
+    connection = await connect(worker.settings, robust=False)
+    try:
+        await declare(connection, worker.topology)
+    finally:
+        await connection.close()
+
+
+async def publish(spec: dict[str, Any]) -> None:
+    worker = make_worker(spec, None)
+    await declare_topology(spec, worker)
+    say("READY")
+    await asyncio.to_thread(wait_go)
+    n, job, kind = spec["n"], spec["job"], spec["workload"]
+    loop = asyncio.get_running_loop()
+    async with Publisher(settings=ConnectionSettings(amqp_url=spec["url"])) as pub:
+        started = loop.time()
+        if kind == "publish_seq":
+            for i in range(n):
+                await pub.publish(job, payload(i))
+        elif kind == "publish_pipelined":
+            numbers = iter(range(n))
+
+            async def lane() -> None:
+                for i in numbers:
+                    await pub.publish(job, payload(i))
+
+            await asyncio.gather(*(lane() for _ in range(spec["window"])))
+        else:
+            batch = spec["batch"]
+            for first in range(0, n, batch):
+                await pub.publish_many(
+                    (job, payload(i)) for i in range(first, min(n, first + batch))
+                )
+        elapsed = loop.time() - started
+    say("RESULT", elapsed=elapsed, n=n)
+
+
+def publish_blocking(spec: dict[str, Any]) -> None:
+    from producers import BlockingPublisher
+
+    worker = make_worker(spec, None)
+    asyncio.run(declare_topology(spec, worker))
+    say("READY")
+    wait_go()
+    import time
+
+    n, job = spec["n"], spec["job"]
+    with BlockingPublisher(settings=ConnectionSettings(amqp_url=spec["url"])) as pub:
+        started = time.perf_counter()
+        if spec["workload"] == "publish_seq":
+            for i in range(n):
+                pub.publish(job, payload(i))
+        else:
+            batch = spec["batch"]
+            for first in range(0, n, batch):
+                pub.publish_many([(job, payload(i)) for i in range(first, min(n, first + batch))])
+        elapsed = time.perf_counter() - started
+    say("RESULT", elapsed=elapsed, n=n)
+
+
+async def consume(spec: dict[str, Any]) -> None:
+    loop = asyncio.get_running_loop()
+    worker: Worker | None = None
+
+    def done() -> None:
+        assert worker is not None
+        loop.call_soon_threadsafe(worker.stop)
+
+    tally = Tally(spec, done)
+    worker = make_worker(spec, tally)
+    await declare_topology(spec, worker)
+    say("READY")
+    await asyncio.to_thread(wait_go)
+    tally.go()
+    task = asyncio.create_task(worker.run())
+    while not worker.ready:
+        if task.done():
+            task.result()
+        await asyncio.sleep(0.005)
+    say("CONSUMING")
+    if spec["workload"] == "consume_2proc":
+        tally.watch_idle()
+    await task  # stop() → graceful shutdown: in-flight jobs finish, last acks are flushed
+    say("RESULT", **tally.result())
+
+
+def main() -> None:
+    spec = load_spec()
+    configure_logging("info", json=True)
+    if spec.get("blocking"):
+        publish_blocking(spec)
+        return
+    coro = publish(spec) if spec["workload"].startswith("publish") else consume(spec)
+    if spec.get("uvloop"):
+        import uvloop
+
+        uvloop.run(coro)
+    else:
+        asyncio.run(coro)
+
+
+if __name__ == "__main__":
+    main()
