@@ -194,8 +194,9 @@ def status(app: str | None, watch: bool, interval: float, as_json: bool) -> None
     settings = load_settings()
     queues = None
     if app is not None:
-        layout = load_app(app).jobs.topology(settings.exchange, settings.queue_type)
-        queues = [q.name for q in layout.queues]
+        app_worker = load_app(app)
+        settings = app_worker.settings  # the app's own settings, as `worker` and `topology` use
+        queues = [q.name for q in app_worker.topology.queues]
     clear = watch and sys.stdout.isatty() and not as_json
     try:
         _loop(settings, queues, watch, interval, as_json, clear)
