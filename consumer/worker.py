@@ -31,6 +31,7 @@ from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
 from tenacity.wait import wait_exponential_jitter
+from yarl import URL
 
 from producers.connection import CONNECTION_ERRORS, connect, mask_url
 from producers.errors import BrokerUnavailable
@@ -294,17 +295,36 @@ class Worker:
         lost.cancel()
         self._set_ready(False)
         if session.lost.is_set() and not self._stopping.is_set():
+            reason = self._close_reason(session)
             log.warning(
                 "connection_lost",
                 in_flight=len(self._tasks),
+                reason=reason,
                 action="reconnecting; unacked jobs are redelivered by the broker",
             )
+            if "acknowledgement" in reason and "timed out" in reason:
+                log.error(
+                    "consumer_timeout_exceeded",
+                    advice="a job ran longer than the broker's consumer_timeout, so the broker "
+                    "closed the channel and will redeliver its jobs; raise consumer_timeout above "
+                    "the longest job, or give long jobs a timeout= below it",
+                )
             for task in list(self._tasks):
                 task.cancel()
             with contextlib.suppress(Exception):
                 await session.connection.close()
             return
         await self._shutdown(session)
+
+    def _close_reason(self, session: _Session) -> str:
+        """Why the session ended, in one password-free line (a channel close says why)."""
+        closing = session.consume.closing
+        exc = None if not closing.done() or closing.cancelled() else closing.exception()
+        if exc is None:
+            return "connection lost"
+        reason = one_line(f"{type(exc).__name__}: {exc}")
+        password = URL(self.settings.amqp_url.get_secret_value()).password
+        return reason.replace(password, "******") if password else reason
 
     async def _shutdown(self, session: _Session) -> None:
         grace = self.settings.shutdown_grace
@@ -351,13 +371,20 @@ class Worker:
         try:
             await self._process(session, queue, message)
         except asyncio.CancelledError:
-            # Shutdown grace ran out, or the connection is gone: give the job back unburnt.
-            if not session.lost.is_set():
+            # Shutdown grace ran out: give the job back unburnt. Cancelled because the channel
+            # went away (aiormq cancels consumers before our `lost` flag is set, e.g. when the
+            # broker's consumer_timeout closes the channel): publish nothing, or the broker's
+            # own redelivery would double the job.
+            stopping = self._stopping is not None and self._stopping.is_set()
+            if stopping and not session.lost.is_set() and not session.consume.is_closed:
                 try:
                     await session.settler.give_back(message, queue)
                 except Exception:
                     with contextlib.suppress(Exception):
                         await session.acker.nack(tag, requeue=True)
+            elif not session.lost.is_set():
+                with contextlib.suppress(Exception):
+                    await session.acker.nack(tag, requeue=True)
         except SettleFailed as exc:
             log.error("settle_failed", error=str(exc), action="job left unacked; it will run again")
             if not session.lost.is_set():
