@@ -37,7 +37,8 @@ log = structlog.get_logger("leveret.worker")
 
 # Headers Leveret itself manages; never copied from one attempt to the next.
 _OWN_HEADERS = frozenset({HEADER_ATTEMPTS, HEADER_REASON, HEADER_ERROR, HEADER_DIED_AT,
-                          HEADER_QUEUE, "x-redeliveries", "x-death", "x-first-death-exchange",
+                          HEADER_QUEUE, "x-redeliveries", "x-delivery-count", "x-death",
+                          "x-first-death-exchange",
                           "x-first-death-queue", "x-first-death-reason",
                           "x-last-death-exchange", "x-last-death-queue",
                           "x-last-death-reason"})  # fmt: skip
