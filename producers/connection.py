@@ -65,12 +65,27 @@ def explain(exc: BaseException, url: str) -> BrokerUnavailable:
         return BrokerUnavailable(
             masked, "login refused", "check the user and password in LEVERET_AMQP_URL"
         )
-    if isinstance(exc, ssl.SSLError):
+    client_cert_advice = (
+        "the broker refused this client's TLS handshake: if it requires a client certificate, "
+        "set LEVERET_TLS_CERT_FILE and LEVERET_TLS_KEY_FILE (signed by a CA the broker trusts)"
+    )
+    lowered = reason.lower()
+    # aiormq wraps ssl.SSLError in AMQPConnectionError, so the text is what tells.
+    if isinstance(exc, ssl.SSLError) or "[ssl" in lowered or "certificate" in lowered:
+        if "alert" in lowered:  # the broker rejected *our* certificate (or its absence)
+            return BrokerUnavailable(masked, reason, client_cert_advice)
+        if "hostname mismatch" in lowered or "ip address mismatch" in lowered:
+            return BrokerUnavailable(
+                masked, reason, "connect by a host name that the broker's certificate lists"
+            )
         return BrokerUnavailable(
             masked,
             reason,
             "check LEVERET_TLS_CA_FILE (the CA that signed the broker's certificate)",
         )
+    if url.startswith("amqps://") and ("reset" in lowered or "eof" in lowered):
+        # A broker that demands a client certificate just drops the connection without one.
+        return BrokerUnavailable(masked, reason, client_cert_advice)
     if "access_refused" in reason.lower() or "not_allowed" in reason.lower():
         return BrokerUnavailable(
             masked, reason, "check that the vhost exists and the user has permissions on it"
