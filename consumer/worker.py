@@ -50,6 +50,9 @@ from .settle import SettleFailed, Settler
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+# How long a finished job's ack may wait for others to share its frame (Acker, max_delay_s).
+ACK_DELAY_S = 0.005
+
 log = structlog.get_logger("leveret.worker")
 
 
@@ -266,7 +269,9 @@ class Worker:
             # Per-channel (global) QoS when consuming several queues, so `prefetch` bounds the
             # worker's total, not each queue's share.
             await consume.basic_qos(prefetch_count=prefetch, global_=len(queues) > 1)
-            acker = Acker(consume)
+            # Coalesce acks over a few ms once jobs come fast (see Acker); a small prefetch
+            # (batch 1) still flushes every loop turn, so it never waits on a timer.
+            acker = Acker(consume, batch=max(1, prefetch // 4), max_delay_s=ACK_DELAY_S)
             session = _Session(
                 connection, consume, Settler(publish, acker, self.settings.exchange), acker, lost
             )
@@ -339,9 +344,9 @@ class Worker:
                 for task in pending:
                     task.cancel()
                 await asyncio.wait(pending, timeout=5)
-        # Let the last coalesced acks reach the socket before closing.
-        await asyncio.sleep(0)
-        await asyncio.sleep(0)
+        # Send the last coalesced acks before closing, or finished jobs would run again.
+        with contextlib.suppress(Exception):
+            await session.acker.drain()
         with contextlib.suppress(Exception):
             await session.connection.close()
 
