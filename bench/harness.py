@@ -371,7 +371,9 @@ def summarise(runs: list[Run]) -> dict[tuple[str, str, str], dict[str, float]]:
         out[(wl, lib, name)] = entry
     for (wl, lib, name), entry in out.items():
         for ref_lib, label in (("aiopika", "x_aiopika"), ("dramatiq", "x_dramatiq")):
-            ref = dict(by_key.get((wl, ref_lib, name), []))
+            # The batch API is held against bare aio-pika publishing without confirms.
+            ref_wl = "publish_noconfirm" if wl == "publish_batch" else wl
+            ref = dict(by_key.get((ref_wl, ref_lib, name), []))
             mine = dict(by_key[(wl, lib, name)])
             ratios = [mine[r] / ref[r] for r in mine if ref.get(r)]
             if ratios:

@@ -26,6 +26,18 @@ GROUPS = [
     ("pamqp (AMQP encode/decode)", ("pamqp/",)),
     ("the bench's handler and tally", ("bench/runners/common.py", "handle (bench/runners")),
 ]
+# Frames of start-up and housekeeping, not of the per-job path: samples in them are left out.
+STARTUP = (
+    "consumer/management.py",
+    "consumer/doctor.py",
+    "_connect_session",
+    "HealthServer.start",
+    "topology/declare.py",
+    "declare_topology",
+    "wait_go",
+    "ssl.py",
+    "_open_session",
+)
 _FRAME = re.compile(r"^(?P<func>.*) \((?P<file>[^():]+)(?::(?P<line>\d+))?\)$")
 
 
@@ -46,6 +58,7 @@ def _short(path: str) -> str:
 
 def analyse(raw: Path, cpu_us_per_job: float, rate: float) -> str:
     total = 0
+    startup = 0
     groups: Counter[str] = Counter()
     leaves: Counter[str] = Counter()
     own: Counter[str] = Counter()
@@ -54,6 +67,9 @@ def analyse(raw: Path, cpu_us_per_job: float, rate: float) -> str:
         if not stack or not count_text.isdigit():
             continue
         count = int(count_text)
+        if any(marker in stack for marker in STARTUP):
+            startup += count
+            continue
         frames = _frames(stack)
         total += count
         joined = [f"{fn} ({f}" for fn, f in frames]
@@ -72,7 +88,8 @@ def analyse(raw: Path, cpu_us_per_job: float, rate: float) -> str:
         "# Where a Leveret worker's time goes\n",
         "Written by `python -m bench --profile`: py-spy (250 Hz, idle excluded) attached to the "
         f"real `consumer.Worker` draining no-op jobs, defaults on. This run: {rate:,.0f} jobs/s, "
-        f"{cpu_us_per_job:.0f} µs of worker CPU per job, {total:,} samples.\n",
+        f"{cpu_us_per_job:.0f} µs of worker CPU per job, {total:,} samples "
+        f"({startup:,} more in start-up and housekeeping left out).\n",
         "## By component (share of CPU samples whose stack passes through it)\n",
         "| component | share |",
         "|---|---|",

@@ -76,6 +76,7 @@ class Tally:
         with self._lock:
             if not self.t_first:
                 self.t_first = now
+                self.cpu_at_go = cpu_s()  # CPU from the first job on: start-up not counted
             ts = payload.get("ts")
             if ts and self.mode == "latency":
                 self.latencies.append(now - ts)

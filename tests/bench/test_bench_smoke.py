@@ -1,0 +1,53 @@
+"""The benchmark harness still runs end to end: a tiny run, two libraries, every job counted."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.support import ROOT
+
+pytest.importorskip("uvloop", reason="the bench extra is not installed: pip install -e .[bench]")
+
+
+@pytest.mark.slow
+def test_quick_run_writes_results_with_no_failed_run(tmp_path: Path) -> None:
+    """`python -m bench --quick` for bare aio-pika and Leveret finishes and reports every target."""
+    out = tmp_path / "RESULTS.md"
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--libs", "aiopika,leveret",
+         "--only", "publish_pipelined,publish_batch,publish_noconfirm,consume_noop,retry",
+         "--out", str(out)],
+        check=False, cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    text = out.read_text()
+    assert "FAILED" not in done.stderr
+    assert "## Failed runs" not in text
+    for row in ("consume no-op, one worker process", "`publish_many` with confirms",
+                "retry, 500 jobs failing once"):  # fmt: skip
+        assert row in text
+    assert "| leveret |" in text and "| aiopika |" in text
+
+
+def test_summary_takes_ratios_within_a_round() -> None:
+    """Ratios divide by bare aio-pika's figure from the same round, then take the median."""
+    from bench.harness import Run, summarise
+
+    runs = [
+        Run("consume_noop", "aiopika", 0, True, figures={"rate": 100.0}),
+        Run("consume_noop", "leveret", 0, True, figures={"rate": 150.0}),
+        Run("consume_noop", "aiopika", 1, True, figures={"rate": 50.0}),
+        Run("consume_noop", "leveret", 1, True, figures={"rate": 70.0}),
+        Run("consume_noop", "leveret", 2, False, error="lost"),
+        Run("publish_noconfirm", "aiopika", 0, True, figures={"rate": 10.0}),
+        Run("publish_batch", "leveret", 0, True, figures={"rate": 9.0}),
+    ]
+    summary = summarise(runs)
+    entry = summary[("consume_noop", "leveret", "rate")]
+    assert entry["median"] == 110.0 and entry["n"] == 2
+    assert entry["x_aiopika"] == pytest.approx((1.5 + 1.4) / 2)
+    assert summary[("publish_batch", "leveret", "rate")]["x_aiopika"] == pytest.approx(0.9)
