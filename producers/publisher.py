@@ -22,7 +22,7 @@ from pamqp.commands import Basic
 from prometheus_client import CollectorRegistry
 from pydantic import BaseModel
 
-from topology.model import check_name, delay_entry_exchange, delayed_job_routing_key
+from topology.model import check_name, delay_exchange_name, delay_levels, delayed_job_routing_key
 
 from .connection import CONNECTION_ERRORS, connect, mask_url
 from .errors import PublishError, PublishTimeout, RefusedError, UnroutableError
@@ -59,7 +59,6 @@ class Publisher:
             settings = settings.model_copy(update={"amqp_url": url})
         self.settings = settings
         self._exchange = settings.exchange
-        self._delay_exchange = delay_entry_exchange(settings.exchange)
         self._timeout = settings.publish_timeout
         self._published = published_counter(registry)
         self._published_children: dict[str, Any] = {}
@@ -150,7 +149,11 @@ class Publisher:
             dict(headers) if headers else None,
         )
         if delay:
-            return body, properties, self._delay_exchange, delayed_job_routing_key(delay, job)
+            # Enter the delay chain at the exchange of the highest set bit of the delay: the
+            # ones above would only pass it down, one broker routing hop each.
+            levels = delay_levels(delay)
+            entry = delay_exchange_name(self._exchange, levels[-1] if levels else -1)
+            return body, properties, entry, delayed_job_routing_key(delay, job)
         return body, properties, self._exchange, job
 
     async def _send(
