@@ -50,6 +50,7 @@ async def test_status_numbers_equal_the_management_api(broker):
     try:
         await wait_for(
             lambda: _api_queue(broker, queue).get("messages_unacknowledged") == 3
+            and _api_queue(broker, queue).get("consumers") == 1
             and _api_queue(broker, queue).get("messages_ready") == 5
             and _api_queue(broker, f"{queue}.dlq").get("messages") == 6
             and _api_queue(broker, f"{queue}.retry.65536s").get("messages") == 4,
