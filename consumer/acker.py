@@ -21,15 +21,22 @@ log = structlog.get_logger("leveret.worker")
 
 class Acker:
     def __init__(
-        self, channel: aiormq.abc.AbstractChannel, *, batch: int = 1, max_delay_s: float = 0.0
+        self, channel: aiormq.abc.AbstractChannel, *, prefetch: int = 0, max_delay_s: float = 0.0
     ) -> None:
         self._channel = channel
-        # Flush once `batch` jobs are done, or `max_delay_s` after the first unflushed one.
-        # Waiting a few ms for more completions turns ~7 jobs per ack frame into ~100s under
-        # load: each frame is a send() syscall here and work for the broker, which on a small
-        # machine shares the CPUs. Acking later is always safe; the worker drains on shutdown.
-        self._batch = batch
+        # Flush once prefetch/4 jobs are done, or `max_delay_s` after the first unflushed one,
+        # or after a loop turn in which no job finished or arrived while the prefetch window is
+        # (nearly) full, i.e. when the broker is waiting for our acks to send more. While jobs
+        # stream through, this turns ~7 jobs per ack frame into ~100s: each frame is a send()
+        # syscall here and work for the broker, which on a small machine shares the CPUs; and
+        # a worker whose slots are all taken (I/O-bound jobs) never idles on the timer.
+        # Acking later is always safe; the worker drains on shutdown. prefetch < 8 (or 0):
+        # batch 1, i.e. flush on every loop turn.
+        self._batch = max(1, prefetch // 4)
+        self._full_at = prefetch - self._batch
         self._max_delay_s = max_delay_s
+        self._fresh = False
+        self._first_done_at = 0.0
         self._timer: asyncio.TimerHandle | None = None
         self._order: deque[int] = deque()
         self._done: set[int] = set()
@@ -44,20 +51,30 @@ class Acker:
 
     def track(self, tag: int) -> None:
         self._order.append(tag)
+        self._fresh = True  # deliveries still streaming in: not a quiet turn either
 
     def ack(self, tag: int) -> None:
         self._done.add(tag)
-        if self._flush_scheduled:
-            if self._timer is not None and len(self._done) >= self._batch:
-                self._timer.cancel()
-                self._timer = None
-                self._loop.call_soon(self._start_flush)
-            return
-        self._flush_scheduled = True
-        if len(self._done) >= self._batch or not self._max_delay_s:
-            self._loop.call_soon(self._start_flush)
-        else:
-            self._timer = self._loop.call_later(self._max_delay_s, self._start_flush)
+        self._fresh = True
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._first_done_at = self._loop.time()
+            self._loop.call_soon(self._flush_when_quiet)
+        elif self._timer is not None and len(self._done) >= self._batch:
+            self._timer.cancel()
+            self._start_flush()
+
+    def _flush_when_quiet(self) -> None:
+        waited = self._loop.time() - self._first_done_at
+        if len(self._done) >= self._batch or waited >= self._max_delay_s:
+            self._start_flush()
+        elif self._fresh:  # jobs still finishing or arriving: look again next turn
+            self._fresh = False
+            self._loop.call_soon(self._flush_when_quiet)
+        elif len(self._order) > self._full_at:  # quiet, window full: the broker waits on us
+            self._start_flush()
+        else:  # quiet, and nothing waits on these acks: send them by the deadline
+            self._timer = self._loop.call_later(self._max_delay_s - waited, self._start_flush)
 
     async def drain(self) -> None:
         """Send every pending ack now: before a graceful close, so no finished job runs again."""

@@ -271,7 +271,7 @@ class Worker:
             await consume.basic_qos(prefetch_count=prefetch, global_=len(queues) > 1)
             # Coalesce acks over a few ms once jobs come fast (see Acker); a small prefetch
             # (batch 1) still flushes every loop turn, so it never waits on a timer.
-            acker = Acker(consume, batch=max(1, prefetch // 4), max_delay_s=ACK_DELAY_S)
+            acker = Acker(consume, prefetch=prefetch, max_delay_s=ACK_DELAY_S)
             session = _Session(
                 connection, consume, Settler(publish, acker, self.settings.exchange), acker, lost
             )
