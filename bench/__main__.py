@@ -5,16 +5,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
+import json
 import os
 import shlex
 import sys
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 from bench import report
 from bench.broker import BenchBroker
-from bench.harness import loadavg, plan, run_all, summarise
+from bench.harness import Run, Workload, loadavg, plan, run_all, summarise
 
 HERE = Path(__file__).resolve().parent
 
@@ -27,6 +29,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", help="comma-separated workloads to run (default: all)")
     parser.add_argument("--out", type=Path, default=HERE / "RESULTS.md")
     parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="rebuild RESULTS.md from the raw figures of the last run (bench/results.json)",
+    )
+    parser.add_argument(
         "--profile",
         action="store_true",
         help="profile a Leveret worker with py-spy and write bench/PROFILE.md",
@@ -38,6 +45,13 @@ def main(argv: list[str] | None = None) -> int:
         "--management-url", default=os.environ.get("BENCH_MANAGEMENT_URL", "http://127.0.0.1:15672")
     )
     args = parser.parse_args(argv)
+    raw = args.out.with_name("results.json")
+    if args.report_only:
+        saved = json.loads(raw.read_text())
+        runs = [Run(**r) for r in saved["runs"]]
+        workloads = [Workload(**w) for w in saved["workloads"]]
+        report.write(args.out, summarise(runs), runs, workloads, saved["meta"])
+        return 0
     broker = BenchBroker(args.amqp_url, args.management_url)
     broker.create()
     try:
@@ -70,6 +84,16 @@ def main(argv: list[str] | None = None) -> int:
         meta["duration_s"] = time.monotonic() - started
         meta["load_end"] = loadavg()
         summary = summarise(runs)
+        raw.write_text(
+            json.dumps(
+                {
+                    "meta": meta,
+                    "workloads": [asdict(w) for w in workloads],
+                    "runs": [asdict(r) for r in runs],
+                },
+                indent=1,
+            )
+        )
         report.write(args.out, summary, runs, workloads, meta)
         print(args.out, file=sys.stderr)
         return 0 if all(r.ok for r in runs) else 1

@@ -113,7 +113,7 @@ def plan(quick: bool, libs: list[str] | None) -> list[Workload]:
             "retry",
             "Retry: 500 jobs failing once, 1 s backoff",
             ["leveret", "dramatiq", "celery", "taskiq"],
-            {"n": 100 if q else 500, "backoff_s": 1.0, "prefetch": 500, "concurrency": 1},
+            {"n": 100 if q else 500, "backoff_s": 1.0, "prefetch": 500, "concurrency": 4},
         ),
     ]
     if libs:

@@ -46,8 +46,8 @@ SETTINGS = """\
 | leveret | the real `consumer.Worker` (`prefetch` as below, metrics served on a free port, structlog JSON at info to a log file, pydantic `Item` model validated from bytes, `max_attempts=3`, confirmed retries); `producers.Publisher` (`publish` sequential or 1,000 lanes, `publish_many` in batches of 1,000) |
 | leveret-uvloop | the same worker under `uvloop.run` |
 | leveret-blocking | `producers.BlockingPublisher` |
-| dramatiq | `RabbitmqBroker(confirm_delivery=True)`, `Worker(worker_threads=1)` with `dramatiq_queue_prefetch` = prefetch (100 threads for I/O), `actor.send` |
-| celery | py-amqp, `task_acks_late`, results ignored, `confirm_publish`, solo pool with `worker_prefetch_multiplier` = prefetch (threads pool ×100 for I/O), without gossip/mingle/heartbeat; `apply_async`; `self.retry(countdown=1)` |
+| dramatiq | `RabbitmqBroker(confirm_delivery=True)`, `Worker(worker_threads=1)` with `dramatiq_queue_prefetch` = prefetch (100 threads for I/O, 4 for retries); `min_backoff=500, max_backoff=2000` (its jitter is not optional: the first retry waits 1–2 s), `actor.send` |
+| celery | py-amqp, `task_acks_late`, results ignored, `confirm_publish`, solo pool with `worker_prefetch_multiplier` = prefetch (threads pool: ×100 for I/O, ×4 for retries, where the solo pool ran the 500 ETA retries ~10/s, 50 s in all), without gossip/mingle/heartbeat; `apply_async`; `self.retry(countdown=1)` |
 | faststream | `RabbitBroker`, subscriber on a `Channel(prefetch_count=…)`, default ack policy (ack after the handler), `publish(persist=True)` with its default confirms |
 | taskiq | `AioPikaBroker(qos=…)` on a classic queue, receiver with `max_async_tasks`, `ack_time=WHEN_EXECUTED`, `SmartRetryMiddleware(delay=1 s, no jitter)`, `task.kiq` with confirms |
 """  # noqa: E501 - a Markdown table
