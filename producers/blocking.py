@@ -52,6 +52,8 @@ class BlockingPublisher:
             self._run(self._publisher.close())
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(timeout=5)
+            if not self._thread.is_alive():
+                self._loop.close()
 
     def __enter__(self) -> Self:
         return self
