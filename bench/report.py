@@ -117,7 +117,7 @@ def targets(summary: Summary) -> list[tuple[str, str, str, str]]:
         if met:
             return "**met**"
         miss = (goal - value) / goal if higher else (value - goal) / goal
-        return f"missed by {miss:.0%}"
+        return f"missed by {miss:.1%}"
 
     c = get("consume_noop", "leveret", "rate")
     if c and "x_aiopika" in c:
