@@ -1,10 +1,11 @@
-"""Coalesced acknowledgements: one ``basic.ack(multiple=True)`` per event-loop turn.
+"""Coalesced acknowledgements: one ``basic.ack(multiple=True)`` for many finished jobs.
 
 A job is marked done only after its outcome is durable (see ``settle``). Deliveries arrive in
-delivery-tag order, so the acker keeps them in that order and, once per loop turn, acks the
-longest prefix of done tags with one frame. A done tag behind a still-running job is acked on
-its own, so a long job never holds finished ones hostage. A tag is never covered by a
-``multiple`` ack before it is done: the prefix stops at the first job still running.
+delivery-tag order, so the acker keeps them in that order and, when it flushes (see
+``Acker.__init__`` for when), acks the longest prefix of done tags with one frame. A done tag
+behind a still-running job is acked on its own, so a long job never holds finished ones
+hostage. A tag is never covered by a ``multiple`` ack before it is done: the prefix stops at
+the first job still running.
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ from producers.message import (
     PERSISTENT,
     one_line,
 )
-from topology.model import delay_exchange_name, delay_levels, dlq_name, retry_routing_key
+from topology.model import dlq_name, retry_route
 
 from .acker import Acker
 
@@ -116,14 +116,11 @@ class Settler:
         props = message.header.properties
         headers = carried_headers(props)
         headers[HEADER_ATTEMPTS] = attempts
-        # Enter the delay chain at the exchange of the delay's highest set bit: the exchanges
-        # above it would only pass the message down (their bits are 0), and each hop is broker
-        # routing work. A 1 s retry takes 1 hop here instead of 17; same route, same delay.
-        levels = delay_levels(delay_s)
+        exchange, routing_key = retry_route(self._exchange, delay_s, queue)
         await self._publish(
             message.body,
-            delay_exchange_name(self._exchange, levels[-1] if levels else -1),
-            retry_routing_key(delay_s, queue),
+            exchange,
+            routing_key,
             copy_properties(props, job, job_id, headers),
         )
         self.acker.ack(message.delivery.delivery_tag)

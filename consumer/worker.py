@@ -303,7 +303,7 @@ class Worker:
             reason = self._close_reason(session)
             log.warning(
                 "connection_lost",
-                in_flight=len(self._tasks),
+                unacked=session.acker.in_flight,
                 reason=reason,
                 action="reconnecting; unacked jobs are redelivered by the broker",
             )
@@ -552,21 +552,19 @@ class Worker:
             log.debug("job_succeeded", duration_s=round(duration, 6))
             return
         described = one_line(f"{type(error).__name__}: {error}")
-        if isinstance(error, Reject):
-            await settler.dead_letter(message, queue, spec.name, job_id, reason="rejected",
+        rejected = isinstance(error, Reject)
+        if rejected or attempt >= spec.max_attempts:
+            reason = "rejected" if rejected else "exhausted"
+            await settler.dead_letter(message, queue, spec.name, job_id, reason=reason,
                                       error=described, attempts=attempt)  # fmt: skip
             children.dead_lettered.inc()
             self._counts[DEAD_LETTERED] += 1
-            log.warning("job_dead_lettered", reason="rejected", error=described,
-                        duration_s=round(duration, 6))  # fmt: skip
-        elif attempt >= spec.max_attempts:
-            await settler.dead_letter(message, queue, spec.name, job_id, reason="exhausted",
-                                      error=described, attempts=attempt)  # fmt: skip
-            children.dead_lettered.inc()
-            self._counts[DEAD_LETTERED] += 1
-            log.error("job_dead_lettered", reason="exhausted", error=described,
-                      duration_s=round(duration, 6))  # fmt: skip
-            log.debug("job_traceback", exc_info=error)
+            # A rejection is the handler's own decision; running out of attempts is a failure.
+            (log.warning if rejected else log.error)(
+                "job_dead_lettered", reason=reason, error=described, duration_s=round(duration, 6)
+            )
+            if not rejected:
+                log.debug("job_traceback", exc_info=error)
         else:
             delay = spec.delay_after(attempt, error if isinstance(error, Exception) else
                                      RuntimeError(described))  # fmt: skip

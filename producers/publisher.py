@@ -22,7 +22,7 @@ from pamqp.commands import Basic
 from prometheus_client import CollectorRegistry
 from pydantic import BaseModel
 
-from topology.model import check_name, delay_exchange_name, delay_levels, delayed_job_routing_key
+from topology.model import check_name, delayed_job_route
 
 from .connection import CONNECTION_ERRORS, connect, mask_url
 from .errors import PublishError, PublishTimeout, RefusedError, UnroutableError
@@ -149,11 +149,7 @@ class Publisher:
             dict(headers) if headers else None,
         )
         if delay:
-            # Enter the delay chain at the exchange of the highest set bit of the delay: the
-            # ones above would only pass it down, one broker routing hop each.
-            levels = delay_levels(delay)
-            entry = delay_exchange_name(self._exchange, levels[-1] if levels else -1)
-            return body, properties, entry, delayed_job_routing_key(delay, job)
+            return body, properties, *delayed_job_route(self._exchange, delay, job)
         return body, properties, self._exchange, job
 
     async def _send(

@@ -20,7 +20,8 @@ address: ``0.0.….1.0.1.q.<queue>`` (a retry back to one work queue) or ``….j
 publish, routed like the ``jobs`` exchange routes the job name).
 
 It travels down a chain of topic exchanges, one per bit, shared by all work queues of a vhost
-(``jobs.delay.65536s`` … ``jobs.delay.250ms``, then ``jobs.delay.done``). The exchange for bit
+(``jobs.delay.65536s`` … ``jobs.delay.250ms``, then ``jobs.delay.done``), entering at the
+exchange of its highest set bit. The exchange for bit
 ``n`` sends the message into ``Q.retry.<2**n units>`` when that bit is 1, and straight on to the
 next exchange when it is 0. A retry queue dead-letters expired messages to the next exchange down
 the chain, keeping the routing key, so the message visits exactly the queues of its set bits and
@@ -106,11 +107,6 @@ def delay_exchange_name(exchange: str, level: int) -> str:
     return f"{exchange}.delay.done" if level < 0 else f"{exchange}.delay.{_ttl_label(level)}"
 
 
-def delay_entry_exchange(exchange: str) -> str:
-    """Where a delayed message is published: the exchange of the most significant bit."""
-    return delay_exchange_name(exchange, DELAY_BITS - 1)
-
-
 def delay_units(delay_s: float) -> int:
     """The delay in whole units, rounded up so a job never runs early."""
     if delay_s < 0 or math.isnan(delay_s):
@@ -134,14 +130,25 @@ def _bits_key(units: int) -> str:
     return ".".join("1" if units >> n & 1 else "0" for n in reversed(range(DELAY_BITS)))
 
 
-def retry_routing_key(delay_s: float, queue: str) -> str:
-    """Routing key that brings a message back to work queue ``queue`` after ``delay_s``."""
-    return f"{_bits_key(delay_units(delay_s))}.q.{queue}"
+def _route(exchange: str, delay_s: float, address: str) -> tuple[str, str]:
+    """Exchange and routing key that deliver to ``address`` after ``delay_s``.
+
+    The message enters the chain at the exchange of its highest set bit: the exchanges above
+    would only pass it down (their bits are 0), one broker routing hop each. A delay of 0
+    enters at ``….delay.done`` and arrives at once.
+    """
+    units = delay_units(delay_s)
+    return delay_exchange_name(exchange, units.bit_length() - 1), f"{_bits_key(units)}.{address}"
 
 
-def delayed_job_routing_key(delay_s: float, job: str) -> str:
-    """Routing key for a delayed publish: after ``delay_s`` it reaches the queues of ``job``."""
-    return f"{_bits_key(delay_units(delay_s))}.j.{job}"
+def retry_route(exchange: str, delay_s: float, queue: str) -> tuple[str, str]:
+    """Where to publish a retry that comes back to work queue ``queue`` after ``delay_s``."""
+    return _route(exchange, delay_s, f"q.{queue}")
+
+
+def delayed_job_route(exchange: str, delay_s: float, job: str) -> tuple[str, str]:
+    """Where to publish a delayed job: after ``delay_s`` it reaches the queues of ``job``."""
+    return _route(exchange, delay_s, f"j.{job}")
 
 
 def _level_pattern(level: int, bit: str, tail: str) -> str:

@@ -369,3 +369,33 @@ def test_bad_registrations_fail_at_import_time() -> None:
     with pytest.raises(ConfigError, match="not valid"):
         worker.job("bad name")(dup)
     assert worker.job("plain")(dup) is dup
+
+
+async def test_coalesced_acks_never_cover_a_job_still_running(broker: Broker, registry) -> None:
+    """Jobs finishing after a long-running one are acked; the running one stays unacked."""
+    worker = Worker(broker.settings(prefetch=50), registry=registry)
+    queue = unique("ack")
+    release = asyncio.Event()
+    fast_done: list[int] = []
+
+    @worker.job(f"{queue}-job", queue=queue)
+    async def handle(p: Payload) -> None:
+        if p.n == 0:
+            await release.wait()
+        else:
+            fast_done.append(p.n)
+
+    async with running(worker):
+        async with Publisher(broker.url) as pub:
+            await pub.publish(f"{queue}-job", {"n": 0})  # the lowest delivery tag
+            await pub.publish_many([(f"{queue}-job", {"n": i}) for i in range(1, 41)])
+        await wait_for(lambda: len(fast_done) == 40, 10, "the fast jobs")
+
+        def unacked() -> int | None:
+            return broker.queue(queue).get("messages_unacknowledged")
+
+        # Management stats lag: wait until they show the 40 acks, then exactly one remains.
+        await wait_for(lambda: unacked() == 1, 30, "every ack but the running job's")
+        assert broker.queue(queue)["messages_ready"] == 0
+        release.set()
+        await wait_for(lambda: unacked() == 0, 30, "the last ack")

@@ -11,7 +11,7 @@ from topology import (
     WorkQueue,
     delay_levels,
     retry_queue_name,
-    retry_routing_key,
+    retry_route,
     retry_ttl_ms,
     to_definitions,
 )
@@ -83,8 +83,10 @@ def test_quorum_queues_drop_priorities_and_gain_a_delivery_limit() -> None:
 
 
 def test_routing_keys_carry_the_delay_bits_and_the_address() -> None:
-    """1 s is four 250 ms units: bit 2 only, then the queue address."""
-    key = retry_routing_key(1.0, "email")
+    """1 s is four 250 ms units: bit 2 only, then the queue address; 0 goes straight out."""
+    assert retry_route("jobs", 0, "email")[0] == "jobs.delay.done"
+    exchange, key = retry_route("jobs", 1.0, "email")
+    assert exchange == "jobs.delay.1s"  # enters at its highest set bit
     bits = key.split(".")[:DELAY_BITS]
     assert key.endswith(".q.email")
     assert [i for i, b in enumerate(reversed(bits)) if b == "1"] == [2]
