@@ -117,11 +117,15 @@ class Publisher:
         """
         prepared = []
         for item in jobs:
-            spec = item if isinstance(item, Job) else Job(job=item[0], payload=item[1])
-            body, props, exchange, key = self._prepare(
-                spec.job, spec.payload, spec.priority, spec.delay, spec.job_id, None
-            )
-            prepared.append((body, props, exchange, key, spec.job))
+            if isinstance(item, Job):
+                job = item.job
+                parts = self._prepare(
+                    job, item.payload, item.priority, item.delay, item.job_id, None
+                )
+            else:  # (job, payload): no model to build per job on the hot path
+                job, payload = item
+                parts = self._prepare(job, payload, None, None, None, None)
+            prepared.append((*parts, job))
         results = await asyncio.gather(
             *(self._send(job, body, props, ex, rk) for body, props, ex, rk, job in prepared),
             return_exceptions=True,
@@ -171,6 +175,9 @@ class Publisher:
                     routing_key=routing_key,
                     properties=properties,
                     mandatory=True,
+                    # Don't wait for the frame to reach the socket: the confirm comes after it
+                    # anyway, and waiting holds aiormq's channel lock through every drain.
+                    wait=False,
                 )
         except TimeoutError:
             raise PublishTimeout(job, self._timeout) from None
