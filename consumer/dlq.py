@@ -57,13 +57,12 @@ from producers.message import (
     HEADER_ERROR,
     HEADER_QUEUE,
     HEADER_REASON,
-    PERSISTENT,
 )
 from producers.settings import ConnectionSettings
 from topology.errors import LeveretError
 from topology.model import dlq_name
 
-from .settle import carried_headers
+from .settle import carried_headers, copy_properties
 
 PAGE_SIZE = 500
 # basic.qos prefetch_count is a 16-bit field; past it the window is lifted (0 = unlimited).
@@ -71,7 +70,6 @@ _MAX_PREFETCH = 65535
 IDLE_TIMEOUT_S = 5.0
 REPLAY_IN_FLIGHT = 200
 # Broker-managed headers a replayed copy must not carry into Q.
-_DROP_ON_REPLAY = frozenset({"x-delivery-count", "x-redeliveries", HEADER_QUEUE})
 
 
 class DlqError(LeveretError):
@@ -274,21 +272,12 @@ class _Scan:
 
 
 def replay_properties(dead: DeadJob, props: Basic.Properties) -> Basic.Properties:
-    """The DLQ copy's properties for ``Q``: same id, type and body; attempt count reset."""
-    headers = {k: v for k, v in carried_headers(props).items() if k not in _DROP_ON_REPLAY}
-    return Basic.Properties(
-        content_type=props.content_type,
-        content_encoding=props.content_encoding,
-        headers=headers or None,
-        delivery_mode=PERSISTENT,
-        priority=props.priority,
-        correlation_id=props.correlation_id,
-        reply_to=props.reply_to,
-        message_id=dead.id,
-        timestamp=props.timestamp,
-        message_type=props.message_type or None,
-        app_id=props.app_id,
-    )
+    """The DLQ copy's properties for ``Q``: same id, type and body; attempt count reset.
+
+    ``carried_headers`` drops every header Leveret manages (attempts, reason, redelivery and
+    delivery counts), which is exactly what a replay must reset.
+    """
+    return copy_properties(props, props.message_type or None, dead.id, carried_headers(props))
 
 
 class DeadLetters:

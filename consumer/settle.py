@@ -49,7 +49,7 @@ class SettleFailed(Exception):
 
 
 def copy_properties(
-    props: Basic.Properties, job: str, job_id: str, headers: dict[str, Any]
+    props: Basic.Properties, job: str | None, job_id: str, headers: dict[str, Any]
 ) -> Basic.Properties:
     """The original's properties for a new copy, minus what would break or mislead it.
 
@@ -59,7 +59,7 @@ def copy_properties(
     return Basic.Properties(
         content_type=props.content_type,
         content_encoding=props.content_encoding,
-        headers=headers,
+        headers=headers or None,
         delivery_mode=PERSISTENT,
         priority=props.priority,
         correlation_id=props.correlation_id,
