@@ -629,15 +629,11 @@ class Worker:
                             redeliveries=count, limit=self.settings.max_redeliveries)  # fmt: skip
                 return True
         if count > self.settings.max_redeliveries:
-            await session.settler.dead_letter(
-                message, queue, name, job_id, reason="exhausted",
-                error=f"delivered {count} times without a handler run finishing (the worker "
+            await self._dead_without_run(
+                session, queue, message, name, job_id, "exhausted",
+                f"delivered {count} times without a handler run finishing (the worker "
                 f"crashed, was killed or lost its connection each time)",
-                attempts=prior,
+                prior,
             )  # fmt: skip
-            self._children_for(queue, name).dead_lettered.inc()
-            self._counts[DEAD_LETTERED] += 1
-            log.error("job_dead_lettered", job_id=job_id, job=name, queue=queue,
-                      reason="exhausted", redeliveries=count)  # fmt: skip
             return True
         return False
