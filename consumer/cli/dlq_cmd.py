@@ -141,9 +141,9 @@ def replay(
 Examples:
   leveret dlq purge email --id 1b4e28ba-2fa1-11d2-883f-0016d3cca427
   leveret dlq purge email --older-than 7d --yes
-On a terminal it shows how many jobs match and asks first. Without a terminal
-(a script, a pipe, cron) nobody can answer, so it refuses unless --yes is given
-rather than guess. Prints how many were deleted.""",
+On a terminal it shows how many jobs match and asks first, unless --yes. In a
+script, a pipe or cron it deletes what matches without asking, as the command
+line says. Prints how many were deleted.""",
 )
 @click.argument("queue")
 @click.option("--id", "ids", multiple=True, help="Only this job id (repeatable).")
@@ -161,16 +161,13 @@ def purge(queue: str, ids: tuple[str, ...], older_than: str | None, yes: bool) -
     except ValueError as exc:
         fail(str(exc))
     where = Filter(ids=frozenset(ids), older_than_s=older_than_s)
-    if not yes and not sys.stdin.isatty():
-        fail(
-            "refusing to purge without confirmation: stdin is not a terminal; "
-            "add --yes to delete without asking"
-        )
+    # Ask only where someone can answer; a script already said what to delete.
+    ask = not yes and sys.stdin.isatty()
     settings = load_settings()
 
     async def run() -> int:
         async with DeadLetters(settings, queue) as dead_letters:
-            if not yes:
+            if ask:
                 matching = (
                     await dead_letters.depth() if where.empty else await dead_letters.count(where)
                 )

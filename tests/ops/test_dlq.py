@@ -140,17 +140,19 @@ async def test_purge_with_and_without_filters(broker):
     assert await broker.depth(f"{queue}.dlq") == 0
 
 
-async def test_purge_refuses_without_yes_when_nobody_can_confirm(broker):
-    """Without --yes and without a terminal, purge deletes nothing and says how to proceed."""
-    queue = unique("refuse")
+async def test_purge_without_a_terminal_deletes_without_asking(broker):
+    """In a script (no terminal) purge needs no --yes: it deletes the matches, prints the count."""
+    queue = unique("noask")
     await declare_queue(broker.url, queue)
     await fill_dlq(broker.url, queue, 3)
+    [first, *_] = broker.get_messages(f"{queue}.dlq")
 
-    result = leveret_cli("dlq", "purge", queue, env=env(broker), stdin="y\n")
-    assert result.returncode != 0
-    assert "--yes" in result.stderr
-    assert "Traceback" not in result.stderr
-    assert await broker.depth(f"{queue}.dlq") == 3
+    result = leveret_cli(
+        "dlq", "purge", queue, "--id", first["properties"]["message_id"], env=env(broker)
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "1"
+    assert await broker.depth(f"{queue}.dlq") == 2
 
 
 async def test_dlq_of_unknown_queue_is_one_clear_line(broker):
