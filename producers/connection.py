@@ -7,12 +7,13 @@ Every connection error passes through ``connect`` so that no caller ever formats
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
-from typing import Any
 
 import aio_pika
 import aiormq
 from aio_pika.abc import AbstractRobustConnection
+from aio_pika.connection import make_url
 from yarl import URL
 
 from .errors import BrokerUnavailable
@@ -95,16 +96,25 @@ def explain(exc: BaseException, url: str) -> BrokerUnavailable:
     )
 
 
-async def connect(
-    settings: ConnectionSettings, *, robust: bool = True, **kwargs: Any
-) -> AbstractRobustConnection:
+async def connect(settings: ConnectionSettings, *, robust: bool = True) -> AbstractRobustConnection:
     """Connect once (raising ``BrokerUnavailable`` on failure); robust connections then reconnect
-    by themselves after a drop."""
+    by themselves after a drop.
+
+    The connection object is built here rather than by ``aio_pika.connect*`` so that a failed
+    attempt is closed at once: a worker retrying for hours would otherwise leave one unclosed
+    connection object per attempt for the garbage collector to finalise.
+    """
     url = settings.amqp_url.get_secret_value()
-    if url.startswith("amqps://"):
-        kwargs.setdefault("ssl_context", _ssl_context(settings))
-    opener = aio_pika.connect_robust if robust else aio_pika.connect
+    ssl_context = _ssl_context(settings) if url.startswith("amqps://") else None
+    factory = aio_pika.RobustConnection if robust else aio_pika.Connection
     try:
-        return await opener(url, timeout=settings.connect_timeout, **kwargs)  # type: ignore[return-value]
-    except (*CONNECTION_ERRORS, ssl.SSLError, ValueError) as exc:
+        connection = factory(make_url(url), ssl_context=ssl_context)
+    except ValueError as exc:
         raise explain(exc, url) from None
+    try:
+        await connection.connect(timeout=settings.connect_timeout)
+    except (*CONNECTION_ERRORS, ssl.SSLError, ValueError) as exc:
+        with contextlib.suppress(Exception):
+            await connection.close()
+        raise explain(exc, url) from None
+    return connection  # type: ignore[return-value]
