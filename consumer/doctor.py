@@ -122,6 +122,7 @@ class Doctor:
             self._job_timeouts(facts)
             if facts.api is not None:
                 await self._queue_arguments_api(facts.api)
+                await self._shared_job_names(facts.api)
                 await self._permissions(facts.api)
             elif connection is not None:
                 await self._queue_arguments_amqp(connection)
@@ -310,6 +311,36 @@ class Doctor:
             )  # fmt: skip
         if not bad:
             self.add("ok", "queue_arguments", "existing queues match the topology")
+
+    async def _shared_job_names(self, api: Management) -> None:
+        """A job name bound to a queue of another app multiplies its delayed publishes.
+
+        Routing a delayed publish by job name (see ``topology.model``) copies it into every
+        queue serving that name at each hop of the delay chain, so one name must have one queue.
+        """
+        exchange = self.topology.exchange
+        try:
+            bindings = await api.aget(f"/exchanges/{api.qvhost}/{quote(exchange, safe='')}"
+                                      "/bindings/source")  # fmt: skip
+        except ManagementError as exc:
+            self.add("warning", "job_names", f"could not list bindings of {exchange!r}: {exc}")
+            return
+        ours = {job: q.name for q in self.topology.queues for job in q.jobs}
+        shared = sorted(
+            {(b["routing_key"], b["destination"]) for b in bindings
+             if b.get("destination_type") == "queue" and b["routing_key"] in ours
+             and b["destination"] != ours[b["routing_key"]]}
+        )  # fmt: skip
+        for job, other in shared:
+            self.add(
+                "warning", "job_names",
+                f"job {job!r} is also bound to queue {other!r} (this app serves it on "
+                f"{ours[job]!r}): both get every {job!r} job, and a delayed publish of it is "
+                f"copied into both at every hop of the delay chain; rename the job in one app "
+                f"or give each app its own vhost or LEVERET_EXCHANGE",
+            )  # fmt: skip
+        if not shared:
+            self.add("ok", "job_names", "every job name of the app is served by one queue")
 
     async def _queue_arguments_amqp(self, connection: Any) -> None:
         """Without the API: redeclare existing queues with the app's arguments on a throwaway

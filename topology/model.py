@@ -38,7 +38,7 @@ One constraint follows: a job name should be served by one work queue per vhost.
 addressed to a queue and are unaffected, but a delayed *publish* is addressed to a job name,
 and if two queues serve that name, every hop of the chain copies it into both (as the ``jobs``
 exchange itself would, once per hop). ``Worker`` cannot register a name twice; two applications
-sharing a vhost must not reuse each other's job names.
+sharing a vhost must not reuse each other's job names; ``leveret doctor`` flags it.
 
 Queues for a work queue ``Q``:
 

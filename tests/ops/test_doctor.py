@@ -134,3 +134,32 @@ def test_doctor_flags_missing_permissions(broker, tmp_path):
         assert password not in result.stdout + result.stderr
     finally:
         broker.api("DELETE", f"/users/{user}")
+
+
+SHARED = """
+    from pydantic import BaseModel
+    from consumer import Worker
+
+    worker = Worker()
+
+    class P(BaseModel):
+        n: int
+
+    @worker.job("{job}", queue="{queue}", timeout=60)
+    async def work(p: P) -> None:
+        pass
+"""
+
+
+def test_doctor_warns_when_another_queue_serves_the_same_job_name(broker, tmp_path):
+    """A job name bound to a second app's queue is a warning naming that queue."""
+    job, mine, theirs = unique("job"), unique("mine"), unique("theirs")
+    env = {"LEVERET_AMQP_URL": broker.url}
+    with app_module(tmp_path, SHARED.format(job=job, queue=theirs), "theirapp") as other:
+        assert leveret_cli("topology", "declare", other, cwd=tmp_path, env=env).returncode == 0
+    with app_module(tmp_path, SHARED.format(job=job, queue=mine), "myapp") as app:
+        assert leveret_cli("topology", "declare", app, cwd=tmp_path, env=env).returncode == 0
+        result = leveret_cli("doctor", app, "--json", cwd=tmp_path, env=env)
+    [warning] = [f for f in findings(result) if f["check"] == "job_names"]
+    assert warning["severity"] == "warning"
+    assert repr(theirs) in warning["message"] and repr(job) in warning["message"]
