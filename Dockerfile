@@ -18,6 +18,7 @@ COPY pyproject.toml README.md ./
 COPY topology/ topology/
 COPY producers/ producers/
 COPY consumer/ consumer/
+COPY leveret/ leveret/
 # A regular (non-editable) install: the final image needs no source tree. The dependencies ship as
 # wheels; the slim base has no compiler, so one that needs building fails here, not at run time.
 RUN /opt/leveret/bin/pip install --no-cache-dir . \

@@ -50,17 +50,17 @@ import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection
 from pamqp.commands import Basic
 
-from producers.connection import CONNECTION_ERRORS, connect
-from producers.message import (
+from leveret.producers.connection import CONNECTION_ERRORS, connect
+from leveret.producers.message import (
     HEADER_ATTEMPTS,
     HEADER_DIED_AT,
     HEADER_ERROR,
     HEADER_QUEUE,
     HEADER_REASON,
 )
-from producers.settings import ConnectionSettings
-from topology.errors import LeveretError
-from topology.model import dlq_name
+from leveret.producers.settings import ConnectionSettings
+from leveret.topology.errors import LeveretError
+from leveret.topology.model import dlq_name
 
 from .settle import carried_headers, copy_properties
 

@@ -18,8 +18,8 @@ import structlog
 from aio_pika.abc import AbstractChannel, AbstractConnection
 from prometheus_client import Gauge
 
-from producers.connection import CONNECTION_ERRORS
-from topology.model import dlq_name
+from leveret.producers.connection import CONNECTION_ERRORS
+from leveret.topology.model import dlq_name
 
 DEFAULT_INTERVAL_S = 15.0
 

@@ -33,10 +33,10 @@ import aiormq
 import structlog
 from yarl import URL
 
-from producers.connection import connect
-from producers.errors import BrokerUnavailable
-from topology.definitions import permission_regexes, required_permissions
-from topology.model import Topology
+from leveret.producers.connection import connect
+from leveret.producers.errors import BrokerUnavailable
+from leveret.topology.definitions import permission_regexes, required_permissions
+from leveret.topology.model import Topology
 
 from .management import Management, ManagementError
 from .registry import Registry
@@ -315,7 +315,7 @@ class Doctor:
     async def _shared_job_names(self, api: Management) -> None:
         """A job name bound to a queue of another app multiplies its delayed publishes.
 
-        Routing a delayed publish by job name (see ``topology.model``) copies it into every
+        Routing a delayed publish by job name (see ``leveret.topology.model``) copies it into every
         queue serving that name at each hop of the delay chain, so one name must have one queue.
         """
         exchange = self.topology.exchange

@@ -17,9 +17,9 @@ from urllib.parse import quote
 import httpx
 from yarl import URL
 
-from producers.connection import mask_url
-from producers.settings import ConnectionSettings
-from topology.errors import LeveretError
+from leveret.producers.connection import mask_url
+from leveret.producers.settings import ConnectionSettings
+from leveret.topology.errors import LeveretError
 
 MANAGEMENT_PORT = 15672
 DEFAULT_TIMEOUT_S = 10.0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
-from producers.metrics import published_counter
+from leveret.producers.metrics import published_counter
 
 # Jobs range from milliseconds to hours.
 DURATION_BUCKETS = (

@@ -18,7 +18,7 @@ from pydantic import BaseModel, TypeAdapter
 from tenacity import RetryCallState
 from tenacity.wait import wait_base, wait_exponential
 
-from topology.model import MAX_DELAY_S, Topology, WorkQueue, check_name
+from leveret.topology.model import MAX_DELAY_S, Topology, WorkQueue, check_name
 
 from .context import JobContext
 from .errors import ConfigError

@@ -16,7 +16,7 @@ from typing import Any
 from pydantic import TypeAdapter
 from yarl import URL
 
-from topology.model import Topology
+from leveret.topology.model import Topology
 
 from .registry import JobSpec, Registry
 

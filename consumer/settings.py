@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import Field, SecretStr
 from pydantic_settings import SettingsConfigDict
 
-from producers.settings import ConnectionSettings
+from leveret.producers.settings import ConnectionSettings
 
 
 class WorkerSettings(ConnectionSettings):

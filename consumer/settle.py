@@ -19,8 +19,8 @@ import aiormq
 import structlog
 from pamqp.commands import Basic
 
-from producers.connection import CONNECTION_ERRORS
-from producers.message import (
+from leveret.producers.connection import CONNECTION_ERRORS
+from leveret.producers.message import (
     HEADER_ATTEMPTS,
     HEADER_DIED_AT,
     HEADER_ERROR,
@@ -29,7 +29,7 @@ from producers.message import (
     PERSISTENT,
     one_line,
 )
-from topology.model import dlq_name, retry_route
+from leveret.topology.model import dlq_name, retry_route
 
 from .acker import Acker
 

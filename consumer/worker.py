@@ -33,11 +33,11 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
 from tenacity.wait import wait_exponential_jitter
 from yarl import URL
 
-from producers.connection import CONNECTION_ERRORS, connect, mask_url
-from producers.errors import BrokerUnavailable
-from producers.message import CONTENT_TYPE, HEADER_ATTEMPTS, one_line
-from topology.declare import declare
-from topology.model import DELAY_BITS, Topology
+from leveret.producers.connection import CONNECTION_ERRORS, connect, mask_url
+from leveret.producers.errors import BrokerUnavailable
+from leveret.producers.message import CONTENT_TYPE, HEADER_ATTEMPTS, one_line
+from leveret.topology.declare import declare
+from leveret.topology.model import DELAY_BITS, Topology
 
 from .acker import Acker
 from .context import JobContext

@@ -23,8 +23,8 @@ from urllib.parse import urlsplit
 import aio_pika
 import httpx
 
-from consumer.settings import WorkerSettings
-from producers import Publisher, mask_url
+from leveret.consumer.settings import WorkerSettings
+from leveret.producers import Publisher, mask_url
 
 HERE = Path(__file__).resolve().parent
 QUEUES = ("email", "images")

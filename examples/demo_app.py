@@ -7,7 +7,7 @@ import asyncio
 
 from pydantic import BaseModel
 
-from consumer import JobContext, Reject, Worker
+from leveret.consumer import JobContext, Reject, Worker
 
 worker = Worker()
 

@@ -1,8 +1,8 @@
-"""Errors of the publishing side (see ``topology.errors`` for the whole tree)."""
+"""Errors of the publishing side (see ``leveret.topology.errors`` for the whole tree)."""
 
 from __future__ import annotations
 
-from topology.errors import LeveretError
+from leveret.topology.errors import LeveretError
 
 
 class BrokerUnavailable(LeveretError, ConnectionError):

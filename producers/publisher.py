@@ -22,7 +22,7 @@ from pamqp.commands import Basic
 from prometheus_client import CollectorRegistry
 from pydantic import BaseModel
 
-from topology.model import check_name, delayed_job_route
+from leveret.topology.model import check_name, delayed_job_route
 
 from .connection import CONNECTION_ERRORS, connect, mask_url
 from .errors import PublishError, PublishTimeout, RefusedError, UnroutableError

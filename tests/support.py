@@ -26,7 +26,7 @@ import aio_pika
 import httpx
 from yarl import URL
 
-from consumer import Worker, WorkerSettings
+from leveret.consumer import Worker, WorkerSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 

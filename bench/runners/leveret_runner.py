@@ -15,12 +15,12 @@ from pydantic import BaseModel
 
 from bench.runners.common import Tally, load_spec, say, wait_go
 from bench.wire import payload
-from consumer import JobContext, Worker, WorkerSettings
-from consumer.logging import configure_logging
-from producers import Publisher
-from producers.connection import connect
-from producers.settings import ConnectionSettings
-from topology.declare import declare
+from leveret.consumer import JobContext, Worker, WorkerSettings
+from leveret.consumer.logging import configure_logging
+from leveret.producers import Publisher
+from leveret.producers.connection import connect
+from leveret.producers.settings import ConnectionSettings
+from leveret.topology.declare import declare
 
 
 class Item(BaseModel):
@@ -99,7 +99,7 @@ async def publish(spec: dict[str, Any]) -> None:
 
 
 def publish_blocking(spec: dict[str, Any]) -> None:
-    from producers import BlockingPublisher
+    from leveret.producers import BlockingPublisher
 
     worker = make_worker(spec, None)
     asyncio.run(declare_topology(spec, worker))

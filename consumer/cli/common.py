@@ -13,8 +13,8 @@ from typing import Any, NoReturn, TypeVar
 import click
 from pydantic import ValidationError
 
-from producers.connection import mask_url
-from topology.errors import LeveretError
+from leveret.producers.connection import mask_url
+from leveret.topology.errors import LeveretError
 
 from ..errors import ConfigError
 from ..logging import configure_logging

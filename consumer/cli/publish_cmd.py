@@ -6,7 +6,7 @@ import json
 
 import click
 
-from producers.publisher import Publisher
+from leveret.producers.publisher import Publisher
 
 from .common import command_setup, fail, load_settings, run_async
 

@@ -17,8 +17,8 @@ from typing import Any
 import aiormq
 import click
 
-from producers.connection import connect
-from topology.model import DELAY_BITS, dlq_name, retry_queue_name
+from leveret.producers.connection import connect
+from leveret.topology.model import DELAY_BITS, dlq_name, retry_queue_name
 
 from ..management import Management, ManagementError
 from ..settings import WorkerSettings

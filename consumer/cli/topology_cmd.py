@@ -8,9 +8,9 @@ from pathlib import Path
 import click
 from yarl import URL
 
-from producers.connection import connect
-from topology.declare import declare as declare_topology
-from topology.definitions import to_definitions
+from leveret.producers.connection import connect
+from leveret.topology.declare import declare as declare_topology
+from leveret.topology.definitions import to_definitions
 
 from .common import command_setup, fail, load_app, run_async
 

@@ -34,7 +34,7 @@ def app_dir(tmp_path: Path) -> tuple[Path, str]:
         textwrap.dedent(
             f"""
             from pydantic import BaseModel
-            from consumer import Worker
+            from leveret.consumer import Worker
 
             worker = Worker()
             not_a_worker = 42

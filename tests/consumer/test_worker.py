@@ -12,10 +12,10 @@ import structlog
 from pydantic import BaseModel
 from structlog.testing import capture_logs
 
-from consumer import ConfigError, JobContext, Worker
-from producers import Publisher
+from leveret.consumer import ConfigError, JobContext, Worker
+from leveret.producers import Publisher
+from leveret.topology import declare
 from tests.support import Broker, running, unique, wait_for
-from topology import declare
 
 
 class Payload(BaseModel):

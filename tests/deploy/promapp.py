@@ -9,7 +9,7 @@ import os
 
 from pydantic import BaseModel
 
-from consumer import JobContext, Worker
+from leveret.consumer import JobContext, Worker
 
 QUEUE = os.environ.get("DEPLOYTEST_QUEUE", "deploytest")
 

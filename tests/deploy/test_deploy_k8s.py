@@ -159,7 +159,7 @@ def test_every_setting_is_one_the_worker_reads(
     rendered: dict[str, list[dict[str, Any]]], overlay: str
 ) -> None:
     """Each LEVERET_* key in the ConfigMap names a worker setting (a typo would be ignored)."""
-    from consumer.settings import WorkerSettings
+    from leveret.consumer.settings import WorkerSettings
 
     known = {f"LEVERET_{name.upper()}" for name in WorkerSettings.model_fields}
     # LEVERET_APP is ours: the worker's APP argument, passed as $(LEVERET_APP).

@@ -235,7 +235,7 @@ def _substitute(expr: str, values: dict[str, str]) -> str:
 
 
 async def _publish(url: str, registry: Any) -> None:
-    from producers import Publisher
+    from leveret.producers import Publisher
 
     async with Publisher(url, registry=registry) as pub:
         for job, count in JOBS.items():

@@ -6,8 +6,8 @@ import asyncio
 
 from pydantic import BaseModel
 
-from consumer import JobContext, Reject, Worker
-from producers import Publisher
+from leveret.consumer import JobContext, Reject, Worker
+from leveret.producers import Publisher
 from tests.support import Broker, running, unique, wait_for
 
 

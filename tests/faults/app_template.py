@@ -11,7 +11,7 @@ import os
 
 from pydantic import BaseModel
 
-from consumer import JobContext, Worker
+from leveret.consumer import JobContext, Worker
 
 worker = Worker()
 QUEUE = os.environ["FAULT_QUEUE"]

@@ -489,8 +489,8 @@ class FaultApp:
         """Declare the app's topology from the test process, so publishing can start first."""
         import aio_pika
 
-        from consumer import Worker, WorkerSettings
-        from topology.declare import declare
+        from leveret.consumer import Worker, WorkerSettings
+        from leveret.topology.declare import declare
 
         probe = Worker(WorkerSettings(amqp_url=self.url, metrics_port=0))
 

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel
 
-from consumer import JobContext, Worker, WorkerSettings
-from producers import Publisher
-from producers.errors import PublishError, PublishTimeout
+from leveret.consumer import JobContext, Worker, WorkerSettings
+from leveret.producers import Publisher
+from leveret.producers.errors import PublishError, PublishTimeout
 from tests.faults.plumbing import DedicatedNode, record
 from tests.support import leveret_cli, running, unique, wait_for
 

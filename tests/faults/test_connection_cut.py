@@ -11,9 +11,9 @@ import httpx
 from pydantic import BaseModel
 from yarl import URL
 
-from consumer import JobContext, Worker
-from producers import Publisher
-from producers.publisher import Job
+from leveret.consumer import JobContext, Worker
+from leveret.producers import Publisher
+from leveret.producers.publisher import Job
 from tests.faults.plumbing import TcpProxy, free_port, record
 from tests.support import Broker, running, unique, wait_for
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from producers import Publisher
-from producers.publisher import Job
+from leveret.producers import Publisher
+from leveret.producers.publisher import Job
 from tests.faults.plumbing import install_app, reaped, record
 from tests.support import Broker, unique, wait_for
 

@@ -12,7 +12,7 @@ from typing import Any
 import aio_pika
 from pydantic import BaseModel
 
-from consumer import JobContext, Worker
+from leveret.consumer import JobContext, Worker
 from tests.faults.plumbing import record
 from tests.support import Broker, running, unique, wait_for
 

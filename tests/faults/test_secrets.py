@@ -11,9 +11,9 @@ import httpx
 import pytest
 from yarl import URL
 
-from consumer import WorkerSettings
-from producers import Publisher
-from producers.errors import BrokerUnavailable
+from leveret.consumer import WorkerSettings
+from leveret.producers import Publisher
+from leveret.producers.errors import BrokerUnavailable
 from tests.faults.plumbing import DedicatedNode, free_port, install_app, reaped, record
 from tests.support import Broker, leveret_cli, unique, wait_for
 

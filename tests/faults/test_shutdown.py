@@ -6,7 +6,7 @@ import signal
 import time
 from pathlib import Path
 
-from producers import Publisher
+from leveret.producers import Publisher
 from tests.faults.plumbing import install_app, reaped, record
 from tests.support import Broker, unique, wait_for
 

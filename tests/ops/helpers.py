@@ -14,7 +14,7 @@ from typing import Any
 import aio_pika
 import aiormq
 
-from topology import Topology, WorkQueue, declare
+from leveret.topology import Topology, WorkQueue, declare
 
 
 @dataclass(frozen=True)

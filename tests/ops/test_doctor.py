@@ -9,13 +9,13 @@ import subprocess
 import aio_pika
 from yarl import URL
 
+from leveret.topology import WorkQueue
 from tests.ops.helpers import app_module
 from tests.support import leveret_cli, unique
-from topology import WorkQueue
 
 APP = """
     from pydantic import BaseModel
-    from consumer import Worker
+    from leveret.consumer import Worker
 
     worker = Worker()
 
@@ -138,7 +138,7 @@ def test_doctor_flags_missing_permissions(broker, tmp_path):
 
 SHARED = """
     from pydantic import BaseModel
-    from consumer import Worker
+    from leveret.consumer import Worker
 
     worker = Worker()
 

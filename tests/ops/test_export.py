@@ -15,7 +15,7 @@ from tests.support import leveret_cli, unique
 
 APP = """
     from pydantic import BaseModel
-    from consumer import Worker
+    from leveret.consumer import Worker
 
     worker = Worker()
 

@@ -18,7 +18,7 @@ DATA = Path(__file__).parent / "data"
 APP = '''
     from enum import Enum
     from pydantic import BaseModel, Field
-    from consumer import Worker
+    from leveret.consumer import Worker
 
     worker = Worker()
 

@@ -89,7 +89,7 @@ async def test_status_falls_back_to_passive_declares_and_says_so(broker, tmp_pat
     connection = await _loaded_queue(broker, queue)
     source = f"""
         from pydantic import BaseModel
-        from consumer import Worker
+        from leveret.consumer import Worker
 
         worker = Worker()
 

@@ -10,7 +10,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 from pydantic import BaseModel
 
-from producers import (
+from leveret.producers import (
     BlockingPublisher,
     BrokerUnavailable,
     Job,
@@ -18,8 +18,8 @@ from producers import (
     PublishError,
     UnroutableError,
 )
+from leveret.topology import Topology, WorkQueue, declare
 from tests.support import Broker, unique
-from topology import Topology, WorkQueue, declare
 
 
 async def _declare(broker: Broker, queue: str, *jobs: str) -> None:
@@ -64,7 +64,7 @@ async def test_an_unroutable_job_raises_naming_the_job(broker: Broker) -> None:
 
 async def test_a_missing_exchange_is_a_clear_error(broker: Broker) -> None:
     """Publishing into a vhost where nothing was declared says to declare the topology."""
-    from producers import ConnectionSettings
+    from leveret.producers import ConnectionSettings
 
     settings = ConnectionSettings(amqp_url=broker.url, exchange=unique("noexchange"))
     async with Publisher(settings=settings) as pub:

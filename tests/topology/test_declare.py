@@ -5,9 +5,8 @@ from __future__ import annotations
 import aio_pika
 import pytest
 
-from producers import Publisher
-from tests.support import Broker, unique, wait_for
-from topology import (
+from leveret.producers import Publisher
+from leveret.topology import (
     QueueMismatchError,
     Topology,
     WorkQueue,
@@ -15,6 +14,7 @@ from topology import (
     delay_levels,
     retry_queue_name,
 )
+from tests.support import Broker, unique, wait_for
 
 
 def _snapshot(broker: Broker, prefix: str) -> tuple[list, list]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from topology import (
+from leveret.topology import (
     DELAY_BITS,
     MAX_DELAY_S,
     Topology,
