@@ -5,9 +5,12 @@ Reading a queue without changing it
 
 AMQP 0-9-1 has no "peek": the only way to see a message is to have it delivered. Listing
 therefore consumes ``Q.dlq`` with manual acks and **never acks**: it takes the messages in
-pages (a channel-wide prefetch window that grows by one page at a time, so a 4,000-message DLQ
-is never pushed at the client all at once), reads them, then cancels the consumer and nacks
-everything with ``requeue=True`` in one frame.
+pages, reads them, then cancels the consumer and nacks everything with ``requeue=True`` in one
+frame. A page is one consumer with a per-consumer prefetch of one page: once it has its page it
+is cancelled (its messages stay unacked on the channel) and the next page's consumer starts, so
+a 4,000-message DLQ is never pushed at the client all at once. Channel-wide (``global``) QoS is
+never used: quorum queues refuse a consumer on such a channel, and RabbitMQ 4.3 refuses it for
+every queue type.
 
 * Nothing is lost: an unacked message cannot leave the queue; if the lister dies, the broker
   requeues what it held, exactly as the final nack does.
@@ -65,7 +68,7 @@ from leveret.topology.model import dlq_name
 from .settle import carried_headers, copy_properties
 
 PAGE_SIZE = 500
-# basic.qos prefetch_count is a 16-bit field; past it the window is lifted (0 = unlimited).
+# basic.qos prefetch_count is a 16-bit field: a page is at most that many messages.
 _MAX_PREFETCH = 65535
 IDLE_TIMEOUT_S = 5.0
 REPLAY_IN_FLIGHT = 200
@@ -220,19 +223,30 @@ class _Scan:
         self._inbox: asyncio.Queue[aiormq.abc.DeliveredMessage] = asyncio.Queue()
         self._tag: str | None = None
         self._window = 0
-        self._last_tag = 0
+        # The highest delivery tag each page's consumer got, in the order the pages started.
+        self._page_last: dict[str, int] = {}
         self._settled: set[int] = set()
 
-    async def _set_window(self, window: int) -> None:
-        # Channel-wide (global) QoS can be raised while the consumer runs.
-        self._window = window
-        prefetch = 0 if window > _MAX_PREFETCH else window
-        await self.channel.basic_qos(prefetch_count=prefetch, global_=True)
+    async def _consume_page(self, size: int) -> None:
+        """Start a consumer that receives at most ``size`` more messages.
 
-    async def start(self, page: int) -> None:
-        await self._set_window(max(1, min(page, self.total)))
+        Per-consumer prefetch applies only to consumers started after the ``basic.qos``, so
+        each page is a fresh consumer; the previous one is cancelled first. Its messages stay
+        unacked on the channel (cancelling requeues nothing), so they neither count against the
+        new consumer's window nor return to the queue before ``close``.
+        """
+        if self._tag is not None:
+            await self.channel.basic_cancel(self._tag)
+            self._tag = None
+        size = min(size, _MAX_PREFETCH)
+        self._window += size
+        await self.channel.basic_qos(prefetch_count=size, global_=False)
         ok = await self.channel.basic_consume(self.dlq, self._inbox.put, no_ack=False)
         self._tag = ok.consumer_tag
+        self._page_last[ok.consumer_tag] = 0
+
+    async def start(self, page: int) -> None:
+        await self._consume_page(max(1, min(page, self.total)))
 
     async def deliveries(
         self, page: int, idle_timeout_s: float, on_page: Callable[[int], None] | None = None
@@ -240,7 +254,7 @@ class _Scan:
         """The first ``total`` messages of the DLQ, paged; stops early when it runs dry."""
         while self.received < self.total:
             if self.received >= self._window:
-                await self._set_window(min(self.total, self._window + page))
+                await self._consume_page(min(page, self.total - self._window))
                 if on_page is not None:
                     on_page(self.received)
             try:
@@ -248,16 +262,28 @@ class _Scan:
             except TimeoutError:
                 return  # fewer than counted: consumed by someone else meanwhile
             self.received += 1
-            tag = message.delivery.delivery_tag
-            self._last_tag = max(self._last_tag, tag)
+            tag = self._note(message)
             yield _Delivery(tag, DeadJob.from_message(message), message)
+
+    def _note(self, message: aiormq.abc.DeliveredMessage) -> int:
+        tag: int = message.delivery.delivery_tag
+        page = message.delivery.consumer_tag
+        self._page_last[page] = max(self._page_last.get(page, 0), tag)
+        return tag
 
     async def ack(self, tag: int) -> None:
         await self.channel.basic_ack(tag)
         self._settled.add(tag)
 
     async def close(self) -> None:
-        """Stop the consumer and requeue, in one frame, everything not acked."""
+        """Stop the consumer and requeue everything not acked, one frame per page.
+
+        A page's tags are all below the next page's (its consumer was cancelled before the next
+        started), so nacking up to each page's last tag in turn returns the messages in queue
+        order. One ``multiple`` nack over several consumers would not: a quorum queue takes the
+        returns consumer by consumer in no particular order, and the DLQ would come back
+        shuffled page-wise.
+        """
         if self.channel.is_closed:
             return
         with contextlib.suppress(*CONNECTION_ERRORS, aiormq.exceptions.AMQPError):
@@ -265,10 +291,9 @@ class _Scan:
                 await self.channel.basic_cancel(self._tag)
             # Messages delivered after we stopped reading are unacked too.
             while not self._inbox.empty():
-                late = self._inbox.get_nowait()
-                self._last_tag = max(self._last_tag, late.delivery.delivery_tag)
-            if self._last_tag:
-                await self.channel.basic_nack(self._last_tag, multiple=True, requeue=True)
+                self._note(self._inbox.get_nowait())
+            for last in sorted(t for t in self._page_last.values() if t):
+                await self.channel.basic_nack(last, multiple=True, requeue=True)
 
 
 def replay_properties(dead: DeadJob, props: Basic.Properties) -> Basic.Properties:
