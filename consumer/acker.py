@@ -142,6 +142,10 @@ class Acker:
             # The channel is gone: the broker requeues these jobs and they run again.
             log.warning("ack_lost_channel_closed", jobs=count + len(singles))
 
+    def settled(self, tag: int) -> bool:
+        """True once ``tag`` is acked, marked done or nacked: its one outcome is decided."""
+        return tag in self._done or tag not in self._order
+
     @property
     def in_flight(self) -> int:
         return len(self._order)

@@ -76,5 +76,17 @@ class WorkerMetrics:
             ["queue"],
             registry=registry,
         )
+        self.settle_failures = Counter(
+            "leveret_settle_failures_total",
+            "Outcome copies (retry, DLQ, give-back) the broker did not confirm; the job was "
+            "given back after a backoff and will run again.",
+            ["queue"],
+            registry=registry,
+        )
+        self.threads_stuck = Gauge(
+            "leveret_job_threads_stuck",
+            "Threads still running a plain `def` job that already timed out.",
+            registry=registry,
+        )
         # So a process that both works and publishes exposes one published counter.
         self.published = published_counter(registry)

@@ -52,6 +52,8 @@ class JobSpec:
             state.attempt_number = attempt
             state.set_exception((type(error), error, error.__traceback__))
             delay = float(self.backoff(state))
+        if not math.isfinite(delay):
+            raise ValueError(f"backoff of job {self.name!r} returned {delay} seconds")
         return min(max(delay, 0.0), MAX_DELAY_S)
 
 

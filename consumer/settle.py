@@ -6,12 +6,15 @@
 * dead-lettered: a copy with ``x-reason``/``x-error``/``x-attempts`` goes to ``Q.dlq``; ack once
   confirmed.
 
-If a copy cannot be confirmed (connection lost, broker nack) the original is not acked: the
-broker redelivers it and it runs again. A duplicate at worst, never a loss.
+If a copy cannot be confirmed (connection lost, broker nack, or no confirm within
+``LEVERET_PUBLISH_TIMEOUT``, e.g. during a memory alarm) the original is not acked: the broker
+redelivers it and it runs again. A duplicate at worst, never a loss. The copies go out on a
+connection of their own, so a publisher the broker blocks never holds up the acks.
 """
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime
 from typing import Any
 
@@ -82,23 +85,37 @@ class Settler:
     """Publishes outcome copies on a confirming channel and hands done tags to the acker."""
 
     def __init__(
-        self, publish_channel: aiormq.abc.AbstractChannel, acker: Acker, exchange: str
+        self,
+        publish_channel: aiormq.abc.AbstractChannel,
+        acker: Acker,
+        exchange: str,
+        *,
+        timeout_s: float | None = None,
     ) -> None:
         self.channel = publish_channel
         self.acker = acker
         self._exchange = exchange
+        # A confirm that never comes (memory alarm, quorum queue without a majority) must end
+        # as a failed settle, not hold the job's prefetch slot forever.
+        self._timeout_s = timeout_s
 
     async def _publish(
         self, body: bytes, exchange: str, routing_key: str, properties: Basic.Properties
     ) -> None:
         try:
-            confirmation = await self.channel.basic_publish(
-                body,
-                exchange=exchange,
-                routing_key=routing_key,
-                properties=properties,
-                mandatory=True,
-            )
+            async with asyncio.timeout(self._timeout_s):
+                confirmation = await self.channel.basic_publish(
+                    body,
+                    exchange=exchange,
+                    routing_key=routing_key,
+                    properties=properties,
+                    mandatory=True,
+                )
+        except TimeoutError:
+            raise SettleFailed(
+                f"outcome copy not confirmed within {self._timeout_s:g} s "
+                f"(LEVERET_PUBLISH_TIMEOUT; is the broker blocking publishers?)"
+            ) from None
         except (aiormq.exceptions.DeliveryError, *CONNECTION_ERRORS) as exc:
             raise SettleFailed(f"{type(exc).__name__}: {exc}") from None
         if not isinstance(confirmation, Basic.Ack):
@@ -145,8 +162,14 @@ class Settler:
         # coalesced ack would go out, leaving two uncounted copies of the job.
         await self.acker.ack_now(message.delivery.delivery_tag)
 
-    async def give_back(self, message: aiormq.abc.DeliveredMessage, queue: str) -> None:
+    async def give_back(
+        self, message: aiormq.abc.DeliveredMessage, queue: str, job: str, job_id: str
+    ) -> None:
         """Return an unfinished job to its queue as it came: no attempt, no redelivery counted.
+
+        The copy carries the *resolved* job name and id, like every copy Leveret publishes: a
+        job sent without ``type`` (named by its routing key) would otherwise come back named
+        after its queue, and one without ``message_id`` would get a new id.
 
         ``basic.nack(requeue=True)`` would flag it redelivered, and the next worker's redelivery
         guard would count a graceful shutdown as a crash: a long job caught by a few rolling
@@ -154,7 +177,7 @@ class Settler:
         """
         props = message.header.properties
         headers = dict(props.headers) if props.headers else None
-        copy = copy_properties(props, props.message_type, props.message_id, headers)  # type: ignore[arg-type]
+        copy = copy_properties(props, job, job_id, headers or {})
         await self._publish(message.body, "", queue, copy)
         self.acker.ack(message.delivery.delivery_tag)
 

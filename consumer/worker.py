@@ -4,10 +4,18 @@ The loop talks to aiormq's channels directly: aiormq already runs each delivery 
 task, and skipping aio-pika's per-message wrapper is a large share of the per-job CPU. Prefetch
 bounds the deliveries held at once, so it *is* the concurrency; nothing else limits it.
 
-A session is one connection with two channels: one consumes (and acks, coalesced by ``Acker``),
-one publishes outcome copies with confirms. When either closes, the session is over: in-flight
-jobs are abandoned to the broker (which redelivers them) and a new session is opened with
-backoff, ``/readyz`` answering 503 meanwhile.
+A session is two connections: one consumes (and acks, coalesced by ``Acker``), the other
+publishes outcome copies with confirms. They are apart because the broker blocks a connection
+that publishes during a memory or disk alarm: on one connection a single retry copy would
+freeze every ack. When either closes, or the broker cancels a consumer (its queue was deleted,
+its node went away), the session is over: in-flight jobs are abandoned to the broker (which
+redelivers them) and a new session is opened with backoff (declaring the topology again),
+``/readyz`` answering 503 meanwhile.
+
+Prefetch is set per consumer (``global`` QoS is refused by quorum queues and by RabbitMQ 4.3 for
+every queue type). With several queues the worker's ``prefetch`` is divided between them, each
+consumer getting ``max(1, prefetch // len(queues))``, so the total held stays at most
+``prefetch`` (or one per queue when there are more queues than that).
 """
 
 from __future__ import annotations
@@ -20,7 +28,6 @@ import signal
 import time
 import uuid
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -37,7 +44,7 @@ from leveret.producers.connection import CONNECTION_ERRORS, connect, mask_url
 from leveret.producers.errors import BrokerUnavailable
 from leveret.producers.message import CONTENT_TYPE, HEADER_ATTEMPTS, one_line
 from leveret.topology.declare import declare
-from leveret.topology.model import DELAY_BITS, Topology
+from leveret.topology.model import DELAY_BITS, MAX_DELAY_S, Topology
 
 from .acker import Acker
 from .context import JobContext
@@ -47,11 +54,19 @@ from .metrics import DEAD_LETTERED, RETRIED, SUCCEEDED, UNKNOWN_JOB, WorkerMetri
 from .registry import DEFAULT_BACKOFF, DEFAULT_MAX_ATTEMPTS, DEFAULT_QUEUE, Backoff, Registry
 from .settings import WorkerSettings
 from .settle import SettleFailed, Settler
+from .threads import JobThreads
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 # How long a finished job's ack may wait for others to share its frame (Acker, max_delay_s).
 ACK_DELAY_S = 0.005
+# After an outcome copy was refused or not confirmed, wait this long (doubling per failure of
+# the same job, up to the cap) before giving the job back: a refusing DLQ must not turn into a
+# redelivery loop running once a millisecond.
+SETTLE_BACKOFF_S = 0.5
+SETTLE_BACKOFF_MAX_S = 30.0
+# Jobs whose settle failures are remembered (oldest forgotten first).
+SETTLE_FAILURES_KEPT = 10_000
 
 log = structlog.get_logger("leveret.worker")
 
@@ -67,7 +82,10 @@ class _Session:
     settler: Settler
     acker: Acker
     lost: asyncio.Event
+    publish_connection: AbstractConnection | None = None
     consumer_tags: list[str] = field(default_factory=list)
+    # Set when the broker cancelled one of our consumers (basic.cancel).
+    cancelled_by_broker: str | None = None
 
 
 @dataclass(slots=True)
@@ -94,7 +112,9 @@ class Worker:
         self.jobs = Registry()
         self._metrics_registry = registry
         self._stopping: asyncio.Event | None = None
-        self._ready = False
+        self._connected = False
+        self._threads_exhausted = False
+        self._settle_failures: dict[str, int] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._children: dict[tuple[str, str], _Children] = {}
         self._in_progress: dict[str, Any] = {}
@@ -129,8 +149,8 @@ class Worker:
 
     @property
     def ready(self) -> bool:
-        """Connected to the broker and consuming."""
-        return self._ready
+        """Connected to the broker, consuming, and able to start a plain ``def`` job."""
+        return self._connected and not self._threads_exhausted
 
     # -- running ----------------------------------------------------------------------------
 
@@ -150,7 +170,11 @@ class Worker:
         prefetch: int | None = None,
         handle_signals: bool = False,
     ) -> None:
-        """Consume until ``stop()`` (or SIGTERM/SIGINT with ``handle_signals``)."""
+        """Consume until ``stop()`` (or SIGTERM/SIGINT with ``handle_signals``).
+
+        Cancelling the task that runs this shuts the worker down like ``stop()`` (in-flight jobs
+        get the grace period, the connections are closed), then raises ``CancelledError``.
+        """
         if not self.jobs.jobs:
             raise ConfigError("this worker has no jobs: register handlers with @worker.job(...)")
         known = self.jobs.queues
@@ -162,11 +186,14 @@ class Worker:
                 f"this app serves: {', '.join(known)}"
             )
         prefetch = prefetch or self.settings.prefetch
+        # Per-consumer prefetch, divided between the queues (see the module docstring).
+        share = max(1, prefetch // len(queues))
+        held = share * len(queues)
         loop = asyncio.get_running_loop()
         self._stopping = asyncio.Event()
         self._metrics = WorkerMetrics.for_registry(self._metrics_registry)
         for q in queues:
-            self._metrics.prefetch.labels(queue=q).set(prefetch)
+            self._metrics.prefetch.labels(queue=q).set(share)
             self._in_progress[q] = self._metrics.in_progress.labels(queue=q)
         health = None
         if self.settings.metrics_port:
@@ -174,13 +201,15 @@ class Worker:
                 self.settings.metrics_host,
                 self.settings.metrics_port,
                 self._metrics.registry,
-                lambda: self._ready,
+                lambda: self.ready,
             )
             await health.start()
             self.health_port = health.port
-        # Plain `def` handlers run here; as many threads as jobs may run at once.
-        executor = ThreadPoolExecutor(max_workers=prefetch, thread_name_prefix="leveret-job")
-        self._executor = executor
+        # Plain `def` handlers run here; as many threads as jobs may be held at once, never more
+        # (a hung handler keeps its thread: see JobThreads).
+        threads = JobThreads(held)
+        threads.on_exhausted_change = self._on_threads_exhausted
+        self._threads = threads
         if handle_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.stop)
@@ -189,6 +218,7 @@ class Worker:
             broker=mask_url(self.settings.amqp_url.get_secret_value()),
             queues=queues,
             prefetch=prefetch,
+            prefetch_per_queue=share,
             jobs=sorted(self.jobs.jobs),
         )
         from .dlq_depth import DlqDepthRefresher
@@ -198,12 +228,22 @@ class Worker:
         self._dlq_depth = DlqDepthRefresher(queues, self._metrics.dlq_messages)
         self._dlq_depth.start()
         doctor = asyncio.create_task(log_findings(self.settings, self.jobs, self.topology))
+        session: _Session | None = None
         try:
             while not self._stopping.is_set():
-                session = await self._open_session(queues, prefetch)
+                session = await self._open_session(queues, share)
                 if session is None:
                     break
                 await self._serve(session)
+                session = None
+        except asyncio.CancelledError:
+            # The task running us was cancelled (an app embedding the worker): wind down like
+            # stop(), or the consuming session would outlive us with its jobs failing.
+            log.info("worker_cancelled", action="shutting down like stop()")
+            self.stop()
+            if session is not None:
+                await self._shutdown(session)
+            raise
         finally:
             self._set_ready(False)
             doctor.cancel()
@@ -213,13 +253,31 @@ class Worker:
                     loop.remove_signal_handler(sig)
             if health is not None:
                 await health.stop()
-            executor.shutdown(wait=False, cancel_futures=True)
+            threads.shutdown()
             log.info("worker_stopped", **self._counts)
 
     def _set_ready(self, ready: bool) -> None:
-        self._ready = ready
+        self._connected = ready
+        self._report_ready()
+
+    def _report_ready(self) -> None:
         if hasattr(self, "_metrics"):
-            self._metrics.connected.set(1 if ready else 0)
+            self._metrics.connected.set(1 if self.ready else 0)
+
+    def _on_threads_exhausted(self, exhausted: bool) -> None:
+        self._threads_exhausted = exhausted
+        self._metrics.threads_stuck.set(self._threads.stuck)
+        if exhausted:
+            log.error(
+                "job_threads_exhausted",
+                threads=self._threads.size,
+                advice="every thread for plain `def` jobs is still running a job that timed "
+                "out (Python cannot stop a thread); no `def` job starts until one returns. "
+                "Not ready until then; a restart ends them",
+            )
+        else:
+            log.warning("job_threads_available", stuck=self._threads.stuck)
+        self._report_ready()
 
     async def _sleep_unless_stopped(self, seconds: float) -> None:
         assert self._stopping is not None
@@ -253,42 +311,69 @@ class Worker:
                 return await self._connect_session(queues, prefetch)
         return None  # pragma: no cover - AsyncRetrying either returns or raises
 
-    async def _connect_session(self, queues: list[str], prefetch: int) -> _Session:
+    async def _connect_session(self, queues: list[str], share: int) -> _Session:
         connection = await connect(self.settings, robust=False)
+        publish_connection: AbstractConnection | None = None
         try:
             await declare(connection, self.topology)
+            # Outcome copies on a connection of their own (see the module docstring).
+            publish_connection = await connect(self.settings, robust=False)
             lost = asyncio.Event()
             consume = await (
                 await connection.channel(publisher_confirms=False)
             ).get_underlay_channel()
             publish = await (
-                await connection.channel(publisher_confirms=True, on_return_raises=True)
+                await publish_connection.channel(publisher_confirms=True, on_return_raises=True)
             ).get_underlay_channel()
             for channel in (consume, publish):
                 channel.closing.add_done_callback(lambda _: lost.set())
-            # Per-channel (global) QoS when consuming several queues, so `prefetch` bounds the
-            # worker's total, not each queue's share.
-            await consume.basic_qos(prefetch_count=prefetch, global_=len(queues) > 1)
+            # Per-consumer QoS (global_=False): `share` deliveries per queue.
+            await consume.basic_qos(prefetch_count=share, global_=False)
             # Coalesce acks over a few ms once jobs come fast (see Acker); a small prefetch
             # (batch 1) still flushes every loop turn, so it never waits on a timer.
-            acker = Acker(consume, prefetch=prefetch, max_delay_s=ACK_DELAY_S)
-            session = _Session(
-                connection, consume, Settler(publish, acker, self.settings.exchange), acker, lost
+            acker = Acker(consume, prefetch=share * len(queues), max_delay_s=ACK_DELAY_S)
+            settler = Settler(
+                publish, acker, self.settings.exchange, timeout_s=self.settings.publish_timeout
             )
+            session = _Session(connection, consume, settler, acker, lost, publish_connection)
+            by_tag: dict[str, str] = {}
+
+            def on_cancel(frame: Any) -> None:
+                # The broker dropped a consumer (queue deleted or recreated, its node gone):
+                # end the session so a new one declares the queue again and resubscribes.
+                queue = by_tag.get(frame.consumer_tag, "?")
+                session.cancelled_by_broker = queue
+                log.warning("consumer_cancelled_by_broker", queue=queue,
+                            action="reconnecting to declare and consume again")  # fmt: skip
+                self._set_ready(False)
+                lost.set()
+
+            consume.on_consumer_cancel_callbacks.add(on_cancel)
             for q in queues:
                 ok = await consume.basic_consume(
                     q, functools.partial(self._on_message, session, q), no_ack=False
                 )
                 session.consumer_tags.append(ok.consumer_tag)
+                by_tag[ok.consumer_tag] = q
         except BaseException:
-            with contextlib.suppress(Exception):
-                await connection.close()
+            for conn in (connection, publish_connection):
+                if conn is not None:
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(conn.close(), 5)
             raise
         self._set_ready(True)
         if hasattr(self, "_dlq_depth"):
             self._dlq_depth.attach(connection)
-        log.info("consuming", queues=queues, prefetch=prefetch)
+        log.info("consuming", queues=queues, prefetch_per_queue=share)
         return session
+
+    @staticmethod
+    async def _close(session: _Session) -> None:
+        # Bounded: a connection the broker blocks (alarm) may never answer the close.
+        for conn in (session.connection, session.publish_connection):
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(conn.close(), 5)
 
     async def _serve(self, session: _Session) -> None:
         """Wait until the session is lost or a stop is asked for, then wind it down."""
@@ -300,7 +385,11 @@ class Worker:
         lost.cancel()
         self._set_ready(False)
         if session.lost.is_set() and not self._stopping.is_set():
-            reason = self._close_reason(session)
+            reason = (
+                f"the broker cancelled the consumer of queue {session.cancelled_by_broker}"
+                if session.cancelled_by_broker is not None
+                else self._close_reason(session)
+            )
             log.warning(
                 "connection_lost",
                 unacked=session.acker.in_flight,
@@ -316,8 +405,7 @@ class Worker:
                 )
             for task in list(self._tasks):
                 task.cancel()
-            with contextlib.suppress(Exception):
-                await session.connection.close()
+            await self._close(session)
             return
         await self._shutdown(session)
 
@@ -347,8 +435,7 @@ class Worker:
         # Send the last coalesced acks before closing, or finished jobs would run again.
         with contextlib.suppress(Exception):
             await session.acker.drain()
-        with contextlib.suppress(Exception):
-            await session.connection.close()
+        await self._close(session)
 
     # -- one delivery -------------------------------------------------------------------------
 
@@ -373,8 +460,15 @@ class Worker:
         task = asyncio.current_task()
         assert task is not None
         self._tasks.add(task)
+        props = message.header.properties
+        name = self._job_name(props, message.delivery.routing_key)
+        job_id = props.message_id or str(uuid.uuid4())
         try:
-            await self._process(session, queue, message)
+            if not props.message_id:
+                log.warning("job_id_assigned", job_id=job_id, queue=queue,
+                            reason="message arrived without message_id")  # fmt: skip
+            await self._process(session, queue, message, name, job_id)
+            self._settle_failures.pop(job_id, None)
         except asyncio.CancelledError:
             # Shutdown grace ran out: give the job back unburnt. Cancelled because the channel
             # went away (aiormq cancels consumers before our `lost` flag is set, e.g. when the
@@ -383,20 +477,50 @@ class Worker:
             stopping = self._stopping is not None and self._stopping.is_set()
             if stopping and not session.lost.is_set() and not session.consume.is_closed:
                 try:
-                    await session.settler.give_back(message, queue)
+                    await session.settler.give_back(message, queue, name, job_id)
                 except Exception:
                     with contextlib.suppress(Exception):
                         await session.acker.nack(tag, requeue=True)
             elif not session.lost.is_set():
                 with contextlib.suppress(Exception):
                     await session.acker.nack(tag, requeue=True)
-        except SettleFailed as exc:
-            log.error("settle_failed", error=str(exc), action="job left unacked; it will run again")
-            if not session.lost.is_set():
+        except Exception as exc:
+            # SettleFailed, or anything unexpected on the way (a log call, a metric): the job
+            # still gets exactly one outcome. If it was settled already there is nothing to do.
+            if not session.acker.settled(tag):
+                await self._give_back_later(session, queue, tag, job_id, exc)
+            else:
                 with contextlib.suppress(Exception):
-                    await session.acker.nack(tag, requeue=True)
+                    log.error("job_error_after_settle", job_id=job_id, queue=queue,
+                              error=one_line(f"{type(exc).__name__}: {exc}"))  # fmt: skip
         finally:
             self._tasks.discard(task)
+
+    async def _give_back_later(
+        self, session: _Session, queue: str, tag: int, job_id: str, exc: Exception
+    ) -> None:
+        """Nack an unsettled job for redelivery, after a backoff that grows per job id.
+
+        The outcome copy was refused or never confirmed (a DLQ at max-length with
+        reject-publish, a deleted DLQ, an alarm) or something else failed before an outcome:
+        requeueing at once would spin the job round the broker about once a millisecond.
+        """
+        failures = self._settle_failures.pop(job_id, 0) + 1
+        self._settle_failures[job_id] = failures
+        while len(self._settle_failures) > SETTLE_FAILURES_KEPT:
+            self._settle_failures.pop(next(iter(self._settle_failures)))
+        delay = min(SETTLE_BACKOFF_S * 2 ** min(failures - 1, 16), SETTLE_BACKOFF_MAX_S)
+        with contextlib.suppress(Exception):
+            self._metrics.settle_failures.labels(queue=queue).inc()
+        with contextlib.suppress(Exception):
+            event = "settle_failed" if isinstance(exc, SettleFailed) else "job_internal_error"
+            log.error(event, job_id=job_id, queue=queue, failures=failures,
+                      error=one_line(f"{type(exc).__name__}: {exc}"), retry_in_s=delay,
+                      action="job given back after the backoff; it will run again")  # fmt: skip
+        await self._sleep_unless_stopped(delay)
+        if not session.lost.is_set():
+            with contextlib.suppress(Exception):
+                await session.acker.nack(tag, requeue=True)
 
     @staticmethod
     def _job_name(props: Any, routing_key: str | None) -> str:
@@ -431,15 +555,14 @@ class Worker:
         return raw
 
     async def _process(
-        self, session: _Session, queue: str, message: aiormq.abc.DeliveredMessage
+        self,
+        session: _Session,
+        queue: str,
+        message: aiormq.abc.DeliveredMessage,
+        name: str,
+        job_id: str,
     ) -> None:
         props = message.header.properties
-        job_id = props.message_id
-        if not job_id:
-            job_id = str(uuid.uuid4())
-            log.warning("job_id_assigned", job_id=job_id, queue=queue,
-                        reason="message arrived without message_id")  # fmt: skip
-        name = self._job_name(props, message.delivery.routing_key)
         spec = self.jobs.jobs.get(name)
         settler = session.settler
         try:
@@ -475,7 +598,8 @@ class Worker:
                 session, queue, message, name, job_id, "invalid", error, prior
             )
             return
-        except ValueError as exc:  # not UTF-8, recursion too deep, ...
+        except Exception as exc:
+            # Whatever the payload's validation raises makes the payload invalid.
             await self._dead_without_run(
                 session,
                 queue,
@@ -518,13 +642,9 @@ class Worker:
                     async with asyncio.timeout(spec.timeout_s):
                         await spec.fn(*args)
             else:
+                # The timeout counts from when a thread starts the job (see JobThreads).
                 call = functools.partial(contextvars.copy_context().run, spec.fn, *args)
-                future = asyncio.get_running_loop().run_in_executor(self._executor, call)
-                if spec.timeout_s is None:
-                    await future
-                else:
-                    async with asyncio.timeout(spec.timeout_s):
-                        await future
+                await self._threads.run(call, spec.timeout_s)
         except asyncio.CancelledError as exc:
             task = asyncio.current_task()
             if task is not None and task.cancelling():
@@ -566,14 +686,26 @@ class Worker:
             if not rejected:
                 log.debug("job_traceback", exc_info=error)
         else:
-            delay = spec.delay_after(attempt, error if isinstance(error, Exception) else
-                                     RuntimeError(described))  # fmt: skip
+            delay = self._retry_delay(spec, attempt, error, described)
             await settler.retry(message, queue, spec.name, job_id, attempt, delay)
             children.retried.inc()
             self._counts[RETRIED] += 1
             log.warning("job_retried", error=described, retry_in_s=round(delay, 3),
                         duration_s=round(duration, 6))  # fmt: skip
             log.debug("job_traceback", exc_info=error)
+
+    @staticmethod
+    def _retry_delay(spec: Any, attempt: int, error: BaseException, described: str) -> float:
+        """The backoff's delay; one that raises or returns NaN falls back to 2 ** attempt s."""
+        try:
+            return float(spec.delay_after(attempt, error if isinstance(error, Exception) else
+                                          RuntimeError(described)))  # fmt: skip
+        except Exception as exc:
+            delay = min(2.0**attempt, MAX_DELAY_S)
+            with contextlib.suppress(Exception):
+                log.error("backoff_failed", error=one_line(f"{type(exc).__name__}: {exc}"),
+                          retry_in_s=delay)  # fmt: skip
+            return delay
 
     async def _dead_without_run(
         self,
