@@ -1,9 +1,10 @@
 """A small client for RabbitMQ's management HTTP API, as the operator tools need it.
 
 Where it points: ``LEVERET_MANAGEMENT_URL`` when set, otherwise the AMQP URL's host on port
-15672 (``https`` for ``amqps://``), with the AMQP URL's user and password unless the management
-URL carries its own. The vhost is always the AMQP URL's, decoded the way the AMQP client decodes
-it, so ``status`` and ``doctor`` look at the same vhost the worker uses.
+15672 (``https`` on 15671, the TLS listener, for ``amqps://``), with the AMQP URL's user and
+password unless the management URL carries its own. The vhost is always the AMQP URL's, decoded
+the way the AMQP client decodes it, so ``status`` and ``doctor`` look at the same vhost the
+worker uses.
 
 The password never leaves this module in text: ``repr`` and every error show the URL masked.
 """
@@ -17,11 +18,13 @@ from urllib.parse import quote
 import httpx
 from yarl import URL
 
-from leveret.producers.connection import mask_url
+from leveret.producers.connection import mask_secrets, mask_url
 from leveret.producers.settings import ConnectionSettings
 from leveret.topology.errors import LeveretError
 
 MANAGEMENT_PORT = 15672
+# The management plugin's TLS listener (https), the one to use beside an amqps:// broker.
+MANAGEMENT_TLS_PORT = 15671
 DEFAULT_TIMEOUT_S = 10.0
 
 
@@ -58,8 +61,12 @@ class ManagementTarget:
         if explicit is not None and explicit.get_secret_value():
             mgmt = URL(explicit.get_secret_value())
         else:
-            scheme = "https" if amqp_url.scheme == "amqps" else "http"
-            mgmt = URL.build(scheme=scheme, host=amqp_url.host or "localhost", port=MANAGEMENT_PORT)
+            tls = amqp_url.scheme == "amqps"
+            mgmt = URL.build(
+                scheme="https" if tls else "http",
+                host=amqp_url.host or "localhost",
+                port=MANAGEMENT_TLS_PORT if tls else MANAGEMENT_PORT,
+            )
         user = mgmt.user if mgmt.user is not None else (amqp_url.user or "guest")
         password = mgmt.password if mgmt.password is not None else (amqp_url.password or "guest")
         base = str(mgmt.with_user(None).with_query(None).with_fragment(None)).rstrip("/")
@@ -92,6 +99,13 @@ class Management:
     def qvhost(self) -> str:
         return quote(self.target.vhost, safe="")
 
+    @property
+    def _secret_base(self) -> str:
+        """The base URL with the real credentials: what ``mask_secrets`` looks for in text."""
+        return str(
+            URL(self.target.base).with_user(self.target.user).with_password(self.target.password)
+        )
+
     def _url(self, path: str) -> str:
         return f"{self.target.base}/api{path}"
 
@@ -113,7 +127,7 @@ class Management:
                 status,
             )
         reason = f"{type(exc).__name__}: {exc}" if exc is not None and str(exc) else repr(exc)
-        reason = reason.replace(self.target.password, "******") if self.target.password else reason
+        reason = mask_secrets(reason, self._secret_base)
         return ManagementError(
             f"the management API at {where} is not reachable ({reason}); enable it with "
             f"`rabbitmq-plugins enable rabbitmq_management` or set LEVERET_MANAGEMENT_URL"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
+from urllib.parse import quote
 
 import aio_pika
 import aiormq
@@ -29,6 +30,9 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
+MASK = "******"
+
+
 def mask_url(url: str) -> str:
     """The URL with its password replaced, safe for logs and errors."""
     try:
@@ -36,8 +40,48 @@ def mask_url(url: str) -> str:
     except (TypeError, ValueError):
         return "<unparseable URL>"
     if parsed.password is not None:
-        parsed = parsed.with_password("******")
+        parsed = parsed.with_password(MASK)
     return str(parsed)
+
+
+def _userinfo_spellings(url: str) -> set[tuple[str, str]]:
+    """``(user, password)`` as the URL may appear in text: as configured, percent-encoded and
+    decoded (a client echoing the URL may print either)."""
+    if "://" not in url:
+        return set()
+    try:
+        parsed = URL(url)
+    except (TypeError, ValueError):
+        return set()
+    if not parsed.password:
+        return set()
+    spellings = {
+        (parsed.user or "", parsed.password),
+        (parsed.raw_user or "", parsed.raw_password or ""),
+        (quote(parsed.user or "", safe=""), quote(parsed.password, safe="")),
+    }
+    # The configured text itself, whatever its encoding: between "://" and the last "@".
+    authority = url.split("://", 1)[1].split("/", 1)[0]
+    if "@" in authority:
+        user, sep, password = authority.rsplit("@", 1)[0].partition(":")
+        if sep:
+            spellings.add((user, password))
+    return {(u, p) for u, p in spellings if p}
+
+
+def mask_secrets(text: str, url: str) -> str:
+    """``text`` with the configured URL's ``user:password@`` userinfo masked, nothing else.
+
+    Only the userinfo is replaced, never every occurrence of the password as a bare string: a
+    short password (``p``) would otherwise turn ``wait_exponential`` into
+    ``wait_ex******onential``. A broker or client message only ever contains the password as
+    part of a URL it echoes, which is exactly what this masks (raw and percent-encoded).
+    """
+    for user, password in sorted(
+        _userinfo_spellings(url), key=lambda up: len(up[0]) + len(up[1]), reverse=True
+    ):
+        text = text.replace(f"{user}:{password}@", f"{user}:{MASK}@")
+    return text
 
 
 def _ssl_context(settings: ConnectionSettings) -> ssl.SSLContext:
@@ -55,10 +99,7 @@ def _ssl_context(settings: ConnectionSettings) -> ssl.SSLContext:
 def explain(exc: BaseException, url: str) -> BrokerUnavailable:
     """Turn a low-level connection failure into one clear, password-free error."""
     masked = mask_url(url)
-    password = URL(url).password if "://" in url else None
-    reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-    if password:
-        reason = reason.replace(password, "******")
+    reason = mask_secrets(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__, url)
     if isinstance(
         exc,
         aiormq.exceptions.AuthenticationError | aiormq.exceptions.ProbableAuthenticationError,

@@ -13,7 +13,7 @@ from typing import Any, NoReturn, TypeVar
 import click
 from pydantic import ValidationError
 
-from leveret.producers.connection import mask_url
+from leveret.producers.connection import mask_secrets
 from leveret.topology.errors import LeveretError
 
 from ..errors import ConfigError
@@ -31,17 +31,10 @@ def fail(message: str, code: int = 1) -> NoReturn:
 
 
 def _scrub(text: str) -> str:
-    """Belt and braces: never print the configured password, whatever produced the text."""
+    """Belt and braces: never print the configured URL's credentials, whatever produced the
+    text (only its ``user:password@`` is masked, so the rest of a message stays readable)."""
     url = os.environ.get("LEVERET_AMQP_URL")
-    if url:
-        masked = mask_url(url)
-        text = text.replace(url, masked)
-        from yarl import URL
-
-        with_password = URL(url).password if "://" in url else None
-        if with_password:
-            text = text.replace(with_password, "******")
-    return text
+    return mask_secrets(text, url) if url else text
 
 
 def _settings_error(exc: ValidationError) -> NoReturn:
