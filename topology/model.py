@@ -13,14 +13,15 @@ therefore has a *queue-level* ``x-message-ttl``: everything in it waits exactly 
 head is always the first to expire.
 
 Delays are counted in units of ``DELAY_UNIT_S`` (250 ms) and written in binary. For each bit ``n``
-of ``DELAY_BITS`` (19) there is one retry queue per work queue, ``Q.retry.<ttl>``, whose TTL is
-``2**n`` units (``Q.retry.250ms``, ``Q.retry.500ms``, ``Q.retry.1s`` … ``Q.retry.65536s``). A
-delayed message carries its delay in its routing key, most significant bit first, followed by an
-address: ``0.0.….1.0.1.q.<queue>`` (a retry back to one work queue) or ``….j.<job>`` (a delayed
-publish, routed like the ``jobs`` exchange routes the job name).
+of ``DELAY_BITS`` (27) there is one retry queue per work queue, ``Q.retry.<ttl>``, whose TTL is
+``2**n`` units (``Q.retry.250ms``, ``Q.retry.500ms``, ``Q.retry.1s`` … ``Q.retry.16777216s``). A
+delayed message carries its delay in its routing key, most significant bit first, one word per
+bit (``+`` for 1, ``=`` for 0), followed by an address: ``=.=.….+.=.+.q.<queue>`` (a retry back
+to one work queue) or ``….j.<job>`` (a delayed publish, routed like the ``jobs`` exchange routes
+the job name).
 
 It travels down a chain of topic exchanges, one per bit, shared by all work queues of a vhost
-(``jobs.delay.65536s`` … ``jobs.delay.250ms``, then ``jobs.delay.done``), entering at the
+(``jobs.delay.16777216s`` … ``jobs.delay.250ms``, then ``jobs.delay.done``), entering at the
 exchange of its highest set bit. The exchange for bit
 ``n`` sends the message into ``Q.retry.<2**n units>`` when that bit is 1, and straight on to the
 next exchange when it is 0. A retry queue dead-letters expired messages to the next exchange down
@@ -28,11 +29,28 @@ the chain, keeping the routing key, so the message visits exactly the queues of 
 waits the sum of their TTLs: its delay, rounded *up* to the next 250 ms. ``jobs.delay.done``
 finally routes it to its work queue by address.
 
-So a retry runs no earlier than its backoff and at most 250 ms (plus one broker hop per set
-bit, a few ms) later, for any delay from 0 up to ``MAX_DELAY_S`` (about 36.4 h); the bound the
-project promises, max(1 s, 10 %), holds with room to spare. Each work queue has exactly 19 retry
-queues, whatever its backoff, and a delay of 0 (a DLQ replay) takes the same road without
-waiting anywhere.
+The bound, for any delay from 0 up to ``MAX_DELAY_S`` (2**27 − 1 units, about 388 days, past
+the 366 the contract asks for): the TTLs a message waits sum to a value in
+[delay, delay + 250 ms) (``tests/topology/test_horizon.py`` proves it by summing the TTLs of the
+route for every power-of-two boundary, 0, the maximum and random samples, not by waiting). On
+top of that each set bit costs one dead-letter hop; a message visits at most ``DELAY_BITS``
+queues, so with ``HOP_ALLOWANCE_S`` (25 ms, measured at a few ms on an idle 3.10 broker) per hop
+the lateness is at most 250 ms + 27 × 25 ms = 925 ms: no earlier than due, at most 1 s late at
+normal load. Each work queue has exactly 27 retry queues, whatever its backoff, and a delay of 0
+(a DLQ replay) takes the same road without waiting anywhere.
+
+Why ``+``/``=`` and not ``1``/``0``, and why names stop at 199 characters. The first layout's
+chain had 19 bits (36.4 h) written ``1``/``0``. Redeclaring an existing vhost with more levels
+only *adds* queues, exchanges and bindings; the 19-level bindings stay. Their skip pattern
+(``*.…0…*.#``) would match a 27-word key whose word happens to be ``0`` at that position and
+copy the message down the chain a second time. Bit words that are not ``0``/``1`` and not a
+possible name word (names use ``[A-Za-z0-9_:-]``) can match no old binding, and no old key can
+match a new one, so both formats coexist on one broker: a message already in flight in the old
+format finishes its trip through the old bindings (same queue and exchange names, same
+arguments) and arrives; a new one is never copied (``tests/topology/test_legacy_keys.py``). A
+routing key is at most 255 bytes: 27 × 2 bytes of bits, ``j.`` and the name leave 199 bytes for
+a queue or job name (``_MAX_NAME``). ``delay_address`` reads the address back from a key of
+either format.
 
 One constraint follows: a job name should be served by one work queue per vhost. Retries are
 addressed to a queue and are unaffected, but a delayed *publish* is addressed to a job name,
@@ -45,7 +63,7 @@ Queues for a work queue ``Q``:
 * ``Q``: durable; ``x-max-priority`` (classic) so higher-priority jobs run first; its own
   dead-letter route points at ``Q.dlq`` so a message the broker itself drops (a policy
   ``max-length``, a quorum ``delivery-limit``) is kept there rather than lost.
-* ``Q.retry.<ttl>``: the 19 TTL queues above.
+* ``Q.retry.<ttl>``: the 27 TTL queues above.
 * ``Q.dlq``: durable, no TTL; the worker publishes dead jobs there with confirms.
 
 ``queue_type="quorum"`` switches all three kinds to replicated quorum queues. RabbitMQ 3.x quorum
@@ -63,14 +81,24 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 DELAY_UNIT_S = 0.25
-DELAY_BITS = 19
-MAX_DELAY_S = ((1 << DELAY_BITS) - 1) * DELAY_UNIT_S
+DELAY_BITS = 27
+MAX_DELAY_S = ((1 << DELAY_BITS) - 1) * DELAY_UNIT_S  # 33_554_431.75 s, about 388 days
+# What one dead-letter hop may cost at normal load; DELAY_UNIT_S + DELAY_BITS * HOP_ALLOWANCE_S
+# is the promised lateness bound (925 ms, under 1 s).
+HOP_ALLOWANCE_S = 0.025
+MAX_LATENESS_S = DELAY_UNIT_S + DELAY_BITS * HOP_ALLOWANCE_S
+BIT_SET = "+"
+BIT_CLEAR = "="
+# The first layout: 19 bits written "1"/"0". Only read (``delay_address``), never written.
+LEGACY_DELAY_BITS = 19
+MAX_ROUTING_KEY = 255
 DEFAULT_MAX_PRIORITY = 10
 QUORUM_DELIVERY_LIMIT = 20
 
 # Words of a topic routing key: no '*', '#' or empty words, so a name is matched literally.
 _NAME = re.compile(r"^[A-Za-z0-9_:-]+(\.[A-Za-z0-9_:-]+)*$")
-_MAX_NAME = 200
+# 255 bytes of routing key - 27 bit words of 2 bytes - "j." = 199 (see the module docstring).
+_MAX_NAME = MAX_ROUTING_KEY - 2 * DELAY_BITS - 2
 
 QueueType = Literal["classic", "quorum"]
 
@@ -114,7 +142,7 @@ def delay_units(delay_s: float) -> int:
     if delay_s > MAX_DELAY_S:
         raise ValueError(
             f"a delay of {delay_s:g} s is longer than the longest Leveret supports "
-            f"({MAX_DELAY_S:g} s, about 36 h); schedule it outside the broker"
+            f"({MAX_DELAY_S:g} s, about {MAX_DELAY_S / 86_400:.0f} days)"
         )
     # The small epsilon keeps 1.0 s at exactly 4 units despite float noise.
     return math.ceil(delay_s / DELAY_UNIT_S - 1e-9)
@@ -127,7 +155,24 @@ def delay_levels(delay_s: float) -> list[int]:
 
 
 def _bits_key(units: int) -> str:
-    return ".".join("1" if units >> n & 1 else "0" for n in reversed(range(DELAY_BITS)))
+    return ".".join(BIT_SET if units >> n & 1 else BIT_CLEAR for n in reversed(range(DELAY_BITS)))
+
+
+def delay_address(routing_key: str) -> tuple[str, str] | None:
+    """``("q", queue)`` or ``("j", job)`` for a key of the delay chain, else ``None``.
+
+    Reads both the current format and the first layout's 19 ``1``/``0`` words, so a message
+    that was in flight when a vhost was upgraded is still understood when it arrives.
+    """
+    words = routing_key.split(".")
+    for bits, alphabet in ((DELAY_BITS, (BIT_SET, BIT_CLEAR)), (LEGACY_DELAY_BITS, ("1", "0"))):
+        if (
+            len(words) > bits + 1
+            and words[bits] in ("q", "j")
+            and all(w in alphabet for w in words[:bits])
+        ):
+            return words[bits], ".".join(words[bits + 1 :])
+    return None
 
 
 def _route(exchange: str, delay_s: float, address: str) -> tuple[str, str]:
@@ -294,7 +339,7 @@ class Topology(BaseModel):
             BindingDecl(
                 delay_exchange_name(ex, n),
                 delay_exchange_name(ex, n - 1),
-                _level_pattern(n, "0", "#"),
+                _level_pattern(n, BIT_CLEAR, "#"),
                 "exchange",
             )
             for n in range(DELAY_BITS - 1, -1, -1)
@@ -308,7 +353,7 @@ class Topology(BaseModel):
                     BindingDecl(
                         delay_exchange_name(ex, n),
                         retry_queue_name(q.name, n),
-                        _level_pattern(n, "1", addr),
+                        _level_pattern(n, BIT_SET, addr),
                     )
                     for addr in addresses
                 )

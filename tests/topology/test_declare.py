@@ -7,6 +7,7 @@ import pytest
 
 from leveret.producers import Publisher
 from leveret.topology import (
+    DELAY_BITS,
     QueueMismatchError,
     Topology,
     WorkQueue,
@@ -44,7 +45,7 @@ async def test_declaring_twice_changes_nothing(broker: Broker) -> None:
     finally:
         await connection.close()
     assert first == second
-    assert len(first[0]) == 21
+    assert len(first[0]) == 2 + DELAY_BITS == 29
     assert (("jobs", name, f"{name}-a")) in first[1]
 
 
