@@ -435,6 +435,10 @@ class DeadLetters:
         failures: list[str] = []
         gate = asyncio.Semaphore(self.in_flight)
         pending: set[asyncio.Task[None]] = set()
+        # The client matches a returned publish to its confirm by message_id: two copies of one
+        # id in flight could swap returns, and a returned copy would count as moved (and its DLQ
+        # copy be acked, lost). So a copy whose id is in flight waits for the earlier one.
+        by_id: dict[str | None, asyncio.Task[None]] = {}
 
         async def move(scan: _Scan, delivery: _Delivery) -> None:
             nonlocal moved
@@ -471,10 +475,20 @@ class DeadLetters:
                         continue
                     selected += 1
                     if not dry_run:
+                        earlier = by_id.get(delivery.dead.id)
+                        if earlier is not None and not earlier.done():
+                            await asyncio.wait({earlier})
                         await gate.acquire()
                         task = asyncio.create_task(move(scan, delivery))
                         pending.add(task)
                         task.add_done_callback(pending.discard)
+                        if delivery.dead.id is not None:  # no id: the client makes a fresh one
+                            by_id[delivery.dead.id] = task
+                            task.add_done_callback(
+                                lambda t, key=delivery.dead.id: (
+                                    by_id.pop(key, None) if by_id.get(key) is t else None
+                                )
+                            )
                     if limit is not None and selected >= limit:
                         break
                 if pending:

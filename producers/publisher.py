@@ -7,6 +7,12 @@ broker confirmed.
 
 Concurrent ``publish`` calls share one channel and are pipelined: each waits only for its own
 confirm, so a thousand tasks publishing at once need one round trip, not a thousand.
+
+Ids are unique in flight. The AMQP client matches a ``basic.return`` to its publish by
+``message_id`` (a return carries no delivery tag), so two publishes in flight with one id could
+get each other's return: the unroutable one would report success. ``publish_many`` refuses a
+batch that repeats an id, and a ``publish`` whose id is already in flight waits for the earlier
+one's confirm before it is sent.
 """
 
 from __future__ import annotations
@@ -64,6 +70,8 @@ class Publisher:
         self._published_children: dict[str, Any] = {}
         self._connection: AbstractRobustConnection | None = None
         self._channel: AbstractChannel | None = None
+        # message_id -> settled when that publish's confirm (or failure) is in.
+        self._in_flight: dict[str, asyncio.Event] = {}
 
     def __repr__(self) -> str:
         return f"Publisher({mask_url(self.settings.amqp_url.get_secret_value())!r})"
@@ -116,6 +124,7 @@ class Publisher:
         queued).
         """
         prepared = []
+        seen: set[str] = set()
         for item in jobs:
             if isinstance(item, Job):
                 job = item.job
@@ -125,6 +134,13 @@ class Publisher:
             else:  # (job, payload): no model to build per job on the hot path
                 job, payload = item
                 parts = self._prepare(job, payload, None, None, None, None)
+            message_id = parts[1].message_id
+            if message_id in seen:
+                raise ValueError(
+                    f"job id {message_id!r} appears twice in one publish_many batch: ids must be "
+                    f"unique (the broker's return of an unroutable job is matched by id)"
+                )
+            seen.add(message_id)  # type: ignore[arg-type]
             prepared.append((*parts, job))
         results = await asyncio.gather(
             *(self._send(job, body, props, ex, rk) for body, props, ex, rk, job in prepared),
@@ -166,6 +182,25 @@ class Publisher:
     ) -> None:
         if self._channel is None:
             raise RuntimeError("Publisher is not connected: use `async with Publisher(...)`")
+        message_id: str = properties.message_id  # type: ignore[assignment]
+        while (earlier := self._in_flight.get(message_id)) is not None:
+            await earlier.wait()
+        settled = self._in_flight[message_id] = asyncio.Event()
+        try:
+            await self._send_unique(job, body, properties, exchange, routing_key)
+        finally:
+            del self._in_flight[message_id]
+            settled.set()
+
+    async def _send_unique(
+        self,
+        job: str,
+        body: bytes,
+        properties: Basic.Properties,
+        exchange: str,
+        routing_key: str,
+    ) -> None:
+        assert self._channel is not None
         try:
             async with asyncio.timeout(self._timeout):
                 channel = await self._channel.get_underlay_channel()
