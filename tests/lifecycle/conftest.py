@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from leveret.producers.status import MemoryStatusStore, RedisStatusStore, StatusStore
 
@@ -73,8 +75,11 @@ class PrivateRedis:
         """Shut down, saving the data set first (``SHUTDOWN SAVE``)."""
         if self.process is None:
             return
+        # No client retries: the server closing the connection is the answer to SHUTDOWN.
+        client = redis.Redis(port=self.port, retry=Retry(NoBackoff(), 0))
         with contextlib.suppress(redis.ConnectionError):
-            redis.Redis(port=self.port).shutdown(save=True)
+            client.shutdown(save=True)
+        client.close()
         try:
             self.process.wait(10)
         except subprocess.TimeoutExpired:
