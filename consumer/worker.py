@@ -468,7 +468,6 @@ class Worker:
                 log.warning("job_id_assigned", job_id=job_id, queue=queue,
                             reason="message arrived without message_id")  # fmt: skip
             await self._process(session, queue, message, name, job_id)
-            self._settle_failures.pop(job_id, None)
         except asyncio.CancelledError:
             # Shutdown grace ran out: give the job back unburnt. Cancelled because the channel
             # went away (aiormq cancels consumers before our `lost` flag is set, e.g. when the
@@ -665,8 +664,11 @@ class Worker:
         children.duration.observe(duration)
         in_progress.dec()
 
+        # Each outcome below forgets the job's failed settles once it is out (a redelivery
+        # guard's requeue is no outcome, so the backoff keeps growing across those).
         if error is None:
             session.acker.ack(message.delivery.delivery_tag)
+            self._settle_failures.pop(job_id, None)
             children.succeeded.inc()
             self._counts[SUCCEEDED] += 1
             log.debug("job_succeeded", duration_s=round(duration, 6))
@@ -677,6 +679,7 @@ class Worker:
             reason = "rejected" if rejected else "exhausted"
             await settler.dead_letter(message, queue, spec.name, job_id, reason=reason,
                                       error=described, attempts=attempt)  # fmt: skip
+            self._settle_failures.pop(job_id, None)
             children.dead_lettered.inc()
             self._counts[DEAD_LETTERED] += 1
             # A rejection is the handler's own decision; running out of attempts is a failure.
@@ -688,6 +691,7 @@ class Worker:
         else:
             delay = self._retry_delay(spec, attempt, error, described)
             await settler.retry(message, queue, spec.name, job_id, attempt, delay)
+            self._settle_failures.pop(job_id, None)
             children.retried.inc()
             self._counts[RETRIED] += 1
             log.warning("job_retried", error=described, retry_in_s=round(delay, 3),
@@ -723,6 +727,7 @@ class Worker:
         await session.settler.dead_letter(
             message, queue, name or "", job_id, reason=reason, error=error, attempts=attempts
         )
+        self._settle_failures.pop(job_id, None)
         self._children_for(queue, label).dead_lettered.inc()
         self._counts[DEAD_LETTERED] += 1
         log.error("job_dead_lettered", job_id=job_id, job=label, queue=queue, reason=reason,
