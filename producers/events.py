@@ -208,8 +208,12 @@ def _refuse_constant(name: str) -> None:
 def parse_event(body: bytes | str) -> JobEvent:
     """Validate an event body; any defect becomes one ``InvalidEvent`` with a readable reason."""
     try:
-        data = json.loads(body, parse_constant=_refuse_constant)
-    except (UnicodeDecodeError, ValueError) as exc:
+        text = body.decode("utf-8") if isinstance(body, bytes) else body
+    except UnicodeDecodeError as exc:
+        raise InvalidEvent(f"event body is not UTF-8 JSON: {exc}") from None
+    try:
+        data = json.loads(text, parse_constant=_refuse_constant)
+    except ValueError as exc:
         raise InvalidEvent(f"event body is not JSON: {exc}") from None
     if not isinstance(data, dict):
         raise InvalidEvent(f"event body is a JSON {type(data).__name__}, not an object")

@@ -108,7 +108,8 @@ def test_parse_round_trip() -> None:
 @pytest.mark.parametrize(
     ("body", "reason"),
     [
-        (b"\xff\xfe", "not JSON"),
+        (b"\xff\xfe", "not UTF-8 JSON"),
+        (b"\x00 nothing", "not JSON"),
         (b"{not json", "not JSON"),
         (b"[1, 2]", "JSON list, not an object"),
         (b'{"job_id": "a"}', "job:"),
