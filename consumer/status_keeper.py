@@ -33,6 +33,7 @@ from aio_pika.abc import (
     AbstractIncomingMessage,
     AbstractQueue,
 )
+from aiormq.abc import FieldTable
 
 from leveret.producers.events import InvalidEvent, events_exchange, parse_event
 from leveret.producers.status import StatusStore, StatusStoreUnavailable
@@ -97,7 +98,9 @@ class StatusKeeper:
         channel = await self.connection.channel()
         await channel.set_qos(prefetch_count=self.prefetch)
         exchange = await channel.declare_exchange(self.exchange, ExchangeType.TOPIC, durable=True)
-        arguments = {"x-queue-type": "quorum"} if self.queue_type == "quorum" else None
+        arguments: FieldTable | None = (
+            {"x-queue-type": "quorum"} if self.queue_type == "quorum" else None
+        )
         queue = await channel.declare_queue(self.queue_name, durable=True, arguments=arguments)
         await queue.bind(exchange, "#")
         self._channel, self._queue = channel, queue

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime, timedelta, timezone
+from typing import Any
 
 import pytest
 from pydantic import BaseModel
@@ -24,7 +25,7 @@ from leveret.producers.events import (
 from leveret.producers.lifecycle_settings import LifecycleSettings
 from leveret.topology.errors import LeveretError
 
-BASE = {"job_id": "id-1", "job": "send_email", "queue": "mail"}
+BASE: dict[str, Any] = {"job_id": "id-1", "job": "send_email", "queue": "mail"}
 
 
 def test_names() -> None:

@@ -13,7 +13,7 @@ import pytest
 from aio_pika.abc import AbstractRobustConnection
 
 from leveret.consumer.status_keeper import StatusKeeper, status_queue_name
-from leveret.producers.events import build_event, events_exchange, routing_key
+from leveret.producers.events import EventState, build_event, events_exchange, routing_key
 from leveret.producers.status import MemoryStatusStore, RedisStatusStore, StatusStore
 from tests.support import Broker, unique, wait_for
 
@@ -46,10 +46,10 @@ class Events:
         )
         await self._exchange.publish(message, routing_key=key)
 
-    async def publish(self, job_id: str, state: str, attempt: int, **extra: Any) -> None:
+    async def publish(self, job_id: str, state: EventState, attempt: int, **extra: Any) -> None:
         body = build_event(
             job_id=job_id, job="resize", queue="images", state=state, attempt=attempt, **extra
-        )  # type: ignore[arg-type]
+        )
         await self.publish_raw(body, routing_key("resize", state))
 
 
@@ -200,7 +200,7 @@ async def test_several_keepers_on_one_queue(
         for keeper in keepers:
             await keeper.start()
         events = Events(connection, exchange)
-        history = [
+        history: list[tuple[EventState, int, dict[str, Any]]] = [
             ("started", 1, {}),
             ("progress", 1, {"progress": 0.5}),
             ("retrying", 1, {"error": "E"}),
@@ -209,7 +209,7 @@ async def test_several_keepers_on_one_queue(
         ]
         try:
             rng = random.Random(3)
-            sends = [(f"job-{j}", *step) for j in range(30) for step in history]
+            sends = [(f"job-{j}", s, a, x) for j in range(30) for s, a, x in history]
             rng.shuffle(sends)
             await asyncio.gather(*(events.publish(j, s, a, **x) for j, s, a, x in sends))
             for j in range(30):
