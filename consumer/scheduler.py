@@ -1,0 +1,375 @@
+"""Fire an app's schedules once per tick however many replicas run, through the broker only.
+
+Leadership is RabbitMQ's *single active consumer*: every process consumes one durable queue,
+``<exchange>.scheduler.<app>``, declared with ``x-single-active-consumer``; the broker delivers
+to one consumer at a time and, when that consumer's channel dies (SIGKILL closes its socket),
+hands its unacked messages to the next. The queue holds one *token* message whose JSON body is
+the schedule state: the last fired tick per schedule, and a heartbeat (when a live leader last
+wrote it).
+
+* Whoever receives a token leads. It keeps the token unacked while it leads; nobody else can
+  have it.
+* To fire a tick: publish the job (confirms, mandatory, wire format of
+  ``leveret.producers.message``, job id ``<name>@<tick>``), then publish the updated token
+  (confirmed), then ack the tokens it held. A crash between the two publishes leaves the old
+  token, so the next leader publishes that tick again under the same id: at most one double
+  publish per takeover. A crash between the new token and the ack leaves two tokens; the next
+  leader merges them (newest tick per schedule) and acks both once it has written its own.
+* Every ``heartbeat_s`` the leader rewrites the token with the time, so a successor can tell a
+  takeover (it was standing by while the old leader lived: every tick due since is fired) from
+  a time when nothing ran (the ticks between the last heartbeat and its own start are
+  *missed*: ``missed="once"`` fires the most recent of them, under its own tick time;
+  ``"skip"`` fires none).
+* Bootstrap: a process that finds no ready message in the queue when it starts publishes an
+  empty token. If a leader already holds the real one, the extra arrives at that leader (the
+  active consumer), which merges it (nothing to take) and acks it; two processes bootstrapping
+  at once give two tokens that the first leader merges the same way. A schedule the state does
+  not know yet starts from "now": it does not fire its past.
+
+The app identity (the queue's last word) is ``name`` when given, else ``s-`` and 12 hex digits
+of a hash of the sorted schedule names: every replica of one app computes the same value
+without configuration, two apps with different schedules on one vhost do not share a leader,
+and changing a schedule's expression keeps its state. A ``Worker`` has no name of its own today;
+pass ``name=`` to keep the state when renaming schedules.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime, timedelta
+
+import aio_pika
+import aiormq
+import structlog
+from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
+from pamqp.commands import Basic
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge
+
+from leveret.producers.message import (
+    CONTENT_TYPE,
+    PERSISTENT,
+    encode_payload,
+    job_properties,
+)
+from leveret.topology.model import MAX_ROUTING_KEY, check_name
+
+from .errors import ConfigError
+from .schedules import Schedule, format_tick, parse_tick
+
+log = structlog.get_logger("leveret.scheduler")
+
+Connect = Callable[[], Awaitable[AbstractConnection]]
+_US = timedelta(microseconds=1)
+TOKEN_TYPE = "leveret.scheduler.token"
+
+
+def app_identity(schedules: Sequence[Schedule]) -> str:
+    names = "\n".join(sorted(s.name for s in schedules))
+    return "s-" + hashlib.sha256(names.encode()).hexdigest()[:12]
+
+
+def scheduler_queue_name(exchange: str, app: str) -> str:
+    return f"{exchange}.scheduler.{app}"
+
+
+class Scheduler:
+    """Takes part in leader election for ``schedules``; fires them while it leads.
+
+    ``connect`` is a URL or a coroutine function returning a fresh connection; the scheduler
+    owns the connections it opens (a dead session reconnects after ``reconnect_s``).
+    """
+
+    def __init__(
+        self,
+        connect: str | Connect,
+        schedules: Sequence[Schedule],
+        *,
+        exchange: str = "jobs",
+        name: str | None = None,
+        registry: CollectorRegistry | None = None,
+        heartbeat_s: float = 0.5,
+        publish_timeout: float = 10.0,
+        reconnect_s: float = 1.0,
+    ) -> None:
+        self._connect: Connect = (
+            (lambda: aio_pika.connect(connect)) if isinstance(connect, str) else connect
+        )
+        self.schedules = {s.name: s for s in schedules}
+        if len(self.schedules) != len(schedules):
+            raise ConfigError("two schedules share a name")
+        self.exchange = exchange
+        self.app = check_name("scheduler", name) if name else app_identity(schedules)
+        self.queue = scheduler_queue_name(exchange, self.app)
+        if len(self.queue.encode()) > MAX_ROUTING_KEY:
+            raise ConfigError(f"scheduler queue name {self.queue!r} is over 255 bytes")
+        self.heartbeat_s = heartbeat_s
+        self.publish_timeout = publish_timeout
+        self.reconnect_s = reconnect_s
+        registry = registry if registry is not None else REGISTRY
+        self._leader_gauge = Gauge(
+            "leveret_scheduler_leader",
+            "1 while this process fires the app's schedules, else 0.",
+            registry=registry,
+        )
+        self._ticks = Counter(
+            "leveret_schedule_ticks_total",
+            "Schedule ticks this process published.",
+            ["schedule"],
+            registry=registry,
+        )
+        self._stopping = asyncio.Event()
+        self._leader = False
+        # Session state.
+        self._state: dict[str, datetime] = {}
+        self._held: list[AbstractIncomingMessage] = []
+        self._mine: set[str] = set()
+        self._dirty = False
+        self._window: tuple[datetime, datetime] | None = None
+        self._last_write = 0.0
+
+    @property
+    def is_leader(self) -> bool:
+        return self._leader
+
+    def _set_leader(self, leader: bool) -> None:
+        if leader != self._leader:
+            self._leader = leader
+            self._leader_gauge.set(1 if leader else 0)
+            log.info("scheduler_leader", leader=leader, scheduler=self.app, queue=self.queue)
+
+    async def run(self) -> None:
+        """Take part until ``stop()``; a lost connection is retried, losing the lead."""
+        while not self._stopping.is_set():
+            try:
+                await self._session()
+            except (aiormq.exceptions.AMQPError, ConnectionError, OSError, TimeoutError) as exc:
+                log.warning("scheduler_disconnected", scheduler=self.app, error=repr(exc))
+            finally:
+                self._set_leader(False)
+            if not self._stopping.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), self.reconnect_s)
+
+    def stop(self) -> None:
+        """Ask ``run`` to return; a leader writes a last heartbeat first."""
+        self._stopping.set()
+
+    # -- one connection ---------------------------------------------------------------------
+
+    async def _session(self) -> None:
+        connection = await self._connect()
+        self._state, self._held, self._mine = {}, [], set()
+        self._dirty, self._window = False, None
+        try:
+            channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+            await channel.set_qos(prefetch_count=100)
+            queue = await channel.declare_queue(
+                self.queue, durable=True, arguments={"x-single-active-consumer": True}
+            )
+            standby_since = datetime.now(UTC)
+            inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
+            await queue.consume(inbox.put, no_ack=False)
+            log.info("scheduler_standby", scheduler=self.app, since=format_tick(standby_since))
+            if not (queue.declaration_result.message_count or 0):
+                await self._write_token(channel, bootstrap=True)
+            await self._loop(channel, inbox, standby_since)
+            if self._leader and not connection.is_closed:
+                await self._write_token(channel)  # a last heartbeat: H is exact after a stop
+        finally:
+            with contextlib.suppress(Exception):
+                await connection.close()
+
+    async def _loop(
+        self,
+        channel: AbstractChannel,
+        inbox: asyncio.Queue[AbstractIncomingMessage],
+        standby_since: datetime,
+    ) -> None:
+        stop = asyncio.ensure_future(self._stopping.wait())
+        try:
+            while not self._stopping.is_set():
+                if channel.is_closed:
+                    raise ConnectionError("scheduler channel closed")
+                timeout = self._sleep_for()
+                got = asyncio.ensure_future(inbox.get())
+                done, _ = await asyncio.wait(
+                    {got, stop}, timeout=timeout, return_when="FIRST_COMPLETED"
+                )
+                if got in done:
+                    if self._take(got.result(), standby_since):
+                        # Foreign tokens come in a burst at a takeover (a dead leader may have
+                        # held two): gather them before firing anything.
+                        with contextlib.suppress(TimeoutError):
+                            while True:
+                                message = await asyncio.wait_for(inbox.get(), 0.2)
+                                self._take(message, standby_since)
+                else:
+                    got.cancel()
+                if self._leader:
+                    await self._fire_due(channel)
+                    if self._dirty or time.monotonic() - self._last_write >= self.heartbeat_s:
+                        await self._write_token(channel)
+        finally:
+            stop.cancel()
+
+    def _sleep_for(self) -> float:
+        if not self._leader:
+            return 1.0
+        now = datetime.now(UTC)
+        nearest = min(
+            (s.next_after(self._state.get(n, now)) for n, s in self.schedules.items()),
+            default=now + timedelta(seconds=self.heartbeat_s),
+        )
+        until_tick = (nearest - now).total_seconds()
+        until_beat = self.heartbeat_s - (time.monotonic() - self._last_write)
+        return max(0.0, min(until_tick, until_beat))
+
+    # -- tokens ------------------------------------------------------------------------------
+
+    def _take(self, message: AbstractIncomingMessage, standby_since: datetime) -> bool:
+        """A token arrived: we lead. Merge its state; a foreign one is rewritten and acked.
+
+        Returns whether it was foreign (not one this session wrote).
+        """
+        self._held.append(message)
+        try:
+            body = json.loads(message.body)
+            ticks = {k: parse_tick(v) for k, v in body.get("ticks", {}).items()}
+            heartbeat = body.get("heartbeat")
+        except (ValueError, TypeError, AttributeError):
+            log.warning("scheduler_token_unreadable", scheduler=self.app)
+            ticks, heartbeat = {}, None
+        for name, tick in ticks.items():
+            if name not in self._state or tick > self._state[name]:
+                self._state[name] = tick
+        mine = message.message_id in self._mine
+        if not mine:
+            self._dirty = True
+            if heartbeat is not None:
+                beat = datetime.fromtimestamp(float(heartbeat), UTC)
+                if beat < standby_since and (self._window is None or beat > self._window[0]):
+                    self._window = (beat, standby_since)
+                elif beat >= standby_since:
+                    self._window = None  # a leader lived while we stood by: a takeover
+        if not self._leader:
+            self._set_leader(True)
+        return not mine
+
+    async def _write_token(self, channel: AbstractChannel, *, bootstrap: bool = False) -> None:
+        """Publish the state (confirmed), then ack every token held: it supersedes them."""
+        token_id = str(uuid.uuid4())
+        body = {
+            "ticks": {} if bootstrap else {k: format_tick(v) for k, v in self._state.items()},
+            "heartbeat": None if bootstrap else time.time(),
+        }
+        self._mine.add(token_id)
+        properties = Basic.Properties(
+            content_type=CONTENT_TYPE,
+            delivery_mode=PERSISTENT,
+            message_id=token_id,
+            message_type=TOKEN_TYPE,
+        )
+        await self._publish(channel, json.dumps(body).encode(), "", self.queue, properties)
+        if bootstrap:
+            return
+        held, self._held = self._held, []
+        for message in held:
+            await message.ack()
+        self._dirty = False
+        self._last_write = time.monotonic()
+
+    async def _publish(
+        self,
+        channel: AbstractChannel,
+        body: bytes,
+        exchange: str,
+        routing_key: str,
+        properties: Basic.Properties,
+    ) -> None:
+        underlay = await channel.get_underlay_channel()
+        async with asyncio.timeout(self.publish_timeout):
+            confirmation = await underlay.basic_publish(
+                body,
+                exchange=exchange,
+                routing_key=routing_key,
+                properties=properties,
+                mandatory=True,
+            )
+        if not isinstance(confirmation, Basic.Ack):
+            raise ConnectionError(f"the broker refused a scheduler publish to {routing_key!r}")
+
+    # -- firing ------------------------------------------------------------------------------
+
+    def _plan(self, schedule: Schedule, now: datetime) -> tuple[list[datetime], datetime]:
+        """The ticks to publish now, oldest first, and the state to record afterwards."""
+        last = self._state.get(schedule.name)
+        if last is None:  # new to the state: start from now, fire nothing of the past
+            return [], schedule.latest_at_or_before(now) or now
+        if self._window is None:
+            return schedule.ticks_between(last, now), last
+        beat, since = self._window
+        fire = schedule.ticks_between(last, min(beat, now))  # the old leader lived: its ticks
+        missed_from = max(last, beat)
+        newest_missed = schedule.latest_at_or_before(since - _US)
+        record = last
+        if newest_missed is not None and newest_missed > missed_from:
+            if schedule.missed == "once":
+                fire.append(newest_missed)
+                log.info(
+                    "schedule_missed",
+                    schedule=schedule.name,
+                    fired=format_tick(newest_missed),
+                    policy="once",
+                )
+            else:
+                log.info("schedule_missed", schedule=schedule.name, policy="skip")
+                record = newest_missed
+        after = max([record, *fire, since - _US])
+        fire += schedule.ticks_between(after, now)
+        return fire, record
+
+    async def _fire_due(self, channel: AbstractChannel) -> None:
+        now = datetime.now(UTC)
+        for schedule in self.schedules.values():
+            fire, record = self._plan(schedule, now)
+            if record != self._state.get(schedule.name):
+                self._state[schedule.name] = record
+                self._dirty = True
+            for tick in fire:
+                await self._fire(channel, schedule, tick)
+                self._state[schedule.name] = tick
+                await self._write_token(channel)
+        self._window = None
+
+    async def _fire(self, channel: AbstractChannel, schedule: Schedule, tick: datetime) -> None:
+        job_id = schedule.job_id(tick)
+        body = encode_payload(dict(schedule.payload))
+        try:
+            await self._publish(
+                channel,
+                body,
+                self.exchange,
+                schedule.job,
+                job_properties(schedule.job, job_id),
+            )
+        except aiormq.exceptions.PublishError:
+            # No queue is bound for the job: nothing could ever take this tick. Counted as
+            # fired (the next tick would hit the same wall), and said loudly.
+            log.error(
+                "schedule_unroutable", schedule=schedule.name, job=schedule.job, job_id=job_id
+            )
+        self._ticks.labels(schedule=schedule.name).inc()
+        log.info(
+            "schedule_fired",
+            schedule=schedule.name,
+            job=schedule.job,
+            tick=format_tick(tick),
+            job_id=job_id,
+            late_s=round((datetime.now(UTC) - tick).total_seconds(), 3),
+        )
