@@ -13,14 +13,19 @@ from leveret.producers.settings import ConnectionSettings
 class WorkerSettings(ConnectionSettings):
     model_config = SettingsConfigDict(env_prefix="LEVERET_", frozen=True, extra="ignore")
 
-    # The most jobs one worker holds unacknowledged at once: its concurrency.
+    # The most jobs one worker holds unacknowledged at once: its concurrency. Set per consumer
+    # (never global QoS); with several queues each gets max(1, prefetch // queues).
     prefetch: int = Field(default=50, ge=1, le=65535)
     metrics_port: int = Field(default=9808, ge=0, le=65535)
     metrics_host: str = "0.0.0.0"
     shutdown_grace: float = Field(default=30.0, ge=0)
     management_url: SecretStr | None = None
     log_level: Literal["debug", "info", "warning", "error"] = "info"
-    # Bodies above this are dead-lettered as invalid instead of being parsed.
+    # Bodies above this are dead-lettered as invalid instead of being parsed. It bounds
+    # parsing, not memory: aiormq has read the whole body before the worker sees it, so the
+    # memory held in bodies is bounded by prefetch x the broker's max_message_size (128 MiB on
+    # RabbitMQ 3.x: 6.4 GiB at the default prefetch). Set max_message_size on the broker to
+    # make this a real bound (docs/reliability.md, "Limits").
     max_body_bytes: int = Field(default=1_048_576, ge=1)
     queue_type: Literal["classic", "quorum"] = "classic"
     # Deliveries of one message (broker redeliveries, e.g. after crashes) before it is

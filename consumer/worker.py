@@ -135,7 +135,14 @@ class Worker:
         backoff: Backoff = DEFAULT_BACKOFF,
         timeout: float | None = None,
     ) -> Callable[[F], F]:
-        """Register a handler; the function is returned unchanged so tests can call it."""
+        """Register a handler; the function is returned unchanged so tests can call it.
+
+        ``timeout`` cancels an ``async`` handler. A plain ``def`` handler cannot be stopped
+        (Python has no way to stop a thread): at its timeout the worker stops waiting and
+        retries or dead-letters the job, but the function runs on in its thread until it
+        returns, possibly beside its own retry. The timeout counts from when a thread starts
+        the job. See ``JobThreads`` and docs/reliability.md, "Limits".
+        """
 
         def register(fn: F) -> F:
             self.jobs.add(fn, name, queue, max_attempts, backoff, timeout)
