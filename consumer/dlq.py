@@ -506,12 +506,22 @@ class DeadLetters:
             )
         return moved
 
-    async def purge(self, where: Filter | None = None, ids: Iterable[str] = ()) -> int:
-        """Delete matching jobs (all of them without a filter); returns how many."""
+    async def purge(
+        self,
+        where: Filter | None = None,
+        ids: Iterable[str] = (),
+        limit: int | None = None,
+        *,
+        dry_run: bool = False,
+    ) -> int:
+        """Delete matching jobs (all of them without a filter), the oldest first and at most
+        ``limit``; returns how many (or, with ``dry_run``, how many would go)."""
         where = where or Filter()
         if ids:
             where = Filter(frozenset(ids), where.job, where.reason, where.older_than_s, where.now)
-        if where.empty:
+        if where.empty and limit is None:
+            if dry_run:
+                return await self.depth()
             channel = await self._channel()
             try:
                 ok = await channel.queue_purge(self.dlq)
@@ -519,9 +529,12 @@ class DeadLetters:
             finally:
                 await self._close(channel)
         deleted = 0
-        async with self._scan() as scan:
+        async with self._scan(limit if where.empty else None) as scan:
             async for delivery in scan.deliveries(self.page_size, self.idle_timeout_s):
                 if where.matches(delivery.dead):
-                    await scan.ack(delivery.tag)
+                    if not dry_run:
+                        await scan.ack(delivery.tag)
                     deleted += 1
+                    if limit is not None and deleted >= limit:
+                        break
         return deleted

@@ -1,4 +1,8 @@
-"""``leveret dlq list|replay|purge Q``: what failed, why, and running it again."""
+"""``leveret dlq list|replay|purge Q``: what failed, why, and running it again.
+
+Commands that "print how many" print the number alone on stdout (scripts read it); the sentence
+saying what it means goes to stderr.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +10,14 @@ import contextlib
 import json
 import sys
 from collections.abc import Callable
+from typing import Any
 
 import click
+from rich.table import Table
 
 from ..dlq import DeadJob, DeadLetters, Filter, parse_duration
 from .common import command_setup, fail, load_settings, run_async
-
-_ERROR_WIDTH = 60
+from .tables import plain_table, print_table
 
 
 def _progress(verb: str) -> Callable[[int, int], None] | None:
@@ -29,23 +34,68 @@ def _progress(verb: str) -> Callable[[int, int], None] | None:
     return show
 
 
-def _cell(value: object, width: int | None = None) -> str:
-    text = "-" if value is None else str(value)
-    if width is not None and len(text) > width:
-        text = text[: width - 1] + "…"
-    return text
+def _cell(value: object) -> str:
+    return "-" if value is None else str(value)
 
 
-def _table_line(dead: DeadJob, widths: list[int]) -> str:
-    cells = [
+def dead_jobs_table() -> Table:
+    """ID, job, attempts, reason, when, and the error: long cells fold, none is dropped.
+
+    No ``min_width`` on the error column: rich (15.0) wraps a cell to its ``min_width`` and
+    then crops it to the narrower width a small terminal leaves, losing letters; folding to
+    the width it gets keeps every character.
+    """
+    table = plain_table()
+    table.add_column("ID", overflow="fold")
+    table.add_column("JOB", overflow="fold")
+    table.add_column("ATTEMPTS", justify="right", no_wrap=True)
+    table.add_column("REASON", overflow="fold")
+    table.add_column("DIED AT", overflow="fold")
+    table.add_column("ERROR", overflow="fold")
+    return table
+
+
+def add_dead_job(table: Table, dead: DeadJob) -> None:
+    error = dead.error.replace("\r", " ").replace("\n", " ") if dead.error else None
+    table.add_row(
         _cell(dead.id),
         _cell(dead.job),
         _cell(dead.attempts),
         _cell(dead.reason),
         _cell(dead.died_at),
-        _cell(dead.error, _ERROR_WIDTH),
+        _cell(error),
+    )
+
+
+def _filters(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """The selection ``replay`` and ``purge`` share; every given criterion must hold."""
+    options = [
+        click.option("--id", "ids", multiple=True, help="Only this job id (repeatable)."),
+        click.option("--job", help="Only jobs of this name."),
+        click.option(
+            "--reason", help="Only this x-reason (exhausted, rejected, invalid, unknown_job)."
+        ),
+        click.option(
+            "--older-than",
+            metavar="DURATION",
+            help="Only jobs that died longer ago than this: 90s, 30m, 2h, 7d.",
+        ),
+        click.option("--limit", type=click.IntRange(1), help="At most N jobs (the oldest first)."),
+        click.option("--dry-run", is_flag=True, help="Count what would be done; change nothing."),
     ]
-    return "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=False)).rstrip()
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _where(
+    ids: tuple[str, ...], job: str | None, reason: str | None, older_than: str | None
+) -> Filter:
+    try:
+        older_than_s = parse_duration(older_than) if older_than is not None else None
+    except ValueError as exc:
+        fail(str(exc))
+    return Filter(ids=frozenset(ids), job=job, reason=reason, older_than_s=older_than_s)
 
 
 @click.group()
@@ -75,24 +125,29 @@ def list_(
 ) -> None:
     """List the dead jobs of work queue QUEUE: id, job, attempts, reason, when, error."""
     settings = load_settings()
-    widths = [36, 20, 8, 11, 29]
 
-    async def run() -> int:
+    async def run() -> tuple[int, Table]:
+        table = dead_jobs_table()
         shown = 0
         async with DeadLetters(settings, queue) as dead_letters:
-            if not as_json:
-                header = ["ID", "JOB", "ATTEMPTS", "REASON", "DIED AT", "ERROR"]
-                click.echo("  ".join(h.ljust(w) for h, w in zip(header, widths, strict=False)))
             rows = dead_letters.list(limit, Filter(job=job, reason=reason), _progress("listing"))
             async with contextlib.aclosing(rows) as jobs:
                 async for dead in jobs:
-                    line = json.dumps(dead.row()) if as_json else _table_line(dead, widths)
-                    click.echo(line)
+                    if as_json:
+                        click.echo(json.dumps(dead.row()))
+                    else:
+                        add_dead_job(table, dead)
                     shown += 1
-        return shown
+        return shown, table
 
-    shown = run_async(run())
+    shown, table = run_async(run())
+    if not as_json:
+        print_table(table)
     click.echo(f"{shown} dead job(s) in {queue}.dlq listed", err=True)
+
+
+def _what(where: Filter, limit: int | None) -> str:
+    return where.describe() + (f", at most {limit}" if limit is not None else "")
 
 
 @dlq.command(
@@ -106,23 +161,20 @@ only then removed from the DLQ: an interruption leaves every job in one queue
 or the other (at worst in both). Prints how many moved; filters combine.""",
 )
 @click.argument("queue")
-@click.option("--id", "ids", multiple=True, help="Only this job id (repeatable).")
-@click.option("--job", help="Only jobs of this name.")
-@click.option("--reason", help="Only this x-reason (exhausted, rejected, invalid, unknown_job).")
-@click.option("--limit", type=click.IntRange(1), help="Move at most N jobs (the oldest first).")
-@click.option("--dry-run", is_flag=True, help="Count what would move; move nothing.")
+@_filters
 @command_setup
 def replay(
     queue: str,
     ids: tuple[str, ...],
     job: str | None,
     reason: str | None,
+    older_than: str | None,
     limit: int | None,
     dry_run: bool,
 ) -> None:
     """Move dead jobs of QUEUE back to QUEUE and print how many moved."""
+    where = _where(ids, job, reason, older_than)
     settings = load_settings()
-    where = Filter(ids=frozenset(ids), job=job, reason=reason)
 
     async def run() -> int:
         async with DeadLetters(settings, queue) as dead_letters:
@@ -133,54 +185,67 @@ def replay(
     moved = run_async(run())
     click.echo(moved)
     verb = "would move" if dry_run else "moved"
-    click.echo(f"{verb} {moved} job(s) from {queue}.dlq to {queue} ({where.describe()})", err=True)
+    click.echo(
+        f"{verb} {moved} job(s) from {queue}.dlq to {queue} ({_what(where, limit)})", err=True
+    )
 
 
 @dlq.command(
     epilog="""\b
 Examples:
   leveret dlq purge email --id 1b4e28ba-2fa1-11d2-883f-0016d3cca427
-  leveret dlq purge email --older-than 7d --yes
+  leveret dlq purge email --older-than 7d --reason exhausted
+  leveret dlq purge email --job send_email --dry-run
+  leveret dlq purge email --yes             everything, in a script
 On a terminal it shows how many jobs match and asks first, unless --yes. In a
-script, a pipe or cron it deletes what matches without asking, as the command
-line says. Prints how many were deleted.""",
+script, a pipe or cron a filtered purge deletes what matches without asking;
+deleting everything (no --id and no filter) needs --yes there. Prints how
+many were deleted (with --dry-run: would be).""",
 )
 @click.argument("queue")
-@click.option("--id", "ids", multiple=True, help="Only this job id (repeatable).")
-@click.option(
-    "--older-than",
-    metavar="DURATION",
-    help="Only jobs that died longer ago than this: 90s, 30m, 2h, 7d.",
-)
+@_filters
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
 @command_setup
-def purge(queue: str, ids: tuple[str, ...], older_than: str | None, yes: bool) -> None:
+def purge(
+    queue: str,
+    ids: tuple[str, ...],
+    job: str | None,
+    reason: str | None,
+    older_than: str | None,
+    limit: int | None,
+    dry_run: bool,
+    yes: bool,
+) -> None:
     """Delete dead jobs from QUEUE.dlq and print how many."""
-    try:
-        older_than_s = parse_duration(older_than) if older_than is not None else None
-    except ValueError as exc:
-        fail(str(exc))
-    where = Filter(ids=frozenset(ids), older_than_s=older_than_s)
-    # Ask only where someone can answer; a script already said what to delete.
-    ask = not yes and sys.stdin.isatty()
+    where = _where(ids, job, reason, older_than)
+    # Ask only where someone can answer. Elsewhere a filter says what to delete; deleting the
+    # whole DLQ from a script must be said explicitly, so a stray command in cron cannot.
+    terminal = sys.stdin.isatty()
+    if where.empty and not yes and not dry_run and not terminal:
+        fail(
+            f"this would delete every job in {queue}.dlq: add --yes to do so without a "
+            f"terminal, or select jobs with --id, --job, --reason or --older-than "
+            f"(--dry-run counts them)",
+            code=2,
+        )
+    ask = not yes and not dry_run and terminal
     settings = load_settings()
 
     async def run() -> int:
         async with DeadLetters(settings, queue) as dead_letters:
             if ask:
-                matching = (
-                    await dead_letters.depth() if where.empty else await dead_letters.count(where)
-                )
+                matching = await dead_letters.purge(where, limit=limit, dry_run=True)
                 if matching == 0:
                     return 0
                 question = (
-                    f"Delete {matching} job(s) from {queue}.dlq ({where.describe()})? "
+                    f"Delete {matching} job(s) from {queue}.dlq ({_what(where, limit)})? "
                     f"This cannot be undone."
                 )
                 if not click.confirm(question, err=True):
                     fail("nothing deleted", code=1)
-            return await dead_letters.purge(where)
+            return await dead_letters.purge(where, limit=limit, dry_run=dry_run)
 
     deleted = run_async(run())
     click.echo(deleted)
-    click.echo(f"deleted {deleted} job(s) from {queue}.dlq ({where.describe()})", err=True)
+    verb = "would delete" if dry_run else "deleted"
+    click.echo(f"{verb} {deleted} job(s) from {queue}.dlq ({_what(where, limit)})", err=True)

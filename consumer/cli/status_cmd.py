@@ -16,6 +16,7 @@ from typing import Any
 
 import aiormq
 import click
+from rich.table import Table
 
 from leveret.producers.connection import connect
 from leveret.topology.model import DELAY_BITS, dlq_name, retry_queue_name
@@ -23,6 +24,7 @@ from leveret.topology.model import DELAY_BITS, dlq_name, retry_queue_name
 from ..management import Management, ManagementError
 from ..settings import WorkerSettings
 from .common import command_setup, fail, load_app, load_settings, run_async
+from .tables import plain_table, print_table
 
 SOURCE_API = "management API"
 SOURCE_PASSIVE = "passive declares"
@@ -161,17 +163,15 @@ COLUMNS = [
 ]
 
 
-def render_table(rows: list[QueueStatus]) -> str:
-    cells = [[h for h, _ in COLUMNS]] + [
-        [r.queue] + [_fmt(getattr(r, k)) for _, k in COLUMNS[1:]] for r in rows
-    ]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(COLUMNS))]
-    lines = []
-    for row in cells:
-        first = row[0].ljust(widths[0])
-        rest = [c.rjust(w) for c, w in zip(row[1:], widths[1:], strict=True)]
-        lines.append("  ".join([first, *rest]))
-    return "\n".join(lines)
+def render_table(rows: list[QueueStatus]) -> Table:
+    """One line per queue: the name first, the figures right-aligned."""
+    table = plain_table()
+    table.add_column(COLUMNS[0][0], overflow="fold")
+    for header, _ in COLUMNS[1:]:
+        table.add_column(header, justify="right", no_wrap=True)
+    for row in rows:
+        table.add_row(row.queue, *(_fmt(getattr(row, key)) for _, key in COLUMNS[1:]))
+    return table
 
 
 @click.command(
@@ -221,7 +221,7 @@ def _loop(
             for row in rows:
                 click.echo(json.dumps(asdict(row)))
         elif rows:
-            click.echo(render_table(rows))
+            print_table(render_table(rows))
         else:
             click.echo("no Leveret work queues (queues with a Q.dlq) in this vhost", err=True)
         if not watch:
