@@ -192,7 +192,17 @@ def _copy_context(source: str, dest: Path) -> None:
         return
     for path in src.rglob("*"):
         relative = path.relative_to(ROOT).as_posix()
-        if path.is_file() and _dockerignore_allows(relative):
+        if path.is_symlink():
+            # Docker copies a symlink as a link (leveret/consumer -> ../consumer).
+            target = dest / path.relative_to(src)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.symlink_to(os.readlink(path))
+        elif path.is_file() and _dockerignore_allows(relative) and not _under_symlink(path, src):
             target = dest / path.relative_to(src)
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(path, target)
+
+
+def _under_symlink(path: Path, top: Path) -> bool:
+    """True for a file reached through a symlinked folder (copied as the link itself)."""
+    return any((top / p).is_symlink() for p in path.relative_to(top).parents if p != Path("."))
