@@ -128,7 +128,8 @@ class Scheduler:
         # Session state.
         self._state: dict[str, datetime] = {}
         self._held: list[AbstractIncomingMessage] = []
-        self._mine: set[str] = set()
+        # Tokens this session wrote and has not received back yet: what "mine" means on arrival.
+        self._pending: set[str] = set()
         self._dirty = False
         self._window: tuple[datetime, datetime] | None = None
         self._last_write = 0.0
@@ -164,7 +165,7 @@ class Scheduler:
 
     async def _session(self) -> None:
         connection = await self._connect()
-        self._state, self._held, self._mine = {}, [], set()
+        self._state, self._held, self._pending = {}, [], set()
         self._dirty, self._window = False, None
         try:
             channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
@@ -180,6 +181,12 @@ class Scheduler:
                 await self._write_token(channel, bootstrap=True)
             await self._loop(channel, inbox, standby_since)
             if self._leader and not connection.is_closed:
+                # Take in the tokens still on their way to us, so the last write supersedes
+                # every one of them and exactly one token stays behind.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(2):
+                        while self._pending:
+                            self._take(await inbox.get(), standby_since)
                 await self._write_token(channel)  # a last heartbeat: H is exact after a stop
         finally:
             with contextlib.suppress(Exception):
@@ -248,7 +255,8 @@ class Scheduler:
         for name, tick in ticks.items():
             if name not in self._state or tick > self._state[name]:
                 self._state[name] = tick
-        mine = message.message_id in self._mine
+        mine = message.message_id in self._pending
+        self._pending.discard(message.message_id or "")
         if not mine:
             self._dirty = True
             if heartbeat is not None:
@@ -268,7 +276,7 @@ class Scheduler:
             "ticks": {} if bootstrap else {k: format_tick(v) for k, v in self._state.items()},
             "heartbeat": None if bootstrap else time.time(),
         }
-        self._mine.add(token_id)
+        self._pending.add(token_id)
         properties = Basic.Properties(
             content_type=CONTENT_TYPE,
             delivery_mode=PERSISTENT,

@@ -1,0 +1,71 @@
+"""One scheduler in-process on the real broker: leader gauge, ticks counter, identity, stop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from datetime import timedelta
+
+import aio_pika
+import pytest
+from prometheus_client import CollectorRegistry
+
+from leveret.consumer.errors import ConfigError
+from leveret.consumer.scheduler import Scheduler, app_identity, scheduler_queue_name
+from leveret.consumer.schedules import make_schedule
+from tests.support import Broker, unique, wait_for
+
+
+@contextlib.asynccontextmanager
+async def _running(scheduler: Scheduler) -> AsyncIterator[asyncio.Task[None]]:
+    task = asyncio.create_task(scheduler.run())
+    try:
+        yield task
+    finally:
+        scheduler.stop()
+        await asyncio.wait_for(task, 15)
+
+
+def test_the_app_identity_is_stable_and_names_the_queue() -> None:
+    a = [make_schedule("x", every=1, name="a"), make_schedule("y", cron="* * * * *", name="b")]
+    b = [make_schedule("y", cron="0 * * * *", name="b"), make_schedule("x", every=5, name="a")]
+    assert app_identity(a) == app_identity(b)  # names only, in any order
+    assert app_identity(a) != app_identity(a[:1])
+    assert scheduler_queue_name("jobs", "app") == "jobs.scheduler.app"
+    with pytest.raises(ConfigError):
+        Scheduler("amqp://x", a, exchange="e" * 150, name="n" * 150, registry=CollectorRegistry())
+
+
+async def test_a_lone_scheduler_leads_fires_and_reports_it(broker: Broker) -> None:
+    exchange, job = unique("sx"), unique("job")
+    connection = await aio_pika.connect(broker.url)
+    channel = await connection.channel()
+    ex = await channel.declare_exchange(exchange, "direct", durable=True)
+    queue = await channel.declare_queue(unique("collect"), durable=True)
+    await queue.bind(ex, job)
+    registry = CollectorRegistry()
+    schedule = make_schedule(job, every=timedelta(seconds=1), name="beat", payload={"k": 1})
+    scheduler = Scheduler(broker.url, [schedule], exchange=exchange, registry=registry)
+    try:
+        async with _running(scheduler):
+            await wait_for(lambda: scheduler.is_leader, 10, "leadership")
+            assert registry.get_sample_value("leveret_scheduler_leader") == 1
+            await wait_for(
+                lambda: (registry.get_sample_value(
+                    "leveret_schedule_ticks_total", {"schedule": "beat"}) or 0) >= 2,
+                10, "two ticks",
+            )  # fmt: skip
+        assert not scheduler.is_leader
+        assert registry.get_sample_value("leveret_scheduler_leader") == 0
+        message = await queue.get(no_ack=True)
+        assert message.type == job and message.body == b'{"k":1}'
+        assert (message.message_id or "").startswith("beat@")
+        assert message.content_type == "application/json" and message.delivery_mode == 2
+        # The state survives in the broker: one token, ready, holding the last fired tick.
+        token_queue = await channel.declare_queue(
+            scheduler.queue, durable=True, arguments={"x-single-active-consumer": True}
+        )
+        assert token_queue.declaration_result.message_count == 1
+    finally:
+        await connection.close()
