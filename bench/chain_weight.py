@@ -1,0 +1,330 @@
+"""What the per-queue retry chain weighs on a 3-node quorum cluster, against a shared chain.
+
+``python -m bench.chain_weight [--queues 20] [--json PATH]`` (about 5 minutes, two fresh
+3-node clusters on ports 5711-5713 / 15711-15713; see ``tests/cluster/cluster.py``).
+
+Today (``leveret.topology``) every work queue ``Q`` brings ``Q``, ``Q.dlq`` and ``DELAY_BITS``
+``Q.retry.<ttl>`` queues (27 since the horizon became 388 days; 19 before); with
+``queue_type="quorum"`` each is a Raft group with a member on every node. The alternative, the
+one NServiceBus uses, is one set of ``DELAY_BITS`` delay queues per vhost shared by all work
+queues, the routing key (already ``<bits>.q.<queue>``) carrying the
+destination. Both designs are declared on a fresh cluster of their own, so neither inherits
+the other's allocator state, and measured the same way:
+
+* memory: ``mem_used`` of every node from the management API (``/api/nodes``), with the
+  statistics interval cut to 1 s and the median of 3 samples after 5 s of settling; plus the
+  quorum-queue share from ``/api/nodes/<node>?memory=true``;
+* counts: ``/api/queues`` and ``/api/bindings``;
+* a full-cluster restart: all three nodes stopped (``rabbitmqctl shutdown``), all three started
+  at once; the time until every node runs and until every queue reports a leader and all three
+  members online. The empty cluster's restart is the baseline;
+* declaration time, and on-disk size of the nodes' data directories;
+* a routing check: a retry published down the chain with a 0.5 s delay arrives in its work
+  queue and in no other, so the shared design measured is one that works.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+from aio_pika.abc import AbstractConnection, ExchangeType
+
+from leveret.topology import (
+    DELAY_BITS,
+    Topology,
+    WorkQueue,
+    declare,
+    retry_queue_name,
+    retry_route,
+    retry_ttl_ms,
+)
+from tests.cluster.cluster import Cluster
+
+EXCHANGE = "jobs"
+STATS_CONFIG = "collect_statistics_interval = 1000\n"
+
+
+def _ttl_label(level: int) -> str:
+    ms = retry_ttl_ms(level)
+    return f"{ms}ms" if ms < 1000 else f"{ms // 1000}s"
+
+
+def shared_retry_queue(level: int) -> str:
+    """A vhost-wide delay queue. ``<exchange>.retry.<ttl>`` would collide with the retry
+    queues of a work queue named like the exchange, so the shared ones carry a prefix."""
+    return f"{EXCHANGE}.shared-retry.{_ttl_label(level)}"
+
+
+def work_queues(count: int) -> list[WorkQueue]:
+    return [
+        WorkQueue(name=f"wq-{i:02d}", jobs=(f"job-{i:02d}",), queue_type="quorum")
+        for i in range(count)
+    ]
+
+
+async def declare_per_queue(conn: AbstractConnection, queues: list[WorkQueue]) -> None:
+    """Leveret's own declaration, as an application would run it."""
+    await declare(conn, Topology(exchange=EXCHANGE, queues=tuple(queues)))
+
+
+async def declare_shared(conn: AbstractConnection, queues: list[WorkQueue]) -> None:
+    """The shared chain: the same exchanges, work queues and DLQs, one delay queue per bit
+    for the whole vhost.
+
+    Derived from the topology code's own declarations, so it follows whatever bit words and
+    level count ``leveret.topology`` uses: every binding into ``Q.retry.<ttl>`` becomes one
+    binding into the shared queue of that TTL with the address replaced by ``#`` (any
+    destination); exchange-to-exchange bindings and the bindings into work queues are kept;
+    the shared queue gets the same arguments a per-queue retry queue of that level has.
+    """
+    topo = Topology(exchange=EXCHANGE, queues=tuple(queues))
+    retry_level = {retry_queue_name(q.name, n): n for q in topo.queues for n in range(DELAY_BITS)}
+    ch = await conn.channel(publisher_confirms=False)
+    exchanges = {
+        ex.name: await ch.declare_exchange(ex.name, ExchangeType(ex.type), durable=True)
+        for ex in topo.exchanges()
+    }
+    declared = {}
+    for d in topo.queue_decls():
+        if d.name not in retry_level:
+            declared[d.name] = await ch.declare_queue(d.name, durable=True, arguments=d.arguments)
+    for n in range(DELAY_BITS):
+        args = topo.queues[0].retry_arguments(EXCHANGE, n)  # the same for every work queue
+        declared[shared_retry_queue(n)] = await ch.declare_queue(
+            shared_retry_queue(n), durable=True, arguments=args
+        )
+    seen: set[tuple[str, str, str]] = set()
+    for b in topo.bindings():
+        dest, key = b.destination, b.routing_key
+        if b.destination_type == "queue" and dest in retry_level:
+            dest = shared_retry_queue(retry_level[dest])
+            key = ".".join([*key.split(".")[:DELAY_BITS], "#"])
+        if (b.source, dest, key) in seen:
+            continue
+        seen.add((b.source, dest, key))
+        if b.destination_type == "exchange":
+            await exchanges[dest].bind(exchanges[b.source], routing_key=key)
+        else:
+            await declared[dest].bind(exchanges[b.source], routing_key=key)
+    await ch.close()
+
+
+async def route_check(url: str, queues: list[WorkQueue]) -> float:
+    """Publish one retry for the 4th work queue with a 0.5 s delay (two set bits: it visits
+    two delay queues) and time its arrival; fail if it lands anywhere else."""
+    target = queues[3].name
+    conn = await aio_pika.connect(url)
+    try:
+        ch = await conn.channel(publisher_confirms=True)
+        ex_name, key = retry_route(EXCHANGE, 0.75, target)
+        ex = await ch.get_exchange(ex_name, ensure=False)
+        t0 = time.monotonic()
+        await ex.publish(aio_pika.Message(b"probe", delivery_mode=2), routing_key=key)
+        q = await ch.get_queue(target, ensure=False)
+        deadline = t0 + 15
+        while time.monotonic() < deadline:
+            msg = await q.get(fail=False)
+            if msg is not None:
+                await msg.ack()
+                took = time.monotonic() - t0
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError(f"the probe did not reach {target} within 15 s")
+        for other in queues:
+            if other.name != target:
+                oq = await ch.declare_queue(other.name, passive=True)
+                if oq.declaration_result.message_count:
+                    raise AssertionError(f"the probe for {target} also reached {other.name}")
+        return took
+    finally:
+        await conn.close()
+
+
+def node_memory(cluster: Cluster) -> dict[str, Any]:
+    """Median of 3 samples of ``mem_used`` per node, and the quorum-queue share."""
+    samples: list[list[int]] = []
+    for i in range(3):
+        if i:
+            time.sleep(1.2)
+        nodes = sorted(cluster.api(0, "/api/nodes"), key=lambda n: n["name"])
+        samples.append([n["mem_used"] for n in nodes])
+    per_node = [int(statistics.median(col)) for col in zip(*samples, strict=True)]
+    quorum = 0
+    for n in cluster.nodes:
+        mem = cluster.api(0, f"/api/nodes/{n.name}?memory=true")["memory"]
+        quorum += sum(v for k, v in mem.items() if k.startswith("quorum") and isinstance(v, int))
+    return {"per_node": per_node, "total": sum(per_node), "quorum": quorum}
+
+
+def counts(cluster: Cluster) -> dict[str, int]:
+    queues = cluster.api(0, "/api/queues?columns=name")
+    bindings = cluster.api(0, "/api/bindings")
+    return {"queues": len(queues), "bindings": len(bindings)}
+
+
+def disk_kib(cluster: Cluster) -> int:
+    out = subprocess.run(
+        ["du", "-sk", *(str(n.dir / "mnesia") for n in cluster.nodes)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return sum(int(line.split()[0]) for line in out.splitlines())
+
+
+def all_online(cluster: Cluster, expect: int) -> bool:
+    try:
+        qs = cluster.api(0, "/api/queues?columns=name,leader,online,members,state")
+    except OSError:
+        return False
+    if len(qs) != expect:
+        return False
+    size = len(cluster.nodes)
+    return all(q.get("leader") and len(q.get("online") or []) == size for q in qs)
+
+
+def restart(cluster: Cluster, expect_queues: int) -> dict[str, float]:
+    """Stop all three, start all three; seconds until booted and until every queue is online."""
+    t_stop = time.monotonic()
+    cluster.stop_all()
+    stopped = time.monotonic() - t_stop
+    t0 = time.monotonic()
+    cluster.start_all()
+    booted = time.monotonic() - t0
+    cluster.wait_running(len(cluster.nodes), timeout=120)
+    deadline = t0 + 300
+    while not all_online(cluster, expect_queues):
+        if time.monotonic() > deadline:
+            raise RuntimeError("queues did not come back online within 300 s")
+        time.sleep(0.25)
+    return {"stop_s": stopped, "boot_s": booted, "online_s": time.monotonic() - t0}
+
+
+def loadavg() -> float:
+    return float(Path("/proc/loadavg").read_text().split()[0])
+
+
+def measure(design: str, n_queues: int, baseline_restart: bool) -> dict[str, Any]:
+    cluster = Cluster(prefix="lvbench", first_port=5711, extra_config=STATS_CONFIG)
+    out: dict[str, Any] = {"design": design, "load_at_start": loadavg()}
+    t0 = time.monotonic()
+    try:
+        cluster.start()
+        out["cluster_start_s"] = time.monotonic() - t0
+        time.sleep(5)
+        out["empty"] = {**node_memory(cluster), **counts(cluster), "disk_kib": disk_kib(cluster)}
+        if baseline_restart:
+            out["empty"]["restart"] = restart(cluster, out["empty"]["queues"])
+            time.sleep(5)
+        queues = work_queues(n_queues)
+        fn = declare_per_queue if design == "per-queue" else declare_shared
+
+        async def run() -> float:
+            conn = await aio_pika.connect(cluster.amqp_urls[0])
+            try:
+                t = time.monotonic()
+                await fn(conn, queues)
+                return time.monotonic() - t
+            finally:
+                await conn.close()
+
+        out["declare_s"] = asyncio.run(run())
+        out["route_check_s"] = asyncio.run(route_check(cluster.amqp_urls[1], queues))
+        time.sleep(5)
+        loaded = {**node_memory(cluster), **counts(cluster), "disk_kib": disk_kib(cluster)}
+        loaded["restart"] = restart(cluster, loaded["queues"])
+        time.sleep(5)
+        loaded["after_restart"] = node_memory(cluster)
+        out["loaded"] = loaded
+        out["load_at_end"] = loadavg()
+    finally:
+        t = time.monotonic()
+        cluster.teardown()
+        out["teardown_s"] = time.monotonic() - t
+    return out
+
+
+def mib(b: float) -> str:
+    return f"{b / 2**20:.1f}"
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    rows = [
+        "| | " + " | ".join(r["design"] for r in results) + " |",
+        "|---|" + "---:|" * len(results),
+    ]
+
+    def row(label: str, fn: Any) -> None:
+        rows.append(f"| {label} | " + " | ".join(fn(r) for r in results) + " |")
+
+    row("queues (of which retry/delay)", lambda r: str(r["loaded"]["queues"]))
+    row("bindings", lambda r: str(r["loaded"]["bindings"]))
+    row("declare time, s", lambda r: f"{r['declare_s']:.1f}")
+    row("mem_used empty cluster, MiB (3 nodes)", lambda r: mib(r["empty"]["total"]))
+    row("mem_used with the topology, MiB", lambda r: mib(r["loaded"]["total"]))
+    row(
+        "difference, MiB",
+        lambda r: mib(r["loaded"]["total"] - r["empty"]["total"]),
+    )
+    row(
+        "after a full restart, MiB (difference)",
+        lambda r: (
+            f"{mib(r['loaded']['after_restart']['total'])} "
+            f"({mib(r['loaded']['after_restart']['total'] - r['empty']['total'])})"
+        ),
+    )
+    row("quorum-queue memory, MiB", lambda r: mib(r["loaded"]["quorum"]))
+    row(
+        "data dirs on disk, MiB (empty → loaded)",
+        lambda r: f"{r['empty']['disk_kib'] / 1024:.1f} → {r['loaded']['disk_kib'] / 1024:.1f}",
+    )
+    row(
+        "full restart: nodes booted, s",
+        lambda r: f"{r['loaded']['restart']['boot_s']:.1f}",
+    )
+    row(
+        "full restart: all queues online, s",
+        lambda r: f"{r['loaded']['restart']['online_s']:.1f}",
+    )
+    row(
+        "empty-cluster restart (baseline), s",
+        lambda r: f"{r['empty']['restart']['online_s']:.1f}" if "restart" in r["empty"] else "-",
+    )
+    row("probe retry (0.75 s) arrived after, s", lambda r: f"{r['route_check_s']:.2f}")
+    row(
+        "cluster start / teardown, s",
+        lambda r: f"{r['cluster_start_s']:.0f} / {r['teardown_s']:.0f}",
+    )
+    row("load average start → end", lambda r: f"{r['load_at_start']:.1f} → {r['load_at_end']:.1f}")
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.chain_weight", description=__doc__)
+    parser.add_argument("--queues", type=int, default=20)
+    parser.add_argument("--json", type=Path, help="also write the raw figures here")
+    args = parser.parse_args(argv)
+    t0 = time.monotonic()
+    results = [
+        measure("per-queue", args.queues, baseline_restart=True),
+        measure("shared", args.queues, baseline_restart=False),
+    ]
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    print(table(results))
+    print(f"\n(total {time.monotonic() - t0:.0f} s)", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
