@@ -103,7 +103,10 @@ def command_setup(fn: Callable[..., T]) -> Callable[..., T]:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> T:
         level = os.environ.get("LEVERET_LOG_LEVEL", "info").lower()
-        configure_logging(level if level in ("debug", "info", "warning", "error") else "info")
+        configure_logging(
+            level if level in ("debug", "info", "warning", "error") else "info",
+            secret_url=os.environ.get("LEVERET_AMQP_URL"),
+        )
         return fn(*args, **kwargs)
 
     return wrapper
