@@ -58,11 +58,14 @@ def permission_regexes(topology: Topology) -> dict[str, str]:
         f"{re.escape(q.name)}(\\.retry\\..+|{re.escape(dlq_name(q.name)[len(q.name) :])})?"
         for q in topology.queues
     )
-    both = f"{exchanges}|{all_queues}" if all_queues else exchanges
+    # The scheduler's token queue, ``<exchange>.scheduler.<app>`` (leveret.consumer.scheduler):
+    # declared, published to (default exchange) and consumed by every worker with schedules.
+    scheduler = f"{ex}\\.scheduler\\..+"
+    both = f"{exchanges}|{all_queues}|{scheduler}" if all_queues else f"{exchanges}|{scheduler}"
     return {
         "configure": f"^({both})$",
         "write": f"^({both}|amq\\.default)$",
-        "read": f"^({exchanges}|{work})$" if work else f"^({exchanges})$",
+        "read": f"^({exchanges}|{work}|{scheduler})$" if work else f"^({exchanges}|{scheduler})$",
     }
 
 

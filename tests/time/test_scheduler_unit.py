@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import AsyncIterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import aio_pika
 import pytest
@@ -13,7 +14,7 @@ from prometheus_client import CollectorRegistry
 
 from leveret.consumer.errors import ConfigError
 from leveret.consumer.scheduler import Scheduler, app_identity, scheduler_queue_name
-from leveret.consumer.schedules import make_schedule
+from leveret.consumer.schedules import format_tick, make_schedule, parse_tick
 from tests.support import Broker, unique, wait_for
 
 
@@ -67,5 +68,44 @@ async def test_a_lone_scheduler_leads_fires_and_reports_it(broker: Broker) -> No
             scheduler.queue, durable=True, arguments={"x-single-active-consumer": True}
         )
         assert token_queue.declaration_result.message_count == 1
+    finally:
+        await connection.close()
+
+
+async def test_duplicate_tokens_are_merged_to_the_newest_state(broker: Broker) -> None:
+    """Two tokens wait in the queue (two bootstraps, or a crash between write and ack): the
+    leader keeps the newest tick per schedule (so fires nothing at or before it) and leaves
+    exactly one token."""
+    exchange, job = unique("sx"), unique("job")
+    schedule = make_schedule(job, every=1, name="beat")
+    scheduler = Scheduler(broker.url, [schedule], exchange=exchange, registry=CollectorRegistry())
+    connection = await aio_pika.connect(broker.url)
+    try:
+        channel = await connection.channel()
+        ex = await channel.declare_exchange(exchange, "direct", durable=True)
+        collect = await channel.declare_queue(unique("collect"), durable=True)
+        await collect.bind(ex, job)
+        tokens = await channel.declare_queue(
+            scheduler.queue, durable=True, arguments={"x-single-active-consumer": True}
+        )
+        now = datetime.now(UTC)
+        newest = schedule.latest_at_or_before(now)
+        assert newest is not None
+        for tick in (newest, newest - timedelta(seconds=10)):  # the newest first: order is moot
+            body = {"ticks": {"beat": format_tick(tick)}, "heartbeat": now.timestamp()}
+            await channel.default_exchange.publish(
+                aio_pika.Message(json.dumps(body).encode(), message_id=str(tick)), tokens.name
+            )
+        async with _running(scheduler):
+            await wait_for(lambda: scheduler.is_leader, 10, "leadership")
+            await asyncio.sleep(2.5)
+        fired = []
+        while (message := await collect.get(no_ack=True, fail=False)) is not None:
+            fired.append(parse_tick((message.message_id or "").split("@", 1)[1]))
+        assert fired and min(fired) > newest, (fired, newest)
+        again = await channel.declare_queue(
+            scheduler.queue, durable=True, arguments={"x-single-active-consumer": True}
+        )
+        assert again.declaration_result.message_count == 1
     finally:
         await connection.close()

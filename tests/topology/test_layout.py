@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from leveret.topology import (
@@ -15,6 +17,7 @@ from leveret.topology import (
     retry_ttl_ms,
     to_definitions,
 )
+from leveret.topology.definitions import permission_regexes
 
 
 def _bound(delay: float) -> float:
@@ -122,3 +125,12 @@ def test_definitions_hold_every_exchange_queue_and_binding() -> None:
         (b["source"], b["destination"], b["routing_key"]) for b in defs["bindings"]
     }
     assert all(x["vhost"] == "v" for x in defs["queues"] + defs["exchanges"] + defs["bindings"])
+
+
+def test_exported_permissions_cover_the_scheduler_token_queue() -> None:
+    """Workers with schedules declare, publish to and consume ``<exchange>.scheduler.<app>``."""
+    topo = Topology(queues=(WorkQueue(name="email", jobs=("send_email",)),))
+    regexes = permission_regexes(topo)
+    for kind in ("configure", "write", "read"):
+        assert re.match(regexes[kind], "jobs.scheduler.s-0123456789ab"), kind
+        assert not re.match(regexes[kind], "other.scheduler.x"), kind
