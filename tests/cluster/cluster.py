@@ -109,7 +109,7 @@ class Cluster:
     """Three (or ``size``) nodes ``<prefix>-a@localhost`` … joined into one cluster.
 
     Ports: AMQP ``first_port + i``, management ``first_port + 10000 + i``, distribution
-    ``first_port + 20000 + i`` (the CLI tools then use ``dist + 10000 …``, RabbitMQ's default).
+    ``first_port + 20000 + i``; the CLI tools bind in ``first_port + 30000 … + 30049``.
     """
 
     prefix: str = "leveret"
@@ -164,8 +164,8 @@ class Cluster:
                 f"management.tcp.ip = 127.0.0.1\n"
                 f"management.tcp.port = {n.mgmt_port}\n"
                 f"cluster_name = {self.prefix}-test\n"
-                # Tests load the nodes far below real use; keep memory alarms out of the way
-                # without hiding them: 40 % of this machine's RAM is the default anyway.
+                # RabbitMQ's defaults, written out: every node of three on one machine would
+                # raise its memory alarm at 40 % of *all* its RAM, so a leak shows late.
                 "vm_memory_high_watermark.relative = 0.4\n"
                 "disk_free_limit.absolute = 50MB\n"
                 "log.console = false\n"
@@ -183,6 +183,10 @@ class Cluster:
             HOME=str(self.base),
             RABBITMQ_CONF_ENV_FILE=str(self.base / "rabbitmq-env.conf"),
             RABBITMQ_ENABLED_PLUGINS_FILE=str(self.base / "enabled_plugins"),
+            # The CLI tools' own distribution ports: a range of this cluster's, not the default
+            # 35672-35682 that every rabbitmqctl on the machine (the shared node's) competes for.
+            RABBITMQ_CTL_DIST_PORT_MIN=str(self.first_port + 30000),
+            RABBITMQ_CTL_DIST_PORT_MAX=str(self.first_port + 30049),
         )
         if node is not None:
             env.update(
