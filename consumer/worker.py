@@ -472,8 +472,11 @@ class Worker:
         job_id = props.message_id or str(uuid.uuid4())
         try:
             if not props.message_id:
-                log.warning("job_id_assigned", job_id=job_id, queue=queue,
-                            reason="message arrived without message_id")  # fmt: skip
+                # Informational: a failing log sink must not keep the job from running (its
+                # id is new on every delivery, so a give-back could never back off either).
+                with contextlib.suppress(Exception):
+                    log.warning("job_id_assigned", job_id=job_id, queue=queue,
+                                reason="message arrived without message_id")  # fmt: skip
             await self._process(session, queue, message, name, job_id)
         except asyncio.CancelledError:
             # Shutdown grace ran out: give the job back unburnt. Cancelled because the channel

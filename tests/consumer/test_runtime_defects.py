@@ -313,3 +313,27 @@ async def test_a_worker_consumes_several_quorum_queues(broker: Broker, registry)
         await wait_for(lambda: len(seen) == 2, 10, "a job from each quorum queue")
     assert sorted(seen) == ["a", "b"]
     assert registry.get_sample_value("leveret_worker_prefetch", {"queue": a}) == 2
+
+
+async def test_a_failing_log_sink_does_not_strand_a_delivery(broker: Broker, registry) -> None:
+    """A log call raising on the way to an outcome (here: the id assignment) strands nothing."""
+    worker = Worker(broker.settings(), registry=registry)
+    queue = unique("logf")
+    seen: list[int] = []
+
+    @worker.job(f"{queue}-job", queue=queue)
+    async def handle(p: Payload) -> None:
+        seen.append(p.n)
+
+    def explode(logger: Any, method: str, event: dict[str, Any]) -> dict[str, Any]:
+        if event.get("event") == "job_id_assigned":
+            raise RuntimeError("log sink down")
+        return event
+
+    with capture_logs(processors=[explode]):
+        async with running(worker):
+            assert broker.publish_via_api(f"{queue}-job", '{"n": 9}')  # no message_id
+            await wait_for(lambda: seen, 10, "the job despite the failing log call")
+            assert worker.ready
+    assert seen == [9]
+    assert await broker.depth(queue) == 0
