@@ -151,6 +151,8 @@ class Scheduler:
                 await self._session()
             except (aiormq.exceptions.AMQPError, ConnectionError, OSError, TimeoutError) as exc:
                 log.warning("scheduler_disconnected", scheduler=self.app, error=repr(exc))
+            except Exception:  # a bug must not end scheduling for the process: retry, loudly
+                log.exception("scheduler_error", scheduler=self.app)
             finally:
                 self._set_leader(False)
             if not self._stopping.is_set():
