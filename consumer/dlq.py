@@ -44,7 +44,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -111,7 +111,7 @@ class DeadJob:
             queue=_text(headers.get(HEADER_QUEUE)),
             body=bytes(message.body),
             headers=headers,
-            redelivered=bool(message.delivery.redelivered),
+            redelivered=bool(getattr(message.delivery, "redelivered", False)),
         )
 
     def died_at_datetime(self) -> datetime | None:
@@ -243,7 +243,7 @@ class _Scan:
         await self.channel.basic_qos(prefetch_count=size, global_=False)
         ok = await self.channel.basic_consume(self.dlq, self._inbox.put, no_ack=False)
         self._tag = ok.consumer_tag
-        self._page_last[ok.consumer_tag] = 0
+        self._page_last[ok.consumer_tag or ""] = 0
 
     async def start(self, page: int) -> None:
         await self._consume_page(max(1, min(page, self.total)))
@@ -266,8 +266,10 @@ class _Scan:
             yield _Delivery(tag, DeadJob.from_message(message), message)
 
     def _note(self, message: aiormq.abc.DeliveredMessage) -> int:
-        tag: int = message.delivery.delivery_tag
-        page = message.delivery.consumer_tag
+        delivery = message.delivery
+        assert isinstance(delivery, Basic.Deliver), "a consumer only gets basic.deliver"
+        tag = int(delivery.delivery_tag or 0)
+        page = delivery.consumer_tag or ""
         self._page_last[page] = max(self._page_last.get(page, 0), tag)
         return tag
 
@@ -394,7 +396,7 @@ class DeadLetters:
         limit: int | None = None,
         where: Filter | None = None,
         on_progress: Callable[[int, int], None] | None = None,
-    ) -> AsyncIterator[DeadJob]:
+    ) -> AsyncGenerator[DeadJob, None]:
         """Yield the DLQ's jobs in queue order, leaving the DLQ as it was (see module doc).
 
         Wrap it in ``contextlib.aclosing`` when you may stop early, so the requeue happens at
@@ -438,7 +440,14 @@ class DeadLetters:
         # The client matches a returned publish to its confirm by message_id: two copies of one
         # id in flight could swap returns, and a returned copy would count as moved (and its DLQ
         # copy be acked, lost). So a copy whose id is in flight waits for the earlier one.
-        by_id: dict[str | None, asyncio.Task[None]] = {}
+        by_id: dict[str, asyncio.Task[None]] = {}
+
+        def forgetter(key: str) -> Callable[[asyncio.Task[None]], None]:
+            def forget(task: asyncio.Task[None]) -> None:
+                if by_id.get(key) is task:
+                    del by_id[key]
+
+            return forget
 
         async def move(scan: _Scan, delivery: _Delivery) -> None:
             nonlocal moved
@@ -475,7 +484,7 @@ class DeadLetters:
                         continue
                     selected += 1
                     if not dry_run:
-                        earlier = by_id.get(delivery.dead.id)
+                        earlier = by_id.get(delivery.dead.id or "")
                         if earlier is not None and not earlier.done():
                             await asyncio.wait({earlier})
                         await gate.acquire()
@@ -484,11 +493,7 @@ class DeadLetters:
                         task.add_done_callback(pending.discard)
                         if delivery.dead.id is not None:  # no id: the client makes a fresh one
                             by_id[delivery.dead.id] = task
-                            task.add_done_callback(
-                                lambda t, key=delivery.dead.id: (
-                                    by_id.pop(key, None) if by_id.get(key) is t else None
-                                )
-                            )
+                            task.add_done_callback(forgetter(delivery.dead.id))
                     if limit is not None and selected >= limit:
                         break
                 if pending:
