@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ import jsonschema
 import kubernetes_validate
 import pytest
 
-from .conftest import KUSTOMIZATIONS, ROOT, find, render
+from .conftest import K8S, KUSTOMIZATIONS, ROOT, find, render
 
 SCHEMAS = Path(__file__).parent / "schemas"
 CRD_SCHEMAS = {
@@ -237,13 +238,54 @@ def test_selectors_match_the_worker_pods(
     assert "replicas" not in deployment["spec"], "the autoscaler owns the replica count"
 
 
+EGRESS_LOCKDOWN = K8S / "components" / "egress-lockdown"
+
+
+def _with_egress_lockdown(tmp_path: Path) -> list[dict[str, Any]]:
+    """The base plus the opt-in egress component, rendered as a user's overlay would be."""
+    rel = Path(os.path.relpath(K8S, tmp_path))
+    (tmp_path / "kustomization.yaml").write_text(
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
+        f"resources:\n  - {rel / 'base'}\n"
+        f"components:\n  - {rel / 'components' / 'egress-lockdown'}\n"
+    )
+    return render(str(tmp_path))
+
+
+@pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
+def test_no_shipped_kustomization_restricts_egress(
+    rendered: dict[str, list[dict[str, Any]]], kustomization: str
+) -> None:
+    """Handlers reach SMTP, HTTP APIs, databases: by default no NetworkPolicy limits egress
+    (an Egress policy type with no rule for it would cut a `send_email` job off)."""
+    for obj in rendered[kustomization]:
+        if obj["kind"] == "NetworkPolicy":
+            assert "Egress" not in obj["spec"].get("policyTypes", []), obj["metadata"]["name"]
+            assert "egress" not in obj["spec"], obj["metadata"]["name"]
+
+
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_network_policy_allows_egress_to_the_broker_and_dns_only(
+def test_the_base_network_policy_opens_only_the_metrics_port(
     rendered: dict[str, list[dict[str, Any]]], overlay: str
 ) -> None:
-    """Egress: AMQP(S) and management ports to RabbitMQ pods, port 53 to kube-dns; nothing else."""
-    spec = find(rendered[overlay], "NetworkPolicy")["spec"]
-    assert set(spec["policyTypes"]) == {"Ingress", "Egress"}
+    spec = find(rendered[overlay], "NetworkPolicy", "leveret")["spec"]
+    assert spec["policyTypes"] == ["Ingress"]
+    (ingress,) = spec["ingress"]
+    assert ingress["ports"] == [{"port": "metrics", "protocol": "TCP"}]
+
+
+def test_the_egress_lockdown_component_allows_the_broker_and_dns_only(tmp_path: Path) -> None:
+    """Opt-in: with the component, egress is AMQP(S) and management ports to RabbitMQ pods and
+    port 53 to kube-dns, for every Leveret pod (workers and the topology Job); it renders and
+    validates strictly, and keeps the base's ingress policy."""
+    objects = _with_egress_lockdown(tmp_path)
+    for obj in objects:
+        _validate(obj)
+    find(objects, "NetworkPolicy", "leveret")
+    policy = find(objects, "NetworkPolicy", "leveret-egress")
+    spec = policy["spec"]
+    assert spec["policyTypes"] == ["Egress"]
+    assert policy["metadata"]["labels"]["app.kubernetes.io/component"] == "config"
     broker, dns = spec["egress"]
     assert {p["port"] for p in broker["ports"]} == {5672, 5671, 15672, 15671}
     assert broker["to"][0]["podSelector"]["matchLabels"] == {
@@ -251,8 +293,18 @@ def test_network_policy_allows_egress_to_the_broker_and_dns_only(
     }
     assert {(p["port"], p["protocol"]) for p in dns["ports"]} == {(53, "UDP"), (53, "TCP")}
     assert dns["to"][0]["podSelector"]["matchLabels"] == {"k8s-app": "kube-dns"}
-    (ingress,) = spec["ingress"]
-    assert ingress["ports"] == [{"port": "metrics", "protocol": "TCP"}]
+    selector = spec["podSelector"]["matchLabels"]
+    assert _matches(selector, _worker(objects)["spec"]["template"]["metadata"]["labels"])
+    assert _matches(selector, find(objects, "Job")["spec"]["template"]["metadata"]["labels"])
+
+
+def test_deploy_md_shows_how_to_opt_into_the_egress_lockdown() -> None:
+    """The step a user needs: the component's path in an overlay's components, and a policy of
+    their own for SMTP."""
+    text = (ROOT / "docs" / "deploy.md").read_text()
+    assert "../../components/egress-lockdown" in text
+    assert EGRESS_LOCKDOWN.is_dir()
+    assert re.search(r"## Locking down egress\n(.|\n)*port: 587", text)
 
 
 def test_dev_scales_with_a_plain_hpa(rendered: dict[str, list[dict[str, Any]]]) -> None:
