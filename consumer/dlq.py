@@ -53,6 +53,7 @@ import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection
 from pamqp.commands import Basic
 
+from leveret.producers.confirm import publish_confirmed
 from leveret.producers.connection import CONNECTION_ERRORS, connect
 from leveret.producers.message import (
     HEADER_ATTEMPTS,
@@ -452,20 +453,15 @@ class DeadLetters:
         async def move(scan: _Scan, delivery: _Delivery) -> None:
             nonlocal moved
             try:
-                confirmation = await asyncio.wait_for(
-                    publish.basic_publish(
-                        delivery.message.body,
-                        exchange="",
-                        routing_key=self.queue,
-                        properties=replay_properties(
-                            delivery.dead, delivery.message.header.properties
-                        ),
-                        mandatory=True,
-                    ),
-                    self.settings.publish_timeout,
+                await publish_confirmed(
+                    publish,
+                    delivery.message.body,
+                    exchange="",
+                    routing_key=self.queue,
+                    properties=replay_properties(delivery.dead, delivery.message.header.properties),
+                    timeout=self.settings.publish_timeout,
+                    job=delivery.dead.job or self.queue,
                 )
-                if not isinstance(confirmation, Basic.Ack):
-                    raise DlqError(f"the broker answered {type(confirmation).__name__}")
                 await scan.ack(delivery.tag)  # only now: the copy in Q is safe
                 moved += 1
             except Exception as exc:  # left unacked: it stays in the DLQ

@@ -51,12 +51,15 @@ from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMe
 from pamqp.commands import Basic
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge
 
+from leveret.producers.confirm import publish_confirmed
+from leveret.producers.errors import PublishError, UnroutableError
 from leveret.producers.message import (
     CONTENT_TYPE,
     PERSISTENT,
     encode_payload,
     job_properties,
 )
+from leveret.producers.settings import DEFAULT_PUBLISH_TIMEOUT
 from leveret.topology.model import MAX_ROUTING_KEY, check_name
 
 from .errors import ConfigError
@@ -94,7 +97,7 @@ class Scheduler:
         name: str | None = None,
         registry: CollectorRegistry | None = None,
         heartbeat_s: float = 0.5,
-        publish_timeout: float = 10.0,
+        publish_timeout: float = DEFAULT_PUBLISH_TIMEOUT,
         reconnect_s: float = 1.0,
     ) -> None:
         self._connect: Connect = (
@@ -149,7 +152,13 @@ class Scheduler:
         while not self._stopping.is_set():
             try:
                 await self._session()
-            except (aiormq.exceptions.AMQPError, ConnectionError, OSError, TimeoutError) as exc:
+            except (
+                aiormq.exceptions.AMQPError,
+                PublishError,
+                ConnectionError,
+                OSError,
+                TimeoutError,
+            ) as exc:
                 log.warning("scheduler_disconnected", scheduler=self.app, error=repr(exc))
             except Exception:  # a bug must not end scheduling for the process: retry, loudly
                 log.exception("scheduler_error", scheduler=self.app)
@@ -302,17 +311,14 @@ class Scheduler:
         routing_key: str,
         properties: Basic.Properties,
     ) -> None:
-        underlay = await channel.get_underlay_channel()
-        async with asyncio.timeout(self.publish_timeout):
-            confirmation = await underlay.basic_publish(
-                body,
-                exchange=exchange,
-                routing_key=routing_key,
-                properties=properties,
-                mandatory=True,
-            )
-        if not isinstance(confirmation, Basic.Ack):
-            raise ConnectionError(f"the broker refused a scheduler publish to {routing_key!r}")
+        await publish_confirmed(
+            await channel.get_underlay_channel(),
+            body,
+            exchange=exchange,
+            routing_key=routing_key,
+            properties=properties,
+            timeout=self.publish_timeout,
+        )
 
     # -- firing ------------------------------------------------------------------------------
 
@@ -368,7 +374,7 @@ class Scheduler:
                 schedule.job,
                 job_properties(schedule.job, job_id),
             )
-        except aiormq.exceptions.PublishError:
+        except UnroutableError:
             # No queue is bound for the job: nothing could ever take this tick. Counted as
             # fired (the next tick would hit the same wall), and said loudly.
             log.error(

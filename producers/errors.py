@@ -49,6 +49,21 @@ class RefusedError(PublishError):
         )
 
 
+class ConnectionLost(PublishError, ConnectionError):
+    """The connection failed while the job was being published; it may or may not be queued.
+
+    Also a ``ConnectionError``, so a loop that reconnects on connection errors treats it as one.
+    """
+
+    def __init__(self, job: str, cause: str) -> None:
+        self.cause = cause
+        super().__init__(
+            job,
+            f"job {job!r} may not have been queued: the connection failed ({cause}); "
+            f"publish it again",
+        )
+
+
 class PublishTimeout(PublishError, TimeoutError):
     """No confirm arrived in time: broker blocked by an alarm, connection lost, or overloaded."""
 

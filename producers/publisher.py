@@ -1,9 +1,9 @@
 """``Publisher``: a submitted job is either confirmed in a queue, or the caller gets an error.
 
-Every publish uses publisher confirms and ``mandatory``: a nack raises ``RefusedError``, a job no
-queue is bound for comes back from the broker and raises ``UnroutableError``, and no confirm
-within ``publish_timeout`` raises ``PublishTimeout``. An id is only ever returned for a job the
-broker confirmed.
+Every publish goes through ``confirm.publish_confirmed`` (confirms and ``mandatory``): a nack
+raises ``RefusedError``, a job no queue is bound for comes back from the broker and raises
+``UnroutableError``, and no confirm within ``publish_timeout`` raises ``PublishTimeout``. An id is
+only ever returned for a job the broker confirmed.
 
 Concurrent ``publish`` calls share one channel and are pipelined: each waits only for its own
 confirm, so a thousand tasks publishing at once need one round trip, not a thousand.
@@ -22,7 +22,6 @@ from collections.abc import Iterable, Mapping
 from types import TracebackType
 from typing import Any, Self
 
-import aiormq
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 from pamqp.commands import Basic
 from prometheus_client import CollectorRegistry
@@ -30,8 +29,8 @@ from pydantic import BaseModel
 
 from leveret.topology.model import check_name, delayed_job_route
 
-from .connection import CONNECTION_ERRORS, connect, mask_url
-from .errors import PublishError, PublishTimeout, RefusedError, UnroutableError
+from .confirm import publish_confirmed
+from .connection import connect, mask_url
 from .message import check_priority, encode_payload, job_properties, new_job_id
 from .metrics import published_counter
 from .settings import ConnectionSettings
@@ -201,40 +200,15 @@ class Publisher:
         routing_key: str,
     ) -> None:
         assert self._channel is not None
-        try:
-            async with asyncio.timeout(self._timeout):
-                channel = await self._channel.get_underlay_channel()
-                confirmation = await channel.basic_publish(
-                    body,
-                    exchange=exchange,
-                    routing_key=routing_key,
-                    properties=properties,
-                    mandatory=True,
-                    # Don't wait for the frame to reach the socket: the confirm comes after it
-                    # anyway, and waiting holds aiormq's channel lock through every drain.
-                    wait=False,
-                )
-        except TimeoutError:
-            raise PublishTimeout(job, self._timeout) from None
-        except aiormq.exceptions.PublishError:
-            raise UnroutableError(job, exchange, routing_key) from None
-        except aiormq.exceptions.ChannelNotFoundEntity:
-            raise PublishError(
-                job,
-                f"exchange {exchange!r} does not exist; run `leveret topology declare APP` "
-                f"or start a worker first",
-            ) from None
-        except aiormq.exceptions.DeliveryError as exc:
-            raise RefusedError(job, str(exc.frame) if exc.frame else "") from None
-        except CONNECTION_ERRORS as exc:
-            raise PublishError(
-                job,
-                f"job {job!r} may not have been queued: the connection failed "
-                f"({type(exc).__name__}); publish it again",
-            ) from None
-        if not isinstance(confirmation, Basic.Ack):
-            # A nack (or an unexpected frame) is never success.
-            raise RefusedError(job, type(confirmation).__name__)
+        await publish_confirmed(
+            await self._channel.get_underlay_channel(),
+            body,
+            exchange=exchange,
+            routing_key=routing_key,
+            properties=properties,
+            timeout=self._timeout,
+            job=job,
+        )
         child = self._published_children.get(job)
         if child is None:
             child = self._published_children[job] = self._published.labels(job=job)
