@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Sets up everything (broker, management API, venv, deploy tools) and runs the whole test suite
-# against the real broker. Extra arguments go to pytest.
+# Sets up everything (broker, management API, venv, deploy tools), runs part of the suite on the
+# lowest dependency versions pyproject allows (scripts/floors.sh), then the whole test suite,
+# against the real broker. Extra arguments go to the whole suite's pytest.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$ROOT/scripts/setup.sh"
@@ -8,7 +9,16 @@ ensure_broker
 ensure_venv "test,deploy"
 if [ -f "$ROOT/.ci/deploy-tools.sh" ]; then bash "$ROOT/.ci/deploy-tools.sh"; fi
 cd "$ROOT"
+
+# Steps, in order; each stops the run when it fails.
+# 1. Static checks (add further ones here, e.g. the type check).
 say "ruff"
 .venv/bin/ruff check .
+
+# 2. The dependency floors: part of the suite against the lowest versions pyproject allows.
+say "pytest on the dependency floors (.ci/floors.txt)"
+bash "$ROOT/scripts/floors.sh" -q
+
+# 3. The whole suite on the current dependencies (last: its exit code is the run's).
 say "pytest"
 exec .venv/bin/python -m pytest "$@"
