@@ -182,19 +182,27 @@ def disk_kib(cluster: Cluster) -> int:
     return sum(int(line.split()[0]) for line in out.splitlines())
 
 
-def all_online(cluster: Cluster, expect: int) -> bool:
+def offline_members(cluster: Cluster, expect: int) -> int | None:
+    """Raft members not online (no leader counts as all members down); None: not all listed."""
     try:
         qs = cluster.api(0, "/api/queues?columns=name,leader,online,members,state")
     except OSError:
-        return False
+        return None
     if len(qs) != expect:
-        return False
+        return None
     size = len(cluster.nodes)
-    return all(q.get("leader") and len(q.get("online") or []) == size for q in qs)
+    return sum(size if not q.get("leader") else size - len(q.get("online") or []) for q in qs)
 
 
-def restart(cluster: Cluster, expect_queues: int) -> dict[str, float]:
-    """Stop all three, start all three; seconds until booted and until every queue is online."""
+def restart(cluster: Cluster, expect_queues: int, patience: float = 150) -> dict[str, Any]:
+    """Stop all three, start all three; seconds until booted and until every queue is online.
+
+    ``online_s`` is None when some Raft members were still down ``patience`` seconds after the
+    nodes booted; ``offline_members`` says how many. On 3.10 a member whose at-least-once
+    dead-letter worker cannot start during boot (``rabbit_fifo_dlx_sup`` not up yet) crashes
+    and is not restarted (rabbitmq-server#16652 describes the same stranding under churn); it
+    stays ``noproc`` until someone restarts it, so waiting longer does not help.
+    """
     t_stop = time.monotonic()
     cluster.stop_all()
     stopped = time.monotonic() - t_stop
@@ -202,12 +210,16 @@ def restart(cluster: Cluster, expect_queues: int) -> dict[str, float]:
     cluster.start_all()
     booted = time.monotonic() - t0
     cluster.wait_running(len(cluster.nodes), timeout=120)
-    deadline = t0 + 300
-    while not all_online(cluster, expect_queues):
-        if time.monotonic() > deadline:
-            raise RuntimeError("queues did not come back online within 300 s")
+    deadline = time.monotonic() + patience
+    online_s: float | None = None
+    offline: int | None = None
+    while time.monotonic() < deadline:
+        offline = offline_members(cluster, expect_queues)
+        if offline == 0:
+            online_s = time.monotonic() - t0
+            break
         time.sleep(0.25)
-    return {"stop_s": stopped, "boot_s": booted, "online_s": time.monotonic() - t0}
+    return {"stop_s": stopped, "boot_s": booted, "online_s": online_s, "offline_members": offline}
 
 
 def loadavg() -> float:
@@ -254,6 +266,12 @@ def measure(design: str, n_queues: int, baseline_restart: bool) -> dict[str, Any
     return out
 
 
+def _online(restart: dict[str, Any]) -> str:
+    if restart["online_s"] is not None:
+        return f"{restart['online_s']:.1f}"
+    return f"never: {restart['offline_members']} Raft members still down"
+
+
 def mib(b: float) -> str:
     return f"{b / 2**20:.1f}"
 
@@ -292,13 +310,10 @@ def table(results: list[dict[str, Any]]) -> str:
         "full restart: nodes booted, s",
         lambda r: f"{r['loaded']['restart']['boot_s']:.1f}",
     )
-    row(
-        "full restart: all queues online, s",
-        lambda r: f"{r['loaded']['restart']['online_s']:.1f}",
-    )
+    row("full restart: all queues online, s", lambda r: _online(r["loaded"]["restart"]))
     row(
         "empty-cluster restart (baseline), s",
-        lambda r: f"{r['empty']['restart']['online_s']:.1f}" if "restart" in r["empty"] else "-",
+        lambda r: _online(r["empty"]["restart"]) if "restart" in r["empty"] else "-",
     )
     row("probe retry (0.75 s) arrived after, s", lambda r: f"{r['route_check_s']:.2f}")
     row(
