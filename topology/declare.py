@@ -1,4 +1,4 @@
-"""Apply a ``Topology`` to a broker, idempotently.
+"""Apply a ``Topology`` to a broker, idempotently; probe a queue without changing it.
 
 RabbitMQ treats a redeclaration with identical arguments as a no-op, so declaring twice changes
 nothing. A redeclaration with *different* arguments closes the channel with a bare
@@ -10,9 +10,11 @@ operator an hour.
 from __future__ import annotations
 
 import re
+from typing import NamedTuple
 
 import aio_pika
 import aiormq
+import aiormq.abc
 from aio_pika.abc import AbstractConnection, ExchangeType
 
 from .errors import QueueMismatchError, TopologyError
@@ -80,3 +82,30 @@ async def declare_url(url: str, topology: Topology) -> None:
         await declare(connection, topology)
     finally:
         await connection.close()
+
+
+class QueueCounts(NamedTuple):
+    """What a passive ``queue.declare`` says: exact and current, unlike the management API."""
+
+    messages: int  # ready (not unacked) messages
+    consumers: int
+
+
+async def probe_queue(channel: aiormq.abc.AbstractChannel, name: str) -> QueueCounts | None:
+    """Ready messages and consumers of ``name`` by a passive declare; ``None`` if it does not exist.
+
+    The one passive probe every tool uses (status, doctor, DLQ, the worker's DLQ gauge). A
+    missing queue makes the broker close ``channel`` (``NOT_FOUND``): after ``None`` the caller
+    must open a new channel, which is why probes belong on a channel of their own.
+    """
+    try:
+        ok = await channel.queue_declare(name, passive=True)
+    except aiormq.exceptions.ChannelNotFoundEntity:
+        return None
+    return QueueCounts(ok.message_count or 0, ok.consumer_count or 0)
+
+
+async def queue_depth(channel: aiormq.abc.AbstractChannel, name: str) -> int | None:
+    """Ready messages in ``name``, or ``None`` if it does not exist (``probe_queue`` semantics)."""
+    counts = await probe_queue(channel, name)
+    return None if counts is None else counts.messages

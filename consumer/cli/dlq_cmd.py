@@ -15,7 +15,7 @@ from typing import Any
 import click
 from rich.table import Table
 
-from ..dlq import DeadJob, DeadLetters, Filter, parse_duration
+from ..ops.dlq import DeadJob, DeadLetters, Filter, parse_duration
 from .common import command_setup, fail, load_settings, run_async
 from .tables import plain_table, print_table
 

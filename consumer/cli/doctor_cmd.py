@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ..doctor import diagnose, to_json
+from ..ops.doctor import diagnose, to_json
 from .common import command_setup, load_app, run_async
 
 _LABELS = {"error": "ERROR", "warning": "WARN", "info": "info", "ok": "ok"}

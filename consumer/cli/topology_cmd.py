@@ -100,8 +100,8 @@ publishers in any language can validate payloads against them before sending."""
 @command_setup
 def schema(app: str, job: str | None, out: Path | None) -> None:
     """Print an AsyncAPI 2.6 document (or one job's JSON Schema) for APP's jobs."""
-    from ..management import amqp_vhost
-    from ..schema import asyncapi, job_schema, job_schemas
+    from ..ops.management import amqp_vhost
+    from ..ops.schema import asyncapi, job_schema, job_schemas
 
     app_worker = load_app(app)
     url = app_worker.settings.amqp_url.get_secret_value()

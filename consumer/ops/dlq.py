@@ -63,10 +63,11 @@ from leveret.producers.message import (
     HEADER_REASON,
 )
 from leveret.producers.settings import ConnectionSettings
+from leveret.topology.declare import queue_depth
 from leveret.topology.errors import LeveretError
 from leveret.topology.model import dlq_name
 
-from .settle import carried_headers, copy_properties
+from ..settle import carried_headers, copy_properties
 
 PAGE_SIZE = 500
 # basic.qos prefetch_count is a 16-bit field: a page is at most that many messages.
@@ -361,22 +362,22 @@ class DeadLetters:
             with contextlib.suppress(*CONNECTION_ERRORS, aiormq.exceptions.AMQPError):
                 await wrapper.close()
 
-    async def _passive(self, name: str) -> aiormq.spec.Queue.DeclareOk:
+    async def _depth_of(self, name: str) -> int:
         channel = await self._channel()
         try:
-            return await channel.queue_declare(name, passive=True)
-        except aiormq.exceptions.ChannelNotFoundEntity:
+            depth = await queue_depth(channel, name)
+        finally:
+            await self._close(channel)
+        if depth is None:
             raise DlqError(
                 f"queue {name!r} does not exist in this vhost; check the queue name (a work "
                 f"queue Q has its dead jobs in Q.dlq) or run `leveret topology declare APP`"
-            ) from None
-        finally:
-            await self._close(channel)
+            )
+        return depth
 
     async def depth(self) -> int:
         """Messages ready in ``Q.dlq`` (raises ``DlqError`` when it does not exist)."""
-        ok = await self._passive(self.dlq)
-        return ok.message_count or 0
+        return await self._depth_of(self.dlq)
 
     @contextlib.asynccontextmanager
     async def _scan(self, limit: int | None = None) -> AsyncIterator[_Scan]:
@@ -432,7 +433,7 @@ class DeadLetters:
         """Move matching jobs to ``Q``: publish confirmed, then ack the DLQ copy. Returns the
         number moved (or, with ``dry_run``, that would move)."""
         where = where or Filter()
-        await self._passive(self.queue)  # a missing Q would only show as returned publishes
+        await self._depth_of(self.queue)  # a missing Q would only show as returned publishes
         publish = await self._channel(confirms=True)
         moved = 0
         failures: list[str] = []

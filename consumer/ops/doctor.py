@@ -26,21 +26,22 @@ import re
 import shutil
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
-from urllib.parse import quote
+from typing import Literal
 
 import aiormq
 import structlog
+from aio_pika.abc import AbstractConnection
 from yarl import URL
 
 from leveret.producers.connection import connect
 from leveret.producers.errors import BrokerUnavailable
+from leveret.topology.declare import probe_queue
 from leveret.topology.definitions import permission_regexes, required_permissions
 from leveret.topology.model import Topology
 
+from ..registry import Registry
+from ..settings import WorkerSettings
 from .management import Management, ManagementError
-from .registry import Registry
-from .settings import WorkerSettings
 
 Severity = Literal["error", "warning", "info", "ok"]
 SEVERITIES: tuple[Severity, ...] = ("error", "warning", "info", "ok")
@@ -138,7 +139,7 @@ class Doctor:
     async def _management(self, facts: _Facts) -> None:
         api = Management.from_settings(self.settings, timeout_s=5)
         try:
-            overview = await api.aget("/overview")
+            overview = await api.overview()
         except ManagementError as exc:
             facts.api_error = str(exc)
             self.add(
@@ -276,7 +277,7 @@ class Doctor:
 
     async def _queue_arguments_api(self, api: Management) -> None:
         try:
-            existing = {q["name"]: q for q in await api.aget(f"/queues/{api.qvhost}")}
+            existing = {q["name"]: q for q in await api.queues()}
         except ManagementError as exc:
             self.add("warning", "queue_arguments", f"could not list queues: {exc}")
             return
@@ -320,8 +321,7 @@ class Doctor:
         """
         exchange = self.topology.exchange
         try:
-            bindings = await api.aget(f"/exchanges/{api.qvhost}/{quote(exchange, safe='')}"
-                                      "/bindings/source")  # fmt: skip
+            bindings = await api.bindings_from(exchange)
         except ManagementError as exc:
             self.add("warning", "job_names", f"could not list bindings of {exchange!r}: {exc}")
             return
@@ -342,16 +342,14 @@ class Doctor:
         if not shared:
             self.add("ok", "job_names", "every job name of the app is served by one queue")
 
-    async def _queue_arguments_amqp(self, connection: Any) -> None:
+    async def _queue_arguments_amqp(self, connection: AbstractConnection) -> None:
         """Without the API: redeclare existing queues with the app's arguments on a throwaway
         channel; the broker refuses a difference and changes nothing either way."""
         bad = 0
         for decl in self.topology.queue_decls():
             channel = await (await connection.channel()).get_underlay_channel()
-            try:
-                await channel.queue_declare(decl.name, passive=True)
-            except aiormq.exceptions.ChannelNotFoundEntity:
-                continue
+            if await probe_queue(channel, decl.name) is None:
+                continue  # not there yet: nothing to compare (the broker closed the channel)
             try:
                 await channel.queue_declare(
                     decl.name, durable=decl.durable, arguments=decl.arguments
@@ -373,9 +371,7 @@ class Doctor:
         user, vhost = api.target.user, api.target.vhost
         amqp_user = URL(self.settings.amqp_url.get_secret_value()).user or "guest"
         try:
-            granted = await api.aget(
-                f"/permissions/{quote(vhost, safe='')}/{quote(amqp_user, safe='')}"
-            )
+            granted = await api.permissions(amqp_user)
         except ManagementError as exc:
             if exc.status == 404:
                 self.add(

@@ -82,15 +82,17 @@ class ManagementTarget:
 
 
 class Management:
-    """Synchronous and asynchronous GET/POST against one broker's management API."""
+    """GETs against one broker's management API, async only: every caller runs in a loop."""
 
     def __init__(self, target: ManagementTarget, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
         self.target = target
         self.timeout_s = timeout_s
 
     @classmethod
-    def from_settings(cls, settings: ConnectionSettings, **kwargs: Any) -> Management:
-        return cls(ManagementTarget.from_settings(settings), **kwargs)
+    def from_settings(
+        cls, settings: ConnectionSettings, *, timeout_s: float = DEFAULT_TIMEOUT_S
+    ) -> Management:
+        return cls(ManagementTarget.from_settings(settings), timeout_s)
 
     def __repr__(self) -> str:
         return f"Management({self.target.display!r})"
@@ -133,63 +135,42 @@ class Management:
             f"`rabbitmq-plugins enable rabbitmq_management` or set LEVERET_MANAGEMENT_URL"
         )
 
-    def _check(self, response: httpx.Response) -> Any:
-        if response.status_code >= 400:
-            raise self._explain(None, response)
-        if not response.content:
-            return None
-        return response.json()
-
     @property
     def _verify(self) -> bool:
         """Plain http:// has no TLS to verify: skip building a CA-loaded SSL context, which
         costs megabytes of RSS and milliseconds per client in every worker. https:// verifies."""
         return self._url("").startswith("https://")
 
-    def request(self, method: str, path: str, **kwargs: Any) -> Any:
-        try:
-            response = httpx.request(
-                method,
-                self._url(path),
-                auth=(self.target.user, self.target.password),
-                timeout=self.timeout_s,
-                verify=self._verify,
-                **kwargs,
-            )
-        except httpx.HTTPError as exc:
-            raise self._explain(exc, None) from None
-        return self._check(response)
-
-    async def arequest(self, method: str, path: str, **kwargs: Any) -> Any:
+    async def get(self, path: str, **params: str) -> Any:
+        """``GET /api{path}``: the decoded JSON (``Any``: this is the wire boundary)."""
         try:
             async with httpx.AsyncClient(
                 auth=(self.target.user, self.target.password),
                 timeout=self.timeout_s,
                 verify=self._verify,
             ) as client:
-                response = await client.request(method, self._url(path), **kwargs)
+                response = await client.get(self._url(path), params=params or None)
         except httpx.HTTPError as exc:
             raise self._explain(exc, None) from None
-        return self._check(response)
-
-    def get(self, path: str, **params: Any) -> Any:
-        return self.request("GET", path, params=params or None)
-
-    async def aget(self, path: str, **params: Any) -> Any:
-        return await self.arequest("GET", path, params=params or None)
+        if response.status_code >= 400:
+            raise self._explain(None, response)
+        return response.json() if response.content else None
 
     # -- what the tools ask -----------------------------------------------------------------
 
-    def overview(self) -> dict[str, Any]:
-        return self.get("/overview")
+    async def overview(self) -> dict[str, Any]:
+        """``/api/overview``: broker version, cluster name, listeners."""
+        return dict(await self.get("/overview") or {})
 
-    def queues(self) -> list[dict[str, Any]]:
+    async def queues(self) -> list[dict[str, Any]]:
         """Every queue of the vhost, with counts and message rates."""
-        return self.get(f"/queues/{self.qvhost}")
+        return list(await self.get(f"/queues/{self.qvhost}") or [])
 
-    def queue(self, name: str) -> dict[str, Any]:
-        return self.get(f"/queues/{self.qvhost}/{quote(name, safe='')}")
+    async def bindings_from(self, exchange: str) -> list[dict[str, Any]]:
+        """Every binding whose source is ``exchange`` in the vhost."""
+        path = f"/exchanges/{self.qvhost}/{quote(exchange, safe='')}/bindings/source"
+        return list(await self.get(path) or [])
 
-    def import_definitions(self, definitions: dict[str, Any]) -> None:
-        """Import a definitions document into this vhost (``POST /api/definitions/{vhost}``)."""
-        self.request("POST", f"/definitions/{self.qvhost}", json=definitions)
+    async def permissions(self, user: str) -> dict[str, Any]:
+        """``user``'s configure/write/read patterns on the vhost (404 when it has none)."""
+        return dict(await self.get(f"/permissions/{self.qvhost}/{quote(user, safe='')}") or {})

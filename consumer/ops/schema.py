@@ -18,7 +18,7 @@ from yarl import URL
 
 from leveret.topology.model import Topology
 
-from .registry import JobSpec, Registry
+from ..registry import JobSpec, Registry
 
 JSON_SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
 ASYNCAPI_VERSION = "2.6.0"

@@ -7,7 +7,7 @@ import collections
 import aiormq
 import pytest
 
-from leveret.consumer.dlq import DeadLetters
+from leveret.consumer.ops.dlq import DeadLetters
 from tests.ops.helpers import declare_queue, drain, fill_dlq
 from tests.support import Broker, unique
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from leveret.consumer.management import ManagementTarget
+from leveret.consumer.ops.management import ManagementTarget
 from leveret.producers import ConnectionSettings
 from leveret.producers.connection import explain, mask_secrets, mask_url
 
