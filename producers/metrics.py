@@ -14,7 +14,7 @@ def published_counter(registry: CollectorRegistry | None = None) -> Counter:
         counter = Counter(
             "leveret_jobs_published_total",
             "Jobs the broker confirmed, by job name (publisher side).",
-            ["job"],
+            ["job_name"],
             registry=registry,
         )
         _counters[id(registry)] = counter

@@ -211,5 +211,5 @@ class Publisher:
         )
         child = self._published_children.get(job)
         if child is None:
-            child = self._published_children[job] = self._published.labels(job=job)
+            child = self._published_children[job] = self._published.labels(job_name=job)
         child.inc()

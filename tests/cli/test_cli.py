@@ -172,7 +172,7 @@ def test_the_worker_runs_jobs_and_exits_zero_on_sigterm(
         while (
             "leveret_jobs_completed_total"
             not in (metrics := httpx.get(f"http://127.0.0.1:{port}/metrics").text)
-            or f'job="{queue}-job",outcome="succeeded"' not in metrics
+            or f'job_name="{queue}-job",outcome="succeeded"' not in metrics
         ):
             assert time.monotonic() < deadline
             time.sleep(0.1)

@@ -127,9 +127,9 @@ async def test_published_jobs_are_counted(broker: Broker) -> None:
             await pub.publish(f"{queue}-job", {})
         with pytest.raises(UnroutableError):
             await pub.publish(f"{queue}-other", {})
-    value = registry.get_sample_value("leveret_jobs_published_total", {"job": f"{queue}-job"})
+    value = registry.get_sample_value("leveret_jobs_published_total", {"job_name": f"{queue}-job"})
     assert value == 3
-    assert registry.get_sample_value("leveret_jobs_published_total", {"job": f"{queue}-other"}) in (
+    assert registry.get_sample_value("leveret_jobs_published_total", {"job_name": f"{queue}-other"}) in (
         None,
         0,
     )
