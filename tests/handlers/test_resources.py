@@ -462,18 +462,22 @@ async def test_overrides_replace_resources_and_skip_their_dependencies() -> None
 
     fake = Session(Pool(), "fake")
     plan = res.plan(handler)
-    async with res.process_scope(eager=False, overrides={Session: fake}):
-        async with res.job_scope(plan, ctx_for("j1")) as kwargs:
-            s, t = await handler({}, **kwargs)
+    async with (
+        res.process_scope(eager=False, overrides={Session: fake}),
+        res.job_scope(plan, ctx_for("j1")) as kwargs,
+    ):
+        s, t = await handler({}, **kwargs)
     assert s is fake and isinstance(t, Tx)
     assert opened == ["tx"]  # neither the real session nor the pool it needs was opened
 
     # per job, too
     fake_tx = Tx()
     opened.clear()
-    async with res.process_scope(eager=False):
-        async with res.job_scope(plan, ctx_for("j2"), overrides={Tx: fake_tx}) as kwargs:
-            s, t = await handler({}, **kwargs)
+    async with (
+        res.process_scope(eager=False),
+        res.job_scope(plan, ctx_for("j2"), overrides={Tx: fake_tx}) as kwargs,
+    ):
+        s, t = await handler({}, **kwargs)
     assert t is fake_tx and s.job_id == "j2"
     assert opened == ["pool", "session"]
 
