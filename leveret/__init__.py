@@ -9,18 +9,36 @@ from leveret.consumer import ConfigError, JobContext, Reject, Worker, WorkerSett
 from leveret.producers import (
     BlockingPublisher,
     BrokerUnavailable,
+    ConnectionLost,
+    DuplicateJobIdError,
+    InvalidPayloadError,
+    InvalidPriorityError,
     Publisher,
     PublishError,
     PublishTimeout,
     RefusedError,
     UnroutableError,
 )
-from leveret.topology import LeveretError, QueueMismatchError, TopologyError
+from leveret.topology import (
+    InvalidDelayError,
+    InvalidNameError,
+    InvalidValueError,
+    LeveretError,
+    QueueMismatchError,
+    TopologyError,
+)
 
 __all__ = [
     "BlockingPublisher",
     "BrokerUnavailable",
     "ConfigError",
+    "ConnectionLost",
+    "DuplicateJobIdError",
+    "InvalidDelayError",
+    "InvalidNameError",
+    "InvalidPayloadError",
+    "InvalidPriorityError",
+    "InvalidValueError",
     "JobContext",
     "LeveretError",
     "PublishError",

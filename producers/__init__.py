@@ -4,6 +4,10 @@ from .blocking import BlockingPublisher
 from .connection import mask_url
 from .errors import (
     BrokerUnavailable,
+    ConnectionLost,
+    DuplicateJobIdError,
+    InvalidPayloadError,
+    InvalidPriorityError,
     PublishError,
     PublishTimeout,
     RefusedError,
@@ -15,7 +19,11 @@ from .settings import ConnectionSettings
 __all__ = [
     "BlockingPublisher",
     "BrokerUnavailable",
+    "ConnectionLost",
     "ConnectionSettings",
+    "DuplicateJobIdError",
+    "InvalidPayloadError",
+    "InvalidPriorityError",
     "Job",
     "PublishError",
     "PublishTimeout",

@@ -2,7 +2,36 @@
 
 from __future__ import annotations
 
-from leveret.topology.errors import LeveretError
+from leveret.topology.errors import InvalidValueError, LeveretError
+
+
+class InvalidPriorityError(InvalidValueError):
+    """A priority that is not an integer from 0 to 9."""
+
+    def __init__(self, priority: object, highest: int) -> None:
+        self.priority = priority
+        super().__init__(f"priority must be an integer from 0 to {highest}, got {priority!r}")
+
+
+class InvalidPayloadError(InvalidValueError, TypeError):
+    """A payload that is not a dict or a pydantic model (a ``TypeError`` too: it is one)."""
+
+    def __init__(self, payload: object) -> None:
+        self.payload_type = type(payload).__name__
+        super().__init__(
+            f"a job payload must be a dict or a pydantic model, not {self.payload_type}"
+        )
+
+
+class DuplicateJobIdError(InvalidValueError):
+    """One ``publish_many`` batch names the same job id twice."""
+
+    def __init__(self, job_id: str) -> None:
+        self.job_id = job_id
+        super().__init__(
+            f"job id {job_id!r} appears twice in one publish_many batch: ids must be unique "
+            f"(the broker's return of an unroutable job is matched by id)"
+        )
 
 
 class BrokerUnavailable(LeveretError, ConnectionError):

@@ -15,6 +15,8 @@ from typing import Any
 from pamqp.commands import Basic
 from pydantic import BaseModel
 
+from .errors import InvalidPayloadError, InvalidPriorityError
+
 CONTENT_TYPE = "application/json"
 PERSISTENT = 2
 MAX_PRIORITY = 9
@@ -40,16 +42,14 @@ def encode_payload(payload: BaseModel | dict[str, Any]) -> bytes:
         return payload.model_dump_json().encode()
     if isinstance(payload, dict):
         return _dumps(payload).encode()
-    raise TypeError(
-        f"a job payload must be a dict or a pydantic model, not {type(payload).__name__}"
-    )
+    raise InvalidPayloadError(payload)
 
 
 def check_priority(priority: int | None) -> int | None:
     if priority is None:
         return None
     if isinstance(priority, bool) or not isinstance(priority, int) or not 0 <= priority <= 9:
-        raise ValueError(f"priority must be an integer from 0 to {MAX_PRIORITY}, got {priority!r}")
+        raise InvalidPriorityError(priority, MAX_PRIORITY)
     return priority
 
 

@@ -31,6 +31,7 @@ from leveret.topology.model import check_name, delayed_job_route
 
 from .confirm import publish_confirmed
 from .connection import connect, mask_url
+from .errors import DuplicateJobIdError
 from .message import check_priority, encode_payload, job_properties, new_job_id
 from .metrics import published_counter
 from .settings import ConnectionSettings
@@ -135,10 +136,7 @@ class Publisher:
                 parts = self._prepare(job, payload, None, None, None, None)
             message_id = parts[1].message_id
             if message_id in seen:
-                raise ValueError(
-                    f"job id {message_id!r} appears twice in one publish_many batch: ids must be "
-                    f"unique (the broker's return of an unroutable job is matched by id)"
-                )
+                raise DuplicateJobIdError(message_id)
             seen.add(message_id)  # type: ignore[arg-type]
             prepared.append((*parts, job))
         results = await asyncio.gather(

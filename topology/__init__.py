@@ -2,7 +2,14 @@
 
 from .declare import declare, declare_url
 from .definitions import to_definitions
-from .errors import LeveretError, QueueMismatchError, TopologyError
+from .errors import (
+    InvalidDelayError,
+    InvalidNameError,
+    InvalidValueError,
+    LeveretError,
+    QueueMismatchError,
+    TopologyError,
+)
 from .model import (
     DELAY_BITS,
     DELAY_UNIT_S,
@@ -21,6 +28,9 @@ __all__ = [
     "DELAY_BITS",
     "DELAY_UNIT_S",
     "MAX_DELAY_S",
+    "InvalidDelayError",
+    "InvalidNameError",
+    "InvalidValueError",
     "LeveretError",
     "QueueMismatchError",
     "Topology",

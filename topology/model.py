@@ -80,6 +80,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from .errors import InvalidDelayError, InvalidNameError
+
 DELAY_UNIT_S = 0.25
 DELAY_BITS = 27
 MAX_DELAY_S = ((1 << DELAY_BITS) - 1) * DELAY_UNIT_S  # 33_554_431.75 s, about 388 days
@@ -106,9 +108,11 @@ QueueType = Literal["classic", "quorum"]
 def check_name(kind: str, name: str) -> str:
     """Refuse names that would break routing keys or collide with derived queue names."""
     if not _NAME.match(name) or len(name) > _MAX_NAME:
-        raise ValueError(
+        raise InvalidNameError(
+            kind,
+            name,
             f"{kind} name {name!r} is not valid: use letters, digits, '_', '-', ':' and "
-            f"dot-separated words, at most {_MAX_NAME} characters"
+            f"dot-separated words, at most {_MAX_NAME} characters",
         )
     return name
 
@@ -137,12 +141,15 @@ def delay_exchange_name(exchange: str, level: int) -> str:
 
 def delay_units(delay_s: float) -> int:
     """The delay in whole units, rounded up so a job never runs early."""
+    if isinstance(delay_s, bool) or not isinstance(delay_s, int | float):
+        raise InvalidDelayError(delay_s, f"a delay must be a number of seconds, got {delay_s!r}")
     if delay_s < 0 or math.isnan(delay_s):
-        raise ValueError(f"a delay must be 0 or more seconds, got {delay_s!r}")
+        raise InvalidDelayError(delay_s, f"a delay must be 0 or more seconds, got {delay_s!r}")
     if delay_s > MAX_DELAY_S:
-        raise ValueError(
+        raise InvalidDelayError(
+            delay_s,
             f"a delay of {delay_s:g} s is longer than the longest Leveret supports "
-            f"({MAX_DELAY_S:g} s, about {MAX_DELAY_S / 86_400:.0f} days)"
+            f"({MAX_DELAY_S:g} s, about {MAX_DELAY_S / 86_400:.0f} days)",
         )
     # The small epsilon keeps 1.0 s at exactly 4 units despite float noise.
     return math.ceil(delay_s / DELAY_UNIT_S - 1e-9)
@@ -238,7 +245,9 @@ class WorkQueue(BaseModel):
     def _valid_name(cls, name: str) -> str:
         check_name("queue", name)
         if name.endswith(".dlq") or ".retry." in name:
-            raise ValueError(f"queue name {name!r} collides with Leveret's derived queue names")
+            raise InvalidNameError(
+                "queue", name, f"queue name {name!r} collides with Leveret's derived queue names"
+            )
         return name
 
     @field_validator("jobs")
@@ -304,7 +313,10 @@ class Topology(BaseModel):
     def _unique_queues(cls, queues: tuple[WorkQueue, ...]) -> tuple[WorkQueue, ...]:
         names = [q.name for q in queues]
         if len(set(names)) != len(names):
-            raise ValueError(f"work queues must have unique names, got {names}")
+            duplicate = next(n for n in names if names.count(n) > 1)
+            raise InvalidNameError(
+                "queue", duplicate, f"work queues must have unique names, got {names}"
+            )
         return tuple(sorted(queues, key=lambda q: q.name))
 
     def queue(self, name: str) -> WorkQueue:

@@ -89,9 +89,7 @@ def run_async(coro: Coroutine[Any, Any, T]) -> T:
     """Run a command's coroutine, turning every error a user can cause into one line."""
     try:
         return asyncio.run(coro)
-    except LeveretError as exc:
-        fail(_scrub(str(exc)))
-    except (ValueError, TypeError) as exc:
+    except LeveretError as exc:  # every error a user can cause is one, builtins are bugs
         fail(_scrub(str(exc)))
     except KeyboardInterrupt:
         fail("interrupted", 130)

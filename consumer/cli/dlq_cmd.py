@@ -15,7 +15,7 @@ from typing import Any
 import click
 from rich.table import Table
 
-from ..ops.dlq import DeadJob, DeadLetters, Filter, parse_duration
+from ..ops.dlq import DeadJob, DeadLetters, Filter, InvalidDurationError, parse_duration
 from .common import command_setup, fail, load_settings, run_async
 from .tables import plain_table, print_table
 
@@ -93,7 +93,7 @@ def _where(
 ) -> Filter:
     try:
         older_than_s = parse_duration(older_than) if older_than is not None else None
-    except ValueError as exc:
+    except InvalidDurationError as exc:
         fail(str(exc))
     return Filter(ids=frozenset(ids), job=job, reason=reason, older_than_s=older_than_s)
 

@@ -64,7 +64,7 @@ from leveret.producers.message import (
 )
 from leveret.producers.settings import ConnectionSettings
 from leveret.topology.declare import queue_depth
-from leveret.topology.errors import LeveretError
+from leveret.topology.errors import InvalidValueError, LeveretError
 from leveret.topology.model import dlq_name
 
 from ..settle import carried_headers, copy_properties
@@ -79,6 +79,17 @@ REPLAY_IN_FLIGHT = 200
 
 class DlqError(LeveretError):
     """A DLQ operation cannot run (no such queue, refused publish, ...)."""
+
+
+class InvalidDurationError(InvalidValueError):
+    """A duration (``--older-than``) that is not a number with an optional unit."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        super().__init__(
+            f"duration {text!r} is not valid: use a number with an optional unit "
+            f"ms, s, m, h, d or w (e.g. 30m, 2h, 7d)"
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,10 +164,7 @@ def parse_duration(text: str) -> float:
     """``90``, ``90s``, ``15m``, ``2h``, ``7d``, ``1w`` → seconds."""
     match = _DURATION.match(text)
     if not match:
-        raise ValueError(
-            f"duration {text!r} is not valid: use a number with an optional unit "
-            f"ms, s, m, h, d or w (e.g. 30m, 2h, 7d)"
-        )
+        raise InvalidDurationError(text)
     unit = match[2].lower() if match[2] else None
     return float(match[1]) * _UNITS_S[unit]
 
