@@ -21,6 +21,8 @@ log = structlog.get_logger("leveret.worker")
 
 
 class Acker:
+    """Acks done tags in delivery order, many per frame (see the module docstring)."""
+
     def __init__(
         self, channel: aiormq.abc.AbstractChannel, *, prefetch: int = 0, max_delay_s: float = 0.0
     ) -> None:
@@ -145,6 +147,11 @@ class Acker:
     def settled(self, tag: int) -> bool:
         """True once ``tag`` is acked, marked done or nacked: its one outcome is decided."""
         return tag in self._done or tag not in self._order
+
+    @property
+    def closed(self) -> bool:
+        """The consuming channel is gone: an ack or nack now could not be sent."""
+        return bool(self._channel.is_closed)
 
     @property
     def in_flight(self) -> int:

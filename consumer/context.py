@@ -1,4 +1,4 @@
-"""What a handler may learn about the job it runs."""
+"""What a handler (and a middleware around it) may learn about the job it runs."""
 
 from __future__ import annotations
 
@@ -19,6 +19,8 @@ class JobContext:
     redelivered: bool = False
     priority: int | None = None
     headers: dict[str, Any] = field(default_factory=dict)
+    # The validated payload, as the handler receives it; middleware may read it.
+    payload: Any = None
 
     @property
     def is_last_attempt(self) -> bool:

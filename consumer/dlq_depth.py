@@ -23,6 +23,9 @@ from leveret.topology.model import dlq_name
 
 DEFAULT_INTERVAL_S = 15.0
 
+# What ends one refresh (the next opens a channel again), never the refresher.
+_REFRESH_ERRORS: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, aiormq.exceptions.AMQPError)
+
 log = structlog.get_logger("leveret.worker")
 
 
@@ -77,7 +80,7 @@ class DlqDepthRefresher:
         while True:
             try:
                 await self.refresh()
-            except (*CONNECTION_ERRORS, aiormq.exceptions.AMQPError) as exc:
+            except _REFRESH_ERRORS as exc:
                 self._channel = None
                 log.debug("dlq_depth_refresh_failed", error=f"{type(exc).__name__}: {exc}")
             self._wake.clear()

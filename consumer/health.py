@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from typing import Any
 
 import structlog
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -27,7 +28,7 @@ class HealthServer:
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._serve, self.host, self.port)
-        sockets = self._server.sockets or []
+        sockets: tuple[Any, ...] = tuple(self._server.sockets or ())
         if sockets:
             self.port = sockets[0].getsockname()[1]
         log.info("http_listening", host=self.host, port=self.port,

@@ -37,19 +37,19 @@ class WorkerMetrics:
         self.started = Counter(
             "leveret_jobs_started_total",
             "Handler runs started.",
-            ["queue", "job"],
+            ["queue", "job_name"],
             registry=registry,
         )
         self.completed = Counter(
             "leveret_jobs_completed_total",
             "Handler runs (and messages no handler could take) by outcome.",
-            ["queue", "job", "outcome"],
+            ["queue", "job_name", "outcome"],
             registry=registry,
         )
         self.duration = Histogram(
             "leveret_job_duration_seconds",
             "Handler run time.",
-            ["queue", "job"],
+            ["queue", "job_name"],
             buckets=DURATION_BUCKETS,
             registry=registry,
         )

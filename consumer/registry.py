@@ -12,7 +12,7 @@ import math
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from pydantic import BaseModel, TypeAdapter
 from tenacity import RetryCallState
@@ -75,7 +75,7 @@ def _validator(fn: Callable[..., Any], name: str) -> tuple[Callable[[bytes], Any
     if isinstance(model, type) and issubclass(model, BaseModel):
         validate: Callable[[bytes], Any] = model.model_validate_json
     elif model is dict or typing.get_origin(model) is dict:
-        adapter = TypeAdapter(model)
+        adapter: TypeAdapter[Any] = TypeAdapter(cast(Any, model))
         validate = adapter.validate_json
     else:
         raise ConfigError(
@@ -146,6 +146,20 @@ class Registry:
     @property
     def queues(self) -> list[str]:
         return sorted({spec.queue for spec in self.jobs.values()})
+
+    def select(self, queues: list[str] | None) -> list[str]:
+        """The queues a worker consumes: those asked for (each once), else all of its jobs'."""
+        if not self.jobs:
+            raise ConfigError("this worker has no jobs: register handlers with @worker.job(...)")
+        known = self.queues
+        queues = list(dict.fromkeys(queues or known))
+        unknown = [q for q in queues if q not in known]
+        if unknown:
+            raise ConfigError(
+                f"no job is registered on queue(s) {', '.join(unknown)}; "
+                f"this app serves: {', '.join(known)}"
+            )
+        return queues
 
     def topology(self, exchange: str, queue_type: str = "classic") -> Topology:
         by_queue: dict[str, list[str]] = {}

@@ -182,6 +182,18 @@ def delay_address(routing_key: str) -> tuple[str, str] | None:
     return None
 
 
+def job_from_routing_key(routing_key: str) -> str:
+    """The job a routing key names: a delayed job's key names it after the delay words.
+
+    The inverse of ``delayed_job_route`` (old key layouts too, see ``delay_address``); any
+    other key is the job's name itself (a publish without ``type``).
+    """
+    address = delay_address(routing_key)
+    if address is not None and address[0] == "j":
+        return address[1]
+    return routing_key
+
+
 def _route(exchange: str, delay_s: float, address: str) -> tuple[str, str]:
     """Exchange and routing key that deliver to ``address`` after ``delay_s``.
 

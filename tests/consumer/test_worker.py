@@ -149,7 +149,7 @@ async def test_bad_messages_are_dead_lettered_with_a_reason(
     assert (
         registry.get_sample_value(
             "leveret_jobs_completed_total",
-            {"queue": queue, "job": label, "outcome": "dead_lettered"},
+            {"queue": queue, "job_name": label, "outcome": "dead_lettered"},
         )
         == 1
     )
@@ -227,7 +227,7 @@ async def test_a_retry_waits_its_backoff_and_not_much_more(broker: Broker, regis
     assert (
         registry.get_sample_value(
             "leveret_jobs_completed_total",
-            {"queue": queue, "job": f"{queue}-job", "outcome": "retried"},
+            {"queue": queue, "job_name": f"{queue}-job", "outcome": "retried"},
         )
         == 1
     )

@@ -1,0 +1,192 @@
+"""One delivery, top to bottom: parse → guard → validate → chain → handler → settle → ack.
+
+``Pipeline.on_message`` is the consumer callback (aiormq runs each delivery as its own task).
+It reads the envelope once into a ``Delivery``, then ``_process`` walks it down:
+
+1. an invalid envelope, an unknown job, a redelivery the guard settles, or a payload that
+   fails validation ends in settle at once (``dead_without_run``/``requeue_counted``);
+2. otherwise a ``JobContext`` is built and the job's chain runs (``middleware``; composed once
+   per job when the worker starts); its result or exception comes back here;
+3. settle owns the outcome: it publishes any copy, acks, counts and logs (``settle``).
+
+Whatever escapes that (a copy not confirmed, a failing log sink) still leaves the job with
+exactly one outcome: it is given back after a backoff (``Settler.give_back_later``). A
+cancellation (shutdown grace over, or the session lost) gives it back unburnt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import aiormq.abc
+import structlog
+from pydantic import ValidationError
+
+from leveret.producers.message import one_line
+
+from . import execution
+from .context import JobContext
+from .delivery import Delivery
+from .metrics import UNKNOWN_JOB, WorkerMetrics
+from .middleware import CallNext, JobMetrics, Middleware
+from .redelivery import RedeliveryGuard
+from .registry import JobSpec, Registry
+from .settings import WorkerSettings
+from .settle import Settler
+from .threads import JobThreads
+
+log = structlog.get_logger("leveret.worker")
+
+
+def _invalid_payload(exc: Exception) -> str:
+    """A validation failure as one short line for ``x-error``."""
+    if not isinstance(exc, ValidationError):
+        return f"{type(exc).__name__}: {exc}"  # whatever the validation raises: invalid
+    first: Any = exc.errors()[0] if exc.error_count() else {}
+    where = ".".join(str(p) for p in first.get("loc", ())) or "body"
+    return f"ValidationError: {exc.error_count()} error(s); {where}: {first.get('msg', exc)}"
+
+
+class Pipeline:
+    """Runs deliveries for one worker; the chains are built once, per job."""
+
+    def __init__(
+        self,
+        jobs: dict[str, JobSpec],
+        chains: dict[str, CallNext],
+        guard: RedeliveryGuard,
+        max_body: int,
+        sleep: Callable[[float], Awaitable[None]],
+        stopping: asyncio.Event,
+    ) -> None:
+        self._jobs = jobs
+        self._chains = chains
+        self._guard = guard
+        self._max_body = max_body
+        self._sleep = sleep
+        self._stopping = stopping
+        self.tasks: set[asyncio.Task[Any]] = set()
+
+    @classmethod
+    def for_jobs(
+        cls,
+        registry: Registry,
+        middlewares: Sequence[Middleware],
+        metrics: WorkerMetrics,
+        threads: JobThreads,
+        settings: WorkerSettings,
+        sleep: Callable[[float], Awaitable[None]],
+        stopping: asyncio.Event,
+    ) -> Pipeline:
+        """One chain per job, composed now so no message pays for it."""
+        chains = {}
+        for spec in registry.jobs.values():
+            started = metrics.started.labels(queue=spec.queue, job_name=spec.name)
+            layer = JobMetrics(started, metrics.in_progress.labels(queue=spec.queue))
+            chains[spec.name] = execution.build_chain(spec, middlewares, layer, threads)
+        guard = RedeliveryGuard(settings.max_redeliveries)
+        return cls(registry.jobs, chains, guard, settings.max_body_bytes, sleep, stopping)
+
+    async def on_message(
+        self,
+        settler: Settler,
+        lost: asyncio.Event,
+        queue: str,
+        message: aiormq.abc.DeliveredMessage,
+    ) -> None:
+        d = Delivery.read(message, queue, self._max_body)
+        settler.acker.track(d.tag)
+        task = asyncio.current_task()
+        assert task is not None
+        self.tasks.add(task)
+        try:
+            try:
+                await self._process(d, settler)
+            except asyncio.CancelledError:
+                await self._cancelled(d, settler, lost)
+            except Exception as exc:
+                await self._escaped(d, settler, lost, exc)
+        finally:
+            self.tasks.discard(task)
+
+    async def _process(self, d: Delivery, settler: Settler) -> None:
+        if d.id_assigned:
+            # Informational: a failing log sink must not keep the job from running (its id is
+            # new on every delivery, so a give-back could never back off either).
+            with contextlib.suppress(Exception):
+                log.warning(
+                    "job_id_assigned",
+                    job_id=d.job_id,
+                    queue=d.queue,
+                    reason="message arrived without message_id",
+                )
+        spec = self._jobs.get(d.name)
+        if d.problem is not None:
+            label = d.name if spec is not None else UNKNOWN_JOB
+            return await settler.dead_without_run(d, label, "invalid", d.problem, 0)
+        if spec is None:
+            why = f"no handler for job {d.name!r} on queue {d.queue!r}"
+            return await settler.dead_without_run(d, UNKNOWN_JOB, "unknown_job", why, d.attempts)
+        await self._guard.wait_if_counting(d.job_id)
+        if d.redelivered and await self._guard.handled(d, settler, spec.name):
+            return None
+        try:
+            payload = spec.validate(d.message.body)
+        except Exception as exc:
+            return await settler.dead_without_run(
+                d, spec.name, "invalid", _invalid_payload(exc), d.attempts
+            )
+        props = d.properties
+        ctx = JobContext(
+            d.job_id,
+            spec.name,
+            d.queue,
+            d.attempts + 1,
+            spec.max_attempts,
+            log,
+            d.redelivered,
+            props.priority,
+            props.headers or {},
+            payload,
+        )
+        started = time.perf_counter()
+        result, error = await execution.run(self._chains[spec.name], ctx)
+        duration = time.perf_counter() - started
+        if error is None:
+            return await settler.succeeded(d, spec.name, duration, result)
+        return await settler.failed(d, spec, ctx.attempt, error, duration)
+
+    async def _cancelled(self, d: Delivery, settler: Settler, lost: asyncio.Event) -> None:
+        """Shutdown grace ran out: give the job back unburnt. Cancelled because the channel
+        went away (aiormq cancels consumers before our ``lost`` flag is set, e.g. when the
+        broker's consumer_timeout closes the channel): publish nothing, or the broker's own
+        redelivery would double the job."""
+        if self._stopping.is_set() and not lost.is_set() and not settler.acker.closed:
+            try:
+                await settler.give_back(d)
+            except Exception:
+                with contextlib.suppress(Exception):
+                    await settler.acker.nack(d.tag, requeue=True)
+        elif not lost.is_set():
+            with contextlib.suppress(Exception):
+                await settler.acker.nack(d.tag, requeue=True)
+
+    async def _escaped(
+        self, d: Delivery, settler: Settler, lost: asyncio.Event, exc: Exception
+    ) -> None:
+        """SettleFailed, or anything unexpected on the way (a log call, a metric): the job
+        still gets exactly one outcome. If it was settled already there is nothing to do."""
+        if not settler.acker.settled(d.tag):
+            await settler.give_back_later(d, exc, self._sleep, lost)
+        else:
+            with contextlib.suppress(Exception):
+                log.error(
+                    "job_error_after_settle",
+                    job_id=d.job_id,
+                    queue=d.queue,
+                    error=one_line(f"{type(exc).__name__}: {exc}"),
+                )
