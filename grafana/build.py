@@ -30,7 +30,7 @@ DS = {"type": "prometheus", "uid": "${datasource}"}
 # Filters shared by the queries. RabbitMQ's series come from the broker's namespace, so they are
 # filtered by vhost and queue name, never by the workers' namespace.
 LEV = 'namespace=~"$namespace", queue=~"$queue"'
-LEV_JOB = LEV + ', job=~"$job"'
+LEV_JOB = LEV + ', job_name=~"$job_name"'
 WORK_QUEUES = 'vhost=~"$vhost", queue=~"$queue", queue!~".+\\\\.(retry\\\\..+|dlq)"'
 RETRY_QUEUES = 'vhost=~"$vhost", queue=~"($queue)\\\\.retry\\\\..+"'
 DLQS = 'vhost=~"$vhost", queue=~"($queue)\\\\.dlq"'
@@ -266,14 +266,14 @@ def panels() -> list[dict[str, Any]]:
             "Runs started per second per job. Far below the publish rate for long: "
             "the workers fall behind; scale them out or raise LEVERET_PREFETCH.",
             _targets(
-                (f"sum by (job) (rate(leveret_jobs_started_total{{{LEV_JOB}}}{RATE}))", "{{job}}")
+                (f"sum by (job_name) (rate(leveret_jobs_started_total{{{LEV_JOB}}}{RATE}))", "{{job_name}}")
             ),
             "ops",
         ),
         12,
         8,
     )
-    by_job = f"sum by (job) (rate(leveret_jobs_completed_total{{{LEV_JOB}}}{RATE}))"
+    by_job = f"sum by (job_name) (rate(leveret_jobs_completed_total{{{LEV_JOB}}}{RATE}))"
     lay.add(
         timeseries(
             "Retry and failure ratio",
@@ -282,14 +282,14 @@ def panels() -> list[dict[str, Any]]:
             "backoff absorbs; a high failure ratio loses work to the DLQ.",
             _targets(
                 (
-                    f"sum by (job) (rate(leveret_jobs_completed_total{{{LEV_JOB}, "
+                    f"sum by (job_name) (rate(leveret_jobs_completed_total{{{LEV_JOB}, "
                     f'outcome="retried"}}{RATE})) / {by_job}',
-                    "{{job}} retried",
+                    "{{job_name}} retried",
                 ),
                 (
-                    f"sum by (job) (rate(leveret_jobs_completed_total{{{LEV_JOB}, "
+                    f"sum by (job_name) (rate(leveret_jobs_completed_total{{{LEV_JOB}, "
                     f'outcome="dead_lettered"}}{RATE})) / {by_job}',
-                    "{{job}} dead-lettered",
+                    "{{job_name}} dead-lettered",
                 ),
             ),
             "percentunit",
@@ -305,9 +305,9 @@ def panels() -> list[dict[str, Any]]:
             "queues.",
             _targets(
                 (
-                    'sum by (job) (rate(leveret_jobs_published_total{namespace=~"$namespace", '
-                    f'job=~"$job"}}{RATE}))',
-                    "{{job}}",
+                    'sum by (job_name) (rate(leveret_jobs_published_total{namespace=~"$namespace", '
+                    f'job_name=~"$job_name"}}{RATE}))',
+                    "{{job_name}}",
                 )
             ),
             "ops",
@@ -324,9 +324,9 @@ def panels() -> list[dict[str, Any]]:
             "leveret_job_duration_seconds histogram. A p99 far above p95 is a few slow runs: "
             "timeouts on a dependency, or big payloads.",
             _targets(
-                (_quantile("0.5", "job, "), "{{job}} p50"),
-                (_quantile("0.95", "job, "), "{{job}} p95"),
-                (_quantile("0.99", "job, "), "{{job}} p99"),
+                (_quantile("0.5", "job_name, "), "{{job_name}} p50"),
+                (_quantile("0.95", "job_name, "), "{{job_name}} p95"),
+                (_quantile("0.99", "job_name, "), "{{job_name}} p99"),
             ),
             "s",
         ),
@@ -340,9 +340,9 @@ def panels() -> list[dict[str, Any]]:
             "once: the workers are short of CPU (check limits and throttling).",
             _targets(
                 (
-                    f"sum by (job) (rate(leveret_job_duration_seconds_sum{{{LEV_JOB}}}{RATE})) / "
-                    f"sum by (job) (rate(leveret_job_duration_seconds_count{{{LEV_JOB}}}{RATE}))",
-                    "{{job}}",
+                    f"sum by (job_name) (rate(leveret_job_duration_seconds_sum{{{LEV_JOB}}}{RATE})) / "
+                    f"sum by (job_name) (rate(leveret_job_duration_seconds_count{{{LEV_JOB}}}{RATE}))",
+                    "{{job_name}}",
                 )
             ),
             "s",
@@ -496,10 +496,10 @@ def dashboard() -> dict[str, Any]:
             ".*",
         ),
         _query_var(
-            "job",
+            "job_name",
             "Job",
             'label_values(leveret_jobs_started_total{namespace=~"$namespace", '
-            'queue=~"$queue"}, job)',
+            'queue=~"$queue"}, job_name)',
             ".*",
         ),
     ]

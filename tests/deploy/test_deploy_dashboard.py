@@ -34,13 +34,13 @@ def test_dashboard_is_shareable_and_fixed() -> None:
 
 
 def test_variables_chain_datasource_namespace_queue_job() -> None:
-    """Datasource, then namespace → queue → job from label_values, each narrowing the next."""
+    """Datasource, then namespace → queue → job_name from label_values, each narrowing the next."""
     variables = {v["name"]: v for v in _board()["templating"]["list"]}
-    assert list(variables) == ["datasource", "namespace", "vhost", "queue", "job"]
+    assert list(variables) == ["datasource", "namespace", "vhost", "queue", "job_name"]
     assert variables["datasource"]["query"] == "prometheus"
     assert "$namespace" in variables["queue"]["definition"]
-    assert "$queue" in variables["job"]["definition"]
-    for name in ("namespace", "vhost", "queue", "job"):
+    assert "$queue" in variables["job_name"]["definition"]
+    for name in ("namespace", "vhost", "queue", "job_name"):
         assert variables[name]["definition"].startswith("label_values(")
 
 

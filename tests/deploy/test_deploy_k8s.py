@@ -348,15 +348,17 @@ def test_prod_scales_on_queue_depth_with_keda(rendered: dict[str, list[dict[str,
 
 
 def test_prod_is_scraped_and_alerted_on(rendered: dict[str, list[dict[str, Any]]]) -> None:
-    """The ServiceMonitor scrapes the Service's metrics port with honorLabels (our `job` label),
-    and the PrometheusRule and dashboard ConfigMap ship with the overlay."""
+    """The ServiceMonitor scrapes the Service's metrics port (no honorLabels: the job is in
+    `job_name`, which collides with nothing), and the PrometheusRule and dashboard ConfigMap
+    ship with the overlay."""
     objects = rendered["overlays/prod"]
     service = find(objects, "Service", "leveret-worker")
     monitor = find(objects, "ServiceMonitor", "leveret-worker")
     assert _matches(monitor["spec"]["selector"]["matchLabels"], service["metadata"]["labels"])
     (endpoint,) = monitor["spec"]["endpoints"]
     assert endpoint["port"] in {p["name"] for p in service["spec"]["ports"]}
-    assert (endpoint["path"], endpoint["honorLabels"]) == ("/metrics", True)
+    assert endpoint["path"] == "/metrics"
+    assert "honorLabels" not in endpoint
     assert find(objects, "PrometheusRule", "leveret")["spec"]["groups"]
     dashboard = find(objects, "ConfigMap", "leveret-grafana-dashboard")
     assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"

@@ -171,9 +171,8 @@ def prometheus(tmp_path: Path, broker: Broker) -> Iterator[Callable[[list[int]],
             "rule_files": [str(RULES)],
             "scrape_configs": [
                 {
-                    # As the ServiceMonitor: honor_labels keeps Leveret's own `job` label.
+                    # As the ServiceMonitor: no honor_labels; the job is in `job_name`.
                     "job_name": "leveret",
-                    "honor_labels": True,
                     "static_configs": [{"targets": [f"127.0.0.1:{p}" for p in leveret_ports]}],
                 },
                 {
@@ -307,7 +306,8 @@ def test_every_dashboard_query_returns_data_from_a_real_prometheus(
         )
         _wait(
             lambda: (
-                _scalar(base, 'sum(leveret_jobs_published_total{job="ok_job"})') >= JOBS["ok_job"]
+                _scalar(base, 'sum(leveret_jobs_published_total{job_name="ok_job"})')
+                >= JOBS["ok_job"]
             ),
             "the publisher's counter to be scraped",
         )
@@ -332,7 +332,7 @@ def _check_panels(base: str, vhost: str, queue: str) -> None:
         "namespace": ".*",  # no Kubernetes here: no namespace label, and .* matches its absence
         "vhost": vhost,  # letters, digits and "-": nothing a regex or PromQL string escapes
         "queue": queue,
-        "job": ".*",
+        "job_name": ".*",
         "__rate_interval": RATE_INTERVAL,
     }
     now = time.time()
@@ -363,7 +363,7 @@ def _check_panels(base: str, vhost: str, queue: str) -> None:
 def _check_variables(base: str, vhost: str, queue: str) -> None:
     """The queue, job and vhost variables' label_values() list what the test ran."""
     board = json.loads(DASHBOARD.read_text())
-    wanted = {"queue": {queue}, "job": set(JOBS), "vhost": {vhost}}
+    wanted = {"queue": {queue}, "job_name": set(JOBS), "vhost": {vhost}}
     values = {"namespace": ".*", "queue": queue}
     for variable in board["templating"]["list"]:
         if variable["name"] not in wanted:
