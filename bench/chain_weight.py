@@ -285,7 +285,7 @@ def table(results: list[dict[str, Any]]) -> str:
     def row(label: str, fn: Any) -> None:
         rows.append(f"| {label} | " + " | ".join(fn(r) for r in results) + " |")
 
-    row("queues (of which retry/delay)", lambda r: str(r["loaded"]["queues"]))
+    row("queues", lambda r: str(r["loaded"]["queues"]))
     row("bindings", lambda r: str(r["loaded"]["bindings"]))
     row("declare time, s", lambda r: f"{r['declare_s']:.1f}")
     row("mem_used empty cluster, MiB (3 nodes)", lambda r: mib(r["empty"]["total"]))
