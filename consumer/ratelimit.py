@@ -18,14 +18,42 @@ is at least one window old; otherwise the wait is exactly until it is. No librar
 - ``RedisLimiter``: across processes, when ``LEVERET_STATUS_URL`` names a Redis. One Lua script
   does trim + count + admit atomically on a ZSET of start times per limit key, using the Redis
   server's clock (``TIME``) so workers' clock skew does not matter.
-- A broker-only global limiter (a ring of N tokens cycling through a TTL queue) is *not*
-  implemented: keeping exactly N tokens in circulation needs a count that includes tokens a
-  worker holds unacked, which passive declares do not report; see the issue 14 report.
+- ``BrokerLimiter``: across processes with the broker only. Not the ring of N tokens first
+  sketched for issue 14: keeping *exactly* N tokens in circulation needs a count that includes
+  tokens a worker holds between ``basic.get`` and the republish, which passive declares do not
+  report, so a keeper topping up from counts can mint an (N+1)-th token. Instead the same
+  sliding-window log as Redis, kept in a queue, under a broker-side mutex:
+
+  * ``<queue>`` (durable) holds one transient message per start, published with a per-message
+    ``expiration`` of one window, so its ready count is the number of starts in the last window
+    (RabbitMQ drops an expired message at the head promptly; if it is late the count is high,
+    which errs on the safe side). Per-message rather than queue TTL, so changing the rate does
+    not make the queue's arguments clash between old and new workers.
+  * ``<queue>.lock`` is an empty durable queue used as a mutex: the broker lets one
+    *exclusive consumer* exist on it; a second ``basic.consume(exclusive=True)`` is refused
+    (``ACCESS_REFUSED``). The holder counts (passive declare), publishes its start with a
+    publisher confirm if the count is under N, and cancels its consumer. A holder whose channel
+    or connection dies loses the mutex with it. Contenders first look at the lock queue's
+    consumer count (a passive declare) so a busy mutex costs no channel. (An exclusive *queue*
+    as the mutex was tried first: declaring and deleting a queue per start cost ~20 ms.)
+  * Exactness: a start B is admitted only after it counted fewer than N messages under the lock;
+    every earlier start was confirmed (so counted) before its holder released the lock, and a
+    start leaves the count no earlier than one window after it was enqueued. So among any N+1
+    consecutive starts the first is at least one window older than the last. The start time is
+    taken under the lock, before the publish.
+  * When full, the holder peeks at the oldest message (``basic.get`` then ``nack`` with
+    requeue, which keeps its expiry) for its start time, so the wait is known, not polled.
+  * Cost: four round trips per start and a global serialisation point: a few hundred starts
+    per second at most across all workers, ample for ``N/m`` and ``N/h`` limits and for
+    ``N/s`` with N in the tens. Broker restart: the log is transient and is lost, so the
+    first window after a restart may see up to N more starts.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import random
 import re
 import time
 import uuid
@@ -34,7 +62,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import aiormq
 import structlog
+from aio_pika.abc import AbstractChannel, AbstractConnection
+from pamqp.commands import Basic
 
 from leveret.consumer.errors import ConfigError
 
@@ -193,3 +224,120 @@ class RedisLimiter:
             # the server says how long until the oldest start leaves the window
             while (wait := await self.try_acquire()) > 0.0:  # noqa: ASYNC110
                 await asyncio.sleep(max(wait, 1e-3))
+
+
+class BrokerLimiter:
+    """Sliding-window log in a queue under an exclusive-queue mutex; see the module docstring.
+
+    ``queue`` names the limit, e.g. ``<exchange>.ratelimit.<job>``; every process limiting the
+    same job must use the same name and rate. ``connection`` is an open aio-pika connection the
+    limiter opens its own channel on.
+    """
+
+    def __init__(
+        self,
+        connection: AbstractConnection,
+        queue: str,
+        rate: Rate | str,
+    ) -> None:
+        self.rate = parse_rate(rate) if isinstance(rate, str) else rate
+        self.queue = queue
+        self.lock_queue = f"{queue}.lock"
+        self._connection = connection
+        self._window_ms = int(self.rate.window * 1000)
+        self._channel: AbstractChannel | None = None
+        self._declared = False
+        self._local = asyncio.Lock()
+        # The broker's mutex is per *connection*: two attempts of one process would both hold
+        # it. This lock serialises them, including one still running after its caller was
+        # cancelled (shielded). One limiter per queue per connection, for the same reason.
+        self._attempting = asyncio.Lock()
+        self.last_start: float | None = None  # time.time() of the last admitted start
+
+    async def _raw(self) -> aiormq.abc.AbstractChannel:
+        """A channel with confirms; reopened after the broker closed it (a lost lock race)."""
+        if self._channel is None or self._channel.is_closed:
+            self._channel = await self._connection.channel(publisher_confirms=True)
+        raw = await self._channel.get_underlay_channel()
+        if not self._declared:
+            await raw.queue_declare(self.queue, durable=True)
+            await raw.queue_declare(self.lock_queue, durable=True)
+            self._declared = True
+        return raw
+
+    async def try_acquire(self) -> float:
+        """Start now (0) or the seconds to wait; takes a slot only when returning 0.
+
+        The attempt runs shielded, so a cancelled caller never leaves the lock queue behind; a
+        caller cancelled at the moment of admission wastes that one start (fewer starts, never
+        more).
+        """
+        return await asyncio.shield(self._attempt())
+
+    async def _attempt(self) -> float:
+        async with self._attempting:
+            return await self._attempt_locked()
+
+    async def _attempt_locked(self) -> float:
+        raw = await self._raw()
+        held = await raw.queue_declare(self.lock_queue, passive=True)
+        if held.consumer_count:  # someone is counting: retry soon without losing our channel
+            return random.uniform(0.002, 0.010)
+        try:
+            ok = await raw.basic_consume(self.lock_queue, _never_called, exclusive=True)
+        except aiormq.exceptions.ChannelAccessRefused:
+            return random.uniform(0.002, 0.010)  # lost the race for the mutex
+        try:
+            count = await raw.queue_declare(self.queue, passive=True)
+            if (count.message_count or 0) < self.rate.limit:
+                now = time.time()
+                confirm = await raw.basic_publish(
+                    repr(now).encode(),
+                    routing_key=self.queue,
+                    properties=Basic.Properties(expiration=str(self._window_ms), delivery_mode=1),
+                )
+                if not isinstance(confirm, Basic.Ack):
+                    raise RuntimeError(f"broker refused the rate-limit log entry: {confirm!r}")
+                self.last_start = now
+                return 0.0
+            return await self._wait_for_head(raw)
+        finally:
+            await self._unlock(raw, ok.consumer_tag)
+
+    async def _wait_for_head(self, raw: aiormq.abc.AbstractChannel) -> float:
+        """Seconds until the oldest start leaves the window (its message expires)."""
+        got = await raw.basic_get(self.queue, no_ack=False)
+        tag = getattr(got.delivery, "delivery_tag", None)
+        if tag is None:  # it expired between the count and the peek
+            return 0.001
+        await raw.basic_nack(tag, requeue=True)
+        try:
+            oldest = float(got.body)
+        except ValueError:
+            return self.rate.window / self.rate.limit
+        return min(max(oldest + self.rate.window - time.time(), 0.001), self.rate.window)
+
+    async def _unlock(self, raw: aiormq.abc.AbstractChannel, tag: str | None) -> None:
+        try:
+            await raw.basic_cancel(tag or "")
+        except (aiormq.exceptions.AMQPError, ConnectionError) as exc:
+            # a consumer dies with its channel: closing the channel releases the mutex
+            log.warning("rate_limit_unlock_by_close", queue=self.lock_queue, error=repr(exc))
+            if self._channel is not None:
+                with contextlib.suppress(aiormq.exceptions.AMQPError, ConnectionError):
+                    await self._channel.close()
+
+    async def acquire(self) -> None:
+        """Wait for a slot: FIFO within this process, sleeping until the oldest start expires."""
+        async with self._local:
+            # the log says how long until the oldest start leaves the window
+            while (wait := await self.try_acquire()) > 0.0:  # noqa: ASYNC110
+                await asyncio.sleep(wait)
+
+    async def close(self) -> None:
+        if self._channel is not None and not self._channel.is_closed:
+            await self._channel.close()
+
+
+async def _never_called(message: aiormq.abc.DeliveredMessage) -> None:
+    """The mutex queue stays empty: its exclusive consumer exists only to be exclusive."""

@@ -10,12 +10,14 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 
+import aio_pika
 import pytest
 import redis.asyncio as aioredis
+from aio_pika.abc import AbstractConnection
 
 from leveret.consumer.errors import ConfigError
-from leveret.consumer.ratelimit import LocalLimiter, Rate, RedisLimiter, parse_rate
-from tests.support import ROOT
+from leveret.consumer.ratelimit import BrokerLimiter, LocalLimiter, Rate, RedisLimiter, parse_rate
+from tests.support import ROOT, Broker
 
 REDIS_URL = os.environ.get("LEVERET_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
@@ -265,3 +267,115 @@ def test_rate_is_hashable_and_frozen() -> None:
     assert rate == Rate(5, 60.0, "5/m")
     with pytest.raises(AttributeError):
         rate.limit = 6  # type: ignore[misc]
+
+
+# -- across processes, through the broker only ---------------------------------------------------
+
+
+@pytest.fixture
+async def amqp(broker: Broker) -> AsyncIterator[AbstractConnection]:
+    connection = await aio_pika.connect(broker.url)
+    yield connection
+    await connection.close()
+
+
+async def test_broker_try_acquire(broker: Broker, amqp: AbstractConnection) -> None:
+    name = f"jobs.ratelimit.t-{uuid.uuid4().hex[:8]}"
+    limiter = BrokerLimiter(amqp, name, "3/s")
+    assert [await limiter.try_acquire() for _ in range(3)] == [0.0, 0.0, 0.0]
+    wait = await limiter.try_acquire()
+    assert 0.5 < wait <= 1.0
+    assert await broker.depth(name) == 3  # a refusal took nothing
+    channel = await amqp.channel()
+    lock = await channel.declare_queue(limiter.lock_queue, passive=True)
+    assert lock.declaration_result.consumer_count == 0  # the mutex was released
+    await channel.close()
+    t0 = time.monotonic()
+    await limiter.acquire()
+    assert time.monotonic() - t0 >= wait - 0.05
+    await limiter.close()
+
+
+async def test_broker_lock_held_elsewhere_then_freed_by_its_connection_dying(
+    broker: Broker, amqp: AbstractConnection
+) -> None:
+    name = f"jobs.ratelimit.t-{uuid.uuid4().hex[:8]}"
+    limiter = BrokerLimiter(amqp, name, "5/s")
+    await limiter._raw()  # declares the log and the mutex queue
+    other = await aio_pika.connect(broker.url)
+    channel = await other.channel()
+    lock = await channel.get_queue(limiter.lock_queue)
+
+    async def ignore(message: object) -> None:
+        return None
+
+    await lock.consume(ignore, exclusive=True)  # another process holds the mutex
+    busy = await limiter.try_acquire()
+    assert 0.0 < busy < 0.05  # another process "is counting": retry soon, nothing taken
+    assert limiter.last_start is None
+    await other.close()  # a holder that dies loses the mutex with its connection
+    assert await asyncio.wait_for(limiter.try_acquire(), timeout=5) == 0.0
+    await limiter.close()
+
+
+BROKER_CHILD = """
+import asyncio, json, sys, time
+import aio_pika
+from leveret.consumer.ratelimit import BrokerLimiter
+
+async def main(url, queue, seconds):
+    connection = await aio_pika.connect(url)
+    limiter = BrokerLimiter(connection, queue, "20/s")
+    await limiter._raw()
+    print("ready", flush=True)
+    start = float(sys.stdin.readline())  # the same moment for every process
+    await asyncio.sleep(max(0.0, start - time.time()))
+    starts = []
+    async def loop():
+        while True:
+            await limiter.acquire()
+            if limiter.last_start >= start + seconds:
+                return
+            starts.append(limiter.last_start)
+    await asyncio.gather(*(loop() for _ in range(4)))
+    await connection.close()
+    print(json.dumps(starts))
+
+asyncio.run(main(sys.argv[1], sys.argv[2], float(sys.argv[3])))
+"""
+
+
+async def run_three(script: str, *args: str) -> list[list[float]]:
+    """Start three processes, release them at one moment, collect their start times."""
+    procs = [
+        await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-c",
+            script,
+            *args,
+            cwd=ROOT,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        for _ in range(3)
+    ]
+    for p in procs:  # imports take seconds on a loaded machine: wait for all, then go
+        assert p.stdout is not None
+        assert await asyncio.wait_for(p.stdout.readline(), timeout=60) == b"ready\n"
+    start = time.time() + 0.3
+    outs = await asyncio.wait_for(
+        asyncio.gather(*(p.communicate(f"{start}\n".encode()) for p in procs)), timeout=40
+    )
+    assert all(p.returncode == 0 for p in procs)
+    per_process = [json.loads(out) for out, _ in outs]
+    assert all(per_process), "every process must have started some jobs"
+    assert min(t for ts in per_process for t in ts) >= start - 0.01
+    return per_process
+
+
+async def test_broker_global_exact_across_three_processes(broker: Broker) -> None:
+    name = f"jobs.ratelimit.t-{uuid.uuid4().hex[:8]}"
+    per_process = await run_three(BROKER_CHILD, broker.url, name, "3.0")
+    starts = [t for ts in per_process for t in ts]
+    assert most_in_any_window(starts, 1.0) <= 20
+    assert 54 <= len(starts) <= 60, (len(starts), [len(ts) for ts in per_process])
