@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import Any
+
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
 from leveret.producers.metrics import published_counter
@@ -90,3 +93,36 @@ class WorkerMetrics:
         )
         # So a process that both works and publishes exposes one published counter.
         self.published = published_counter(registry)
+
+
+@dataclass(slots=True)
+class OutcomeChildren:
+    """The outcome counters and duration of one (queue, job): resolved once, not per message."""
+
+    succeeded: Any
+    retried: Any
+    dead_lettered: Any
+    duration: Any
+
+
+@dataclass(eq=False)
+class Outcomes:
+    """Outcome metrics of one worker, and its totals for the ``worker_stopped`` line."""
+
+    metrics: WorkerMetrics
+    counts: dict[str, int] = field(
+        default_factory=lambda: {SUCCEEDED: 0, RETRIED: 0, DEAD_LETTERED: 0}
+    )
+    _children: dict[tuple[str, str], OutcomeChildren] = field(default_factory=dict)
+
+    def children(self, queue: str, job: str) -> OutcomeChildren:
+        children = self._children.get((queue, job))
+        if children is None:
+            m, labels = self.metrics, {"queue": queue, "job_name": job}
+            children = self._children[(queue, job)] = OutcomeChildren(
+                succeeded=m.completed.labels(**labels, outcome=SUCCEEDED),
+                retried=m.completed.labels(**labels, outcome=RETRIED),
+                dead_lettered=m.completed.labels(**labels, outcome=DEAD_LETTERED),
+                duration=m.duration.labels(**labels),
+            )
+        return children

@@ -35,9 +35,10 @@ from leveret.topology.declare import declare
 from leveret.topology.model import Topology
 
 from .acker import Acker
+from .metrics import Outcomes
 from .pipeline import Pipeline
 from .settings import WorkerSettings
-from .settle import Settler, Tally
+from .settle import Settler
 
 log = structlog.get_logger("leveret.worker")
 
@@ -62,7 +63,8 @@ class Plan:
     topology: Topology
     queues: list[str]
     share: int  # prefetch per consumer
-    tally: Tally
+    outcomes: Outcomes
+    failures: dict[str, int]  # job id -> settles failed in a row (see Settler)
     pipeline: Pipeline
     on_lost: Callable[[], None]  # not ready: the session is over or about to be
 
@@ -101,7 +103,12 @@ class Session:
         prefetch = plan.share * len(plan.queues)
         self.acker = Acker(self.consume, prefetch=prefetch, max_delay_s=ACK_DELAY_S)
         self.settler = Settler(
-            publish, self.acker, settings.exchange, plan.tally, timeout_s=settings.publish_timeout
+            publish,
+            self.acker,
+            settings.exchange,
+            plan.outcomes,
+            plan.failures,
+            timeout_s=settings.publish_timeout,
         )
         self.consume.on_consumer_cancel_callbacks.add(self._on_cancel)
         for q in plan.queues:

@@ -40,13 +40,12 @@ from leveret.producers.connection import mask_url
 from leveret.topology.model import Topology
 
 from .health import HealthServer
-from .metrics import WorkerMetrics
+from .metrics import Outcomes, WorkerMetrics
 from .middleware import Middleware, check_middleware
 from .pipeline import Pipeline
 from .registry import DEFAULT_BACKOFF, DEFAULT_MAX_ATTEMPTS, DEFAULT_QUEUE, Backoff, Registry
 from .session import Plan, Session, open_session
 from .settings import WorkerSettings
-from .settle import Tally
 from .threads import JobThreads
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -70,7 +69,7 @@ class Worker:
         self._connected = False
         self._threads_exhausted = False
         self._pipeline: Pipeline | None = None
-        self._tally = Tally(self.metrics)
+        self._outcomes = Outcomes(self.metrics)
 
     def job(
         self,
@@ -156,7 +155,8 @@ class Worker:
             self.topology,
             queues,
             share,
-            self._tally,
+            self._outcomes,
+            {},
             self._pipeline,
             functools.partial(self._set_ready, False),
         )
@@ -207,7 +207,7 @@ class Worker:
 
     def _stopped(self) -> None:
         self._set_ready(False)
-        log.info("worker_stopped", **self._tally.counts)
+        log.info("worker_stopped", **self._outcomes.counts)
 
     async def _consume(self, plan: Plan, stopping: asyncio.Event) -> None:
         """Open sessions one after another until stopped; each ends lost or shut down."""
