@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiormq.abc
@@ -51,25 +52,17 @@ def _invalid_payload(exc: Exception) -> str:
     return f"ValidationError: {exc.error_count()} error(s); {where}: {first.get('msg', exc)}"
 
 
+@dataclass(eq=False)
 class Pipeline:
-    """Runs deliveries for one worker; the chains are built once, per job."""
+    """Runs deliveries for one worker; the chains are built once, per job (``for_jobs``)."""
 
-    def __init__(
-        self,
-        jobs: dict[str, JobSpec],
-        chains: dict[str, CallNext],
-        guard: RedeliveryGuard,
-        max_body: int,
-        sleep: Callable[[float], Awaitable[None]],
-        stopping: asyncio.Event,
-    ) -> None:
-        self._jobs = jobs
-        self._chains = chains
-        self._guard = guard
-        self._max_body = max_body
-        self._sleep = sleep
-        self._stopping = stopping
-        self.tasks: set[asyncio.Task[Any]] = set()
+    _jobs: dict[str, JobSpec]
+    _chains: dict[str, CallNext]
+    _guard: RedeliveryGuard
+    _max_body: int
+    _sleep: Callable[[float], Awaitable[None]]  # returns early once the worker stops
+    _stopping: asyncio.Event
+    tasks: set[asyncio.Task[Any]] = field(default_factory=set)  # deliveries in flight
 
     @classmethod
     def for_jobs(

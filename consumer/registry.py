@@ -168,7 +168,7 @@ class Registry:
         return Topology(
             exchange=exchange,
             queues=tuple(
-                WorkQueue(name=q, jobs=tuple(jobs), queue_type=queue_type)  # type: ignore[arg-type]
+                WorkQueue(name=q, jobs=tuple(jobs), queue_type=queue_type)
                 for q, jobs in by_queue.items()
             ),
         )
