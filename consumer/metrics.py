@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
@@ -99,10 +98,10 @@ class WorkerMetrics:
 class OutcomeChildren:
     """The outcome counters and duration of one (queue, job): resolved once, not per message."""
 
-    succeeded: Any
-    retried: Any
-    dead_lettered: Any
-    duration: Any
+    succeeded: Counter
+    retried: Counter
+    dead_lettered: Counter
+    duration: Histogram
 
 
 @dataclass(eq=False)

@@ -42,6 +42,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import structlog
+from prometheus_client import Counter, Gauge
 
 from .context import JobContext
 from .errors import ConfigError
@@ -68,7 +69,7 @@ class JobMetrics:
 
     __slots__ = ("_in_progress", "_started")
 
-    def __init__(self, started: Any, in_progress: Any) -> None:
+    def __init__(self, started: Counter, in_progress: Gauge) -> None:
         self._started = started
         self._in_progress = in_progress
 

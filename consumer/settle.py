@@ -33,6 +33,7 @@ from typing import Any, NamedTuple
 import aiormq
 import structlog
 from pamqp.commands import Basic
+from prometheus_client import Counter
 
 from leveret.producers.confirm import publish_confirmed
 from leveret.producers.errors import PublishError, PublishTimeout
@@ -164,7 +165,7 @@ class Settler:
         )
 
     async def _finish(
-        self, d: Delivery, outcome: str, counter: Any, copies: tuple[Copy, ...]
+        self, d: Delivery, outcome: str, counter: Counter, copies: tuple[Copy, ...]
     ) -> None:
         """Confirm the outcome's copies, then ack and count: the one path of every outcome."""
         if copies:  # the one place copies are gathered; events and follow-ups would join here

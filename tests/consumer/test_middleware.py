@@ -183,8 +183,8 @@ async def test_registered_middleware_wraps_every_run_in_order(broker: Broker, re
     async with running(worker), Publisher(broker.url) as pub:
         await pub.publish(f"{queue}-job", {"n": 1})
         await wait_for(lambda: ("<outer", 10) in seen, 10, "the first job")
-        assert seen == [("outer>", 1), ("inner>", 1), ("handler", 1), ("<inner", 10),
-                        ("<outer", 10)]  # fmt: skip
+        order = [("outer>", 1), ("inner>", 1), ("handler", 1), ("<inner", 10), ("<outer", 10)]
+        assert seen == order
         seen.clear()
         await pub.publish(f"{queue}-job", {"n": 13})
         await wait_for(lambda: broker.depth(f"{queue}.dlq"), 10, "the rejected job")
