@@ -34,6 +34,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from cronsim import CronSim, CronSimError
 
+from leveret.topology.errors import InvalidNameError
 from leveret.topology.model import check_name
 
 from .errors import ConfigError
@@ -145,7 +146,7 @@ def make_schedule(
     try:
         check_name("job", job)
         check_name("schedule", label)
-    except ValueError as exc:
+    except InvalidNameError as exc:
         raise ConfigError(f"{where}: {exc}") from None
     if (cron is None) == (every is None):
         raise ConfigError(f"{where}: give exactly one of cron= or every=")
@@ -171,7 +172,12 @@ def make_schedule(
         except (CronSimError, StopIteration) as exc:
             reason = str(exc) or "never fires"
             raise ConfigError(f"{where}: bad cron expression {cron!r}: {reason}") from None
-    if missed not in ("once", "skip"):
+    mode: Missed
+    if missed == "once":
+        mode = "once"
+    elif missed == "skip":
+        mode = "skip"
+    else:
         raise ConfigError(f"{where}: missed= must be 'once' or 'skip', got {missed!r}")
     body = dict(payload) if payload is not None else {}
     if not isinstance(payload, Mapping | None):
@@ -183,7 +189,7 @@ def make_schedule(
         every=interval,
         tz=tz,
         payload=body,
-        missed=missed,  # type: ignore[arg-type]
+        missed=mode,
     )
 
 

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Iterable
+from collections.abc import Coroutine, Iterable
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
 from .publisher import Job, Payload, Publisher
 from .settings import ConnectionSettings
+
+T = TypeVar("T")
 
 
 class BlockingPublisher:
@@ -28,7 +30,7 @@ class BlockingPublisher:
         self._thread.start()
         self._run(self._publisher.connect())
 
-    def _run(self, coro: Any) -> Any:
+    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
     def publish(

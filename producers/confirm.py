@@ -58,7 +58,7 @@ async def publish_confirmed(
                 # anyway, and waiting holds aiormq's channel lock through every drain, which
                 # serialises concurrent publishers on one channel.
                 wait=False,
-            )
+            )  # type: ignore[call-arg]  # aiormq's AbstractChannel omits the Channel's `wait`
     except TimeoutError:
         raise PublishTimeout(name, timeout if timeout is not None else 0.0) from None
     except aiormq.exceptions.PublishError:

@@ -9,11 +9,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
+from typing import Literal, overload
 from urllib.parse import quote
 
 import aio_pika
 import aiormq
-from aio_pika.abc import AbstractRobustConnection
+from aio_pika.abc import AbstractConnection, AbstractRobustConnection
 from aio_pika.connection import make_url
 from yarl import URL
 
@@ -29,6 +30,8 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     aiormq.exceptions.ChannelInvalidStateError,
 )
 
+# What a failed first connect may raise: the above, a TLS failure, or a URL aio-pika refuses.
+_CONNECT_ERRORS: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, ssl.SSLError, ValueError)
 
 MASK = "******"
 
@@ -137,7 +140,19 @@ def explain(exc: BaseException, url: str) -> BrokerUnavailable:
     )
 
 
-async def connect(settings: ConnectionSettings, *, robust: bool = True) -> AbstractRobustConnection:
+@overload
+async def connect(
+    settings: ConnectionSettings, *, robust: Literal[True] = True
+) -> AbstractRobustConnection: ...
+
+
+@overload
+async def connect(
+    settings: ConnectionSettings, *, robust: Literal[False]
+) -> AbstractConnection: ...
+
+
+async def connect(settings: ConnectionSettings, *, robust: bool = True) -> AbstractConnection:
     """Connect once (raising ``BrokerUnavailable`` on failure); robust connections then reconnect
     by themselves after a drop.
 
@@ -147,15 +162,17 @@ async def connect(settings: ConnectionSettings, *, robust: bool = True) -> Abstr
     """
     url = settings.amqp_url.get_secret_value()
     ssl_context = _ssl_context(settings) if url.startswith("amqps://") else None
-    factory = aio_pika.RobustConnection if robust else aio_pika.Connection
+    factory: type[aio_pika.Connection] = (
+        aio_pika.RobustConnection if robust else aio_pika.Connection
+    )
     try:
         connection = factory(make_url(url), ssl_context=ssl_context)
     except ValueError as exc:
         raise explain(exc, url) from None
     try:
         await connection.connect(timeout=settings.connect_timeout)
-    except (*CONNECTION_ERRORS, ssl.SSLError, ValueError) as exc:
+    except _CONNECT_ERRORS as exc:
         with contextlib.suppress(Exception):
             await connection.close()
         raise explain(exc, url) from None
-    return connection  # type: ignore[return-value]
+    return connection

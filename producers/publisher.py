@@ -20,11 +20,11 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterable, Mapping
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, NamedTuple, Self
 
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 from pamqp.commands import Basic
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Counter
 from pydantic import BaseModel
 
 from leveret.topology.model import check_name, delayed_job_route
@@ -67,7 +67,7 @@ class Publisher:
         self._exchange = settings.exchange
         self._timeout = settings.publish_timeout
         self._published = published_counter(registry)
-        self._published_children: dict[str, Any] = {}
+        self._published_children: dict[str, Counter] = {}
         self._connection: AbstractRobustConnection | None = None
         self._channel: AbstractChannel | None = None
         # message_id -> settled when that publish's confirm (or failure) is in.
@@ -110,11 +110,9 @@ class Publisher:
         headers: Mapping[str, Any] | None = None,
     ) -> str:
         """Publish one job and wait for the broker's confirm; return its id."""
-        body, properties, exchange, routing_key = self._prepare(
-            job, payload, priority, delay, job_id, headers
-        )
-        await self._send(job, body, properties, exchange, routing_key)
-        return properties.message_id  # type: ignore[return-value]
+        prepared = self._prepare(job, payload, priority, delay, job_id, headers)
+        await self._send(prepared)
+        return prepared.job_id
 
     async def publish_many(self, jobs: Iterable[Job | tuple[str, Payload]]) -> list[str]:
         """Send a whole batch, then wait for all its confirms at once.
@@ -123,30 +121,25 @@ class Publisher:
         refused, the first error is raised after every confirm has arrived (the others were
         queued).
         """
-        prepared = []
+        batch: list[_Prepared] = []
         seen: set[str] = set()
         for item in jobs:
             if isinstance(item, Job):
-                job = item.job
-                parts = self._prepare(
-                    job, item.payload, item.priority, item.delay, item.job_id, None
+                prepared = self._prepare(
+                    item.job, item.payload, item.priority, item.delay, item.job_id, None
                 )
             else:  # (job, payload): no model to build per job on the hot path
                 job, payload = item
-                parts = self._prepare(job, payload, None, None, None, None)
-            message_id = parts[1].message_id
-            if message_id in seen:
-                raise DuplicateJobIdError(message_id)
-            seen.add(message_id)  # type: ignore[arg-type]
-            prepared.append((*parts, job))
-        results = await asyncio.gather(
-            *(self._send(job, body, props, ex, rk) for body, props, ex, rk, job in prepared),
-            return_exceptions=True,
-        )
+                prepared = self._prepare(job, payload, None, None, None, None)
+            if prepared.job_id in seen:
+                raise DuplicateJobIdError(prepared.job_id)
+            seen.add(prepared.job_id)
+            batch.append(prepared)
+        results = await asyncio.gather(*(self._send(p) for p in batch), return_exceptions=True)
         for result in results:
             if isinstance(result, BaseException):
                 raise result
-        return [props.message_id for _, props, _, _, _ in prepared]  # type: ignore[misc]
+        return [p.job_id for p in batch]
 
     def _prepare(
         self,
@@ -156,58 +149,52 @@ class Publisher:
         delay: float | None,
         job_id: str | None,
         headers: Mapping[str, Any] | None,
-    ) -> tuple[bytes, Basic.Properties, str, str]:
+    ) -> _Prepared:
         check_name("job", job)
         body = encode_payload(payload)
+        job_id = job_id if job_id is not None else new_job_id()
         properties = job_properties(
-            job,
-            job_id if job_id is not None else new_job_id(),
-            check_priority(priority),
-            dict(headers) if headers else None,
+            job, job_id, check_priority(priority), dict(headers) if headers else None
         )
-        if delay:
-            return body, properties, *delayed_job_route(self._exchange, delay, job)
-        return body, properties, self._exchange, job
+        exchange, routing_key = (
+            delayed_job_route(self._exchange, delay, job) if delay else (self._exchange, job)
+        )
+        return _Prepared(job, job_id, body, properties, exchange, routing_key)
 
-    async def _send(
-        self,
-        job: str,
-        body: bytes,
-        properties: Basic.Properties,
-        exchange: str,
-        routing_key: str,
-    ) -> None:
+    async def _send(self, prepared: _Prepared) -> None:
         if self._channel is None:
             raise RuntimeError("Publisher is not connected: use `async with Publisher(...)`")
-        message_id: str = properties.message_id  # type: ignore[assignment]
-        while (earlier := self._in_flight.get(message_id)) is not None:
+        job_id = prepared.job_id
+        while (earlier := self._in_flight.get(job_id)) is not None:
             await earlier.wait()
-        settled = self._in_flight[message_id] = asyncio.Event()
+        settled = self._in_flight[job_id] = asyncio.Event()
         try:
-            await self._send_unique(job, body, properties, exchange, routing_key)
+            await publish_confirmed(
+                await self._channel.get_underlay_channel(),
+                prepared.body,
+                exchange=prepared.exchange,
+                routing_key=prepared.routing_key,
+                properties=prepared.properties,
+                timeout=self._timeout,
+                job=prepared.job,
+            )
         finally:
-            del self._in_flight[message_id]
+            del self._in_flight[job_id]
             settled.set()
-
-    async def _send_unique(
-        self,
-        job: str,
-        body: bytes,
-        properties: Basic.Properties,
-        exchange: str,
-        routing_key: str,
-    ) -> None:
-        assert self._channel is not None
-        await publish_confirmed(
-            await self._channel.get_underlay_channel(),
-            body,
-            exchange=exchange,
-            routing_key=routing_key,
-            properties=properties,
-            timeout=self._timeout,
-            job=job,
-        )
-        child = self._published_children.get(job)
+        child = self._published_children.get(prepared.job)
         if child is None:
-            child = self._published_children[job] = self._published.labels(job_name=job)
+            child = self._published_children[prepared.job] = self._published.labels(
+                job_name=prepared.job
+            )
         child.inc()
+
+
+class _Prepared(NamedTuple):
+    """One validated job, ready to send: what ``_send`` needs and the id to return."""
+
+    job: str
+    job_id: str
+    body: bytes
+    properties: Basic.Properties
+    exchange: str
+    routing_key: str

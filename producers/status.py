@@ -357,7 +357,7 @@ def _from_hash(raw: dict[Any, Any]) -> JobStatus | None:
         id=data["id"],
         job=data["job"],
         queue=data["queue"],
-        state=data["state"],  # type: ignore[arg-type]  # validated by pydantic
+        state=data["state"],  # validated by pydantic
         attempt=int(data["attempt"]),
         result=json.loads(data["result"]) if "result" in data else None,
         error=data.get("error"),
@@ -375,6 +375,8 @@ class RedisStatusStore(StatusStore):
 
     def __init__(
         self,
+        # A redis.asyncio.Redis: Any because redis-py types its commands for both its sync and
+        # async clients (``Awaitable[T] | T``), and redis is an optional, lazily imported extra.
         client: Any,
         *,
         ttl: int = DEFAULT_STATUS_TTL,

@@ -74,7 +74,6 @@ PAGE_SIZE = 500
 _MAX_PREFETCH = 65535
 IDLE_TIMEOUT_S = 5.0
 REPLAY_IN_FLIGHT = 200
-# Broker-managed headers a replayed copy must not carry into Q.
 
 
 class DlqError(LeveretError):
@@ -112,6 +111,7 @@ class DeadJob:
         props = message.header.properties
         headers = dict(props.headers or {})
         attempts = headers.get(HEADER_ATTEMPTS)
+        delivery = message.delivery  # a consumer's Deliver or a GetOk; both say redelivered
         return cls(
             id=props.message_id,
             job=props.message_type,
@@ -124,7 +124,8 @@ class DeadJob:
             queue=_text(headers.get(HEADER_QUEUE)),
             body=bytes(message.body),
             headers=headers,
-            redelivered=bool(getattr(message.delivery, "redelivered", False)),
+            redelivered=isinstance(delivery, Basic.Deliver | Basic.GetOk)
+            and bool(delivery.redelivered),
         )
 
     def died_at_datetime(self) -> datetime | None:
@@ -314,7 +315,8 @@ def replay_properties(dead: DeadJob, props: Basic.Properties) -> Basic.Propertie
     ``carried_headers`` drops every header Leveret manages (attempts, reason, redelivery and
     delivery counts), which is exactly what a replay must reset.
     """
-    return copy_properties(props, props.message_type or None, dead.id, carried_headers(props))
+    # A copy without an id ("") gets a fresh one from the AMQP client, as one without any would.
+    return copy_properties(props, props.message_type or None, dead.id or "", carried_headers(props))
 
 
 class DeadLetters:

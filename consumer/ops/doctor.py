@@ -114,8 +114,9 @@ class Doctor:
             except BrokerUnavailable as exc:
                 self.add("error", "broker", str(exc))
                 return self.findings
-            facts.version = str(connection.transport.connection.server_properties.get(
-                "version", "") or "") or None  # fmt: skip
+            if connection.transport is not None:
+                properties = connection.transport.connection.server_properties
+                facts.version = str(properties.get("version", "") or "") or None
         try:
             await self._management(facts)
             self._versions(facts)

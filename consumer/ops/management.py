@@ -22,6 +22,8 @@ from leveret.producers.connection import mask_secrets, mask_url
 from leveret.producers.settings import ConnectionSettings
 from leveret.topology.errors import LeveretError
 
+from ..settings import WorkerSettings
+
 MANAGEMENT_PORT = 15672
 # The management plugin's TLS listener (https), the one to use beside an amqps:// broker.
 MANAGEMENT_TLS_PORT = 15671
@@ -57,7 +59,8 @@ class ManagementTarget:
     def from_settings(cls, settings: ConnectionSettings) -> ManagementTarget:
         amqp = settings.amqp_url.get_secret_value()
         amqp_url = URL(amqp)
-        explicit = getattr(settings, "management_url", None)
+        # Only a worker's settings name a management URL; a publisher's fall back to the AMQP one.
+        explicit = settings.management_url if isinstance(settings, WorkerSettings) else None
         if explicit is not None and explicit.get_secret_value():
             mgmt = URL(explicit.get_secret_value())
         else:
