@@ -10,6 +10,7 @@ from urllib.parse import quote
 import pytest
 from yarl import URL
 
+from leveret.topology.model import DELAY_BITS
 from tests.ops.helpers import app_module
 from tests.support import leveret_cli, unique
 
@@ -95,7 +96,8 @@ def test_export_imports_into_a_fresh_vhost_with_the_declared_layout(broker, tmp_
         assert response.status_code in (200, 201, 204), response.text
 
         a, b = layout(broker, declared), layout(broker, imported)
-        assert a["queues"] and len(a["queues"]) == 2 * 21
+        # Per work queue: itself, its DLQ and one retry queue per delay bit.
+        assert a["queues"] and len(a["queues"]) == 2 * (2 + DELAY_BITS)
         assert len(a["bindings"]) > 100
         assert a == b
 
