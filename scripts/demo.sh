@@ -6,6 +6,6 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$ROOT/scripts/setup.sh"
 ensure_broker
-ensure_venv "test"
+ensure_venv  # the package alone: the demo needs nothing from the dev groups
 cd "$ROOT/examples"
 exec "$ROOT/.venv/bin/python" demo.py "$@"

@@ -34,11 +34,11 @@ if [ ! -f "$stamp" ] || [ "$FLOORS" -nt "$stamp" ] || [ "$ROOT/pyproject.toml" -
   rm -rf "$VENV"
   python3 -m venv "$VENV"
   log="$VENV/pip-install.log"
-  # The test tools come from pyproject's `test` extra, read rather than repeated here.
+  # The test tools come from pyproject's `test` dependency group, read rather than repeated.
   mapfile -t test_tools < <("$VENV/bin/python" - "$ROOT/pyproject.toml" <<'EOF'
 import sys, tomllib
 with open(sys.argv[1], "rb") as f:
-    print("\n".join(tomllib.load(f)["project"]["optional-dependencies"]["test"]))
+    print("\n".join(tomllib.load(f)["dependency-groups"]["test"]))
 EOF
 )
   if ! { "$VENV/bin/python" -m pip install -q --upgrade pip &&

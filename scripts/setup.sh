@@ -42,18 +42,23 @@ ensure_broker() {
   if command -v rabbitmqctl >/dev/null; then as_root rabbitmqctl -q await_startup >&2 || true; fi
 }
 
+# ensure_venv [GROUP...]: .venv with leveret installed editable (with its console script) and
+# the named dependency groups of pyproject.toml (PEP 735: test, deploy, bench). Groups need
+# `pip install --group` (pip >= 25.1), so pip is upgraded first.
 ensure_venv() {
-  local extras="$1"
+  local groups=("$@") args=() group
   if [ ! -x "$ROOT/.venv/bin/python" ]; then
     say "creating the virtualenv in .venv"
     python3 -m venv "$ROOT/.venv"
   fi
-  local stamp="$ROOT/.venv/.leveret-installed-$extras"
+  for group in "${groups[@]}"; do args+=(--group "$ROOT/pyproject.toml:$group"); done
+  local name; name="$(IFS=,; echo "${groups[*]:-}")"
+  local stamp="$ROOT/.venv/.leveret-installed-${name:-core}"
   if [ ! -f "$stamp" ] || [ "$ROOT/pyproject.toml" -nt "$stamp" ]; then
-    say "installing leveret[$extras] into .venv"
+    say "installing leveret${name:+ and the dependency groups $name} into .venv"
     local log="$ROOT/.venv/pip-install.log"
-    if ! { "$ROOT/.venv/bin/python" -m pip install -q --upgrade pip &&
-           "$ROOT/.venv/bin/python" -m pip install -q -e "$ROOT[$extras]"; } >"$log" 2>&1; then
+    if ! { "$ROOT/.venv/bin/python" -m pip install -q --upgrade "pip>=25.1" &&
+           "$ROOT/.venv/bin/python" -m pip install -q -e "$ROOT" "${args[@]}"; } >"$log" 2>&1; then
       tail -n 30 "$log" >&2; say "pip install failed (full log: $log)"; exit 1
     fi
     touch "$stamp"

@@ -6,14 +6,17 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$ROOT/scripts/setup.sh"
 ensure_broker
-ensure_venv "test,deploy"
+ensure_venv test deploy
 if [ -f "$ROOT/.ci/deploy-tools.sh" ]; then bash "$ROOT/.ci/deploy-tools.sh"; fi
 cd "$ROOT"
 
 # Steps, in order; each stops the run when it fails.
-# 1. Static checks (add further ones here, e.g. the type check).
+# 1. Static checks: lint, then the strict type check of the package (config: pyproject's
+#    [tool.mypy]; `-p leveret` from the root follows the symlinked topology/producers/consumer).
 say "ruff"
 .venv/bin/ruff check .
+say "mypy --strict"
+.venv/bin/mypy -p leveret
 
 # 2. The dependency floors: part of the suite against the lowest versions pyproject allows.
 say "pytest on the dependency floors (.ci/floors.txt)"

@@ -40,3 +40,27 @@ def test_wheel_installs_only_the_leveret_package(tmp_path: Path) -> None:
     for module in ("leveret/py.typed", "leveret/consumer/worker.py",
                    "leveret/producers/publisher.py", "leveret/topology/model.py"):
         assert module in names
+    metadata = next(
+        zipfile.ZipFile(wheel).read(n).decode()
+        for n in names
+        if n.endswith(".dist-info/METADATA")
+    )
+    # Dev tools and bench peers are dependency groups, never published extras.
+    extras = {line.split(":", 1)[1].strip() for line in metadata.splitlines()
+              if line.startswith("Provides-Extra:")}
+    assert extras == {"status"}, extras
+    assert "License-Expression: Apache-2.0" in metadata
+    assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
+    assert "Classifier: Typing :: Typed" in metadata
+
+
+def test_the_operator_tools_are_not_loaded_by_the_runtime() -> None:
+    """A worker or publisher process never imports consumer.ops (nor its HTTP client)."""
+    code = (
+        "import sys, leveret, leveret.consumer.worker; "
+        "print(sorted(m for m in sys.modules if m.startswith('leveret.consumer.ops') "
+        "or m.split('.')[0] in ('httpx', 'click')))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=60, check=True)
+    assert result.stdout.strip() == "[]", result.stdout
