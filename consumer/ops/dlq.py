@@ -61,13 +61,13 @@ from leveret.producers.message import (
     HEADER_ERROR,
     HEADER_QUEUE,
     HEADER_REASON,
+    carried_headers,
+    copy_properties,
 )
 from leveret.producers.settings import ConnectionSettings
 from leveret.topology.declare import queue_depth
 from leveret.topology.errors import InvalidValueError, LeveretError
 from leveret.topology.model import dlq_name
-
-from ..settle import carried_headers, copy_properties
 
 PAGE_SIZE = 500
 # basic.qos prefetch_count is a 16-bit field: a page is at most that many messages.
