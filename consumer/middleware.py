@@ -20,7 +20,8 @@ The chain is composed once per job when the worker starts (``build_chain``), nev
 each layer is the middleware with its ``call_next`` already bound (``functools.partial``), so a
 run costs one coroutine per layer and no closures.
 
-Seams for what comes next, all of them layers or the value flowing back through them:
+Seams for what comes next, all of them layers or the value flowing back through them (built-in
+layers are ordered in one place, ``execution.build_chain``):
 
 * job-scoped resources: a layer just outside ``JobTimeout`` that opens the job's scope before
   ``call_next`` and closes it in ``finally``, whatever the outcome;
