@@ -1,0 +1,53 @@
+"""``leveret api APP``: the HTTP service API under uvicorn."""
+
+from __future__ import annotations
+
+import click
+from pydantic import ValidationError
+
+from ..errors import ConfigError
+from .common import command_setup, fail, load_app
+
+
+@click.command(
+    epilog="""\b
+Example:
+  LEVERET_API_TOKEN=s3cret leveret api myapp.tasks:worker --host 0.0.0.0 --port 8000
+  curl -H 'Authorization: Bearer s3cret' -H 'Content-Type: application/json' \\
+       -d '{"to": "a@b.c", "subject": "hi"}' http://localhost:8000/jobs/send_email
+
+Every route but /healthz needs the bearer token. Metrics: http://HOST:LEVERET_METRICS_PORT/metrics.
+Needs the api extra: pip install 'leveret[api]'."""
+)
+@click.argument("app")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option(
+    "--insecure-no-auth",
+    is_flag=True,
+    help="Run without LEVERET_API_TOKEN: anyone who reaches the port can publish and cancel.",
+)
+@command_setup
+def api(app: str, host: str, port: int, insecure_no_auth: bool) -> None:
+    """Serve APP's jobs over HTTP (module:attribute naming a Worker)."""
+    try:
+        import uvicorn
+
+        from ..api import ApiSettings, create_app
+    except ImportError as exc:
+        fail(f"the HTTP API needs the api extra ({exc.name} is missing): "
+             f"pip install 'leveret[api]'")  # fmt: skip
+    worker = load_app(app)
+    try:
+        settings = ApiSettings()
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        fail(f"setting LEVERET_{str(first['loc'][0]).upper()} is invalid: {first['msg']}")
+    try:
+        asgi = create_app(worker, settings, insecure_no_auth=insecure_no_auth)
+    except ConfigError as exc:
+        fail(str(exc))
+    # Logging is structlog's (configured by command_setup); uvicorn's access log would print
+    # every request again, unstructured.
+    uvicorn.run(asgi, host=host, port=port, log_config=None, access_log=False,
+                server_header=False, proxy_headers=False)  # fmt: skip
