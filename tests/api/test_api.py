@@ -3,7 +3,6 @@ each status code of the contract's table, and the body limit enforced while read
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -111,7 +110,7 @@ async def test_get_reads_queued_then_succeeded_with_the_result(
                 await store.apply(
                     JobEvent(job_id=job_id, job="send_email", queue="api_email",
                              state="succeeded", attempt=1, at=datetime.now(UTC),
-                             result={"sent": True})  # fmt: skip
+                             result={"sent": True})
                 )
                 body = client.get(f"/jobs/{job_id}").json()
                 assert body["state"] == "succeeded"
@@ -253,7 +252,7 @@ def test_request_metrics_by_route_template_method_and_status(broker: Broker) -> 
     ) == 1
 
 
-async def test_metrics_are_served_on_the_metrics_port_without_a_token(broker: Broker) -> None:
+def test_metrics_are_served_on_the_metrics_port_without_a_token(broker: Broker) -> None:
     worker = make_worker(broker.settings())
     app = create_app(worker, ApiSettings(api_token=TOKEN), registry=CollectorRegistry(),
                      metrics_port=free_port())  # fmt: skip
@@ -268,4 +267,3 @@ async def test_metrics_are_served_on_the_metrics_port_without_a_token(broker: Br
         )
         with served.client() as client:  # not on the API port
             assert client.get("/metrics").status_code == 404
-    await asyncio.sleep(0)
