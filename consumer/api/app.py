@@ -153,6 +153,13 @@ def payload_model(spec: JobSpec) -> type[BaseModel] | None:
     return hint if isinstance(hint, type) and issubclass(hint, BaseModel) else None
 
 
+def _errors(exc: ValidationError) -> Any:
+    """The model's errors as JSON (pydantic's own shape: ``loc``, ``msg``, ``type``, ``input``).
+    A body that is not UTF-8 comes back in ``input`` as bytes, which pydantic cannot serialise:
+    those values are given as their ``repr``."""
+    return json.loads(json.dumps(exc.errors(include_url=False), default=repr))
+
+
 def _problem(status: int, detail: Any, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"detail": detail}, status_code=status, headers=headers)
 
@@ -162,7 +169,18 @@ def _unavailable(detail: str) -> JSONResponse:
 
 
 _POST_RESPONSES: dict[int | str, dict[str, Any]] = {
-    202: {"model": Accepted, "description": "Confirmed by the broker; the job's id."},
+    202: {
+        "model": Accepted,
+        "description": "Confirmed by the broker; the job's id.",
+        # OpenAPI links: what a client (or schemathesis' stateful phase) does with the id.
+        "links": {
+            "GetStatus": {
+                "operationId": "get_status",
+                "parameters": {"job_id": "$response.body#/id"},
+            },
+            "Cancel": {"operationId": "cancel", "parameters": {"job_id": "$response.body#/id"}},
+        },
+    },
     401: {"model": Problem, "description": "Missing or wrong bearer token."},
     404: {"model": Problem, "description": "No job of that name."},
     413: {"model": Problem, "description": "Body over LEVERET_API_MAX_BODY."},
@@ -371,7 +389,7 @@ async def _publish(
     try:
         spec.validate(body)
     except ValidationError as exc:
-        return _problem(422, json.loads(exc.json(include_url=False)))
+        return _problem(422, _errors(exc))
     payload = json.loads(body)
     if not isinstance(payload, dict):  # a dict-typed job's adapter already refuses this
         return _problem(422, "the body must be a JSON object")

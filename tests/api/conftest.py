@@ -104,6 +104,12 @@ def serve(app: Any) -> Iterator[Served]:
         thread.join(30)
 
 
+def purge(broker: Broker, *queues: str) -> None:
+    """Empty queues the session's earlier tests (schemathesis among them) published into."""
+    for queue in queues:
+        broker.api("DELETE", f"/queues/{broker.qvhost}/{queue}/contents")
+
+
 def wait_connected(served: Served, timeout: float = 20) -> None:
     deadline = time.monotonic() + timeout
     while not served.state.connected:

@@ -26,7 +26,7 @@ from leveret.topology import Topology, WorkQueue, declare_url
 from tests.support import Broker
 
 from . import dedup_proc
-from .conftest import SHARED_REDIS, RedisParts, build, serve, wait_connected
+from .conftest import SHARED_REDIS, RedisParts, build, purge, serve, wait_connected
 
 EMAIL = {"to": "a@b.c", "subject": "hi"}
 
@@ -124,6 +124,7 @@ async def test_the_api_answers_a_held_key_with_the_first_id_and_frees_it_on_a_fa
     try:
         with serve(app) as served:
             wait_connected(served)
+            purge(broker, "api_email")
             with served.client() as client:
                 first = client.post("/jobs/send_email", json=EMAIL, params={"dedup_key": "o-7"})
                 again = client.post("/jobs/send_email", json=EMAIL, params={"dedup_key": "o-7"})
