@@ -10,6 +10,7 @@ Tree::
     │   ├── producers.InvalidPayloadError (TypeError)   a payload that is not a dict or model
     │   ├── producers.DuplicateJobIdError    one id twice in a publish_many batch
     │   ├── producers.events.InvalidEvent    a lifecycle event body this version cannot read
+    │   ├── producers.dedup.InvalidDedupKeyError   an empty, too long or non-text dedup_key
     │   └── consumer.ops.dlq.InvalidDurationError   a --older-than that is not a duration
     ├── TopologyError                    the broker layout cannot be applied or is invalid
     │   └── QueueMismatchError           an existing queue has other arguments than wanted
@@ -20,9 +21,12 @@ Tree::
     │   ├── producers.PublishTimeout (TimeoutError)   no confirm in time (blocked broker)
     │   └── producers.ConnectionLost (ConnectionError)   the connection failed mid-publish
     ├── producers.status.StatusStoreError    the Redis job-status store refused for good
-    │   └── producers.status.StatusStoreUnavailable (ConnectionError)   unreachable for now
+    │   ├── producers.status.StatusStoreUnavailable (ConnectionError)   unreachable for now
+    │   └── producers.dedup.DedupUnavailableError   dedup_key given, but no status store
     ├── producers.status.JobFailed       a job awaited by its status ended dead
     ├── producers.status.JobCancelled    a job awaited by its status was cancelled
+    ├── producers.cancel.UnknownJob (LookupError)   no status for this id (never, or expired)
+    ├── producers.cancel.JobAlreadyEnded   nothing left to cancel: the job has ended
     ├── consumer.ConfigError (ValueError)   a worker application or setting is unusable
     ├── consumer.ops.management.ManagementError   the management API cannot be used
     ├── consumer.ops.status.StatusUnavailable   no management API and no app to probe
