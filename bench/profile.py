@@ -28,8 +28,7 @@ GROUPS = [
 ]
 # Frames of start-up and housekeeping, not of the per-job path: samples in them are left out.
 STARTUP = (
-    "consumer/management.py",
-    "consumer/doctor.py",
+    "consumer/ops/",
     "_connect_session",
     "HealthServer.start",
     "topology/declare.py",
