@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import signal
+from types import FrameType
+from typing import Any
+
 import click
 from pydantic import ValidationError
 
@@ -49,5 +53,30 @@ def api(app: str, host: str, port: int, insecure_no_auth: bool) -> None:
         fail(str(exc))
     # Logging is structlog's (configured by command_setup); uvicorn's access log would print
     # every request again, unstructured.
-    uvicorn.run(asgi, host=host, port=port, log_config=None, access_log=False,
-                server_header=False, proxy_headers=False)  # fmt: skip
+    config = uvicorn.Config(asgi, host=host, port=port, log_config=None, access_log=False,
+                            server_header=False, proxy_headers=False)  # fmt: skip
+    _graceful_server(config).run()
+
+
+def _graceful_server_class() -> type[Any]:
+    import uvicorn
+
+    class GracefulServer(uvicorn.Server):
+        """Like the worker: SIGTERM/SIGINT finish in-flight requests, then exit 0.
+
+        uvicorn re-raises the signal it caught once it has shut down (so the process dies by
+        it, status -15); an orchestrator or a supervisor then sees a crash, not a clean stop.
+        """
+
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            if self.should_exit and sig == signal.SIGINT:
+                self.force_exit = True  # a second Ctrl-C: stop waiting for requests
+            else:
+                self.should_exit = True
+
+    return GracefulServer
+
+
+def _graceful_server(config: Any) -> Any:
+    """A ``GracefulServer``; the class is built on first use (uvicorn is an optional extra)."""
+    return _graceful_server_class()(config)
