@@ -9,10 +9,11 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Coroutine, Iterable
+from datetime import datetime
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
-from .publisher import Job, Payload, Publisher
+from .publisher import Delay, Job, Payload, Publisher
 from .settings import ConnectionSettings
 
 T = TypeVar("T")
@@ -39,11 +40,15 @@ class BlockingPublisher:
         payload: Payload,
         *,
         priority: int | None = None,
-        delay: float | None = None,
+        delay: Delay | None = None,
+        eta: datetime | None = None,
         job_id: str | None = None,
     ) -> str:
+        """``Publisher.publish``, blocking; ``delay``/``eta`` as there."""
         return self._run(
-            self._publisher.publish(job, payload, priority=priority, delay=delay, job_id=job_id)
+            self._publisher.publish(
+                job, payload, priority=priority, delay=delay, eta=eta, job_id=job_id
+            )
         )
 
     def publish_many(self, jobs: Iterable[Job | tuple[str, Payload]]) -> list[str]:

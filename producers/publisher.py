@@ -13,12 +13,23 @@ Ids are unique in flight. The AMQP client matches a ``basic.return`` to its publ
 get each other's return: the unroutable one would report success. ``publish_many`` refuses a
 batch that repeats an id, and a ``publish`` whose id is already in flight waits for the earlier
 one's confirm before it is sent.
+
+Delays and ETAs (``delay_seconds``). ``delay=`` is seconds or a ``timedelta``; ``eta=`` an aware
+``datetime``, turned into a delay against the clock at the moment of publishing: the delay chain
+rounds *up* to 250 ms and the publish itself only adds time, so the job never runs before its
+ETA. An ETA already past runs now, like ``delay=0``: a caller computing "in 5 minutes" from a
+stale clock or after a slow request still gets its job, where an error would lose it. A
+*negative* ``delay=`` is different (a sign error in the caller's arithmetic, not a late clock)
+and raises, as do a naive ETA (its instant is unknown), both options at once, and a time past
+the horizon (``MAX_DELAY_S``, about 388 days): every one an ``InvalidDelayError``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Iterable, Mapping
+from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import Any, NamedTuple, Self
 
@@ -27,7 +38,8 @@ from pamqp.commands import Basic
 from prometheus_client import CollectorRegistry, Counter
 from pydantic import BaseModel
 
-from leveret.topology.model import check_name, delayed_job_route
+from leveret.topology.errors import InvalidDelayError
+from leveret.topology.model import MAX_DELAY_S, check_name, delay_units, delayed_job_route
 
 from .confirm import publish_confirmed
 from .connection import connect, mask_url
@@ -37,6 +49,46 @@ from .metrics import published_counter
 from .settings import ConnectionSettings
 
 Payload = BaseModel | dict[str, Any]
+Delay = float | timedelta
+
+
+def delay_seconds(
+    delay: Delay | None = None, eta: datetime | None = None, *, now: datetime | None = None
+) -> float | None:
+    """The delay in seconds a ``delay=`` or ``eta=`` asks for (``None``: neither, run now).
+
+    Validated here, before anything is sent (see the module docstring for the rules): the
+    result is always in ``[0, MAX_DELAY_S]``.
+    """
+    if delay is not None and eta is not None:
+        raise InvalidDelayError(
+            math.nan,
+            "give delay= or eta=, not both (a delay is counted from now, an eta is a time)",
+        )
+    if eta is not None:
+        if not isinstance(eta, datetime):
+            raise InvalidDelayError(
+                math.nan, f"eta= must be a timezone-aware datetime, got {type(eta).__name__}"
+            )
+        if eta.tzinfo is None or eta.utcoffset() is None:
+            raise InvalidDelayError(
+                math.nan,
+                f"eta={eta.isoformat()} has no time zone, so its instant is unknown: pass an "
+                f"aware datetime, e.g. datetime(2027, 1, 1, 9, tzinfo=ZoneInfo('Europe/Paris'))",
+            )
+        ahead = (eta - (now if now is not None else datetime.now(UTC))).total_seconds()
+        if ahead > MAX_DELAY_S:
+            raise InvalidDelayError(
+                ahead,
+                f"eta={eta.isoformat()} is {ahead:.0f} s ahead, past the longest delay Leveret "
+                f"supports ({MAX_DELAY_S:g} s, about {MAX_DELAY_S / 86_400:.0f} days)",
+            )
+        return max(0.0, ahead)  # an eta already past runs now, like delay=0
+    if delay is None:
+        return None
+    seconds = delay.total_seconds() if isinstance(delay, timedelta) else delay
+    delay_units(seconds)  # negative, not a number or past the horizon: a clear error now
+    return float(seconds)
 
 
 class Job(BaseModel):
@@ -45,7 +97,8 @@ class Job(BaseModel):
     job: str
     payload: dict[str, Any] | BaseModel
     priority: int | None = None
-    delay: float | None = None
+    delay: float | timedelta | None = None
+    eta: datetime | None = None
     job_id: str | None = None
 
 
@@ -105,12 +158,19 @@ class Publisher:
         payload: Payload,
         *,
         priority: int | None = None,
-        delay: float | None = None,
+        delay: Delay | None = None,
+        eta: datetime | None = None,
         job_id: str | None = None,
         headers: Mapping[str, Any] | None = None,
     ) -> str:
-        """Publish one job and wait for the broker's confirm; return its id."""
-        prepared = self._prepare(job, payload, priority, delay, job_id, headers)
+        """Publish one job and wait for the broker's confirm; return its id.
+
+        ``delay`` (seconds or a ``timedelta``) or ``eta`` (an aware ``datetime``) hold the job
+        back until then: it runs no earlier, and at normal load at most ``MAX_LATENESS_S``
+        (925 ms) later, for any time up to ``MAX_DELAY_S`` (about 388 days) ahead.
+        """
+        delay_s = delay_seconds(delay, eta)
+        prepared = self._prepare(job, payload, priority, delay_s, job_id, headers)
         await self._send(prepared)
         return prepared.job_id
 
@@ -126,7 +186,12 @@ class Publisher:
         for item in jobs:
             if isinstance(item, Job):
                 prepared = self._prepare(
-                    item.job, item.payload, item.priority, item.delay, item.job_id, None
+                    item.job,
+                    item.payload,
+                    item.priority,
+                    delay_seconds(item.delay, item.eta),
+                    item.job_id,
+                    None,
                 )
             else:  # (job, payload): no model to build per job on the hot path
                 job, payload = item
