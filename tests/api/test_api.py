@@ -287,3 +287,27 @@ def test_422_for_a_body_that_is_not_utf8(broker: Broker) -> None:
                                headers={"content-type": "application/json"})  # fmt: skip
         assert response.status_code == 422
         assert response.json()["detail"][0]["type"] == "json_invalid"
+
+
+def test_a_dropped_connection_answers_503_or_202_never_500_and_recovers(broker: Broker) -> None:
+    app = build(broker, None, CollectorRegistry())
+    with serve(app) as served, served.client() as client:
+        wait_connected(served)
+        assert client.post("/jobs/send_email", json=EMAIL).status_code == 202
+        deadline = time.monotonic() + 20  # the management API lists connections with a lag
+        closed = 0
+        while closed < 2:  # the API's own connection and its publisher's
+            closed += broker.close_connections()
+            assert time.monotonic() < deadline, "the API's connections never showed up"
+            time.sleep(0.2)
+        seen = []
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            status = client.post("/jobs/send_email", json=EMAIL).status_code
+            seen.append(status)
+            if status == 202 and len(seen) > 1:
+                break
+            time.sleep(0.1)
+        assert set(seen) <= {202, 503}, seen
+        assert seen[-1] == 202, f"never recovered: {seen}"
+        print(f"answers after the drop: {seen}")
