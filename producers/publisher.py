@@ -43,7 +43,7 @@ from leveret.topology.model import MAX_DELAY_S, check_name, delay_units, delayed
 
 from .confirm import publish_confirmed
 from .connection import connect, mask_url
-from .errors import DuplicateJobIdError
+from .errors import DuplicateJobIdError, PublishTimeout
 from .message import check_priority, encode_payload, job_properties, new_job_id
 from .metrics import published_counter
 from .settings import ConnectionSettings
@@ -234,13 +234,21 @@ class Publisher:
             await earlier.wait()
         settled = self._in_flight[job_id] = asyncio.Event()
         try:
+            # The timeout covers waiting for the channel too: during an outage the robust
+            # channel waits for the reconnect, and a caller must hear within its timeout.
+            deadline = asyncio.get_running_loop().time() + self._timeout
+            try:
+                async with asyncio.timeout_at(deadline):
+                    channel = await self._channel.get_underlay_channel()
+            except TimeoutError:
+                raise PublishTimeout(prepared.job, self._timeout) from None
             await publish_confirmed(
-                await self._channel.get_underlay_channel(),
+                channel,
                 prepared.body,
                 exchange=prepared.exchange,
                 routing_key=prepared.routing_key,
                 properties=prepared.properties,
-                timeout=self._timeout,
+                timeout=max(deadline - asyncio.get_running_loop().time(), 0.001),
                 job=prepared.job,
             )
         finally:
