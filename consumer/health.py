@@ -13,6 +13,8 @@ from typing import Any
 import structlog
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from .metrics import WorkerMetrics
+
 log = structlog.get_logger("leveret.health")
 
 
@@ -39,6 +41,11 @@ class HealthServer:
             self._server.close()
             await self._server.wait_closed()
 
+    def _node(self) -> str | None:
+        """The broker node a worker on this registry consumes from (masked), if it is one."""
+        metrics = WorkerMetrics._by_registry.get(id(self.registry))
+        return metrics.node if metrics is not None else None
+
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             request = await asyncio.wait_for(reader.readline(), 5)
@@ -54,6 +61,9 @@ class HealthServer:
                 ready = self.is_ready()
                 status = "200 OK" if ready else "503 Service Unavailable"
                 ctype, body = "text/plain", b"ready\n" if ready else b"not ready\n"
+                node = self._node()
+                if ready and node:
+                    body = f"ready\nnode {node}\n".encode()
             else:
                 status, ctype, body = "404 Not Found", "text/plain", b"not found\n"
             head = (

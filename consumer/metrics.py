@@ -36,6 +36,9 @@ class WorkerMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         registry = registry or REGISTRY
         self.registry = registry
+        # The broker node the worker consumes from, masked (set by each session): /readyz names
+        # it, so an operator sees which node of a cluster a worker failed over to.
+        self.node: str | None = None
         self.started = Counter(
             "leveret_jobs_started_total",
             "Handler runs started.",

@@ -118,7 +118,13 @@ class Session:
 
     async def serve(self, stopping: asyncio.Event) -> None:
         """Wait until the session is lost or a stop is asked for, then wind it down."""
-        log.info("consuming", queues=self.plan.queues, prefetch_per_queue=self.plan.share)
+        # Which node: with a cluster's nodes in LEVERET_AMQP_URL, the one that answered (the
+        # connection's str() masks the password); /readyz says it too (see health.py).
+        node = str(self.connection)
+        self.plan.outcomes.metrics.node = node
+        log.info(
+            "consuming", queues=self.plan.queues, prefetch_per_queue=self.plan.share, node=node
+        )
         stop = asyncio.ensure_future(stopping.wait())
         lost = asyncio.ensure_future(self.lost.wait())
         await asyncio.wait((stop, lost), return_when=asyncio.FIRST_COMPLETED)

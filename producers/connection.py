@@ -1,21 +1,33 @@
-"""Opening connections: TLS, masked URLs, and errors that say what to do.
+"""Opening connections: TLS, masked URLs, several nodes, and errors that say what to do.
 
 Every connection error passes through ``connect`` so that no caller ever formats the raw URL
 (with its password) into a message.
+
+``LEVERET_AMQP_URL`` may name a cluster's nodes, comma-separated (a comma inside a password must
+be percent-encoded, ``%2C``). ``connect`` tries them in turn from a random node, so that the
+workers of a deployment spread over the cluster instead of all piling onto the first node, and
+returns the first that answers; its error names every node it tried. A robust connection (the
+publisher's) fails over by itself too: each reconnect attempt goes to the next node
+(``FailoverRobustConnection``). ``connected_url`` tells which node a process last reached: the
+default management URL follows it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import ssl
+from collections.abc import Awaitable, Callable
 from typing import Literal, overload
 from urllib.parse import quote
 
 import aio_pika
 import aiormq
+import structlog
 from aio_pika.abc import AbstractConnection, AbstractRobustConnection
 from aio_pika.connection import make_url
+from aio_pika.robust_connection import RobustConnection
 from yarl import URL
 
 from .errors import BrokerUnavailable
@@ -35,9 +47,69 @@ _CONNECT_ERRORS: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, ssl.SSLE
 
 MASK = "******"
 
+log = structlog.get_logger("leveret.connection")
+
+SCHEMES = ("amqp", "amqps")
+
+
+def split_urls(value: str) -> list[str]:
+    """The URLs of a comma-separated ``LEVERET_AMQP_URL`` (one URL is a list of one).
+
+    Blank entries (a trailing comma) are dropped; an empty value gives an empty list, which
+    ``node_urls`` refuses.
+    """
+    return [part.strip() for part in value.split(",") if part.strip()]
+
+
+def node_urls(value: str) -> list[str]:
+    """The nodes of ``value``, each checked: an ``amqp://`` or ``amqps://`` URL with a host, all
+    on one vhost (one cluster, one vhost: a list that mixes them is a typo, not a failover).
+
+    Raises ``BrokerUnavailable`` naming the bad entry, masked.
+    """
+    urls = split_urls(value)
+    if not urls:
+        raise BrokerUnavailable(
+            "<empty>", "LEVERET_AMQP_URL is empty", "set it to amqp://user:password@host:5672/"
+        )
+    vhosts: set[str] = set()
+    for i, url in enumerate(urls, 1):
+        where = f"entry {i} of {len(urls)}" if len(urls) > 1 else "the URL"
+        try:
+            parsed = URL(url)
+        except (TypeError, ValueError):
+            parsed = None
+        if parsed is None or parsed.scheme not in SCHEMES or not parsed.host:
+            raise BrokerUnavailable(
+                mask_url(url),
+                f"LEVERET_AMQP_URL {where} is not an amqp:// or amqps:// URL with a host",
+                "write each node as amqp://user:password@host:5672/vhost, comma-separated",
+            )
+        vhosts.add(parsed.path or "/")
+    if len(vhosts) > 1:
+        raise BrokerUnavailable(
+            mask_url(value),
+            f"the nodes in LEVERET_AMQP_URL name different vhosts ({', '.join(sorted(vhosts))})",
+            "list the nodes of one cluster with the same vhost",
+        )
+    return urls
+
+
+# The node each configured URL list last connected to, so that what follows the connection (the
+# default management URL, log lines) can name the same node. Keyed by the whole list.
+_connected: dict[str, str] = {}
+
+
+def connected_url(value: str) -> str:
+    """The node of ``value`` this process last connected to; the first one before any connect."""
+    return _connected.get(value) or (split_urls(value) or [value])[0]
+
 
 def mask_url(url: str) -> str:
-    """The URL with its password replaced, safe for logs and errors."""
+    """The URL (or each URL of a comma-separated list) with its password replaced, safe for logs
+    and errors."""
+    if "," in url:
+        return ",".join(mask_url(part) for part in split_urls(url))
     try:
         parsed = URL(url)
     except (TypeError, ValueError):
@@ -49,7 +121,9 @@ def mask_url(url: str) -> str:
 
 def _userinfo_spellings(url: str) -> set[tuple[str, str]]:
     """``(user, password)`` as the URL may appear in text: as configured, percent-encoded and
-    decoded (a client echoing the URL may print either)."""
+    decoded (a client echoing the URL may print either); for every URL of a list."""
+    if "," in url:
+        return {up for part in split_urls(url) for up in _userinfo_spellings(part)}
     if "://" not in url:
         return set()
     try:
@@ -140,6 +214,55 @@ def explain(exc: BaseException, url: str) -> BrokerUnavailable:
     )
 
 
+class FailoverRobustConnection(RobustConnection):
+    """aio-pika's robust connection, reconnecting to the next node of a list each attempt.
+
+    aio-pika reconnects to the one URL it was given (its issue #141; a multi-host class was
+    proposed in its PR #680 and not merged), so a publisher whose node is stopped would retry
+    that node until it came back. Here every transport attempt after the first moves ``url`` on
+    to the next node, round robin: after a drop the first retry already goes elsewhere.
+
+    The hook is aio-pika's private ``__connect_transport`` (name-mangled), the one place every
+    attempt, first or reconnect, passes through; ``tests/producers/test_multi_url.py`` fails if
+    a new aio-pika renames it.
+    """
+
+    def __init__(self, urls: list[str], start: int, key: str, **kwargs: object) -> None:
+        super().__init__(make_url(urls[start]), **kwargs)  # type: ignore[arg-type]
+        self._urls = urls
+        self._index = start
+        self._key = key
+        self._attempts = 0
+
+    async def _RobustConnection__connect_transport(self) -> None:
+        if self._attempts:
+            self._index = (self._index + 1) % len(self._urls)
+            self.url = make_url(self._urls[self._index])
+        self._attempts += 1
+        await _connect_transport(self)
+        _connected[self._key] = self._urls[self._index]
+        if self._attempts > 1:
+            log.info("broker_reconnected", node=mask_url(self._urls[self._index]))
+
+
+# aio-pika's own attempt, which the override above wraps (only ever called when it exists).
+_connect_transport: Callable[[RobustConnection], Awaitable[None]] = getattr(
+    RobustConnection, "_RobustConnection__connect_transport", aio_pika.Connection.connect
+)
+if not hasattr(RobustConnection, "_RobustConnection__connect_transport"):  # pragma: no cover
+    log.warning(
+        "robust_failover_unavailable",
+        reason="this aio-pika has no RobustConnection.__connect_transport; a robust "
+        "connection reconnects to the node it first reached only",
+    )
+
+
+def _order(count: int) -> list[int]:
+    """Indexes of the nodes to try: all of them, from a random one on (spreads the load)."""
+    start = random.randrange(count) if count > 1 else 0
+    return [(start + i) % count for i in range(count)]
+
+
 @overload
 async def connect(
     settings: ConnectionSettings, *, robust: Literal[True] = True
@@ -153,20 +276,46 @@ async def connect(
 
 
 async def connect(settings: ConnectionSettings, *, robust: bool = True) -> AbstractConnection:
-    """Connect once (raising ``BrokerUnavailable`` on failure); robust connections then reconnect
-    by themselves after a drop.
+    """Connect to the first node that answers (raising ``BrokerUnavailable``, naming every node
+    tried, when none does); robust connections then reconnect by themselves after a drop, to the
+    next node each attempt.
 
     The connection object is built here rather than by ``aio_pika.connect*`` so that a failed
     attempt is closed at once: a worker retrying for hours would otherwise leave one unclosed
     connection object per attempt for the garbage collector to finalise.
     """
-    url = settings.amqp_url.get_secret_value()
-    ssl_context = _ssl_context(settings) if url.startswith("amqps://") else None
-    factory: type[aio_pika.Connection] = (
-        aio_pika.RobustConnection if robust else aio_pika.Connection
+    value = settings.amqp_url.get_secret_value()
+    urls = node_urls(value)
+    failures: list[BrokerUnavailable] = []
+    for index in _order(len(urls)):
+        try:
+            connection = await _connect_one(settings, urls, index, value, robust=robust)
+        except BrokerUnavailable as exc:
+            failures.append(exc)
+            continue
+        _connected[value] = urls[index]
+        return connection
+    if len(failures) == 1:
+        raise failures[0]
+    tried = "; ".join(f"{f.url}: {f.reason}" for f in failures)
+    raise BrokerUnavailable(
+        mask_url(value),
+        f"none of the {len(urls)} nodes answered ({tried})",
+        "check that RabbitMQ is running on at least one of them and LEVERET_AMQP_URL is right",
     )
+
+
+async def _connect_one(
+    settings: ConnectionSettings, urls: list[str], index: int, key: str, *, robust: bool
+) -> AbstractConnection:
+    url = urls[index]
+    ssl_context = _ssl_context(settings) if url.startswith("amqps://") else None
+    connection: aio_pika.Connection
     try:
-        connection = factory(make_url(url), ssl_context=ssl_context)
+        if robust:
+            connection = FailoverRobustConnection(urls, index, key, ssl_context=ssl_context)
+        else:
+            connection = aio_pika.Connection(make_url(url), ssl_context=ssl_context)
     except ValueError as exc:
         raise explain(exc, url) from None
     try:

@@ -1,6 +1,7 @@
 """A small client for RabbitMQ's management HTTP API, as the operator tools need it.
 
-Where it points: ``LEVERET_MANAGEMENT_URL`` when set, otherwise the AMQP URL's host on port
+Where it points: ``LEVERET_MANAGEMENT_URL`` when set, otherwise the AMQP URL's host (of a list of
+nodes, the one last connected to) on port
 15672 (``https`` on 15671, the TLS listener, for ``amqps://``), with the AMQP URL's user and
 password unless the management URL carries its own. The vhost is always the AMQP URL's, decoded
 the way the AMQP client decodes it, so ``status`` and ``doctor`` look at the same vhost the
@@ -18,7 +19,7 @@ from urllib.parse import quote
 import httpx
 from yarl import URL
 
-from leveret.producers.connection import mask_secrets, mask_url
+from leveret.producers.connection import connected_url, mask_secrets, mask_url, split_urls
 from leveret.producers.settings import ConnectionSettings
 from leveret.topology.errors import LeveretError
 
@@ -39,8 +40,9 @@ class ManagementError(LeveretError):
 
 
 def amqp_vhost(amqp_url: str) -> str:
-    """The vhost an AMQP URL names, decoded like aiormq does (``/`` or empty path is ``/``)."""
-    url = URL(amqp_url)
+    """The vhost an AMQP URL names, decoded like aiormq does (``/`` or empty path is ``/``); of
+    a comma-separated list, the first node's (``connect`` refuses a list that mixes vhosts)."""
+    url = URL((split_urls(amqp_url) or [amqp_url])[0])
     if url.path in ("", "/"):
         return "/"
     return url.raw_path[1:].replace("%2F", "/").replace("%2f", "/")
@@ -57,7 +59,9 @@ class ManagementTarget:
 
     @classmethod
     def from_settings(cls, settings: ConnectionSettings) -> ManagementTarget:
-        amqp = settings.amqp_url.get_secret_value()
+        # Of a cluster's nodes, the one this process last connected to (``connect``): the
+        # management API to ask is the one beside the node that answers.
+        amqp = connected_url(settings.amqp_url.get_secret_value())
         amqp_url = URL(amqp)
         # Only a worker's settings name a management URL; a publisher's fall back to the AMQP one.
         explicit = settings.management_url if isinstance(settings, WorkerSettings) else None
