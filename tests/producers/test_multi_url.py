@@ -27,6 +27,7 @@ from leveret.producers.connection import (
 )
 from leveret.producers.errors import BrokerUnavailable
 from tests.support import Broker
+
 CLOSED = "amqp://guest:Cl0sed-pw@127.0.0.1:1/"
 
 
