@@ -81,6 +81,34 @@ def scheduler_queue_name(exchange: str, app: str) -> str:
     return f"{exchange}.scheduler.{app}"
 
 
+class _SchedulerMetrics:
+    """One set per registry, shared by every ``Scheduler`` on it: a worker run twice in one
+    process (tests, an embedding app) must not register the gauge twice."""
+
+    _by_registry: dict[int, _SchedulerMetrics] = {}  # noqa: RUF012
+
+    @classmethod
+    def for_registry(cls, registry: CollectorRegistry | None) -> _SchedulerMetrics:
+        registry = registry if registry is not None else REGISTRY
+        metrics = cls._by_registry.get(id(registry))
+        if metrics is None:
+            metrics = cls._by_registry[id(registry)] = cls(registry)
+        return metrics
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.leader = Gauge(
+            "leveret_scheduler_leader",
+            "1 while this process fires the app's schedules, else 0.",
+            registry=registry,
+        )
+        self.ticks = Counter(
+            "leveret_schedule_ticks_total",
+            "Schedule ticks this process published.",
+            ["schedule"],
+            registry=registry,
+        )
+
+
 class Scheduler:
     """Takes part in leader election for ``schedules``; fires them while it leads.
 
@@ -114,18 +142,9 @@ class Scheduler:
         self.heartbeat_s = heartbeat_s
         self.publish_timeout = publish_timeout
         self.reconnect_s = reconnect_s
-        registry = registry if registry is not None else REGISTRY
-        self._leader_gauge = Gauge(
-            "leveret_scheduler_leader",
-            "1 while this process fires the app's schedules, else 0.",
-            registry=registry,
-        )
-        self._ticks = Counter(
-            "leveret_schedule_ticks_total",
-            "Schedule ticks this process published.",
-            ["schedule"],
-            registry=registry,
-        )
+        metrics = _SchedulerMetrics.for_registry(registry)
+        self._leader_gauge = metrics.leader
+        self._ticks = metrics.ticks
         self._stopping = asyncio.Event()
         self._leader = False
         # Session state.

@@ -16,6 +16,12 @@ A delivery reads top to bottom through modules named for each step; this class o
                  run's result or exception is read;
 * ``settle``     every outcome: publish copy → ack (``acker``) → metric → one log line.
 
+Schedules (``Worker.schedule``) are checked against the jobs when the app has finished loading
+(``check``: ``run`` and the CLI's app loader call it, so they may be declared before or after
+their jobs). An app with schedules runs one ``Scheduler`` beside the consume loop in every
+worker process, whatever queues that process consumes: they elect one leader through the
+broker, which fires each tick once (``leveret.consumer.scheduler``).
+
 The loop talks to aiormq's channels directly: aiormq already runs each delivery as its own
 task, and skipping aio-pika's per-message wrapper is a large share of the per-job CPU. Prefetch
 bounds the deliveries held at once, so it *is* the concurrency; nothing else limits it. With
@@ -30,13 +36,14 @@ import asyncio
 import contextlib
 import functools
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from datetime import timedelta
 from typing import Any, TypeVar
 
 import structlog
 from prometheus_client import CollectorRegistry
 
-from leveret.producers.connection import mask_url
+from leveret.producers.connection import connect, mask_url
 from leveret.topology.model import Topology
 
 from .health import HealthServer
@@ -44,6 +51,8 @@ from .metrics import Outcomes, WorkerMetrics
 from .middleware import Middleware, check_middleware
 from .pipeline import Pipeline
 from .registry import DEFAULT_BACKOFF, DEFAULT_MAX_ATTEMPTS, DEFAULT_QUEUE, Backoff, Registry
+from .scheduler import Scheduler
+from .schedules import Schedule, check_schedules, make_schedule
 from .session import Plan, Session, open_session
 from .settings import WorkerSettings
 from .threads import JobThreads
@@ -63,6 +72,8 @@ class Worker:
         self.settings = settings if settings is not None else WorkerSettings()
         self.jobs = Registry()
         self.middlewares: list[Middleware] = []
+        self.schedules: list[Schedule] = []
+        self._scheduler: Scheduler | None = None  # while ``run`` runs with schedules
         self.metrics = WorkerMetrics.for_registry(registry)
         self.health_port: int | None = None
         self._stopping: asyncio.Event | None = None
@@ -102,6 +113,37 @@ class Worker:
         self.middlewares.append(check_middleware(mw))
         return mw
 
+    def schedule(
+        self,
+        job: str,
+        *,
+        cron: str | None = None,
+        every: timedelta | float | None = None,
+        tz: str = "UTC",
+        payload: Mapping[str, Any] | None = None,
+        name: str | None = None,
+        missed: str = "once",
+    ) -> Schedule:
+        """Publish ``job`` with ``payload`` on a schedule: ``cron=`` (5 fields, or 6 with seconds
+        first, read in ``tz``) or ``every=`` (seconds or a timedelta, aligned to the epoch).
+
+        ``name`` (default: the job name) is unique per app and names each tick's job id,
+        ``<name>@<tick as RFC 3339 UTC>``. ``missed="once"`` fires the most recent tick missed
+        while no worker ran, ``"skip"`` none. A bad expression or time zone raises
+        ``ConfigError`` here; an unregistered job or a duplicate name when the app has loaded
+        (``check``), since jobs may be registered after their schedule.
+        """
+        schedule = make_schedule(
+            job, cron=cron, every=every, tz=tz, payload=payload, name=name, missed=missed
+        )
+        self.schedules.append(schedule)
+        return schedule
+
+    def check(self) -> None:
+        """What can only be checked once the whole app is loaded: every schedule names a
+        registered job, no two share a name. Raises ``ConfigError``."""
+        check_schedules(self.schedules, self.jobs.jobs)
+
     @property
     def topology(self) -> Topology:
         return self.jobs.topology(self.settings.exchange, self.settings.queue_type)
@@ -133,6 +175,7 @@ class Worker:
         get the grace period, the connections are closed), then raises ``CancelledError``.
         """
         queues = self.jobs.select(queues)
+        self.check()
         prefetch = prefetch or self.settings.prefetch
         share = max(1, prefetch // len(queues))  # per consumer (see the module docstring)
         self._stopping = stopping = asyncio.Event()
@@ -169,11 +212,14 @@ class Worker:
             prefetch=prefetch,
             prefetch_per_queue=share,
             jobs=sorted(self.jobs.jobs),
+            schedules=[s.name for s in self.schedules],
         )
         async with contextlib.AsyncExitStack() as stack:
             stack.callback(self._stopped)  # undone last: the final line
             stack.callback(threads.shutdown)
             await self._start_beside(stack, queues, handle_signals)
+            if self.schedules:
+                self._start_scheduler(stack, stopping)
             await self._consume(plan, stopping)
 
     async def _start_beside(
@@ -204,6 +250,41 @@ class Worker:
         stack.push_async_callback(self._dlq_depth.stop)
         doctor = asyncio.create_task(log_findings(self.settings, self.jobs, self.topology))
         stack.callback(doctor.cancel)
+
+    def _start_scheduler(self, stack: contextlib.AsyncExitStack, stopping: asyncio.Event) -> None:
+        """Take part in firing the app's schedules until the worker stops.
+
+        The scheduler opens its own plain connection (``connect`` honours every node of
+        ``LEVERET_AMQP_URL`` and TLS) and reconnects by itself. It stops as soon as the worker
+        is asked to stop, not after the in-flight jobs drained: a leader that is leaving hands
+        over at once (its last heartbeat tells the successor that nothing was missed).
+        """
+        settings = self.settings
+        scheduler = Scheduler(
+            lambda: connect(settings, robust=False),
+            self.schedules,
+            exchange=settings.exchange,
+            registry=self.metrics.registry,
+            publish_timeout=settings.publish_timeout,
+        )
+        self._scheduler = scheduler
+        task = asyncio.create_task(scheduler.run(), name="leveret-scheduler")
+
+        async def stop_when_stopping() -> None:
+            await stopping.wait()
+            scheduler.stop()
+
+        watcher = asyncio.create_task(stop_when_stopping())
+
+        async def wind_down() -> None:
+            watcher.cancel()
+            scheduler.stop()
+            try:
+                await asyncio.wait_for(task, 10)
+            except TimeoutError:
+                log.warning("scheduler_stop_timeout", scheduler=scheduler.app)
+
+        stack.push_async_callback(wind_down)
 
     def _stopped(self) -> None:
         self._set_ready(False)

@@ -81,7 +81,7 @@ def delay_seconds(
             raise InvalidDelayError(
                 ahead,
                 f"eta={eta.isoformat()} is {ahead:.0f} s ahead, past the longest delay Leveret "
-                f"supports ({MAX_DELAY_S:g} s, about {MAX_DELAY_S / 86_400:.0f} days)",
+                f"supports ({MAX_DELAY_S:.0f} s, about {MAX_DELAY_S / 86_400:.0f} days)",
             )
         return max(0.0, ahead)  # an eta already past runs now, like delay=0
     if delay is None:

@@ -7,6 +7,7 @@ import click
 from .dlq_cmd import dlq
 from .doctor_cmd import doctor
 from .publish_cmd import publish
+from .schedule_cmd import schedule
 from .status_cmd import status
 from .topology_cmd import topology
 from .worker_cmd import worker
@@ -31,6 +32,7 @@ cli.add_command(publish)
 cli.add_command(dlq)
 cli.add_command(status)
 cli.add_command(doctor)
+cli.add_command(schedule)
 
 
 def main() -> None:

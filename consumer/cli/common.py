@@ -69,7 +69,7 @@ def load_app(spec: str) -> Worker:
             )
         fail(f"importing {module_name!r} failed: {type(exc).__name__}: {exc}")
     except ConfigError as exc:
-        fail(f"{module_name!r} registers a job wrongly: {exc}")
+        fail(f"{module_name!r} registers a job or schedule wrongly: {exc}")
     except ValidationError as exc:
         if exc.title == WorkerSettings.__name__:
             _settings_error(exc)
@@ -82,6 +82,10 @@ def load_app(spec: str) -> Worker:
         fail(f"module {module_name!r} has no attribute {attr!r}")
     if not isinstance(app, Worker):
         fail(f"{spec} is a {type(app).__name__}, not a consumer.Worker")
+    try:  # what needs the whole app (a schedule naming an unregistered job): now it is loaded
+        app.check()
+    except ConfigError as exc:
+        fail(f"{spec} is not usable: {exc}")
     return app
 
 
