@@ -19,6 +19,7 @@ from aio_pika.abc import AbstractChannel, AbstractConnection
 from prometheus_client import Gauge
 
 from leveret.producers.connection import CONNECTION_ERRORS
+from leveret.topology.declare import queue_depth
 from leveret.topology.model import dlq_name
 
 DEFAULT_INTERVAL_S = 15.0
@@ -69,12 +70,11 @@ class DlqDepthRefresher:
             if self._channel is None or self._channel.is_closed:
                 self._channel = await connection.channel(publisher_confirms=False)
             raw = await self._channel.get_underlay_channel()
-            try:
-                ok = await raw.queue_declare(dlq_name(queue), passive=True)
-            except aiormq.exceptions.ChannelNotFoundEntity:
+            depth = await queue_depth(raw, dlq_name(queue))
+            if depth is None:
                 self._channel = None  # the broker closed it; the DLQ does not exist (yet)
                 continue
-            self.gauge.labels(queue=queue).set(ok.message_count or 0)
+            self.gauge.labels(queue=queue).set(depth)
 
     async def _loop(self) -> None:
         while True:

@@ -26,9 +26,8 @@ import structlog
 from aio_pika.abc import AbstractConnection
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
 from tenacity.wait import wait_exponential_jitter
-from yarl import URL
 
-from leveret.producers.connection import CONNECTION_ERRORS, connect
+from leveret.producers.connection import CONNECTION_ERRORS, connect, mask_secrets
 from leveret.producers.errors import BrokerUnavailable
 from leveret.producers.message import one_line
 from leveret.topology.declare import declare
@@ -133,7 +132,7 @@ class Session:
         self.plan.on_lost()
         tasks, settings = self.plan.pipeline.tasks, self.plan.settings
         if self.lost.is_set() and not stopping.is_set():
-            await self.abandon(tasks, URL(settings.amqp_url.get_secret_value()).password)
+            await self.abandon(tasks, settings.amqp_url.get_secret_value())
         else:
             await self.shutdown(tasks, settings.shutdown_grace)
 
@@ -150,7 +149,7 @@ class Session:
         self.plan.on_lost()
         self.lost.set()
 
-    def close_reason(self, password: str | None) -> str:
+    def close_reason(self, url: str) -> str:
         """Why the session ended, in one password-free line (a channel close says why)."""
         if self.cancelled_by_broker is not None:
             return f"the broker cancelled the consumer of queue {self.cancelled_by_broker}"
@@ -159,11 +158,11 @@ class Session:
         if exc is None:
             return "connection lost"
         reason = one_line(f"{type(exc).__name__}: {exc}")
-        return reason.replace(password, "******") if password else reason
+        return mask_secrets(reason, url)
 
-    async def abandon(self, tasks: set[asyncio.Task[Any]], password: str | None) -> None:
+    async def abandon(self, tasks: set[asyncio.Task[Any]], url: str) -> None:
         """The session was lost: say why, drop the in-flight jobs (the broker redelivers)."""
-        reason = self.close_reason(password)
+        reason = self.close_reason(url)
         log.warning(
             "connection_lost",
             unacked=self.acker.in_flight,
