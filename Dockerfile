@@ -21,7 +21,7 @@ COPY consumer/ consumer/
 COPY leveret/ leveret/
 # A regular (non-editable) install: the final image needs no source tree. The dependencies ship as
 # wheels; the slim base has no compiler, so one that needs building fails here, not at run time.
-RUN /opt/leveret/bin/pip install --no-cache-dir . \
+RUN /opt/leveret/bin/pip install --no-cache-dir ".[api,status]" \
     && /opt/leveret/bin/leveret --help > /dev/null
 
 # ---- run: the slim base, the virtualenv, an unprivileged user -----------------------------------

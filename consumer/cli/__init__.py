@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from .api_cmd import api
 from .dlq_cmd import dlq
 from .doctor_cmd import doctor
 from .publish_cmd import publish
@@ -33,6 +34,7 @@ cli.add_command(dlq)
 cli.add_command(status)
 cli.add_command(doctor)
 cli.add_command(schedule)
+cli.add_command(api)
 
 
 def main() -> None:
