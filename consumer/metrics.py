@@ -34,6 +34,10 @@ class WorkerMetrics:
         return metrics
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        # Gauges say how to combine the processes of ``leveret worker --processes N`` (see
+        # consumer/supervisor.py: prometheus-client's multiprocess mode): held jobs and
+        # concurrency add up, ready is the least ready process, a DLQ depth is the same queue
+        # seen by each. Without PROMETHEUS_MULTIPROC_DIR the mode is ignored.
         registry = registry or REGISTRY
         self.registry = registry
         # The broker node the worker consumes from, masked (set by each session): /readyz names
@@ -63,23 +67,27 @@ class WorkerMetrics:
             "Jobs being handled right now.",
             ["queue"],
             registry=registry,
+            multiprocess_mode="livesum",
         )
         self.prefetch = Gauge(
             "leveret_worker_prefetch",
             "The most jobs this worker holds at once (its concurrency), per consumed queue.",
             ["queue"],
             registry=registry,
+            multiprocess_mode="livesum",
         )
         self.connected = Gauge(
             "leveret_worker_ready",
             "1 while the worker is connected and consuming, else 0.",
             registry=registry,
+            multiprocess_mode="livemin",
         )
         self.dlq_messages = Gauge(
             "leveret_dlq_messages",
             "Messages waiting in the queue's DLQ.",
             ["queue"],
             registry=registry,
+            multiprocess_mode="livemax",
         )
         self.settle_failures = Counter(
             "leveret_settle_failures_total",
@@ -92,6 +100,7 @@ class WorkerMetrics:
             "leveret_job_threads_stuck",
             "Threads still running a plain `def` job that already timed out.",
             registry=registry,
+            multiprocess_mode="livesum",
         )
         # So a process that both works and publishes exposes one published counter.
         self.published = published_counter(registry)

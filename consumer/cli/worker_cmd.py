@@ -1,28 +1,84 @@
-"""``leveret worker APP``."""
+"""``leveret worker APP``: one worker, or N under a supervisor (``--processes``)."""
 
 from __future__ import annotations
 
-import click
+import asyncio
+import sys
 
-from .common import command_setup, load_app, run_async
+import click
+import structlog
+
+from leveret.producers.eventloop import LOOP_CHOICES, LoopUnavailable, install, loop_name
+
+from ..worker import Worker
+from .common import command_setup, fail, load_app, load_settings, run_async
+
+log = structlog.get_logger("leveret.worker")
 
 
 @click.command(
     epilog="""\b
 Example:
   LEVERET_AMQP_URL=amqp://user:pass@rabbit:5672/ leveret worker myapp.tasks:worker --queue email
+  LEVERET_AMQP_URL=amqp://u:p@rabbit-1/,amqp://u:p@rabbit-2/ leveret worker app:w --processes 4
 
 SIGTERM or SIGINT stops taking jobs, lets in-flight jobs finish within
 LEVERET_SHUTDOWN_GRACE seconds, returns the rest to their queue and exits 0.
-Metrics and health: http://HOST:LEVERET_METRICS_PORT/{metrics,healthz,readyz}."""
+Metrics and health: http://HOST:LEVERET_METRICS_PORT/{metrics,healthz,readyz}
+(with --processes, one endpoint for all the processes)."""
 )
 @click.argument("app")
 @click.option(
     "--queue", "-q", "queues", multiple=True, help="Consume only this queue (repeatable)."
 )
 @click.option("--prefetch", type=click.IntRange(1, 65535), help="Jobs held at once (concurrency).")
+@click.option(
+    "--processes",
+    type=click.IntRange(1, 256),
+    default=1,
+    show_default=True,
+    help="Worker processes under one supervisor that runs no jobs (each with --prefetch).",
+)
+@click.option(
+    "--loop",
+    type=click.Choice(LOOP_CHOICES),
+    default="auto",
+    show_default=True,
+    help="Event loop: auto is uvloop when it is installed, else asyncio.",
+)
 @command_setup
-def worker(app: str, queues: tuple[str, ...], prefetch: int | None) -> None:
+def worker(
+    app: str, queues: tuple[str, ...], prefetch: int | None, processes: int, loop: str
+) -> None:
     """Run the jobs of APP (module:attribute naming a consumer.Worker)."""
+    try:
+        loop_kind = install(loop)
+    except LoopUnavailable as exc:
+        fail(str(exc))
+    if processes > 1:
+        _supervise(app, queues, prefetch, processes, loop)
+        return
     app_worker = load_app(app)
-    run_async(app_worker.run(list(queues) or None, prefetch=prefetch, handle_signals=True))
+    log.debug("event_loop_installed", loop=loop_kind)
+    run_async(_run(app_worker, list(queues) or None, prefetch, loop))
+
+
+async def _run(app_worker: Worker, queues: list[str] | None, prefetch: int | None,
+               asked: str) -> None:  # fmt: skip
+    # What the running loop really is, not what was asked for: the line to trust.
+    log.info("event_loop", loop=loop_name(asyncio.get_running_loop()), asked=asked)
+    await app_worker.run(queues, prefetch=prefetch, handle_signals=True)
+
+
+def _supervise(
+    app: str, queues: tuple[str, ...], prefetch: int | None, processes: int, loop: str
+) -> None:
+    from ..supervisor import Supervisor
+
+    load_app(app)  # a bad APP is one clear line here, not N children failing in a loop
+    argv = ["worker", app, "--loop", loop]
+    for q in queues:
+        argv += ["--queue", q]
+    if prefetch is not None:
+        argv += ["--prefetch", str(prefetch)]
+    sys.exit(run_async(Supervisor(argv, processes, load_settings()).run()))
