@@ -13,18 +13,30 @@ from datetime import datetime
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
+import structlog
+
+from .eventloop import LoopChoice, loop_factory, loop_name
 from .publisher import Delay, Job, Payload, Publisher
 from .settings import ConnectionSettings
 
 T = TypeVar("T")
+log = structlog.get_logger("leveret.publisher")
 
 
 class BlockingPublisher:
     """``with BlockingPublisher(url) as pub: pub.publish("job", {...})``; thread-safe."""
 
-    def __init__(self, url: str | None = None, *, settings: ConnectionSettings | None = None):
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        settings: ConnectionSettings | None = None,
+        loop: LoopChoice = "auto",
+    ):
         self._publisher = Publisher(url, settings=settings)
-        self._loop = asyncio.new_event_loop()
+        # The loop thread's loop: uvloop where installed (``auto``), like the worker's --loop.
+        self._loop = loop_factory(loop)()
+        log.debug("event_loop", loop=loop_name(self._loop), asked=loop)
         self._thread = threading.Thread(
             target=self._loop.run_forever, name="leveret-publisher", daemon=True
         )
