@@ -254,8 +254,9 @@ class Worker:
     def _start_scheduler(self, stack: contextlib.AsyncExitStack, stopping: asyncio.Event) -> None:
         """Take part in firing the app's schedules until the worker stops.
 
-        The scheduler opens its own plain connection (``connect`` honours every node of
-        ``LEVERET_AMQP_URL`` and TLS) and reconnects by itself. It stops as soon as the worker
+        It starts once the worker's first session has declared the topology, opens its own
+        plain connection (``connect`` honours every node of ``LEVERET_AMQP_URL`` and TLS) and
+        reconnects by itself. It stops as soon as the worker
         is asked to stop, not after the in-flight jobs drained: a leader that is leaving hands
         over at once (its last heartbeat tells the successor that nothing was missed).
         """
@@ -268,7 +269,17 @@ class Worker:
             publish_timeout=settings.publish_timeout,
         )
         self._scheduler = scheduler
-        task = asyncio.create_task(scheduler.run(), name="leveret-scheduler")
+
+        async def run_once_declared() -> None:
+            # The first session declares the topology: a tick fired before it would find no
+            # queue bound for its job (unroutable) and be lost. Polled, so the consume path
+            # stays untouched; 50 ms once per start.
+            while not self._connected and not stopping.is_set():
+                await self._sleep_unless_stopped(0.05)
+            if not stopping.is_set():
+                await scheduler.run()
+
+        task = asyncio.create_task(run_once_declared(), name="leveret-scheduler")
 
         async def stop_when_stopping() -> None:
             await stopping.wait()
