@@ -81,14 +81,14 @@ def scheduler_queue_name(exchange: str, app: str) -> str:
     return f"{exchange}.scheduler.{app}"
 
 
-class _SchedulerMetrics:
+class SchedulerMetrics:
     """One set per registry, shared by every ``Scheduler`` on it: a worker run twice in one
     process (tests, an embedding app) must not register the gauge twice."""
 
-    _by_registry: dict[int, _SchedulerMetrics] = {}  # noqa: RUF012
+    _by_registry: dict[int, SchedulerMetrics] = {}  # noqa: RUF012
 
     @classmethod
-    def for_registry(cls, registry: CollectorRegistry | None) -> _SchedulerMetrics:
+    def for_registry(cls, registry: CollectorRegistry | None) -> SchedulerMetrics:
         registry = registry if registry is not None else REGISTRY
         metrics = cls._by_registry.get(id(registry))
         if metrics is None:
@@ -142,7 +142,7 @@ class Scheduler:
         self.heartbeat_s = heartbeat_s
         self.publish_timeout = publish_timeout
         self.reconnect_s = reconnect_s
-        metrics = _SchedulerMetrics.for_registry(registry)
+        metrics = SchedulerMetrics.for_registry(registry)
         self._leader_gauge = metrics.leader
         self._ticks = metrics.ticks
         self._stopping = asyncio.Event()

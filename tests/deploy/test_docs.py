@@ -63,9 +63,11 @@ def _shipped_queries() -> str:
 def _exported_series() -> set[str]:
     """The series a worker and a publisher really export, from the metrics code itself."""
     from leveret.consumer.metrics import WorkerMetrics
+    from leveret.consumer.scheduler import SchedulerMetrics
 
     registry = CollectorRegistry()
     WorkerMetrics(registry)
+    SchedulerMetrics(registry)  # on the worker's registry when the app has schedules
     names: set[str] = set()
     for family in registry.collect():
         names.add(family.name)
