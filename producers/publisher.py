@@ -33,6 +33,7 @@ from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import Any, NamedTuple, Self
 
+import aiormq
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 from pamqp.commands import Basic
 from prometheus_client import CollectorRegistry, Counter
@@ -41,6 +42,7 @@ from pydantic import BaseModel
 from leveret.topology.errors import InvalidDelayError
 from leveret.topology.model import MAX_DELAY_S, check_name, delay_units, delayed_job_route
 
+from .batch import BatchPublishError, publish_batch
 from .confirm import publish_confirmed
 from .connection import connect, mask_url
 from .errors import DuplicateJobIdError, PublishTimeout
@@ -177,9 +179,10 @@ class Publisher:
     async def publish_many(self, jobs: Iterable[Job | tuple[str, Payload]]) -> list[str]:
         """Send a whole batch, then wait for all its confirms at once.
 
-        Every job is validated before the first is sent. Returns the ids in order; if any job is
-        refused, the first error is raised after every confirm has arrived (the others were
-        queued).
+        Every job is validated before the first is sent; the batch goes out in one write
+        (``producers.batch``). Returns the ids in order once every job is confirmed; otherwise
+        raises ``BatchPublishError`` after every confirm is in (or the wait ended), naming each
+        job not confirmed with its typed error, and the ids that did land (``landed``).
         """
         batch: list[_Prepared] = []
         seen: set[str] = set()
@@ -200,11 +203,67 @@ class Publisher:
                 raise DuplicateJobIdError(prepared.job_id)
             seen.add(prepared.job_id)
             batch.append(prepared)
-        results = await asyncio.gather(*(self._send(p) for p in batch), return_exceptions=True)
+        results, batch_error = await self._send_batch(batch)
+        if batch_error is not None:
+            raise batch_error
         for result in results:
             if isinstance(result, BaseException):
                 raise result
         return [p.job_id for p in batch]
+
+    async def _send_batch(
+        self, batch: list[_Prepared]
+    ) -> tuple[list[BaseException | None], BatchPublishError | None]:
+        """The batch in one write, confirms tracked by delivery tag (``producers.batch``).
+
+        Returns each job's error (``None``: confirmed) and the ``BatchPublishError`` naming
+        them. Ids already in flight on this publisher wait for those publishes first, as in
+        ``_send`` (a return is matched to its publish by id).
+        """
+        if self._channel is None:
+            raise RuntimeError("Publisher is not connected: use `async with Publisher(...)`")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._timeout
+        try:
+            async with asyncio.timeout_at(deadline):
+                channel = await self._channel.get_underlay_channel()
+        except TimeoutError:
+            timed_out = BatchPublishError(
+                [], {p.job_id: PublishTimeout(p.job, self._timeout) for p in batch}
+            )
+            return [timed_out.errors[p.job_id] for p in batch], timed_out
+        if not isinstance(channel, aiormq.Channel):  # not aiormq's: one publish per job
+            sent = await asyncio.gather(*(self._send(p) for p in batch), return_exceptions=True)
+            return list(sent), None
+        for p in batch:
+            while (earlier := self._in_flight.get(p.job_id)) is not None:
+                await earlier.wait()
+        settled = asyncio.Event()
+        for p in batch:
+            self._in_flight[p.job_id] = settled
+        error: BatchPublishError | None = None
+        try:
+            await publish_batch(channel, batch, timeout=max(deadline - loop.time(), 0.001))
+        except BatchPublishError as exc:
+            error = exc
+        finally:
+            for p in batch:
+                if self._in_flight.get(p.job_id) is settled:
+                    del self._in_flight[p.job_id]
+            settled.set()
+        results: list[BaseException | None] = (
+            [None] * len(batch) if error is None else [error.errors.get(p.job_id) for p in batch]
+        )
+        counts: dict[str, int] = {}
+        for p, result in zip(batch, results, strict=True):
+            if result is None:
+                counts[p.job] = counts.get(p.job, 0) + 1
+        for job, count in counts.items():
+            child = self._published_children.get(job)
+            if child is None:
+                child = self._published_children[job] = self._published.labels(job_name=job)
+            child.inc(count)
+        return results, error
 
     def _prepare(
         self,

@@ -19,7 +19,8 @@ Tree::
     │   ├── producers.UnroutableError    no queue is bound for the job
     │   ├── producers.RefusedError       the broker nacked the job
     │   ├── producers.PublishTimeout (TimeoutError)   no confirm in time (blocked broker)
-    │   └── producers.ConnectionLost (ConnectionError)   the connection failed mid-publish
+    │   ├── producers.ConnectionLost (ConnectionError)   the connection failed mid-publish
+    │   └── producers.batch.BatchPublishError   jobs of a batch not confirmed, each named
     ├── producers.status.StatusStoreError    the Redis job-status store refused for good
     │   ├── producers.status.StatusStoreUnavailable (ConnectionError)   unreachable for now
     │   └── producers.dedup.DedupUnavailableError   dedup_key given, but no status store
