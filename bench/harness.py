@@ -35,16 +35,29 @@ from bench.wire import encode, payload
 ROOT = Path(__file__).resolve().parent.parent
 RUNNERS = {
     "aiopika": ("bench.runners.aiopika_runner", {}),
+    "aiopika-uvloop": ("bench.runners.aiopika_runner", {"uvloop": True}),
     "leveret": ("bench.runners.leveret_runner", {}),
     "leveret-uvloop": ("bench.runners.leveret_runner", {"uvloop": True}),
     "leveret-blocking": ("bench.runners.leveret_runner", {"blocking": True}),
     "dramatiq": ("bench.runners.dramatiq_runner", {}),
     "celery": ("bench.runners.celery_runner", {}),
     "faststream": ("bench.runners.faststream_runner", {}),
+    "faststream-uvloop": ("bench.runners.faststream_runner", {"uvloop": True}),
     "taskiq": ("bench.runners.taskiq_runner", {}),
+    "taskiq-uvloop": ("bench.runners.taskiq_runner", {"uvloop": True}),
 }
-ALL_PEERS = ["dramatiq", "celery", "faststream", "taskiq"]
+# Peers at their best configuration: the asyncio ones on uvloop (they can use it; a user who
+# cares about speed does), Dramatiq and Celery on their own threads (no event loop to swap).
+ALL_PEERS = ["dramatiq", "celery", "faststream-uvloop", "taskiq-uvloop"]
+PIPELINING_PEERS = ["faststream-uvloop", "taskiq-uvloop"]
 THREADED = {"dramatiq", "celery"}  # concurrency is threads (or Celery's solo pool at 1)
+
+
+def loop_of(lib: str) -> str:
+    """Which event loop a row ran on, for the report: every row says it."""
+    if lib in THREADED or lib == "leveret-blocking":
+        return "threads (no loop)"
+    return "uvloop" if lib.endswith("-uvloop") else "asyncio"
 
 
 @dataclass
@@ -63,56 +76,63 @@ def plan(quick: bool, libs: list[str] | None) -> list[Workload]:
         Workload(
             "publish_seq",
             "Publish, sequential (each waits for its confirm)",
-            ["aiopika", "leveret", "leveret-blocking", *ALL_PEERS],
+            [
+                "aiopika",
+                "aiopika-uvloop",
+                "leveret",
+                "leveret-uvloop",
+                "leveret-blocking",
+                *ALL_PEERS,
+            ],
             {"n": 200 if q else 2000},
         ),
         Workload(
             "publish_pipelined",
             "Publish, pipelined (1,000 confirms in flight)",
-            ["aiopika", "leveret", "faststream", "taskiq"],
+            ["aiopika", "aiopika-uvloop", "leveret", "leveret-uvloop", *PIPELINING_PEERS],
             {"n": 1000 if q else 10000, "window": 1000},
         ),
         Workload(
             "publish_batch",
             "Publish, batch API (`publish_many`, 1,000 per batch)",
-            ["leveret", "leveret-blocking"],
+            ["leveret", "leveret-uvloop", "leveret-blocking"],
             {"n": 1000 if q else 10000, "batch": 1000},
         ),
         Workload(
             "publish_noconfirm",
             "Publish without confirms (reference for the batch target)",
-            ["aiopika"],
+            ["aiopika", "aiopika-uvloop"],
             {"n": 1000 if q else 10000},
         ),
         Workload(
             "consume_noop",
             "Consume no-op jobs, one worker process (prefetch 1,000)",
-            ["aiopika", "leveret", "leveret-uvloop", *ALL_PEERS],
+            ["aiopika", "aiopika-uvloop", "leveret", "leveret-uvloop", *ALL_PEERS],
             {"n": 500 if q else 20000, "prefetch": 1000, "concurrency": 1},
         ),
         Workload(
             "consume_2proc",
             "Consume no-op jobs, two worker processes on one queue",
-            ["aiopika", "leveret", "dramatiq"],
+            ["aiopika", "aiopika-uvloop", "leveret-uvloop", "dramatiq"],
             {"n": 500 if q else 20000, "prefetch": 1000, "concurrency": 1},
             processes=2,
         ),
         Workload(
             "io",
             "I/O-bound: 2,000 jobs × 50 ms at concurrency 100 (ideal 1.0 s)",
-            ["aiopika", "leveret", "dramatiq", "celery", "taskiq"],
+            ["aiopika", "leveret", "leveret-uvloop", "dramatiq", "celery", "taskiq-uvloop"],
             {"n": 400 if q else 2000, "io_s": 0.05, "prefetch": 100, "concurrency": 100},
         ),
         Workload(
             "latency",
             "Latency enqueue → handler start at 500 jobs/s (and idle RSS)",
-            ["aiopika", "leveret", "leveret-uvloop", *ALL_PEERS],
+            ["aiopika", "aiopika-uvloop", "leveret", "leveret-uvloop", *ALL_PEERS],
             {"n": 250 if q else 2000, "rate": 500, "prefetch": 100, "concurrency": 1},
         ),
         Workload(
             "retry",
             "Retry: 500 jobs failing once, 1 s backoff",
-            ["leveret", "dramatiq", "celery", "taskiq"],
+            ["leveret", "dramatiq", "celery", "taskiq-uvloop"],
             {"n": 100 if q else 500, "backoff_s": 1.0, "prefetch": 500, "concurrency": 4},
         ),
     ]
@@ -370,7 +390,11 @@ def summarise(runs: list[Run]) -> dict[tuple[str, str, str], dict[str, float]]:
         entry = {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs)}
         out[(wl, lib, name)] = entry
     for (wl, lib, name), entry in out.items():
-        for ref_lib, label in (("aiopika", "x_aiopika"), ("dramatiq", "x_dramatiq")):
+        for ref_lib, label in (
+            ("aiopika", "x_aiopika"),
+            ("aiopika-uvloop", "x_aiopika_uvloop"),
+            ("dramatiq", "x_dramatiq"),
+        ):
             # The batch API is held against bare aio-pika publishing without confirms.
             ref_wl = "publish_noconfirm" if wl == "publish_batch" else wl
             ref = dict(by_key.get((ref_wl, ref_lib, name), []))

@@ -14,7 +14,7 @@ from typing import Any
 
 import aio_pika
 
-from bench.runners.common import Tally, load_spec, say, wait_go
+from bench.runners.common import Tally, load_spec, run_on_loop, say, wait_go
 from bench.wire import PAD
 
 
@@ -92,10 +92,7 @@ async def consume(spec: dict[str, Any]) -> None:
 
 def main() -> None:
     spec = load_spec()
-    if spec["workload"].startswith("publish"):
-        asyncio.run(publish(spec))
-    else:
-        asyncio.run(consume(spec))
+    run_on_loop(spec, publish(spec) if spec["workload"].startswith("publish") else consume(spec))
 
 
 if __name__ == "__main__":

@@ -11,12 +11,28 @@ import resource
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 
 def load_spec() -> dict[str, Any]:
     return json.loads(sys.argv[1])
+
+
+def run_on_loop(spec: dict[str, Any], coro: Coroutine[Any, Any, None]) -> None:
+    """Run the runner's coroutine on the loop its row names: uvloop for ``*-uvloop`` rows.
+
+    The peers that run on asyncio get their uvloop row the same way a user gets it, by running
+    their code under ``uvloop.run`` (aio-pika, FastStream and taskiq have no loop option).
+    """
+    if spec.get("uvloop"):
+        import uvloop
+
+        uvloop.run(coro)
+    else:
+        import asyncio
+
+        asyncio.run(coro)
 
 
 def say(tag: str, **data: Any) -> None:

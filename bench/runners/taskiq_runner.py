@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from bench.runners.common import Tally, load_spec, say, wait_go
+from bench.runners.common import Tally, load_spec, run_on_loop, say, wait_go
 from bench.wire import payload
 
 
@@ -97,7 +97,8 @@ async def run(spec: dict[str, Any]) -> None:
 
 
 def main() -> None:
-    asyncio.run(run(load_spec()))
+    spec = load_spec()
+    run_on_loop(spec, run(spec))
 
 
 if __name__ == "__main__":

@@ -19,7 +19,8 @@ def test_quick_run_writes_results_with_no_failed_run(tmp_path: Path) -> None:
     """`python -m bench --quick` for bare aio-pika and Leveret finishes and reports every target."""
     out = tmp_path / "RESULTS.md"
     done = subprocess.run(
-        [sys.executable, "-m", "bench", "--quick", "--libs", "aiopika,leveret",
+        [sys.executable, "-m", "bench", "--quick", "--libs",
+         "aiopika,aiopika-uvloop,leveret,leveret-uvloop",
          "--only", "publish_pipelined,publish_batch,publish_noconfirm,consume_noop,retry",
          "--out", str(out)],
         check=False, cwd=ROOT, capture_output=True, text=True, timeout=120,
@@ -28,10 +29,12 @@ def test_quick_run_writes_results_with_no_failed_run(tmp_path: Path) -> None:
     text = out.read_text()
     assert "FAILED" not in done.stderr
     assert "## Failed runs" not in text
-    for row in ("consume no-op, one worker process", "`publish_many` with confirms",
-                "retry, 500 jobs failing once"):  # fmt: skip
+    for row in ("consume no-op, one process (uvloop)", "`publish_many` with confirms (uvloop)",
+                "publish pipelined, confirms (uvloop)", "retry, 500 jobs failing once"):  # fmt: skip
         assert row in text
-    assert "| leveret |" in text and "| aiopika |" in text
+    # Every row says which loop it ran on.
+    assert "| leveret | asyncio |" in text and "| aiopika | asyncio |" in text
+    assert "| leveret-uvloop | uvloop |" in text and "| aiopika-uvloop | uvloop |" in text
 
 
 def test_summary_takes_ratios_within_a_round() -> None:
@@ -46,9 +49,14 @@ def test_summary_takes_ratios_within_a_round() -> None:
         Run("consume_noop", "leveret", 2, False, error="lost"),
         Run("publish_noconfirm", "aiopika", 0, True, figures={"rate": 10.0}),
         Run("publish_batch", "leveret", 0, True, figures={"rate": 9.0}),
+        Run("consume_noop", "aiopika-uvloop", 0, True, figures={"rate": 120.0}),
+        Run("publish_noconfirm", "aiopika-uvloop", 0, True, figures={"rate": 12.0}),
     ]
     summary = summarise(runs)
     entry = summary[("consume_noop", "leveret", "rate")]
     assert entry["median"] == 110.0 and entry["n"] == 2
     assert entry["x_aiopika"] == pytest.approx((1.5 + 1.4) / 2)
     assert summary[("publish_batch", "leveret", "rate")]["x_aiopika"] == pytest.approx(0.9)
+    # The uvloop reference is its own column, also same-round (round 1 has no uvloop figure).
+    assert entry["x_aiopika_uvloop"] == pytest.approx(1.25)
+    assert summary[("publish_batch", "leveret", "rate")]["x_aiopika_uvloop"] == pytest.approx(0.75)
