@@ -19,6 +19,12 @@ import structlog
 
 log = structlog.get_logger("leveret.worker")
 
+# A quiet loop turn with at most this many deliveries unacked means a lightly loaded worker:
+# no batch worth waiting for is building up, so its acks go now instead of on the coalescing
+# timer (a timer wakeup per job costs the loop more than the ack frame saved, and a latency
+# tail follows it). Streaming workers never see a quiet turn, so their batching is unchanged.
+LIGHT_LOAD = 4
+
 
 class Acker:
     """Acks done tags in delivery order, many per frame (see the module docstring)."""
@@ -74,7 +80,9 @@ class Acker:
         elif self._fresh:  # jobs still finishing or arriving: look again next turn
             self._fresh = False
             self._loop.call_soon(self._flush_when_quiet)
-        elif len(self._order) > self._full_at:  # quiet, window full: the broker waits on us
+        elif len(self._order) > self._full_at or len(self._order) <= LIGHT_LOAD:
+            # Quiet, and either the window is full (the broker waits on us) or the worker is
+            # lightly loaded (no batch is building up): ack now.
             self._start_flush()
         else:  # quiet, and nothing waits on these acks: send them by the deadline
             self._timer = self._loop.call_later(self._max_delay_s - waited, self._start_flush)

@@ -1,11 +1,29 @@
-"""What a handler (and a middleware around it) may learn about the job it runs."""
+"""What a handler (and a middleware around it) may learn about the job it runs, and the two
+things it may do beyond returning: report progress, and enqueue follow-up jobs."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from structlog.typing import FilteringBoundLogger
+
+
+class _FollowUp(Protocol):
+    @property
+    def job_id(self) -> str: ...
+
+
+class Lifecycle(Protocol):
+    """What the worker plugs into a context (its ``Settler``): kept abstract so a context can be
+    built by hand in a test, where ``progress`` does nothing and ``enqueue`` is refused."""
+
+    async def progress(
+        self, d: Any, job: str, attempt: int, fraction: float, message: str | None
+    ) -> None: ...
+
+    def follow_up(self, job: str, payload: Any, options: dict[str, Any]) -> _FollowUp: ...
 
 
 @dataclass(slots=True)
@@ -21,6 +39,35 @@ class JobContext:
     headers: dict[str, Any] = field(default_factory=dict)
     # The validated payload, as the handler receives it; middleware may read it.
     payload: Any = None
+    # Set by the worker: where progress and follow-ups go (see ``progress``/``enqueue``).
+    lifecycle: Lifecycle | None = None
+    delivery: Any = None
+    follow_ups: list[Any] | None = None
+
+    async def progress(self, fraction: float, message: str | None = None) -> None:
+        """Report how far the run is (0 to 1) with an optional message: a ``progress`` event
+        (best effort: not confirmed, not waited for) and the job's status."""
+        if isinstance(fraction, bool) or not isinstance(fraction, int | float):
+            raise TypeError(f"progress fraction must be a number, got {fraction!r}")
+        if not math.isfinite(fraction) or not 0 <= fraction <= 1:
+            raise ValueError(f"progress fraction must be from 0 to 1, got {fraction!r}")
+        if self.lifecycle is not None:
+            await self.lifecycle.progress(
+                self.delivery, self.job, self.attempt, float(fraction), message
+            )
+
+    def enqueue(self, job: str, payload: Any, **options: Any) -> str:
+        """Enqueue a follow-up job and return its id at once. It is published only if this run
+        succeeds, confirmed before this job is acked (a crash in between can publish it twice,
+        never lose it); if the run fails, nothing is published. ``options`` are ``publish``'s:
+        ``priority``, ``delay``, ``eta``, ``job_id``, ``headers``, ``max_attempts``."""
+        if self.lifecycle is None:
+            raise RuntimeError("ctx.enqueue works inside a worker's run only")
+        follow_up = self.lifecycle.follow_up(job, payload, options)
+        if self.follow_ups is None:
+            self.follow_ups = []
+        self.follow_ups.append(follow_up)
+        return follow_up.job_id
 
     @property
     def is_last_attempt(self) -> bool:

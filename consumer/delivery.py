@@ -30,6 +30,7 @@ class Delivery:
     attempts: int  # runs already made (``x-attempts``)
     redelivered: bool
     problem: str | None  # why the envelope is invalid, or None
+    max_attempts: int | None  # ``x-max-attempts`` (publish's own limit), else the registered one
 
     @classmethod
     def read(cls, message: aiormq.abc.DeliveredMessage, queue: str, max_body: int) -> Delivery:
@@ -49,6 +50,7 @@ class Delivery:
             attempts=envelope.attempts,
             redelivered=bool(deliver.redelivered),
             problem=envelope.problem,
+            max_attempts=envelope.max_attempts,
         )
 
     @property

@@ -14,9 +14,18 @@ DURATION_BUCKETS = (
     60.0, 300.0, 900.0, 3600.0,
 )  # fmt: skip
 
+# How long jobs wait in the queue, from publish to the start of their first run.
+QUEUE_WAIT_BUCKETS = (
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0,
+    3600.0, 21600.0, 86400.0,
+)  # fmt: skip
+
 SUCCEEDED = "succeeded"
 RETRIED = "retried"
 DEAD_LETTERED = "dead_lettered"
+# Reserved for cancellation: its series exist (at 0) from the first job, so dashboards and
+# alerts written against it work before any job is ever cancelled.
+CANCELLED = "cancelled"
 UNKNOWN_JOB = "unknown"
 
 
@@ -60,6 +69,15 @@ class WorkerMetrics:
             "Handler run time.",
             ["queue", "job_name"],
             buckets=DURATION_BUCKETS,
+            registry=registry,
+        )
+        self.queue_wait = Histogram(
+            "leveret_job_queue_wait_seconds",
+            "Time from publish to the start of a job's first run (retries are not counted; a "
+            "delayed publish includes its delay). Read from the x-published-at header (ms), "
+            "else the AMQP timestamp property, which has whole seconds only.",
+            ["queue", "job_name"],
+            buckets=QUEUE_WAIT_BUCKETS,
             registry=registry,
         )
         self.in_progress = Gauge(
@@ -113,6 +131,7 @@ class OutcomeChildren:
     succeeded: Counter
     retried: Counter
     dead_lettered: Counter
+    cancelled: Counter
     duration: Histogram
 
 
@@ -122,7 +141,7 @@ class Outcomes:
 
     metrics: WorkerMetrics
     counts: dict[str, int] = field(
-        default_factory=lambda: {SUCCEEDED: 0, RETRIED: 0, DEAD_LETTERED: 0}
+        default_factory=lambda: {SUCCEEDED: 0, RETRIED: 0, DEAD_LETTERED: 0, CANCELLED: 0}
     )
     _children: dict[tuple[str, str], OutcomeChildren] = field(default_factory=dict)
 
@@ -134,6 +153,7 @@ class Outcomes:
                 succeeded=m.completed.labels(**labels, outcome=SUCCEEDED),
                 retried=m.completed.labels(**labels, outcome=RETRIED),
                 dead_lettered=m.completed.labels(**labels, outcome=DEAD_LETTERED),
+                cancelled=m.completed.labels(**labels, outcome=CANCELLED),
                 duration=m.duration.labels(**labels),
             )
         return children

@@ -5,9 +5,12 @@ It reads the envelope once into a ``Delivery``, then ``_process`` walks it down:
 
 1. an invalid envelope, an unknown job, a redelivery the guard settles, or a payload that
    fails validation ends in settle at once (``dead_without_run``/``requeue_counted``);
-2. otherwise a ``JobContext`` is built and the job's chain runs (``middleware``; composed once
-   per job when the worker starts); its result or exception comes back here;
-3. settle owns the outcome: it publishes any copy, acks, counts and logs (``settle``).
+2. otherwise a ``JobContext`` is built (with the settler behind ``ctx.progress`` and
+   ``ctx.enqueue``), the queue wait is observed on a first run, ``started`` is sent (best effort,
+   ``LEVERET_EVENTS=all``) and the job's chain runs (``middleware``; composed once per job when
+   the worker starts); its result or exception comes back here;
+3. settle owns the outcome: it publishes any copy, the outcome event and the run's follow-ups,
+   waits for all their confirms, acks, counts and logs (``settle``).
 
 Whatever escapes that (a copy not confirmed, a failing log sink) still leaves the job with
 exactly one outcome: it is given back after a backoff (``Settler.give_back_later``). A
@@ -20,14 +23,16 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from datetime import datetime
 from dataclasses import dataclass, field
 from typing import Any
 
 import aiormq.abc
 import structlog
+from prometheus_client import Histogram
 from pydantic import ValidationError
 
-from leveret.producers.message import one_line
+from leveret.producers.message import HEADER_PUBLISHED_AT, one_line
 
 from . import execution
 from .context import JobContext
@@ -52,6 +57,17 @@ def _invalid_payload(exc: Exception) -> str:
     return f"ValidationError: {exc.error_count()} error(s); {where}: {first.get('msg', exc)}"
 
 
+def _queue_wait(headers: dict[str, Any] | None, timestamp: datetime | None) -> float | None:
+    """Seconds since the job was published: ``x-published-at`` (ms) if the publisher set it,
+    else the AMQP ``timestamp`` (whole seconds), else unknown. Clock skew never goes below 0."""
+    published_ms = headers.get(HEADER_PUBLISHED_AT) if headers else None
+    if isinstance(published_ms, int) and not isinstance(published_ms, bool):
+        return max(time.time() - published_ms / 1000, 0.0)
+    if timestamp is not None:
+        return max(time.time() - timestamp.timestamp(), 0.0)
+    return None
+
+
 @dataclass(eq=False)
 class Pipeline:
     """Runs deliveries for one worker; the chains are built once, per job (``for_jobs``)."""
@@ -63,6 +79,8 @@ class Pipeline:
     _sleep: Callable[[float], Awaitable[None]]  # returns early once the worker stops
     _stopping: asyncio.Event
     tasks: set[asyncio.Task[Any]] = field(default_factory=set)  # deliveries in flight
+    # job name -> its queue-wait histogram child, resolved once.
+    _waits: dict[str, Histogram] = field(default_factory=dict)
 
     @classmethod
     def for_jobs(
@@ -77,12 +95,16 @@ class Pipeline:
     ) -> Pipeline:
         """One chain per job, composed now so no message pays for it."""
         chains = {}
+        waits = {}
         for spec in registry.jobs.values():
+            waits[spec.name] = metrics.queue_wait.labels(queue=spec.queue, job_name=spec.name)
             started = metrics.started.labels(queue=spec.queue, job_name=spec.name)
             layer = JobMetrics(started, metrics.in_progress.labels(queue=spec.queue))
             chains[spec.name] = execution.build_chain(spec, middlewares, layer, threads)
         guard = RedeliveryGuard(settings.max_redeliveries)
-        return cls(registry.jobs, chains, guard, settings.max_body_bytes, sleep, stopping)
+        return cls(
+            registry.jobs, chains, guard, settings.max_body_bytes, sleep, stopping, _waits=waits
+        )
 
     async def on_message(
         self,
@@ -139,18 +161,28 @@ class Pipeline:
             spec.name,
             d.queue,
             d.attempts + 1,
-            spec.max_attempts,
+            spec.max_attempts if d.max_attempts is None else d.max_attempts,
             log,
             d.redelivered,
             props.priority,
             props.headers or {},
             payload,
         )
+        ctx.lifecycle = settler
+        ctx.delivery = d
+        if d.attempts == 0:
+            wait = _queue_wait(props.headers, props.timestamp)
+            if wait is not None:
+                self._waits[spec.name].observe(wait)
+        if settler.publishes_started:
+            settler.started(d, spec.name, ctx.attempt)
         started = time.perf_counter()
         result, error = await execution.run(self._chains[spec.name], ctx)
         duration = time.perf_counter() - started
         if error is None:
-            return await settler.succeeded(d, spec.name, duration, result)
+            return await settler.succeeded(
+                d, spec.name, duration, result, ctx.attempt, ctx.follow_ups
+            )
         return await settler.failed(d, spec, ctx.attempt, error, duration)
 
     async def _cancelled(self, d: Delivery, settler: Settler, lost: asyncio.Event) -> None:

@@ -30,6 +30,7 @@ from tenacity.wait import wait_exponential_jitter
 from leveret.producers.connection import CONNECTION_ERRORS, connect, mask_secrets
 from leveret.producers.errors import BrokerUnavailable
 from leveret.producers.message import one_line
+from leveret.producers.status import StatusStore
 from leveret.topology.declare import declare
 from leveret.topology.model import Topology
 
@@ -38,6 +39,7 @@ from .metrics import Outcomes
 from .pipeline import Pipeline
 from .settings import WorkerSettings
 from .settle import Settler
+from .status_keeper import StatusKeeper
 
 log = structlog.get_logger("leveret.worker")
 
@@ -66,6 +68,9 @@ class Plan:
     failures: dict[str, int]  # job id -> settles failed in a row (see Settler)
     pipeline: Pipeline
     on_lost: Callable[[], None]  # not ready: the session is over or about to be
+    # With LEVERET_STATUS_URL: each session runs a StatusKeeper into this store (one per
+    # worker process), started once the topology is declared, stopped before the connection.
+    status_store: StatusStore | None = None
 
 
 class Session:
@@ -78,6 +83,7 @@ class Session:
         self.connection = connection
         self.plan = plan
         self.publish_connection: AbstractConnection | None = None
+        self.keeper: StatusKeeper | None = None
         self.lost = asyncio.Event()
         self.consumer_tags: dict[str, str] = {}  # consumer tag -> queue
         # Set when the broker cancelled one of our consumers (basic.cancel).
@@ -108,7 +114,17 @@ class Session:
             plan.outcomes,
             plan.failures,
             timeout_s=settings.publish_timeout,
+            events_mode=settings.events_mode,
+            result_max_bytes=settings.result_max_bytes,
         )
+        if plan.status_store is not None:
+            self.keeper = StatusKeeper(
+                self.connection,
+                plan.status_store,
+                exchange=settings.exchange,
+                queue_type=settings.queue_type,
+            )
+            await self.keeper.start()
         self.consume.on_consumer_cancel_callbacks.add(self._on_cancel)
         for q in plan.queues:
             callback = functools.partial(plan.pipeline.on_message, self.settler, self.lost, q)
@@ -199,6 +215,10 @@ class Session:
         await self.close()
 
     async def close(self) -> None:
+        if self.keeper is not None:
+            keeper, self.keeper = self.keeper, None
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(keeper.stop(), CLOSE_TIMEOUT_S + 1)
         await _close_all(self.connection, self.publish_connection)
 
 

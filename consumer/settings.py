@@ -7,10 +7,14 @@ from typing import Literal
 from pydantic import Field, SecretStr
 from pydantic_settings import SettingsConfigDict
 
+from leveret.producers.lifecycle_settings import LifecycleSettings
 from leveret.producers.settings import ConnectionSettings
 
 
-class WorkerSettings(ConnectionSettings):
+class WorkerSettings(ConnectionSettings, LifecycleSettings):
+    """Everything ``LEVERET_*`` a worker reads, the lifecycle ones (``LEVERET_EVENTS``,
+    ``LEVERET_STATUS_URL`` …) included through ``LifecycleSettings``."""
+
     model_config = SettingsConfigDict(env_prefix="LEVERET_", frozen=True, extra="ignore")
 
     # The most jobs one worker holds unacknowledged at once: its concurrency. Set per consumer

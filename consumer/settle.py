@@ -15,11 +15,13 @@ If a copy cannot be confirmed (connection lost, broker nack, or no confirm withi
 redelivers it and it runs again. A duplicate at worst, never a loss. The copies go out on a
 connection of their own, so a publisher the broker blocks never holds up the acks.
 
-Seam for lifecycle events and ``ctx.enqueue`` follow-ups: ``_finish`` takes the outcome's
-copies as a tuple and confirms them together (pipelined on the one channel), before the ack. An
-outcome event (``succeeded`` with the handler's result, which ``succeeded`` already receives,
-``retried``, ``dead_lettered``) and a successful run's follow-up jobs are more entries in that
-list, so they are confirmed before the ack, beside the retry or DLQ copy, with no new path.
+Lifecycle events and ``ctx.enqueue`` follow-ups ride on the same path: ``_finish`` takes the
+outcome's copies as a tuple and confirms them together, before the ack. The outcome event
+(``succeeded`` with the handler's result, ``retrying``, ``dead``; to ``<exchange>.events``, not
+``mandatory``: nobody need be bound) and a successful run's follow-up jobs are more entries in
+that tuple: every publish is sent first, then every confirm awaited, so an event costs no extra
+round trip beside a retry or DLQ copy. ``started`` and ``progress`` are best effort: sent from a
+task of their own, a failure logged, nothing on the job's path waits for their confirm.
 """
 
 from __future__ import annotations
@@ -37,6 +39,20 @@ from prometheus_client import Counter
 
 from leveret.producers.confirm import publish_confirmed
 from leveret.producers.errors import PublishError, PublishTimeout
+from leveret.producers.events import (
+    DEAD,
+    EVENTS_CONTENT_TYPE,
+    PROGRESS,
+    RETRYING,
+    STARTED,
+    EventsMode,
+    EventState,
+    build_event,
+    encode_result,
+    events_exchange,
+    publishes,
+)
+from leveret.producers.events import SUCCEEDED as EVENT_SUCCEEDED
 from leveret.producers.message import (
     HEADER_ATTEMPTS,
     HEADER_DIED_AT,
@@ -44,10 +60,12 @@ from leveret.producers.message import (
     HEADER_QUEUE,
     HEADER_REASON,
     HEADER_REDELIVERIES,
+    PERSISTENT,
     carried_headers,
     copy_properties,
     one_line,
 )
+from leveret.producers.publisher import delay_seconds, prepare_job
 from leveret.topology.model import MAX_DELAY_S, dlq_name, retry_route
 
 from .acker import Acker
@@ -56,7 +74,7 @@ from .errors import Reject
 from .metrics import DEAD_LETTERED, RETRIED, SUCCEEDED, Outcomes
 from .registry import JobSpec
 
-__all__ = ["SettleFailed", "Settler", "carried_headers", "copy_properties"]
+__all__ = ["Copy", "FollowUp", "SettleFailed", "Settler", "carried_headers", "copy_properties"]
 
 log = structlog.get_logger("leveret.worker")
 
@@ -66,6 +84,7 @@ log = structlog.get_logger("leveret.worker")
 SETTLE_BACKOFF_S = 0.5
 SETTLE_BACKOFF_MAX_S = 30.0
 SETTLE_FAILURES_KEPT = 10_000
+_FOLLOW_UP_OPTIONS = frozenset({"priority", "delay", "eta", "job_id", "headers", "max_attempts"})
 
 
 class SettleFailed(Exception):
@@ -73,12 +92,21 @@ class SettleFailed(Exception):
 
 
 class Copy(NamedTuple):
-    """One message to confirm before the ack."""
+    """One message to confirm before the ack; events are not ``mandatory`` (nobody may be bound
+    to the events exchange), jobs and their copies are (a job no queue takes is an error)."""
 
     body: bytes
     exchange: str
     routing_key: str
     properties: Basic.Properties
+    mandatory: bool = True
+
+
+class FollowUp(NamedTuple):
+    """A job a handler enqueued (``ctx.enqueue``): published with the success outcome."""
+
+    job_id: str
+    copy: Copy
 
 
 def _described(error: BaseException) -> str:
@@ -101,6 +129,8 @@ class Settler:
         failures: dict[str, int],
         *,
         timeout_s: float | None = None,
+        events_mode: EventsMode = "off",
+        result_max_bytes: int = 65536,
     ) -> None:
         self.channel = publish_channel
         self.acker = acker
@@ -110,14 +140,50 @@ class Settler:
         # A confirm that never comes (memory alarm, quorum queue without a majority) must end
         # as a failed settle, not hold the job's prefetch slot forever.
         self._timeout_s = timeout_s
+        # Which events this worker publishes, decided once (LEVERET_EVENTS), not per message.
+        self.events_mode: EventsMode = events_mode
+        self._events_exchange = events_exchange(exchange)
+        self._result_max_bytes = result_max_bytes
+        self.publishes_started = publishes(events_mode, STARTED)
+        self.publishes_progress = publishes(events_mode, PROGRESS)
+        self._publishes_outcomes = publishes(events_mode, EVENT_SUCCEEDED)
+        self._best_effort: set[asyncio.Task[None]] = set()
 
     # -- outcomes ---------------------------------------------------------------------------------
 
-    async def succeeded(self, d: Delivery, job: str, duration: float, result: Any) -> None:
-        """The handler returned ``result`` (the seam for a ``succeeded`` event's result)."""
+    async def succeeded(
+        self,
+        d: Delivery,
+        job: str,
+        duration: float,
+        result: Any,
+        attempt: int = 1,
+        follow_ups: list[FollowUp] | None = None,
+    ) -> None:
+        """The handler returned ``result``: the ``succeeded`` event carries it (JSON, at most
+        ``LEVERET_RESULT_MAX_BYTES``), the run's follow-up jobs go out beside it."""
         children = self.outcomes.children(d.queue, job)
         children.duration.observe(duration)
-        await self._finish(d, SUCCEEDED, children.succeeded, ())
+        copies: tuple[Copy, ...] = ()
+        if self._publishes_outcomes:
+            value = None
+            if result is not None:
+                encoded = encode_result(result, self._result_max_bytes)
+                value = encoded.value
+                if encoded.dropped is not None:
+                    log.warning(
+                        "result_dropped",
+                        reason=encoded.dropped,
+                        size=encoded.size,
+                        limit=self._result_max_bytes,
+                        action="the succeeded event and status carry null; the job succeeded",
+                    )
+            copies = (
+                self._event(d, job, EVENT_SUCCEEDED, attempt, duration=duration, result=value),
+            )
+        if follow_ups:
+            copies += tuple(f.copy for f in follow_ups)
+        await self._finish(d, SUCCEEDED, children.succeeded, copies)
         log.debug("job_succeeded", duration_s=round(duration, 6))
 
     async def failed(
@@ -128,10 +194,16 @@ class Settler:
         children.duration.observe(duration)
         described, took = _described(error), round(duration, 6)
         rejected = isinstance(error, Reject)
-        if rejected or attempt >= spec.max_attempts:
+        # ``x-max-attempts`` (publish(..., max_attempts=N)) overrides the registered number.
+        limit = d.max_attempts if d.max_attempts is not None else spec.max_attempts
+        if rejected or attempt >= limit:
             reason = "rejected" if rejected else "exhausted"
-            copy = self._dead_copy(d, spec.name, reason, described, attempt)
-            await self._finish(d, DEAD_LETTERED, children.dead_lettered, (copy,))
+            copies: tuple[Copy, ...] = (self._dead_copy(d, spec.name, reason, described, attempt),)
+            if self._publishes_outcomes:
+                copies += (
+                    self._event(d, spec.name, DEAD, attempt, duration=duration, error=described),
+                )
+            await self._finish(d, DEAD_LETTERED, children.dead_lettered, copies)
             # A rejection is the handler's own decision; running out of attempts is a failure.
             (log.warning if rejected else log.error)(
                 "job_dead_lettered", reason=reason, error=described, duration_s=took
@@ -142,8 +214,13 @@ class Settler:
         delay = _retry_delay(spec, attempt, error, described)
         headers = carried_headers(d.properties)
         headers[HEADER_ATTEMPTS] = attempt
-        copy = self._copy(d, spec.name, headers, *retry_route(self._exchange, delay, d.queue))
-        await self._finish(d, RETRIED, children.retried, (copy,))
+        route = retry_route(self._exchange, delay, d.queue)
+        copies = (self._copy(d, spec.name, headers, *route),)
+        if self._publishes_outcomes:
+            copies += (
+                self._event(d, spec.name, RETRYING, attempt, duration=duration, error=described),
+            )
+        await self._finish(d, RETRIED, children.retried, copies)
         log.warning("job_retried", error=described, retry_in_s=round(delay, 3), duration_s=took)
         log.debug("job_traceback", exc_info=error)
 
@@ -151,9 +228,12 @@ class Settler:
         self, d: Delivery, label: str, reason: str, error: str, attempts: int
     ) -> None:
         """Dead-letter a message no handler could take; ``label`` is never a wire value."""
-        copy = self._dead_copy(d, d.name, reason, error, attempts)
+        copies: tuple[Copy, ...] = (self._dead_copy(d, d.name, reason, error, attempts),)
+        if self._publishes_outcomes:
+            # ``attempt`` is the last run: 0 when no handler ever ran for this job.
+            copies += (self._event(d, d.name, DEAD, attempts, error=one_line(error)),)
         await self._finish(
-            d, DEAD_LETTERED, self.outcomes.children(d.queue, label).dead_lettered, (copy,)
+            d, DEAD_LETTERED, self.outcomes.children(d.queue, label).dead_lettered, copies
         )
         log.error(
             "job_dead_lettered",
@@ -168,7 +248,7 @@ class Settler:
         self, d: Delivery, outcome: str, counter: Counter, copies: tuple[Copy, ...]
     ) -> None:
         """Confirm the outcome's copies, then ack and count: the one path of every outcome."""
-        if copies:  # the one place copies are gathered; events and follow-ups would join here
+        if copies:  # the one place copies are gathered: outcome copy, event, follow-ups
             await self._confirm(copies)
         self.acker.ack(d.tag)
         # Each outcome forgets the job's failed settles once it is out (a redelivery guard's
@@ -177,6 +257,96 @@ class Settler:
             self._failures.pop(d.job_id, None)
         counter.inc()
         self.outcomes.counts[outcome] += 1
+
+    # -- events -----------------------------------------------------------------------------------
+
+    def _event(
+        self,
+        d: Delivery,
+        job: str,
+        state: EventState,
+        attempt: int,
+        *,
+        duration: float | None = None,
+        error: str | None = None,
+        result: Any = None,
+        progress: float | None = None,
+        message: str | None = None,
+    ) -> Copy:
+        """An event for ``<exchange>.events``, routing key ``<job>.<state>``.
+
+        Its ``message_id`` is ``<job id>.<state>.<attempt>``, not the job id: aiormq matches a
+        ``basic.return`` to its publish by ``message_id``, and the event is pipelined beside the
+        job's own copy; sharing the id would let a returned DLQ copy be taken for the event.
+        """
+        body = build_event(
+            job_id=d.job_id,
+            job=job,
+            queue=d.queue,
+            state=state,
+            attempt=attempt,
+            duration_s=duration,
+            error=error,
+            result=result,
+            progress=progress,
+            message=message,
+        )
+        props = Basic.Properties(
+            content_type=EVENTS_CONTENT_TYPE,
+            delivery_mode=PERSISTENT,
+            message_id=f"{d.job_id}.{state}.{attempt}",
+            message_type=job,
+        )
+        return Copy(body, self._events_exchange, f"{job}.{state}", props, False)
+
+    def started(self, d: Delivery, job: str, attempt: int) -> None:
+        """Best effort ``started`` (``LEVERET_EVENTS=all``): sent, not waited for."""
+        self._send_best_effort(self._event(d, job, STARTED, attempt), d.job_id)
+
+    async def progress(
+        self, d: Delivery, job: str, attempt: int, fraction: float, message: str | None
+    ) -> None:
+        """Best effort ``progress``: the handler does not wait for a confirm."""
+        if self.publishes_progress:
+            copy = self._event(d, job, PROGRESS, attempt, progress=fraction, message=message)
+            self._send_best_effort(copy, d.job_id)
+
+    def follow_up(self, job: str, payload: Any, options: dict[str, Any]) -> FollowUp:
+        """A handler's ``ctx.enqueue``: validated and built now, by the publisher's own builder
+        (so a bad payload or option raises in the handler), published by ``succeeded``."""
+        unknown = set(options) - _FOLLOW_UP_OPTIONS
+        if unknown:
+            raise TypeError(f"ctx.enqueue got unexpected option(s): {', '.join(sorted(unknown))}")
+        delay_s = delay_seconds(options.get("delay"), options.get("eta"))
+        p = prepare_job(
+            self._exchange,
+            job,
+            payload,
+            options.get("priority"),
+            delay_s,
+            options.get("job_id"),
+            options.get("headers"),
+            options.get("max_attempts"),
+        )
+        return FollowUp(p.job_id, Copy(p.body, p.exchange, p.routing_key, p.properties))
+
+    def _send_best_effort(self, copy: Copy, job_id: str) -> None:
+        task = asyncio.get_running_loop().create_task(self._publish_logged(copy, job_id))
+        self._best_effort.add(task)
+        task.add_done_callback(self._best_effort.discard)
+
+    async def _publish_logged(self, copy: Copy, job_id: str) -> None:
+        try:
+            await self._publish(copy)
+        except Exception as exc:
+            with contextlib.suppress(Exception):
+                log.warning(
+                    "event_not_published",
+                    job_id=job_id,
+                    routing_key=copy.routing_key,
+                    error=_described(exc),
+                    action="best effort: the job goes on; its outcome event is still confirmed",
+                )
 
     def _copy(
         self, d: Delivery, job: str, headers: dict[str, Any], exchange: str, routing_key: str
@@ -282,6 +452,7 @@ class Settler:
                 routing_key=copy.routing_key,
                 properties=copy.properties,
                 timeout=self._timeout_s,
+                mandatory=copy.mandatory,
             )
         except PublishTimeout as exc:
             raise SettleFailed(

@@ -38,7 +38,7 @@ import functools
 import signal
 from collections.abc import Callable, Mapping
 from datetime import timedelta
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import structlog
 from prometheus_client import CollectorRegistry
@@ -55,6 +55,9 @@ from .scheduler import Scheduler
 from .schedules import Schedule, check_schedules, make_schedule
 from .session import Plan, Session, open_session
 from .settings import WorkerSettings
+
+if TYPE_CHECKING:
+    from leveret.producers.status import StatusStore
 from .threads import JobThreads
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -202,6 +205,7 @@ class Worker:
             {},
             self._pipeline,
             functools.partial(self._set_ready, False),
+            status_store=self._open_status_store(),
         )
         for q in queues:
             self.metrics.prefetch.labels(queue=q).set(share)
@@ -216,6 +220,8 @@ class Worker:
         )
         async with contextlib.AsyncExitStack() as stack:
             stack.callback(self._stopped)  # undone last: the final line
+            if plan.status_store is not None:
+                stack.push_async_callback(plan.status_store.close)
             stack.callback(threads.shutdown)
             await self._start_beside(stack, queues, handle_signals)
             if self.schedules:
@@ -296,6 +302,15 @@ class Worker:
                 log.warning("scheduler_stop_timeout", scheduler=scheduler.app)
 
         stack.push_async_callback(wind_down)
+
+    def _open_status_store(self) -> StatusStore | None:
+        """With ``LEVERET_STATUS_URL``, the store each session's ``StatusKeeper`` writes to."""
+        url = self.settings.status_url
+        if url is None:
+            return None
+        from leveret.producers.status import RedisStatusStore
+
+        return RedisStatusStore.from_url(url.get_secret_value(), ttl=self.settings.status_ttl)
 
     def _stopped(self) -> None:
         self._set_ready(False)

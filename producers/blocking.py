@@ -14,10 +14,12 @@ from types import TracebackType
 from typing import Any, Self, TypeVar
 
 import structlog
+from pydantic import JsonValue
 
 from .eventloop import LoopChoice, loop_factory, loop_name
 from .publisher import Delay, Job, Payload, Publisher
 from .settings import ConnectionSettings
+from .status import JobStatus
 
 T = TypeVar("T")
 log = structlog.get_logger("leveret.publisher")
@@ -32,8 +34,9 @@ class BlockingPublisher:
         *,
         settings: ConnectionSettings | None = None,
         loop: LoopChoice = "auto",
+        status_url: str | None = None,
     ):
-        self._publisher = Publisher(url, settings=settings)
+        self._publisher = Publisher(url, settings=settings, status_url=status_url)
         # The loop thread's loop: uvloop where installed (``auto``), like the worker's --loop.
         self._loop = loop_factory(loop)()
         log.debug("event_loop", loop=loop_name(self._loop), asked=loop)
@@ -55,16 +58,31 @@ class BlockingPublisher:
         delay: Delay | None = None,
         eta: datetime | None = None,
         job_id: str | None = None,
+        max_attempts: int | None = None,
     ) -> str:
-        """``Publisher.publish``, blocking; ``delay``/``eta`` as there."""
+        """``Publisher.publish``, blocking; ``delay``/``eta``/``max_attempts`` as there."""
         return self._run(
             self._publisher.publish(
-                job, payload, priority=priority, delay=delay, eta=eta, job_id=job_id
+                job,
+                payload,
+                priority=priority,
+                delay=delay,
+                eta=eta,
+                job_id=job_id,
+                max_attempts=max_attempts,
             )
         )
 
     def publish_many(self, jobs: Iterable[Job | tuple[str, Payload]]) -> list[str]:
         return self._run(self._publisher.publish_many(list(jobs)))
+
+    def status(self, job_id: str) -> JobStatus | None:
+        """``Publisher.status``, blocking."""
+        return self._run(self._publisher.status(job_id))
+
+    def result(self, job_id: str, timeout: float | None = None) -> JsonValue:
+        """``Publisher.result``, blocking: waits in the publisher's loop, not the caller's."""
+        return self._run(self._publisher.result(job_id, timeout))
 
     def close(self) -> None:
         if self._loop.is_running():

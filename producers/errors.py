@@ -13,6 +13,14 @@ class InvalidPriorityError(InvalidValueError):
         super().__init__(f"priority must be an integer from 0 to {highest}, got {priority!r}")
 
 
+class InvalidMaxAttemptsError(InvalidValueError):
+    """A per-publish ``max_attempts`` that is not a positive integer."""
+
+    def __init__(self, max_attempts: object) -> None:
+        self.max_attempts = max_attempts
+        super().__init__(f"max_attempts must be an integer of 1 or more, got {max_attempts!r}")
+
+
 class InvalidPayloadError(InvalidValueError, TypeError):
     """A payload that is not a dict or a pydantic model (a ``TypeError`` too: it is one)."""
 

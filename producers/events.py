@@ -21,6 +21,7 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, JsonValue, Val
 from pydantic_core import PydanticSerializationError, to_jsonable_python
 
 from leveret.topology.errors import LeveretError
+from leveret.topology.model import events_exchange_name
 
 EventState = Literal["started", "progress", "succeeded", "retrying", "dead", "cancelled"]
 EventsMode = Literal["outcomes", "all", "off"]
@@ -59,7 +60,7 @@ class InvalidEvent(LeveretError, ValueError):
 
 def events_exchange(exchange: str) -> str:
     """The topic exchange for events, named after the jobs exchange: ``jobs`` → ``jobs.events``."""
-    return f"{exchange}.events"
+    return events_exchange_name(exchange)
 
 
 def routing_key(job: str, state: str) -> str:

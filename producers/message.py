@@ -9,8 +9,10 @@ retries so the next worker knows which attempt it runs.
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from pamqp.commands import Basic
@@ -18,7 +20,7 @@ from pydantic import BaseModel
 
 from leveret.topology.model import job_from_routing_key
 
-from .errors import InvalidPayloadError, InvalidPriorityError
+from .errors import InvalidMaxAttemptsError, InvalidPayloadError, InvalidPriorityError
 
 CONTENT_TYPE = "application/json"
 PERSISTENT = 2
@@ -33,6 +35,11 @@ HEADER_QUEUE = "x-queue"
 HEADER_REDELIVERIES = "x-redeliveries"
 # The count quorum queues keep for us.
 HEADER_DELIVERY_COUNT = "x-delivery-count"
+# ``publish(..., max_attempts=N)``: this one job's attempts, instead of the registered number.
+HEADER_MAX_ATTEMPTS = "x-max-attempts"
+# When the job was published, in integer milliseconds since the epoch: the AMQP ``timestamp``
+# property (also set) has whole seconds only, too coarse for a queue wait of a few ms.
+HEADER_PUBLISHED_AT = "x-published-at"
 # Headers Leveret (or the broker's dead-lettering) manages; never carried to the next attempt.
 OWN_HEADERS = frozenset({HEADER_ATTEMPTS, HEADER_REASON, HEADER_ERROR, HEADER_DIED_AT,
                          HEADER_QUEUE, HEADER_REDELIVERIES, HEADER_DELIVERY_COUNT, "x-death",
@@ -68,9 +75,31 @@ def check_priority(priority: int | None) -> int | None:
     return priority
 
 
+def check_max_attempts(max_attempts: int | None) -> int | None:
+    """``publish(..., max_attempts=N)``: a positive integer or nothing."""
+    if max_attempts is None:
+        return None
+    if isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 1:
+        raise InvalidMaxAttemptsError(max_attempts)
+    return max_attempts
+
+
 def job_properties(
-    job: str, job_id: str, priority: int | None = None, headers: dict[str, Any] | None = None
+    job: str,
+    job_id: str,
+    priority: int | None = None,
+    headers: dict[str, Any] | None = None,
+    *,
+    max_attempts: int | None = None,
 ) -> Basic.Properties:
+    """A new job's properties: the wire format above, plus when it was published (the AMQP
+    ``timestamp`` in seconds for every tool, ``x-published-at`` in ms for the queue-wait
+    histogram) and, when given, its own ``x-max-attempts``."""
+    now = time.time()
+    headers = dict(headers) if headers else {}
+    headers[HEADER_PUBLISHED_AT] = int(now * 1000)
+    if max_attempts is not None:
+        headers[HEADER_MAX_ATTEMPTS] = max_attempts
     return Basic.Properties(
         content_type=CONTENT_TYPE,
         delivery_mode=PERSISTENT,
@@ -78,6 +107,7 @@ def job_properties(
         message_type=job,
         priority=priority,
         headers=headers,
+        timestamp=datetime.fromtimestamp(int(now), UTC),
     )
 
 
@@ -130,6 +160,7 @@ class Envelope:
     job_id: str | None
     attempts: int
     problem: str | None = None
+    max_attempts: int | None = None  # ``x-max-attempts``: this job's own limit, if published so
 
 
 def read_envelope(
@@ -156,6 +187,15 @@ def read_envelope(
             )
         else:
             envelope.attempts = raw
+            limit = props.headers.get(HEADER_MAX_ATTEMPTS) if props.headers else None
+            if limit is not None:
+                if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+                    envelope.problem = (
+                        f"header {HEADER_MAX_ATTEMPTS} must be an integer of 1 or more, "
+                        f"got {limit!r}"
+                    )
+                else:
+                    envelope.max_attempts = limit
     return envelope
 
 

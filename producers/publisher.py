@@ -27,6 +27,7 @@ the horizon (``MAX_DELAY_S``, about 388 days): every one an ``InvalidDelayError`
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime, timedelta
@@ -34,10 +35,11 @@ from types import TracebackType
 from typing import Any, NamedTuple, Self
 
 import aiormq
+import structlog
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 from pamqp.commands import Basic
 from prometheus_client import CollectorRegistry, Counter
-from pydantic import BaseModel
+from pydantic import BaseModel, JsonValue
 
 from leveret.topology.errors import InvalidDelayError
 from leveret.topology.model import MAX_DELAY_S, check_name, delay_units, delayed_job_route
@@ -46,9 +48,19 @@ from .batch import BatchPublishError, publish_batch
 from .confirm import publish_confirmed
 from .connection import connect, mask_url
 from .errors import DuplicateJobIdError, PublishTimeout
-from .message import check_priority, encode_payload, job_properties, new_job_id
+from .lifecycle_settings import LifecycleSettings
+from .message import (
+    check_max_attempts,
+    check_priority,
+    encode_payload,
+    job_properties,
+    new_job_id,
+)
 from .metrics import published_counter
 from .settings import ConnectionSettings
+from .status import JobStatus, StatusStore, StatusStoreError, wait_result
+
+log = structlog.get_logger("leveret.publisher")
 
 Payload = BaseModel | dict[str, Any]
 Delay = float | timedelta
@@ -102,6 +114,37 @@ class Job(BaseModel):
     delay: float | timedelta | None = None
     eta: datetime | None = None
     job_id: str | None = None
+    max_attempts: int | None = None
+
+
+def prepare_job(
+    exchange: str,
+    job: str,
+    payload: Payload,
+    priority: int | None = None,
+    delay: float | None = None,
+    job_id: str | None = None,
+    headers: Mapping[str, Any] | None = None,
+    max_attempts: int | None = None,
+) -> _Prepared:
+    """Validate one job and build its message: the one builder, shared by ``Publisher`` and a
+    handler's ``ctx.enqueue`` (whose follow-ups the worker publishes with the job's outcome)."""
+    check_name("job", job)
+    body = encode_payload(payload)
+    job_id = job_id if job_id is not None else new_job_id()
+    properties = job_properties(
+        job,
+        job_id,
+        check_priority(priority),
+        dict(headers) if headers else None,
+        max_attempts=check_max_attempts(max_attempts),
+    )
+    exchange, routing_key = delayed_job_route(exchange, delay, job) if delay else (exchange, job)
+    return _Prepared(job, job_id, body, properties, exchange, routing_key)
+
+
+# A status write must not hold a publish for long: the job is queued whatever Redis says.
+STATUS_WRITE_TIMEOUT_S = 2.0
 
 
 class Publisher:
@@ -113,7 +156,11 @@ class Publisher:
         *,
         settings: ConnectionSettings | None = None,
         registry: CollectorRegistry | None = None,
+        status_url: str | None = None,
+        status_store: StatusStore | None = None,
     ) -> None:
+        """``status_url`` (default ``LEVERET_STATUS_URL``) turns on the status store: each
+        confirmed publish records ``queued`` and ``status``/``result`` read it back."""
         if settings is None:
             settings = ConnectionSettings() if url is None else ConnectionSettings(amqp_url=url)
         elif url is not None:
@@ -127,11 +174,26 @@ class Publisher:
         self._channel: AbstractChannel | None = None
         # message_id -> settled when that publish's confirm (or failure) is in.
         self._in_flight: dict[str, asyncio.Event] = {}
+        self._status_store = status_store
+        self._owns_store = False
+        self._status_url = status_url
+        if status_store is None and status_url is None:
+            lifecycle = LifecycleSettings()
+            if lifecycle.status_url is not None:
+                self._status_url = lifecycle.status_url.get_secret_value()
+        self._status_ttl = LifecycleSettings().status_ttl if self._status_url else 0
 
     def __repr__(self) -> str:
         return f"Publisher({mask_url(self.settings.amqp_url.get_secret_value())!r})"
 
     async def connect(self) -> None:
+        if self._status_store is None and self._status_url:
+            from .status import RedisStatusStore
+
+            self._status_store = RedisStatusStore.from_url(
+                self._status_url, ttl=self._status_ttl, timeout=STATUS_WRITE_TIMEOUT_S
+            )
+            self._owns_store = True
         self._connection = await connect(self.settings)
         self._channel = await self._connection.channel(
             publisher_confirms=True, on_return_raises=True
@@ -141,6 +203,10 @@ class Publisher:
         if self._connection is not None:
             await self._connection.close()
         self._connection = self._channel = None
+        if self._status_store is not None and self._owns_store:
+            with contextlib.suppress(Exception):
+                await self._status_store.close()
+            self._status_store = None
 
     async def __aenter__(self) -> Self:
         await self.connect()
@@ -164,16 +230,24 @@ class Publisher:
         eta: datetime | None = None,
         job_id: str | None = None,
         headers: Mapping[str, Any] | None = None,
+        max_attempts: int | None = None,
     ) -> str:
         """Publish one job and wait for the broker's confirm; return its id.
+
+        ``max_attempts`` overrides the job's registered ``max_attempts`` for this one job.
+        With a status store, the job reads ``queued`` once this returns.
 
         ``delay`` (seconds or a ``timedelta``) or ``eta`` (an aware ``datetime``) hold the job
         back until then: it runs no earlier, and at normal load at most ``MAX_LATENESS_S``
         (925 ms) later, for any time up to ``MAX_DELAY_S`` (about 388 days) ahead.
         """
         delay_s = delay_seconds(delay, eta)
-        prepared = self._prepare(job, payload, priority, delay_s, job_id, headers)
+        prepared = prepare_job(
+            self._exchange, job, payload, priority, delay_s, job_id, headers, max_attempts
+        )
         await self._send(prepared)
+        if self._status_store is not None:
+            await self._record_queued(prepared)
         return prepared.job_id
 
     async def publish_many(self, jobs: Iterable[Job | tuple[str, Payload]]) -> list[str]:
@@ -188,22 +262,32 @@ class Publisher:
         seen: set[str] = set()
         for item in jobs:
             if isinstance(item, Job):
-                prepared = self._prepare(
+                prepared = prepare_job(
+                    self._exchange,
                     item.job,
                     item.payload,
                     item.priority,
                     delay_seconds(item.delay, item.eta),
                     item.job_id,
                     None,
+                    item.max_attempts,
                 )
             else:  # (job, payload): no model to build per job on the hot path
                 job, payload = item
-                prepared = self._prepare(job, payload, None, None, None, None)
+                prepared = prepare_job(self._exchange, job, payload)
             if prepared.job_id in seen:
                 raise DuplicateJobIdError(prepared.job_id)
             seen.add(prepared.job_id)
             batch.append(prepared)
         results, batch_error = await self._send_batch(batch)
+        if self._status_store is not None:
+            await asyncio.gather(
+                *(
+                    self._record_queued(p)
+                    for p, r in zip(batch, results, strict=True)
+                    if not isinstance(r, BaseException)
+                )
+            )
         if batch_error is not None:
             raise batch_error
         for result in results:
@@ -265,25 +349,41 @@ class Publisher:
             child.inc(count)
         return results, error
 
-    def _prepare(
-        self,
-        job: str,
-        payload: Payload,
-        priority: int | None,
-        delay: float | None,
-        job_id: str | None,
-        headers: Mapping[str, Any] | None,
-    ) -> _Prepared:
-        check_name("job", job)
-        body = encode_payload(payload)
-        job_id = job_id if job_id is not None else new_job_id()
-        properties = job_properties(
-            job, job_id, check_priority(priority), dict(headers) if headers else None
-        )
-        exchange, routing_key = (
-            delayed_job_route(self._exchange, delay, job) if delay else (self._exchange, job)
-        )
-        return _Prepared(job, job_id, body, properties, exchange, routing_key)
+    # -- status ---------------------------------------------------------------------------------
+
+    def _store(self) -> StatusStore:
+        if self._status_store is None:
+            raise StatusStoreError(
+                "no status store: set LEVERET_STATUS_URL or pass "
+                "Publisher(url, status_url='redis://…')"
+            )
+        return self._status_store
+
+    async def _record_queued(self, prepared: _Prepared) -> None:
+        """``queued`` for a confirmed job. The queue is not known here (the broker routes by
+        job name; the worker's first event fills it in). A failing write is logged: the job is
+        queued whatever Redis says, and its events still reach the status keeper."""
+        assert self._status_store is not None
+        try:
+            async with asyncio.timeout(STATUS_WRITE_TIMEOUT_S):
+                await self._status_store.set_queued(prepared.job_id, prepared.job, "")
+        except Exception as exc:
+            log.warning(
+                "status_queued_not_written",
+                job_id=prepared.job_id,
+                job=prepared.job,
+                error=f"{type(exc).__name__}: {exc}",
+                action="the job is queued; its status appears with its first event",
+            )
+
+    async def status(self, job_id: str) -> JobStatus | None:
+        """The job's latest status (``None``: unknown or expired id). Needs a status store."""
+        return await self._store().get(job_id)
+
+    async def result(self, job_id: str, timeout: float | None = None) -> JsonValue:
+        """Wait for the job to end: its result on ``succeeded``; ``JobFailed`` on ``dead``,
+        ``JobCancelled`` on ``cancelled``, ``TimeoutError`` once ``timeout`` s passed."""
+        return await wait_result(self._store(), job_id, timeout)
 
     async def _send(self, prepared: _Prepared) -> None:
         if self._channel is None:

@@ -23,7 +23,7 @@ import os
 import re
 from typing import Any
 
-from .model import Topology, delay_exchange_name, dlq_name
+from .model import Topology, delay_exchange_name, dlq_name, events_exchange_name
 
 DEFAULT_EXCHANGE_RESOURCE = "amq.default"
 
@@ -49,7 +49,10 @@ def permission_regexes(topology: Topology) -> dict[str, str]:
     """Anchored regular expressions granting exactly ``required_permissions``."""
     ex = re.escape(topology.exchange)
     chain = re.escape(delay_exchange_name(topology.exchange, -1).rsplit(".", 1)[0])
-    exchanges = f"{ex}|{chain}\\..+"
+    # ``<exchange>.events`` and the status keeper's queue on it, ``<exchange>.events.status``
+    # (configure, read and write: the keeper declares, binds and consumes it).
+    events = re.escape(events_exchange_name(topology.exchange))
+    exchanges = f"{ex}|{chain}\\..+|{events}"
     work = "|".join(
         f"{re.escape(q.name)}({re.escape(dlq_name(q.name)[len(q.name) :])})?"
         for q in topology.queues
@@ -59,8 +62,9 @@ def permission_regexes(topology: Topology) -> dict[str, str]:
         for q in topology.queues
     )
     # The scheduler's token queue, ``<exchange>.scheduler.<app>`` (leveret.consumer.scheduler):
-    # declared, published to (default exchange) and consumed by every worker with schedules.
-    scheduler = f"{ex}\\.scheduler\\..+"
+    # declared, published to (default exchange) and consumed by every worker with schedules;
+    # and the status keeper's queue, ``<exchange>.events.status``, which it declares and reads.
+    scheduler = f"{ex}\\.scheduler\\..+|{events}\\.status"
     both = f"{exchanges}|{all_queues}|{scheduler}" if all_queues else f"{exchanges}|{scheduler}"
     return {
         "configure": f"^({both})$",

@@ -7,6 +7,7 @@ Tree::
     │   ├── InvalidNameError             a job, queue or exchange name would break routing
     │   ├── InvalidDelayError            a delay below 0 or beyond MAX_DELAY_S
     │   ├── producers.InvalidPriorityError   a priority outside 0..9
+    │   ├── producers.InvalidMaxAttemptsError   a per-publish max_attempts below 1
     │   ├── producers.InvalidPayloadError (TypeError)   a payload that is not a dict or model
     │   ├── producers.DuplicateJobIdError    one id twice in a publish_many batch
     │   ├── producers.events.InvalidEvent    a lifecycle event body this version cannot read

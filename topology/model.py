@@ -134,6 +134,12 @@ def retry_ttl_ms(level: int) -> int:
     return int(DELAY_UNIT_S * 1000) << level
 
 
+def events_exchange_name(exchange: str) -> str:
+    """The topic exchange lifecycle events go to, named after the jobs exchange:
+    ``jobs`` → ``jobs.events`` (routing key ``<job>.<state>``; see ``producers.events``)."""
+    return f"{exchange}.events"
+
+
 def delay_exchange_name(exchange: str, level: int) -> str:
     """The chain exchange that decides bit ``level``; ``-1`` is the final ``….delay.done``."""
     return f"{exchange}.delay.done" if level < 0 else f"{exchange}.delay.{_ttl_label(level)}"
@@ -343,7 +349,10 @@ class Topology(BaseModel):
             ExchangeDecl(delay_exchange_name(self.exchange, n), "topic")
             for n in range(DELAY_BITS - 1, -2, -1)
         ]
-        return [ExchangeDecl(self.exchange, "direct"), *chain]
+        # The events exchange is declared with the rest, so a subscriber (or the status keeper)
+        # may bind to it before any worker ran, and a worker's first event is never unroutable.
+        events = ExchangeDecl(events_exchange_name(self.exchange), "topic")
+        return [ExchangeDecl(self.exchange, "direct"), *chain, events]
 
     def queue_decls(self) -> list[QueueDecl]:
         decls: list[QueueDecl] = []

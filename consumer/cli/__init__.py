@@ -7,6 +7,7 @@ import click
 from .api_cmd import api
 from .dlq_cmd import dlq
 from .doctor_cmd import doctor
+from .job_cmd import job
 from .publish_cmd import publish
 from .schedule_cmd import schedule
 from .status_cmd import status
@@ -35,6 +36,7 @@ cli.add_command(status)
 cli.add_command(doctor)
 cli.add_command(schedule)
 cli.add_command(api)
+cli.add_command(job)
 
 
 def main() -> None:

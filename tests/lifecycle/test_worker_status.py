@@ -1,0 +1,246 @@
+"""Job status end to end: worker events → durable queue → status keeper → Redis → readers.
+
+On the real broker and Redis. The shared Redis is used through database 13, and every key a
+test created is deleted afterwards; tests that stop Redis use a private ``redis-server``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from prometheus_client import CollectorRegistry
+
+from leveret.consumer import JobContext, Worker
+from leveret.producers import Publisher
+from leveret.producers.settings import ConnectionSettings
+from leveret.producers.status import DEFAULT_PREFIX, JobFailed, JobStatus
+from tests.faults.plumbing import WorkerProcess, reaped
+from tests.support import Broker, leveret_cli, running, unique, wait_for
+
+from .conftest import PrivateRedis
+
+STATUS_URL = "redis://127.0.0.1:6379/13"
+
+
+@pytest.fixture
+def job_ids() -> Any:
+    """Collects the ids a test created; their status keys are deleted afterwards."""
+    ids: list[str] = []
+    yield ids
+    client = redis.Redis.from_url(STATUS_URL)
+    if ids:
+        client.delete(*(DEFAULT_PREFIX + i for i in ids))
+    client.close()
+
+
+def publisher(broker: Broker, exchange: str, status_url: str = STATUS_URL) -> Publisher:
+    return Publisher(
+        settings=ConnectionSettings(amqp_url=broker.url, exchange=exchange),
+        status_url=status_url,
+    )
+
+
+async def state(pub: Publisher, job_id: str) -> str | None:
+    status = await pub.status(job_id)
+    return None if status is None else status.state
+
+
+async def test_status_through_every_reader_within_one_second(
+    broker: Broker, registry: CollectorRegistry, job_ids: list[str]
+) -> None:
+    exchange, queue = unique("ex"), unique("q")
+    worker = Worker(broker.settings(exchange=exchange, status_url=STATUS_URL), registry=registry)
+    assert worker.settings.events_mode == "all"  # the default with a status store
+    release = asyncio.Event()
+    returned: dict[str, float] = {}
+
+    @worker.job(f"{queue}-job", queue=queue, max_attempts=1)
+    async def job(payload: dict[str, Any], ctx: JobContext) -> dict[str, Any]:
+        await ctx.progress(0.25, "a quarter")
+        await release.wait()
+        returned[ctx.job_id] = time.monotonic()
+        if payload.get("fail"):
+            raise RuntimeError("it broke")
+        return {"echo": payload["n"]}
+
+    async with running(worker), publisher(broker, exchange) as pub:
+        # Publish before any worker consumes? The worker runs: the status is queued at once.
+        job_id = await pub.publish(f"{queue}-job", {"n": 7})
+        job_ids.append(job_id)
+        first = await pub.status(job_id)
+        assert first is not None and first.state in ("queued", "started")
+        # Running, with its progress.
+        seen = await wait_for(
+            lambda: _progress_of(pub, job_id), 1.0, "started with progress in the status"
+        )
+        assert seen == (0.25, "a quarter")
+        release.set()
+        result = await pub.result(job_id, timeout=5)
+        assert result == {"echo": 7}
+        assert time.monotonic() - returned[job_id] < 1.0
+        final = await pub.status(job_id)
+        assert final is not None
+        assert (final.state, final.attempt, final.queue, final.job) == (
+            "succeeded",
+            1,
+            queue,
+            f"{queue}-job",
+        )
+
+        failing = await pub.publish(f"{queue}-job", {"n": 1, "fail": True})
+        job_ids.append(failing)
+        with pytest.raises(JobFailed, match="it broke"):
+            await pub.result(failing, timeout=5)
+        assert time.monotonic() - returned[failing] < 1.0
+        with pytest.raises(TimeoutError):
+            await pub.result(unique("nobody"), timeout=0.3)
+
+    shown = leveret_cli("job", "show", job_id, env={"LEVERET_STATUS_URL": STATUS_URL})
+    assert shown.returncode == 0, shown.stderr
+    body = json.loads(shown.stdout)
+    assert body["id"] == job_id and body["state"] == "succeeded"
+    assert body["result"] == {"echo": 7}
+    assert set(body) == set(JobStatus.model_fields)
+    unknown = leveret_cli("job", "show", "no-such-id", env={"LEVERET_STATUS_URL": STATUS_URL})
+    assert unknown.returncode != 0 and "no status for job no-such-id" in unknown.stderr
+    assert len(unknown.stderr.strip().splitlines()) == 1
+
+
+async def _progress_of(pub: Publisher, job_id: str) -> tuple[float | None, str | None] | None:
+    status = await pub.status(job_id)
+    if status is None or status.state != "started" or status.progress is None:
+        return None
+    return status.progress, status.message
+
+
+async def test_redis_down_jobs_still_run_and_the_status_catches_up(
+    broker: Broker, registry: CollectorRegistry, private_redis: PrivateRedis
+) -> None:
+    exchange, queue = unique("ex"), unique("q")
+    worker = Worker(
+        broker.settings(exchange=exchange, status_url=private_redis.url), registry=registry
+    )
+    ran: list[str] = []
+
+    @worker.job(f"{queue}-job", queue=queue)
+    async def job(payload: dict[str, Any], ctx: JobContext) -> int:
+        ran.append(ctx.job_id)
+        return int(payload["n"])
+
+    async with running(worker), publisher(broker, exchange, private_redis.url) as pub:
+        private_redis.stop()
+        started = time.monotonic()
+        # The publish stands though the queued write fails (logged).
+        ids = [await pub.publish(f"{queue}-job", {"n": n}) for n in range(5)]
+        await wait_for(lambda: set(ids) <= set(ran), 10, "every job to run without Redis")
+        assert time.monotonic() - started < 10
+        await asyncio.sleep(1.0)  # the keeper meets the outage and holds the events
+        private_redis.start()
+
+        async def all_succeeded() -> bool:
+            try:
+                states = [await pub.status(i) for i in ids]
+            except Exception:
+                return False
+            return all(s is not None and s.state == "succeeded" for s in states)
+
+        await wait_for(all_succeeded, 30, "statuses to catch up once Redis is back")
+        assert [await pub.result(i, timeout=1) for i in ids] == list(range(5))
+
+
+# -- a worker process killed mid-job, and between success and ack -----------------------------------
+
+
+def _install(tmp_path: Path, broker: Broker, **env: str) -> tuple[Path, dict[str, str]]:
+    app = tmp_path / "app"
+    app.mkdir()
+    (app / "marks").mkdir()
+    shutil.copy(Path(__file__).with_name("app_template.py"), app / "lcapp.py")
+    return app, {
+        "LC_QUEUE": env.pop("queue"),
+        "LC_MARKS": str(app / "marks"),
+        "LC_LOG": str(app / "runs.log"),
+        "LEVERET_EXCHANGE": env.pop("exchange"),
+        "LEVERET_STATUS_URL": STATUS_URL,
+        "PYTHONPATH": f"{app}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+        **env,
+    }
+
+
+async def test_a_worker_killed_mid_job_leaves_a_status_that_ends_correct(
+    broker: Broker, tmp_path: Path, job_ids: list[str]
+) -> None:
+    exchange, queue = unique("ex"), unique("q")
+    app, env = _install(tmp_path, broker, queue=queue, exchange=exchange)
+    first = WorkerProcess.start(app, "lcapp:worker", broker.url, env=env)
+    with reaped(first):
+        await first.wait_ready()
+        async with publisher(broker, exchange) as pub:
+            job_id = await pub.publish(f"{queue}-slow", {"sleep": 60})
+            job_ids.append(job_id)
+            await wait_for(lambda: state(pub, job_id), 5, "a status")
+            await wait_for(
+                lambda: _is(pub, job_id, "started"), 5, "the status to read started"
+            )
+            first.kill()  # SIGKILL, mid-job
+            second = WorkerProcess.start(app, "lcapp:worker", broker.url, env=env)
+            with reaped(second):
+                await second.wait_ready()
+                result = await pub.result(job_id, timeout=30)
+            status = await pub.status(job_id)
+    assert result == {"attempt": 1}  # a redelivery after a crash is the same attempt
+    assert status is not None and status.state == "succeeded" and status.attempt == 1
+
+
+async def _is(pub: Publisher, job_id: str, wanted: str) -> bool:
+    return await state(pub, job_id) == wanted
+
+
+async def test_chaining_across_a_crash_between_success_and_ack_never_loses(
+    broker: Broker, tmp_path: Path, job_ids: list[str]
+) -> None:
+    exchange, queue = unique("ex"), unique("q")
+    app, env = _install(
+        tmp_path, broker, queue=queue, exchange=exchange, LC_CRASH_BEFORE_ACK="1"
+    )
+    log = app / "runs.log"
+
+    def lines(kind: str) -> list[list[str]]:
+        text = log.read_text() if log.exists() else ""
+        return [line.split() for line in text.splitlines() if line.startswith(kind)]
+
+    first = WorkerProcess.start(app, "lcapp:worker", broker.url, env=env)
+    with reaped(first):
+        await first.wait_ready()
+        async with publisher(broker, exchange) as pub:
+            parent = await pub.publish(f"{queue}-parent", {})
+            job_ids.append(parent)
+            assert await first.wait_exit(20) == 9  # died between the confirms and the ack
+            enqueued_first = [line[3] for line in lines("enqueue")]
+            assert len(enqueued_first) == 1
+            second = WorkerProcess.start(app, "lcapp:worker", broker.url, env=env)
+            with reaped(second):
+                await second.wait_ready()
+                await wait_for(lambda: len(lines("enqueue")) == 2, 20, "the parent's rerun")
+                children = [line[3] for line in lines("enqueue")]
+                job_ids.extend(children)
+                await wait_for(
+                    lambda: {line[2] for line in lines("run child")} >= set(children),
+                    20,
+                    "both children to run",
+                )
+                assert await pub.result(parent, timeout=10) is None
+    ran = [line[2] for line in lines("run child")]
+    # Duplicated (the parent ran twice, each run enqueued its child), never lost: the child
+    # the first run published before the crash ran too.
+    assert enqueued_first[0] in ran and set(children) <= set(ran)
+    assert all(line[3] == parent for line in lines("run child"))
