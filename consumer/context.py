@@ -26,6 +26,10 @@ class Lifecycle(Protocol):
     def follow_up(self, job: str, payload: Any, options: dict[str, Any]) -> _FollowUp: ...
 
 
+# W3C trace context: carried from a job to the jobs it enqueues.
+TRACE_HEADERS = ("traceparent", "tracestate")
+
+
 @dataclass(slots=True)
 class JobContext:
     job_id: str
@@ -36,7 +40,9 @@ class JobContext:
     log: FilteringBoundLogger
     redelivered: bool = False
     priority: int | None = None
-    headers: dict[str, Any] = field(default_factory=dict)
+    # What the publisher set with ``publish(..., headers=...)``, as str, on every attempt
+    # (``traceparent`` among them); Leveret's own ``x-…`` bookkeeping is left out.
+    headers: dict[str, str] = field(default_factory=dict)
     # The validated payload, as the handler receives it; middleware may read it.
     payload: Any = None
     # Set by the worker: where progress and follow-ups go (see ``progress``/``enqueue``).
@@ -63,6 +69,9 @@ class JobContext:
         ``priority``, ``delay``, ``eta``, ``job_id``, ``headers``, ``max_attempts``."""
         if self.lifecycle is None:
             raise RuntimeError("ctx.enqueue works inside a worker's run only")
+        trace = {k: self.headers[k] for k in TRACE_HEADERS if k in self.headers}
+        if trace:  # the follow-up continues this job's trace unless told otherwise
+            options["headers"] = {**trace, **(options.get("headers") or {})}
         follow_up = self.lifecycle.follow_up(job, payload, options)
         if self.follow_ups is None:
             self.follow_ups = []

@@ -32,15 +32,16 @@ import structlog
 from prometheus_client import Histogram
 from pydantic import ValidationError
 
-from leveret.producers.message import HEADER_PUBLISHED_AT, one_line
+from leveret.producers.message import HEADER_PUBLISHED_AT, OWN_HEADERS, one_line
 
 from . import execution
 from .context import JobContext
 from .delivery import Delivery
 from .metrics import UNKNOWN_JOB, WorkerMetrics
-from .middleware import CallNext, JobMetrics, Middleware
+from .middleware import CallNext, JobMetrics, Middleware, Postponed, RateLimited
 from .redelivery import RedeliveryGuard
 from .registry import JobSpec, Registry
+from .resources import Plan, Resources
 from .settings import WorkerSettings
 from .settle import Settler
 from .threads import JobThreads
@@ -68,6 +69,23 @@ def _queue_wait(headers: dict[str, Any] | None, timestamp: datetime | None) -> f
     return None
 
 
+# Leveret's bookkeeping, never the publisher's: stripped copies' headers, plus the two that ride
+# along on purpose (the per-job attempt cap, the publish time for the queue-wait metric).
+_NOT_USER = OWN_HEADERS | {"x-max-attempts", "x-published-at"}
+
+
+def user_headers(headers: dict[str, Any] | None) -> dict[str, str]:
+    """The AMQP headers a publisher set, as ``ctx.headers`` shows them: str values, none of
+    Leveret's own bookkeeping (``x-attempts`` and the like: ``ctx.attempt`` says that)."""
+    if not headers:
+        return {}
+    return {
+        k: v if type(v) is str else v.decode() if isinstance(v, bytes) else str(v)
+        for k, v in headers.items()
+        if k not in _NOT_USER
+    }
+
+
 @dataclass(eq=False)
 class Pipeline:
     """Runs deliveries for one worker; the chains are built once, per job (``for_jobs``)."""
@@ -92,15 +110,30 @@ class Pipeline:
         settings: WorkerSettings,
         sleep: Callable[[float], Awaitable[None]],
         stopping: asyncio.Event,
+        *,
+        resources: Resources | None = None,
+        plans: dict[str, Plan] | None = None,
+        limits: dict[str, RateLimited] | None = None,
+        tracing: Middleware | None = None,
     ) -> Pipeline:
         """One chain per job, composed now so no message pays for it."""
         chains = {}
         waits = {}
+        plans, limits = plans or {}, limits or {}
         for spec in registry.jobs.values():
             waits[spec.name] = metrics.queue_wait.labels(queue=spec.queue, job_name=spec.name)
             started = metrics.started.labels(queue=spec.queue, job_name=spec.name)
             layer = JobMetrics(started, metrics.in_progress.labels(queue=spec.queue))
-            chains[spec.name] = execution.build_chain(spec, middlewares, layer, threads)
+            chains[spec.name] = execution.build_chain(
+                spec,
+                middlewares,
+                layer,
+                threads,
+                plan=plans.get(spec.name),
+                resources=resources,
+                rate_limited=limits.get(spec.name),
+                tracing=tracing,
+            )
         guard = RedeliveryGuard(settings.max_redeliveries)
         return cls(
             registry.jobs, chains, guard, settings.max_body_bytes, sleep, stopping, _waits=waits
@@ -165,7 +198,7 @@ class Pipeline:
             log,
             d.redelivered,
             props.priority,
-            props.headers or {},
+            user_headers(props.headers),
             payload,
         )
         ctx.lifecycle = settler
@@ -183,6 +216,8 @@ class Pipeline:
             return await settler.succeeded(
                 d, spec.name, duration, result, ctx.attempt, ctx.follow_ups
             )
+        if type(error) is Postponed:  # its rate limit: back later, same attempt, nothing ran
+            return await settler.postpone(d, error.delay_s)
         return await settler.failed(d, spec, ctx.attempt, error, duration)
 
     async def _cancelled(self, d: Delivery, settler: Settler, lost: asyncio.Event) -> None:

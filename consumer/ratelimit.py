@@ -341,3 +341,88 @@ class BrokerLimiter:
 
 async def _never_called(message: aiormq.abc.DeliveredMessage) -> None:
     """The mutex queue stays empty: its exclusive consumer exists only to be exclusive."""
+
+
+class _Lazy:
+    """A global limiter made on first use, so a worker with no limited job opens nothing and one
+    whose limited jobs never run opens nothing either."""
+
+    def __init__(self, owner: GlobalLimiters, job: str, rate: Rate) -> None:
+        self.rate = rate
+        self._owner = owner
+        self._job = job
+        self._limiter: RedisLimiter | BrokerLimiter | None = None
+        self._making = asyncio.Lock()
+
+    async def _get(self) -> RedisLimiter | BrokerLimiter:
+        if self._limiter is None:
+            async with self._making:
+                if self._limiter is None:
+                    self._limiter = await self._owner._make(self._job, self.rate)
+        return self._limiter
+
+    async def try_acquire(self) -> float:
+        return await (await self._get()).try_acquire()
+
+    async def acquire(self) -> None:
+        await (await self._get()).acquire()
+
+
+class GlobalLimiters:
+    """The ``global_rate_limit=`` limiters of one worker: Redis when ``LEVERET_STATUS_URL`` is
+    set (one client for all jobs), else the broker (one connection of their own, so a slow
+    limiter never delays the consume or outcome channels). Every worker limiting job ``j`` of
+    exchange ``e`` shares the key/queue ``e.ratelimit.j``: they must agree on its rate."""
+
+    def __init__(
+        self,
+        exchange: str,
+        redis_url: str | None,
+        connect: Callable[[], Any],  # async () -> aio-pika connection
+    ) -> None:
+        self._exchange = exchange
+        self._redis_url = redis_url
+        self._connect = connect
+        self._redis: Any = None
+        self._connection: AbstractConnection | None = None
+        self._limiters: list[RedisLimiter | BrokerLimiter] = []
+
+    @property
+    def backend(self) -> str:
+        return "redis" if self._redis_url else "broker"
+
+    def for_job(self, job: str, rate: Rate) -> _Lazy:
+        return _Lazy(self, job, rate)
+
+    async def _make(self, job: str, rate: Rate) -> RedisLimiter | BrokerLimiter:
+        limiter: RedisLimiter | BrokerLimiter
+        if self._redis_url:
+            if self._redis is None:
+                import redis.asyncio
+
+                self._redis = redis.asyncio.from_url(self._redis_url)
+            limiter = RedisLimiter(
+                self._redis, job, rate, prefix=f"leveret:ratelimit:{self._exchange}:"
+            )
+        else:
+            if self._connection is None:
+                self._connection = await self._connect()
+            limiter = BrokerLimiter(self._connection, f"{self._exchange}.ratelimit.{job}", rate)
+        self._limiters.append(limiter)
+        log.info("global_rate_limit_ready", job=job, rate=str(rate), backend=self.backend)
+        return limiter
+
+    async def close(self) -> None:
+        for limiter in self._limiters:
+            if isinstance(limiter, BrokerLimiter):
+                with contextlib.suppress(Exception):
+                    await limiter.close()
+        self._limiters.clear()
+        if self._connection is not None:
+            with contextlib.suppress(Exception):
+                await self._connection.close()
+            self._connection = None
+        if self._redis is not None:
+            with contextlib.suppress(Exception):
+                await self._redis.aclose()
+            self._redis = None

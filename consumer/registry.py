@@ -1,8 +1,13 @@
 """Job registrations, checked and resolved once when the decorator runs.
 
 A bad registration fails at import time with a ``ConfigError``, never on a message; everything
-a delivery needs (validator, whether to pass ``ctx``, sync or async, the backoff) is worked out
-here so the hot path only looks things up.
+a delivery needs (validator, sync or async, the backoff, the rate limits) is worked out here so
+the hot path only looks things up. Checked here, at the decorator: the payload parameter (a
+pydantic model, or a ``dict``), a job name registered twice, one job bound to two queues (the
+same name, or the same function, on a second queue: a job lives on one queue), a plain ``def``
+handler marked ``cancellable`` (only a coroutine can be cancelled), a bad rate. What the
+parameters after the payload resolve to needs every resource registered, so it is worked out
+when the app has loaded (``Worker.check``, ``Resources.plan``).
 """
 
 from __future__ import annotations
@@ -20,8 +25,8 @@ from tenacity.wait import wait_base, wait_exponential
 
 from leveret.topology.model import MAX_DELAY_S, Topology, WorkQueue, check_name
 
-from .context import JobContext
 from .errors import ConfigError
+from .ratelimit import Rate, parse_rate
 
 Backoff = float | int | wait_base
 
@@ -37,11 +42,13 @@ class JobSpec:
     queue: str
     fn: Callable[..., Any]
     validate: Callable[[bytes], Any]  # body bytes -> the handler's first argument
-    takes_ctx: bool
     is_async: bool
     max_attempts: int
     backoff: Backoff
     timeout_s: float | None
+    cancellable: bool = False
+    rate_limit: Rate | None = None  # per worker process
+    global_rate_limit: Rate | None = None  # across every worker
 
     def delay_after(self, attempt: int, error: BaseException) -> float:
         """Seconds to wait before the run after failed run number ``attempt``."""
@@ -57,7 +64,8 @@ class JobSpec:
         return min(max(delay, 0.0), MAX_DELAY_S)
 
 
-def _validator(fn: Callable[..., Any], name: str) -> tuple[Callable[[bytes], Any], bool]:
+def _validator(fn: Callable[..., Any], name: str) -> Callable[[bytes], Any]:
+    """The payload parameter: first, positional, a pydantic model (or ``dict``)."""
     params = list(inspect.signature(fn).parameters.values())
     if not params or params[0].kind not in (
         inspect.Parameter.POSITIONAL_ONLY,
@@ -68,29 +76,20 @@ def _validator(fn: Callable[..., Any], name: str) -> tuple[Callable[[bytes], Any
             f"annotated with a pydantic model"
         )
     try:
-        hints = typing.get_type_hints(fn)
+        hints = typing.get_type_hints(fn, include_extras=False)
     except Exception as exc:
         raise ConfigError(f"cannot resolve the annotations of handler {name!r}: {exc}") from None
     model = hints.get(params[0].name)
     if isinstance(model, type) and issubclass(model, BaseModel):
-        validate: Callable[[bytes], Any] = model.model_validate_json
-    elif model is dict or typing.get_origin(model) is dict:
+        return model.model_validate_json
+    if model is dict or typing.get_origin(model) is dict:
         adapter: TypeAdapter[Any] = TypeAdapter(cast(Any, model))
-        validate = adapter.validate_json
-    else:
-        raise ConfigError(
-            f"the first parameter of handler {name!r} must be annotated with a pydantic model "
-            f"(or dict), got {model!r}"
-        )
-    extra = params[1:]
-    if len(extra) > 1 or any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in extra):
-        raise ConfigError(f"handler {name!r} may take (payload) or (payload, ctx), nothing more")
-    takes_ctx = bool(extra)
-    if takes_ctx:
-        hint = hints.get(extra[0].name)
-        if hint not in (None, JobContext):
-            raise ConfigError(f"the second parameter of handler {name!r} must be a JobContext")
-    return validate, takes_ctx
+        return adapter.validate_json
+    raise ConfigError(
+        f"the first parameter of handler {name!r} ({params[0].name!r}) must be annotated with a "
+        f"pydantic model (or dict): it is the payload, validated before the handler runs; "
+        f"got {model!r}"
+    )
 
 
 class Registry:
@@ -107,6 +106,10 @@ class Registry:
         max_attempts: int,
         backoff: Backoff,
         timeout: float | None,
+        *,
+        cancellable: bool = False,
+        rate_limit: str | None = None,
+        global_rate_limit: str | None = None,
     ) -> JobSpec:
         try:
             check_name("job", name)
@@ -114,7 +117,34 @@ class Registry:
         except ValueError as exc:
             raise ConfigError(str(exc).splitlines()[-1] if "\n" in str(exc) else str(exc)) from None
         if name in self.jobs:
+            other = self.jobs[name]
+            if other.queue != queue:
+                raise ConfigError(
+                    f"job {name!r} is bound to queue {other.queue!r} and again to {queue!r}: a "
+                    f"job lives on one queue (publishers route by job name, so a second binding "
+                    f"would run it twice)"
+                )
             raise ConfigError(f"job {name!r} is registered twice; job names must be unique")
+        for other in self.jobs.values():
+            if other.fn is fn and other.queue != queue:
+                raise ConfigError(
+                    f"handler {getattr(fn, '__qualname__', fn)!r} is registered as job "
+                    f"{other.name!r} on queue {other.queue!r} and as {name!r} on {queue!r}: "
+                    f"one job on two queues is almost always a copy-paste slip; give the second "
+                    f"its own function if it is meant"
+                )
+        is_async = inspect.iscoroutinefunction(fn)
+        if cancellable and not is_async:
+            raise ConfigError(
+                f"job {name!r} is marked cancellable but its handler is a plain `def`: Python "
+                f"cannot stop a thread, so only an `async def` handler can be cancelled"
+            )
+        limits = (
+            None if rate_limit is None else parse_rate(rate_limit, f"rate_limit of job {name!r}"),
+            None
+            if global_rate_limit is None
+            else parse_rate(global_rate_limit, f"global_rate_limit of job {name!r}"),
+        )
         if isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 1:
             raise ConfigError(f"max_attempts of job {name!r} must be 1 or more")
         if isinstance(backoff, int | float):
@@ -128,17 +158,25 @@ class Registry:
             )
         if timeout is not None and not timeout > 0:
             raise ConfigError(f"timeout of job {name!r} must be a positive number of seconds")
-        validate, takes_ctx = _validator(fn, name)
+        validate = _validator(fn, name)
+        for p in list(inspect.signature(fn).parameters.values())[1:]:
+            if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+                raise ConfigError(
+                    f"handler {name!r}: *{p.name} cannot be resolved (parameters after the "
+                    f"payload are resolved by their annotated type)"
+                )
         spec = JobSpec(
             name=name,
             queue=queue,
             fn=fn,
             validate=validate,
-            takes_ctx=takes_ctx,
-            is_async=inspect.iscoroutinefunction(fn),
+            is_async=is_async,
             max_attempts=max_attempts,
             backoff=backoff,
             timeout_s=timeout,
+            cancellable=cancellable,
+            rate_limit=limits[0],
+            global_rate_limit=limits[1],
         )
         self.jobs[name] = spec
         return spec

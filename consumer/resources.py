@@ -158,19 +158,33 @@ class Plan:
         return tuple(name for name, _, _ in self.kwargs)
 
 
-class Resources:
-    """The registry of resources of one worker app, and their process scope at run time."""
+_COUNTERS: dict[int, Counter] = {}
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        self._by_type: dict[Any, Resource] = {}
-        self._order: list[Resource] = []
-        self._close_failures = Counter(
+
+def _close_failures(registry: CollectorRegistry | None) -> Counter:
+    """One counter per metrics registry: several apps (or tests) may share the default one."""
+    key = id(registry)
+    counter = _COUNTERS.get(key) if registry is not None else None
+    if counter is None:
+        counter = Counter(
             "leveret_resource_close_failures",
             "Resources whose close (generator finalizer, __aexit__) raised; the job's outcome "
             "stood",
             ["resource"],
             registry=registry,
         )
+        if registry is not None:
+            _COUNTERS[key] = counter
+    return counter
+
+
+class Resources:
+    """The registry of resources of one worker app, and their process scope at run time."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self._by_type: dict[Any, Resource] = {}
+        self._order: list[Resource] = []
+        self._close_failures = _close_failures(registry)
         self._proc_values: dict[Any, Any] = {}
         self._proc_exits: list[tuple[str, tuple[str, Any]]] = []  # opening order
         self._proc_locks: dict[Any, asyncio.Lock] = {}

@@ -399,6 +399,21 @@ class Settler:
         await self._confirm((self._copy(d, d.name, headers, "", d.queue),))
         self.acker.ack(d.tag)
 
+    async def postpone(self, d: Delivery, delay_s: float) -> None:
+        """Hand a job its rate limit did not let start back through the delay chain.
+
+        The copy keeps the attempt count it came with (nothing ran, so no attempt burns) and the
+        user's headers; like a retry it is confirmed before the ack, so it is never lost. The
+        delivery's prefetch slot is freed for other jobs meanwhile.
+        """
+        headers = carried_headers(d.properties)
+        if d.attempts:
+            headers[HEADER_ATTEMPTS] = d.attempts
+        route = retry_route(self._exchange, min(max(delay_s, 0.0), MAX_DELAY_S), d.queue)
+        await self._confirm((self._copy(d, d.name, headers, *route),))
+        self.acker.ack(d.tag)
+        log.debug("job_postponed", job_id=d.job_id, job=d.name, back_in_s=round(delay_s, 3))
+
     async def give_back_later(
         self,
         d: Delivery,

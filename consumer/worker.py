@@ -48,9 +48,12 @@ from leveret.topology.model import Topology
 
 from .health import HealthServer
 from .metrics import Outcomes, WorkerMetrics
-from .middleware import Middleware, check_middleware
+from .middleware import Middleware, RateLimited, check_middleware
 from .pipeline import Pipeline
+from .ratelimit import GlobalLimiters, LocalLimiter
 from .registry import DEFAULT_BACKOFF, DEFAULT_MAX_ATTEMPTS, DEFAULT_QUEUE, Backoff, Registry
+from .resources import Plan as ResourcePlan
+from .resources import Resources, Scope
 from .scheduler import Scheduler
 from .schedules import Schedule, check_schedules, make_schedule
 from .session import Plan, Session, open_session
@@ -78,6 +81,9 @@ class Worker:
         self.schedules: list[Schedule] = []
         self._scheduler: Scheduler | None = None  # while ``run`` runs with schedules
         self.metrics = WorkerMetrics.for_registry(registry)
+        self.resources = Resources(self.metrics.registry)
+        # How each handler's parameters after the payload resolve: ``check`` fills it.
+        self.plans: dict[str, ResourcePlan] = {}
         self.health_port: int | None = None
         self._stopping: asyncio.Event | None = None
         self._connected = False
@@ -93,8 +99,18 @@ class Worker:
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
         backoff: Backoff = DEFAULT_BACKOFF,
         timeout: float | None = None,
+        cancellable: bool = False,
+        rate_limit: str | None = None,
+        global_rate_limit: str | None = None,
     ) -> Callable[[F], F]:
         """Register a handler; the function is returned unchanged so tests can call it.
+
+        Parameters after the payload are resolved by annotated type: ``JobContext`` or a
+        ``@worker.resource``'s type (checked when the app has loaded, ``check``).
+        ``rate_limit="N/s"`` (``/m``, ``/h``) caps starts per worker process,
+        ``global_rate_limit`` across every worker (Redis when ``LEVERET_STATUS_URL`` is set, else
+        the broker); a job over its limit waits or is given back for later, burning no attempt.
+        ``cancellable`` is for ``async def`` handlers only (a thread cannot be stopped).
 
         ``timeout`` cancels an ``async`` handler. A plain ``def`` handler cannot be stopped
         (Python has no way to stop a thread): at its timeout the worker stops waiting and
@@ -104,7 +120,17 @@ class Worker:
         """
 
         def register(fn: F) -> F:
-            self.jobs.add(fn, name, queue, max_attempts, backoff, timeout)
+            self.jobs.add(
+                fn,
+                name,
+                queue,
+                max_attempts,
+                backoff,
+                timeout,
+                cancellable=cancellable,
+                rate_limit=rate_limit,
+                global_rate_limit=global_rate_limit,
+            )
             return fn
 
         return register
@@ -115,6 +141,18 @@ class Worker:
         raises or lets through is the run's outcome (see ``leveret.consumer.middleware``)."""
         self.middlewares.append(check_middleware(mw))
         return mw
+
+    def resource(self, scope: Scope = "process") -> Callable[[F], F]:
+        """Register a resource: ``scope="process"`` is opened at start and closed at shutdown,
+        ``"job"`` per job and closed after it whatever the outcome (``Resources``). Handlers
+        and other resources ask for it by its type (the return annotation; a generator's or
+        context manager's yielded type)."""
+
+        def register(fn: F) -> F:
+            self.resources.add(fn, scope)
+            return fn
+
+        return register
 
     def schedule(
         self,
@@ -144,8 +182,11 @@ class Worker:
 
     def check(self) -> None:
         """What can only be checked once the whole app is loaded: every schedule names a
-        registered job, no two share a name. Raises ``ConfigError``."""
+        registered job, no two share a name; every resource's dependencies exist without a
+        cycle, and every handler parameter has a provider (``plans``). Raises ``ConfigError``."""
         check_schedules(self.schedules, self.jobs.jobs)
+        self.resources.check()
+        self.plans = {name: self.resources.plan(s.fn, name) for name, s in self.jobs.jobs.items()}
 
     @property
     def topology(self) -> Topology:
@@ -187,6 +228,9 @@ class Worker:
         threads = JobThreads(share * len(queues))
         threads.on_exhausted_change = self._on_threads_exhausted
         self._threads = threads
+        from .tracing import tracing_layer
+
+        global_limits = self._global_limiters()
         self._pipeline = Pipeline.for_jobs(
             self.jobs,
             self.middlewares,
@@ -195,6 +239,10 @@ class Worker:
             self.settings,
             self._sleep_unless_stopped,
             stopping,
+            resources=self.resources,
+            plans=self.plans,
+            limits=self._rate_limits(global_limits, share),
+            tracing=tracing_layer(),
         )
         plan = Plan(
             self.settings,
@@ -223,10 +271,34 @@ class Worker:
             if plan.status_store is not None:
                 stack.push_async_callback(plan.status_store.close)
             stack.callback(threads.shutdown)
+            stack.push_async_callback(global_limits.close)
+            # Process resources open now (a database that is down fails the start, not the
+            # first job) and close after the last job drained.
+            await stack.enter_async_context(self.resources.process_scope())
             await self._start_beside(stack, queues, handle_signals)
             if self.schedules:
                 self._start_scheduler(stack, stopping)
             await self._consume(plan, stopping)
+
+    def _global_limiters(self) -> GlobalLimiters:
+        settings = self.settings
+        status = settings.status_url.get_secret_value() if settings.status_url else None
+        return GlobalLimiters(settings.exchange, status, lambda: connect(settings))
+
+    def _rate_limits(self, global_limits: GlobalLimiters, share: int) -> dict[str, RateLimited]:
+        """A ``RateLimited`` layer per limited job; half a consumer's prefetch may wait."""
+        limits = {}
+        for spec in self.jobs.jobs.values():
+            if spec.rate_limit is None and spec.global_rate_limit is None:
+                continue
+            limits[spec.name] = RateLimited(
+                LocalLimiter(spec.rate_limit) if spec.rate_limit is not None else None,
+                global_limits.for_job(spec.name, spec.global_rate_limit)
+                if spec.global_rate_limit is not None
+                else None,
+                max_waiting=share // 2,
+            )
+        return limits
 
     async def _start_beside(
         self, stack: contextlib.AsyncExitStack, queues: list[str], handle_signals: bool

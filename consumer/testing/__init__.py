@@ -1,0 +1,336 @@
+"""``leveret.testing``: run your jobs in your own tests, without a broker or with a real one.
+
+* ``run_job(worker, "charge", payload, overrides={Session: fake})`` runs one handler in-process
+  exactly as a worker would (a real ``JobContext``, resolved resources, your middleware, the
+  job's timeout) and returns its result or raises what it raised.
+* ``TestBroker(worker)`` runs published jobs in memory: retries without waiting out the backoff
+  (the delay that would have been waited is kept in ``retries``), follow-ups from
+  ``ctx.enqueue``, and dead-lettering with the reason in ``dead``.
+* the pytest plugin (``leveret.testing.pytest_plugin``, registered through the ``pytest11``
+  entry point): a ``leveret_amqp_url`` fixture, a fresh vhost on a real broker per test.
+
+What the in-memory kit leaves out, on purpose: rate limits (a test should not wait for a
+window to pass), prefetch and concurrency (jobs run one after another, in publish order,
+retries at the back: deterministic), and the wire's redelivery guard. It shares everything else
+with the worker: ``execution.build_chain`` composes the same chain, ``JobSpec.validate`` reads the
+payload from the same JSON bytes a publisher sends, ``JobSpec.delay_after`` computes the retry
+delay, and ``Resources`` opens the same resources (lazily, so an overridden session never opens
+the real pool behind it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, cast
+
+import structlog
+from pydantic import BaseModel
+
+from leveret.producers.message import encode_payload, new_job_id, one_line
+
+from .. import execution
+from ..context import JobContext
+from ..errors import Reject
+from ..middleware import CallNext, JobMetrics
+from ..registry import JobSpec
+from ..threads import JobThreads
+from ..tracing import tracing_layer
+from ..worker import Worker
+
+__all__ = ["DeadJob", "Enqueued", "Retry", "SucceededJob", "TestBroker", "run_job"]
+
+log = structlog.get_logger("leveret.testing")
+
+
+class _NoMetric:
+    """Stands in for the worker's Prometheus children: tests count nothing."""
+
+    def inc(self, amount: float = 1) -> None:
+        pass
+
+    def dec(self, amount: float = 1) -> None:
+        pass
+
+
+_NO_METRICS = JobMetrics(cast(Any, _NoMetric()), cast(Any, _NoMetric()))
+
+
+@dataclass(frozen=True)
+class Enqueued:
+    """A follow-up job a handler enqueued with ``ctx.enqueue``."""
+
+    job: str
+    job_id: str
+    payload: Any
+    headers: dict[str, str]
+    options: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class DeadJob:
+    """A job ``TestBroker`` dead-lettered: ``reason`` is ``exhausted``, ``rejected``,
+    ``invalid`` or ``unknown_job``, as ``x-reason`` would say on a real DLQ."""
+
+    job: str
+    job_id: str
+    payload: Any
+    reason: str
+    error: str
+    attempts: int
+
+
+@dataclass(frozen=True)
+class SucceededJob:
+    job: str
+    job_id: str
+    result: Any
+    attempts: int
+
+
+@dataclass(frozen=True)
+class Retry:
+    """A retry ``TestBroker`` ran at once instead of after ``delay_s``."""
+
+    job: str
+    job_id: str
+    attempt: int  # the attempt that failed
+    delay_s: float
+    error: str
+
+
+class _Collect:
+    """``ctx.enqueue``/``ctx.progress`` outside a worker: follow-ups are collected, not sent."""
+
+    def __init__(self) -> None:
+        self.progress_reports: list[tuple[str, float, str | None]] = []
+
+    async def progress(
+        self, d: Any, job: str, attempt: int, fraction: float, message: str | None
+    ) -> None:
+        self.progress_reports.append((job, fraction, message))
+
+    def follow_up(self, job: str, payload: Any, options: dict[str, Any]) -> Enqueued:
+        options = dict(options)
+        headers = {str(k): str(v) for k, v in (options.pop("headers", None) or {}).items()}
+        job_id = options.pop("job_id", None) or new_job_id()
+        return Enqueued(job, job_id, payload, headers, options)
+
+
+def _body(payload: Any) -> bytes:
+    """The JSON bytes a publisher would send for ``payload`` (a model, a dict, or bytes)."""
+    if isinstance(payload, bytes | bytearray):
+        return bytes(payload)
+    if isinstance(payload, BaseModel | dict):
+        return encode_payload(payload)
+    raise TypeError(f"a payload is a pydantic model, a dict or JSON bytes, got {payload!r}")
+
+
+def _spec(worker: Worker, job: str) -> JobSpec:
+    try:
+        return worker.jobs.jobs[job]
+    except KeyError:
+        known = ", ".join(sorted(worker.jobs.jobs)) or "none"
+        raise LookupError(f"no job {job!r} is registered on this worker (has: {known})") from None
+
+
+def _chain(worker: Worker, spec: JobSpec, threads: JobThreads) -> CallNext:
+    return execution.build_chain(
+        spec,
+        worker.middlewares,
+        _NO_METRICS,
+        threads,
+        plan=worker.plans[spec.name],
+        resources=worker.resources,
+        tracing=tracing_layer(),
+    )
+
+
+def _context(
+    spec: JobSpec,
+    job_id: str,
+    attempt: int,
+    headers: Mapping[str, str] | None,
+    payload: Any,
+    lifecycle: _Collect,
+) -> JobContext:
+    ctx = JobContext(
+        job_id,
+        spec.name,
+        spec.queue,
+        attempt,
+        spec.max_attempts,
+        log.bind(job_id=job_id, job=spec.name),
+        headers={str(k): str(v) for k, v in (headers or {}).items()},
+        payload=payload,
+    )
+    ctx.lifecycle = lifecycle
+    return ctx
+
+
+async def run_job(
+    worker: Worker,
+    job: str,
+    payload: Any,
+    *,
+    overrides: Mapping[Any, Any] | None = None,
+    attempt: int = 1,
+    headers: Mapping[str, str] | None = None,
+    job_id: str | None = None,
+    enqueued: list[Enqueued] | None = None,
+) -> Any:
+    """Run one handler of ``worker`` as a worker would, with no broker; return its result or
+    raise what the run raised (after its job-scoped resources closed).
+
+    ``overrides`` (``{Type: instance}``) stand in for resources of either scope: an overridden
+    resource is never opened, nor what only it needed. Process resources the run needs are
+    opened for this call and closed after it. ``attempt`` sets ``ctx.attempt`` (test
+    ``ctx.is_last_attempt`` paths); jobs the handler enqueues are appended to ``enqueued``.
+    """
+    worker.check()
+    spec = _spec(worker, job)
+    value = spec.validate(_body(payload))
+    collect = _Collect()
+    ctx = _context(spec, job_id or new_job_id(), attempt, headers, value, collect)
+    threads = JobThreads(1)
+    try:
+        chain = _chain(worker, spec, threads)
+        async with worker.resources.process_scope(eager=False, overrides=overrides):
+            result, error = await execution.run(chain, ctx)
+    finally:
+        threads.shutdown()
+    if enqueued is not None and ctx.follow_ups:
+        enqueued.extend(ctx.follow_ups)
+    if error is not None:
+        raise error
+    return result
+
+
+@dataclass
+class _Pending:
+    job: str
+    job_id: str
+    body: bytes
+    headers: dict[str, str]
+    attempts: int = 0  # runs so far
+    max_attempts: int | None = None
+
+
+@dataclass
+class TestBroker:
+    """An in-memory broker for ``worker``'s jobs: ``async with TestBroker(worker) as broker:``.
+
+    ``publish`` queues a job, ``join`` runs everything queued until nothing is left (retries
+    and follow-ups included, retries immediately), then ``succeeded``, ``dead``, ``retries`` and
+    ``enqueued`` say what happened. Process resources are opened lazily inside the block and
+    closed when it ends; ``overrides`` replace resources as in ``run_job``.
+    """
+
+    __test__ = False  # a class named Test* is not a pytest test class
+
+    worker: Worker
+    overrides: Mapping[Any, Any] | None = None
+    max_runs: int = 10_000  # a guard against a job that enqueues itself forever
+    succeeded: list[SucceededJob] = field(default_factory=list)
+    dead: list[DeadJob] = field(default_factory=list)
+    retries: list[Retry] = field(default_factory=list)
+    enqueued: list[Enqueued] = field(default_factory=list)
+    _queue: deque[_Pending] = field(default_factory=deque)
+    _chains: dict[str, CallNext] = field(default_factory=dict)
+    _stack: contextlib.AsyncExitStack | None = None
+
+    async def __aenter__(self) -> TestBroker:
+        self.worker.check()
+        stack = contextlib.AsyncExitStack()
+        threads = JobThreads(4)
+        stack.callback(threads.shutdown)
+        try:
+            self._chains = {
+                name: _chain(self.worker, spec, threads)
+                for name, spec in self.worker.jobs.jobs.items()
+            }
+            await stack.enter_async_context(
+                self.worker.resources.process_scope(eager=False, overrides=self.overrides)
+            )
+        except BaseException:
+            await stack.aclose()
+            raise
+        self._stack = stack
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._stack is not None:
+            stack, self._stack = self._stack, None
+            await stack.aclose()
+
+    async def publish(
+        self,
+        job: str,
+        payload: Any,
+        *,
+        headers: Mapping[str, str] | None = None,
+        job_id: str | None = None,
+    ) -> str:
+        """Queue ``job``; returns its id. Runs at the next ``join``."""
+        job_id = job_id or new_job_id()
+        body = _body(payload)
+        carried = {k: str(v) for k, v in (headers or {}).items()}
+        self._queue.append(_Pending(job, job_id, body, carried))
+        return job_id
+
+    async def join(self) -> None:
+        """Run queued jobs (and the retries and follow-ups they cause) until none is left."""
+        if self._stack is None:
+            raise RuntimeError("use TestBroker inside `async with TestBroker(worker) as broker:`")
+        runs = 0
+        while self._queue:
+            runs += 1
+            if runs > self.max_runs:
+                raise RuntimeError(f"TestBroker ran {self.max_runs} jobs and more keep coming")
+            await self._run(self._queue.popleft())
+
+    async def _run(self, p: _Pending) -> None:
+        spec = self.worker.jobs.jobs.get(p.job)
+        if spec is None:
+            return self._dead(p, None, "unknown_job", f"no handler for job {p.job!r}", p.attempts)
+        try:
+            value = spec.validate(p.body)
+        except Exception as exc:
+            return self._dead(p, None, "invalid", f"{type(exc).__name__}: {exc}", p.attempts)
+        collect = _Collect()
+        attempt = p.attempts + 1
+        max_attempts = p.max_attempts or spec.max_attempts
+        ctx = _context(spec, p.job_id, attempt, p.headers, value, collect)
+        ctx.max_attempts = max_attempts
+        result, error = await execution.run(self._chains[spec.name], ctx)
+        if error is None:
+            self.succeeded.append(SucceededJob(p.job, p.job_id, result, attempt))
+            for f in ctx.follow_ups or ():
+                self.enqueued.append(f)
+                body = _body(f.payload)
+                limit = f.options.get("max_attempts")
+                self._queue.append(_Pending(f.job, f.job_id, body, f.headers, 0, limit))
+            return None
+        described = one_line(f"{type(error).__name__}: {error}")
+        if isinstance(error, Reject):
+            return self._dead(p, value, "rejected", described, attempt)
+        if attempt >= max_attempts:
+            return self._dead(p, value, "exhausted", described, attempt)
+        cause = error if isinstance(error, Exception) else RuntimeError(described)
+        self.retries.append(
+            Retry(p.job, p.job_id, attempt, spec.delay_after(attempt, cause), described)
+        )
+        p.attempts = attempt
+        self._queue.append(p)
+        return None
+
+    def _dead(self, p: _Pending, payload: Any, reason: str, error: str, attempts: int) -> None:
+        self.dead.append(DeadJob(p.job, p.job_id, payload, reason, error, attempts))
