@@ -145,18 +145,20 @@ def test_a_bad_eta_is_one_clear_line(broker: Broker, args: tuple[str, ...], expe
 
 
 async def test_publish_eta_lands_no_earlier_than_its_time(broker: Broker) -> None:
-    """--eta 2 s ahead, written with a +01:00 offset: the job arrives inside its bound."""
+    """--eta 8 s ahead (room for the CLI's start on a busy machine), written with a +01:00
+    offset: the job arrives inside its bound."""
     queue = unique("etacli")
     connection = await aio_pika.connect(broker.url)
     try:
         await declare(connection, Topology(queues=(WorkQueue(name=queue, jobs=(f"{queue}-j",)),)))
-        eta = datetime.fromtimestamp(time.time() + 3, timezone(timedelta(hours=1)))
+        eta = datetime.fromtimestamp(time.time() + 8, timezone(timedelta(hours=1)))
         result = leveret_cli(
             "publish", f"{queue}-j", "{}", "--eta", eta.isoformat(), "--id", "eta-cli",
             env=_env(broker),
         )  # fmt: skip
         assert result.returncode == 0, result.stderr
         assert result.stdout.strip() == "eta-cli"
+        assert time.time() < eta.timestamp(), "the CLI took longer than the eta was ahead"
         q = await (await connection.channel()).get_queue(queue)
         while (message := await q.get(fail=False, no_ack=True)) is None:
             assert time.time() < eta.timestamp() + 5, "the job never arrived"
