@@ -350,6 +350,29 @@ def panels() -> list[dict[str, Any]]:
         12,
         8,
     )
+    lay.add(
+        timeseries(
+            "Queue wait p50 / p95 / p99 by job",
+            "Time from publish to the start of a job's first run, from the "
+            "leveret_job_queue_wait_seconds histogram (the publisher's x-published-at header, in "
+            "ms; else the AMQP timestamp, whole seconds). Rising while durations stay flat: "
+            "too few workers for the load; add workers or raise the prefetch. A delayed publish "
+            "counts its delay.",
+            _targets(
+                *(
+                    (
+                        f"histogram_quantile({q}, sum by (job_name, le) "
+                        f"(rate(leveret_job_queue_wait_seconds_bucket{{{LEV_JOB}}}{RATE})))",
+                        f"{{{{job_name}}}} p{label}",
+                    )
+                    for q, label in (("0.5", "50"), ("0.95", "95"), ("0.99", "99"))
+                )
+            ),
+            "s",
+        ),
+        24,
+        8,
+    )
 
     lay.row("QUEUES")
     lay.add(

@@ -83,6 +83,7 @@ def test_the_panels_cover_what_operators_ask() -> None:
         "rabbitmq_detailed_queue_messages_ready",
         "rabbitmq_detailed_queue_consumers",
         "leveret_jobs_published_total",
+        "leveret_job_queue_wait_seconds_bucket",
     ):
         assert needle in exprs, needle
     assert re.search(r"rabbitmq_detailed_queue_messages\{[^}]*\\\\.dlq", exprs)
