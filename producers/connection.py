@@ -46,6 +46,8 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
 _CONNECT_ERRORS: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, ssl.SSLError, ValueError)
 
 MASK = "******"
+# Seconds between a robust connection's reconnect attempts when it has other nodes to try.
+MULTI_NODE_RECONNECT_S = 1.0
 
 log = structlog.get_logger("leveret.connection")
 
@@ -313,7 +315,12 @@ async def _connect_one(
     connection: aio_pika.Connection
     try:
         if robust:
-            connection = FailoverRobustConnection(urls, index, key, ssl_context=ssl_context)
+            # With several nodes the next attempt goes to another node, so it need not wait
+            # aio-pika's 5 s (meant for one node coming back).
+            interval = None if len(urls) == 1 else MULTI_NODE_RECONNECT_S
+            connection = FailoverRobustConnection(
+                urls, index, key, ssl_context=ssl_context, reconnect_interval=interval
+            )
         else:
             connection = aio_pika.Connection(make_url(url), ssl_context=ssl_context)
     except ValueError as exc:
