@@ -49,6 +49,7 @@ from aio_pika.abc import (
 from pamqp.commands import Basic
 
 from leveret.topology.errors import LeveretError
+from leveret.topology.model import cancel_exchange_name
 
 from .confirm import publish_confirmed
 from .connection import mask_url
@@ -62,8 +63,9 @@ DEFAULT_MAX_IDS: Final = 100_000
 
 
 def cancel_exchange(exchange: str) -> str:
-    """``jobs`` → ``jobs.cancel``: beside the jobs exchange in the management UI."""
-    return f"{exchange}.cancel"
+    """``jobs`` → ``jobs.cancel``: beside the jobs exchange in the management UI (the
+    topology declares it: ``Topology.exchanges()``)."""
+    return cancel_exchange_name(exchange)
 
 
 class UnknownJob(LeveretError, LookupError):

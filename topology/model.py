@@ -140,6 +140,12 @@ def events_exchange_name(exchange: str) -> str:
     return f"{exchange}.events"
 
 
+def cancel_exchange_name(exchange: str) -> str:
+    """The fanout exchange cancellations are broadcast on: ``jobs`` → ``jobs.cancel`` (every
+    running worker binds a queue of its own; see ``producers.cancel``)."""
+    return f"{exchange}.cancel"
+
+
 def delay_exchange_name(exchange: str, level: int) -> str:
     """The chain exchange that decides bit ``level``; ``-1`` is the final ``….delay.done``."""
     return f"{exchange}.delay.done" if level < 0 else f"{exchange}.delay.{_ttl_label(level)}"
@@ -352,7 +358,10 @@ class Topology(BaseModel):
         # The events exchange is declared with the rest, so a subscriber (or the status keeper)
         # may bind to it before any worker ran, and a worker's first event is never unroutable.
         events = ExchangeDecl(events_exchange_name(self.exchange), "topic")
-        return [ExchangeDecl(self.exchange, "direct"), *chain, events]
+        # Declared up front too: a cancel broadcast to a missing exchange would close the
+        # publisher's channel (404), not just reach nobody.
+        cancel = ExchangeDecl(cancel_exchange_name(self.exchange), "fanout")
+        return [ExchangeDecl(self.exchange, "direct"), *chain, events, cancel]
 
     def queue_decls(self) -> list[QueueDecl]:
         decls: list[QueueDecl] = []
