@@ -40,6 +40,7 @@ import asyncio
 import contextvars
 import functools
 import inspect
+import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
@@ -172,7 +173,15 @@ class RateLimited:
     at once to be given back again.
     """
 
-    __slots__ = ("_global", "_local", "_max_hold", "_max_waiting", "_next", "_waiting")
+    __slots__ = (
+        "_blocked_until",
+        "_global",
+        "_local",
+        "_max_hold",
+        "_max_waiting",
+        "_next",
+        "_waiting",
+    )
 
     def __init__(
         self,
@@ -187,6 +196,11 @@ class RateLimited:
         self._max_hold = max_hold_s
         self._waiting = 0
         self._next = 0.0  # monotonic time the next postponed job is asked to come back at
+        # Until when the global limiter last said it is full: deliveries arriving before then
+        # are postponed without asking it again (a broker-side check is four round trips,
+        # serialised per process; asking for every delivery of a backlog would starve the
+        # queue's other jobs of the worker's attention).
+        self._blocked_until = 0.0
 
     async def __call__(self, ctx: JobContext, call_next: CallNext) -> Any:
         local = self._local
@@ -196,8 +210,12 @@ class RateLimited:
                 await self._wait_or_postpone(local, wait)
         limiter = self._global
         if limiter is not None:
+            blocked = self._blocked_until - time.monotonic()
+            if blocked > 0 and (blocked > self._max_hold or self._waiting >= self._max_waiting):
+                raise Postponed(self._spread(blocked, limiter.rate), limiter.rate)
             wait = await limiter.try_acquire()
             if wait:
+                self._blocked_until = time.monotonic() + wait
                 await self._wait_or_postpone(limiter, wait)
         return await call_next(ctx)
 
@@ -211,8 +229,17 @@ class RateLimited:
             self._waiting -= 1
 
     def _spread(self, wait: float, rate: Rate) -> float:
+        """When to ask a postponed job back: one start interval after the previous one, so a
+        backlog returns at the rate it can start. Within a horizon of two windows: beyond it, a
+        random moment inside it (a job postponed again must not push every later one out, or a
+        backlog circling through the delay chain drifts ever later and the limit is under-used;
+        and a fixed horizon would bring the overflow back in one burst)."""
         now = time.monotonic()
-        at = max(self._next, now + wait)
+        soonest = now + wait
+        horizon = soonest + 2 * rate.window
+        at = max(self._next, soonest)
+        if at > horizon:
+            return random.uniform(wait, horizon - now)
         self._next = at + rate.window / rate.limit
         return at - now
 
