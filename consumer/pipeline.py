@@ -15,6 +15,16 @@ It reads the envelope once into a ``Delivery``, then ``_process`` walks it down:
 Whatever escapes that (a copy not confirmed, a failing log sink) still leaves the job with
 exactly one outcome: it is given back after a backoff (``Settler.give_back_later``). A
 cancellation (shutdown grace over, or the session lost) gives it back unburnt.
+
+Cancelled jobs (``producers.cancel``): with a status store the session binds ``cancelled_ids``
+(``CancelWatch.ids``) and every delivery is checked against it before anything else is done
+with it, so a job cancelled while queued, delayed or waiting for a retry is acked with its
+``cancelled`` event and never runs, on this worker or one started later. The check is one dict
+lookup, and the only cost on the hot path when nothing is cancelled (see
+``tests/api/test_worker_cancel.py::test_cancel_check_costs_nothing_measurable``). A running
+job registered ``cancellable=True`` is kept in ``_running`` while its chain runs, and a broadcast
+cancel (``cancel_running``) cancels its task: the handler sees ``CancelledError`` and the job
+ends ``cancelled``, neither retried nor given back.
 """
 
 from __future__ import annotations
@@ -22,7 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -99,6 +109,12 @@ class Pipeline:
     tasks: set[asyncio.Task[Any]] = field(default_factory=set)  # deliveries in flight
     # job name -> its queue-wait histogram child, resolved once.
     _waits: dict[str, Histogram] = field(default_factory=dict)
+    # Cancelled job ids (``CancelWatch.ids``; bound by the session with a status store).
+    cancelled_ids: Mapping[str, object] = field(default_factory=dict)
+    # job id -> the run of a ``cancellable=True`` job now in its chain; and those whose
+    # cancel was asked for (``cancel_running``), until their task has handled it.
+    _running: dict[str, _Running] = field(default_factory=dict)
+    _cancelling: dict[str, _Running] = field(default_factory=dict)
 
     @classmethod
     def for_jobs(
@@ -155,6 +171,14 @@ class Pipeline:
             try:
                 await self._process(d, settler)
             except asyncio.CancelledError:
+                run = self._cancelling.pop(d.job_id, None)
+                if run is not None and run.task is task and task.uncancel() == 0:
+                    # Cancelled by a user (cancel_running), not by a shutdown.
+                    if not lost.is_set() and not settler.acker.closed:
+                        duration = time.perf_counter() - run.started
+                        error = "CancelledError: cancelled by request"
+                        await settler.cancelled(d, d.name, run.attempt, duration, error)
+                    return
                 await self._cancelled(d, settler, lost)
             except Exception as exc:
                 await self._escaped(d, settler, lost, exc)
@@ -179,6 +203,8 @@ class Pipeline:
         if spec is None:
             why = f"no handler for job {d.name!r} on queue {d.queue!r}"
             return await settler.dead_without_run(d, UNKNOWN_JOB, "unknown_job", why, d.attempts)
+        if d.job_id in self.cancelled_ids:  # cancelled before this delivery: never runs
+            return await settler.cancelled(d, spec.name, d.attempts)
         await self._guard.wait_if_counting(d.job_id)
         if d.redelivered and await self._guard.handled(d, settler, spec.name):
             return None
@@ -210,7 +236,18 @@ class Pipeline:
         if settler.publishes_started:
             settler.started(d, spec.name, ctx.attempt)
         started = time.perf_counter()
-        result, error = await execution.run(self._chains[spec.name], ctx)
+        if spec.cancellable:
+            if d.job_id in self.cancelled_ids:  # cancelled during the awaits above
+                return await settler.cancelled(d, spec.name, d.attempts)
+            task = asyncio.current_task()
+            assert task is not None
+            self._running[d.job_id] = _Running(task, started, ctx.attempt)
+            try:
+                result, error = await execution.run(self._chains[spec.name], ctx)
+            finally:
+                self._running.pop(d.job_id, None)
+        else:
+            result, error = await execution.run(self._chains[spec.name], ctx)
         duration = time.perf_counter() - started
         if error is None:
             return await settler.succeeded(
@@ -219,6 +256,15 @@ class Pipeline:
         if type(error) is Postponed:  # its rate limit: back later, same attempt, nothing ran
             return await settler.postpone(d, error.delay_s)
         return await settler.failed(d, spec, ctx.attempt, error, duration)
+
+    def cancel_running(self, job_id: str) -> None:
+        """``CancelWatch.on_cancel``: cancel the task of a running ``cancellable=True`` job
+        (a job not running here, or not cancellable, is left alone: the id is in
+        ``cancelled_ids`` and its next delivery, if any, is refused)."""
+        run = self._running.pop(job_id, None)
+        if run is not None:
+            self._cancelling[job_id] = run
+            run.task.cancel()
 
     async def _cancelled(self, d: Delivery, settler: Settler, lost: asyncio.Event) -> None:
         """Shutdown grace ran out: give the job back unburnt. Cancelled because the channel
@@ -250,3 +296,12 @@ class Pipeline:
                     queue=d.queue,
                     error=one_line(f"{type(exc).__name__}: {exc}"),
                 )
+
+
+@dataclass(frozen=True, slots=True)
+class _Running:
+    """A ``cancellable=True`` run: its task, when it started, which attempt it is."""
+
+    task: asyncio.Task[Any]
+    started: float
+    attempt: int

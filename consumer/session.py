@@ -27,7 +27,9 @@ from aio_pika.abc import AbstractConnection
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
 from tenacity.wait import wait_exponential_jitter
 
+from leveret.producers.cancel import CancelMarks, CancelWatch
 from leveret.producers.connection import CONNECTION_ERRORS, connect, mask_secrets
+from leveret.producers.dedup import DedupStore
 from leveret.producers.errors import BrokerUnavailable
 from leveret.producers.message import one_line
 from leveret.producers.status import StatusStore
@@ -71,6 +73,10 @@ class Plan:
     # With LEVERET_STATUS_URL: each session runs a StatusKeeper into this store (one per
     # worker process), started once the topology is declared, stopped before the connection.
     status_store: StatusStore | None = None
+    # With a status store too: cancellation marks (each session runs a CancelWatch on them)
+    # and de-duplication claims (the keeper frees a job's key when its ending event is in).
+    cancel_marks: CancelMarks | None = None
+    dedup: DedupStore | None = None
 
 
 class Session:
@@ -84,6 +90,7 @@ class Session:
         self.plan = plan
         self.publish_connection: AbstractConnection | None = None
         self.keeper: StatusKeeper | None = None
+        self.watch: CancelWatch | None = None
         self.lost = asyncio.Event()
         self.consumer_tags: dict[str, str] = {}  # consumer tag -> queue
         # Set when the broker cancelled one of our consumers (basic.cancel).
@@ -123,8 +130,21 @@ class Session:
                 plan.status_store,
                 exchange=settings.exchange,
                 queue_type=settings.queue_type,
+                release=plan.dedup.release_job if plan.dedup is not None else None,
             )
             await self.keeper.start()
+        if plan.cancel_marks is not None:
+            # Before consuming: the marks are loaded, so a job cancelled while no worker ran
+            # is refused from the first delivery.
+            self.watch = CancelWatch(
+                self.connection,
+                plan.cancel_marks,
+                exchange=settings.exchange,
+                ttl=settings.status_ttl,
+                on_cancel=plan.pipeline.cancel_running,
+            )
+            await self.watch.start()
+            plan.pipeline.cancelled_ids = self.settler.cancelled_ids = self.watch.ids
         self.consume.on_consumer_cancel_callbacks.add(self._on_cancel)
         for q in plan.queues:
             callback = functools.partial(plan.pipeline.on_message, self.settler, self.lost, q)
@@ -215,6 +235,10 @@ class Session:
         await self.close()
 
     async def close(self) -> None:
+        if self.watch is not None:
+            watch, self.watch = self.watch, None
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(watch.stop(), CLOSE_TIMEOUT_S)
         if self.keeper is not None:
             keeper, self.keeper = self.keeper, None
             with contextlib.suppress(Exception):

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
@@ -39,6 +39,7 @@ from prometheus_client import Counter
 
 from leveret.producers.confirm import publish_confirmed
 from leveret.producers.errors import PublishError, PublishTimeout
+from leveret.producers.events import CANCELLED as EVENT_CANCELLED
 from leveret.producers.events import (
     DEAD,
     EVENTS_CONTENT_TYPE,
@@ -71,7 +72,7 @@ from leveret.topology.model import MAX_DELAY_S, dlq_name, retry_route
 from .acker import Acker
 from .delivery import Delivery
 from .errors import Reject
-from .metrics import DEAD_LETTERED, RETRIED, SUCCEEDED, Outcomes
+from .metrics import CANCELLED, DEAD_LETTERED, RETRIED, SUCCEEDED, Outcomes
 from .registry import JobSpec
 
 __all__ = ["Copy", "FollowUp", "SettleFailed", "Settler", "carried_headers", "copy_properties"]
@@ -137,6 +138,9 @@ class Settler:
         self.outcomes = outcomes
         self._failures = failures
         self._exchange = exchange
+        # The ids cancelled (``CancelWatch.ids``, bound by the session when the worker has a
+        # status store): a failed run of one of these ends ``cancelled`` instead of retrying.
+        self.cancelled_ids: Mapping[str, object] = {}
         # A confirm that never comes (memory alarm, quorum queue without a majority) must end
         # as a failed settle, not hold the job's prefetch slot forever.
         self._timeout_s = timeout_s
@@ -211,6 +215,9 @@ class Settler:
             if not rejected:
                 log.debug("job_traceback", exc_info=error)
             return
+        if d.job_id in self.cancelled_ids:  # cancelled while it ran: not run again
+            await self.cancelled(d, spec.name, attempt, duration, described)
+            return
         delay = _retry_delay(spec, attempt, error, described)
         headers = carried_headers(d.properties)
         headers[HEADER_ATTEMPTS] = attempt
@@ -223,6 +230,25 @@ class Settler:
         await self._finish(d, RETRIED, children.retried, copies)
         log.warning("job_retried", error=described, retry_in_s=round(delay, 3), duration_s=took)
         log.debug("job_traceback", exc_info=error)
+
+    async def cancelled(
+        self,
+        d: Delivery,
+        job: str,
+        attempt: int,
+        duration: float | None = None,
+        error: str | None = None,
+    ) -> None:
+        """The job was cancelled (``producers.cancel``): its ``cancelled`` event is confirmed,
+        then it is acked; nothing else is published. ``duration`` is ``None`` for a job that
+        did not run now (queued, delayed or back from a retry), ``attempt`` its last run."""
+        copies: tuple[Copy, ...] = ()
+        if self._publishes_outcomes:
+            copies = (
+                self._event(d, job, EVENT_CANCELLED, attempt, duration=duration, error=error),
+            )
+        await self._finish(d, CANCELLED, self.outcomes.children(d.queue, job).cancelled, copies)
+        log.info("job_cancelled", job_id=d.job_id, job=job, queue=d.queue, ran=duration is not None)
 
     async def dead_without_run(
         self, d: Delivery, label: str, reason: str, error: str, attempts: int

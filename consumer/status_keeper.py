@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Awaitable, Callable
 from typing import Any, Literal
 
 import structlog
@@ -35,7 +36,7 @@ from aio_pika.abc import (
 )
 from aiormq.abc import FieldTable
 
-from leveret.producers.events import InvalidEvent, events_exchange, parse_event
+from leveret.producers.events import TERMINAL_STATES, InvalidEvent, events_exchange, parse_event
 from leveret.producers.status import StatusStore, StatusStoreUnavailable
 
 log = structlog.get_logger("leveret.status_keeper")
@@ -64,8 +65,14 @@ class StatusKeeper:
         queue_type: Literal["classic", "quorum"] = "classic",
         backoff_initial: float = 0.5,
         backoff_max: float = 30.0,
+        release: Callable[[str], Awaitable[object]] | None = None,
     ) -> None:
+        """``release(job_id)`` (``DedupStore.release_job``) runs after an ending event
+        (``succeeded``, ``dead``, ``cancelled``) is applied, before its ack: a job's
+        ``dedup_key`` is free once its status says it ended, and a keeper dying in between
+        leaves the event unacked, so the next keeper frees it (a release is idempotent)."""
         self.connection = connection
+        self.release = release
         self.store = store
         self.exchange = events_exchange(exchange)
         self.queue_name = queue or status_queue_name(exchange)
@@ -160,6 +167,8 @@ class StatusKeeper:
             await self._store_ok.wait()
             try:
                 changed = await self.store.apply(event)
+                if self.release is not None and event.state in TERMINAL_STATES:
+                    await self.release(event.job_id)
             except StatusStoreUnavailable as exc:
                 self._enter_outage(exc)
                 continue

@@ -244,6 +244,7 @@ class Worker:
             limits=self._rate_limits(global_limits, share),
             tracing=tracing_layer(),
         )
+        status_store = self._open_status_store()
         plan = Plan(
             self.settings,
             self.topology,
@@ -253,7 +254,8 @@ class Worker:
             {},
             self._pipeline,
             functools.partial(self._set_ready, False),
-            status_store=self._open_status_store(),
+            status_store=status_store,
+            **self._cancel_and_dedup(status_store),
         )
         for q in queues:
             self.metrics.prefetch.labels(queue=q).set(share)
@@ -383,6 +385,22 @@ class Worker:
         from leveret.producers.status import RedisStatusStore
 
         return RedisStatusStore.from_url(url.get_secret_value(), ttl=self.settings.status_ttl)
+
+    @staticmethod
+    def _cancel_and_dedup(store: StatusStore | None) -> dict[str, Any]:
+        """Cancel marks and de-duplication claims on the status store's Redis client (one
+        client per worker process); nothing without a Redis status store."""
+        from leveret.producers.status import RedisStatusStore
+
+        if not isinstance(store, RedisStatusStore):
+            return {}
+        from leveret.producers.cancel import RedisCancelMarks
+        from leveret.producers.dedup import DedupStore
+
+        return {
+            "cancel_marks": RedisCancelMarks(store.client, ttl=store.ttl),
+            "dedup": DedupStore(store.client, ttl=store.ttl),
+        }
 
     def _stopped(self) -> None:
         self._set_ready(False)

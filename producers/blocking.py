@@ -59,8 +59,10 @@ class BlockingPublisher:
         eta: datetime | None = None,
         job_id: str | None = None,
         max_attempts: int | None = None,
+        dedup_key: str | None = None,
     ) -> str:
-        """``Publisher.publish``, blocking; ``delay``/``eta``/``max_attempts`` as there."""
+        """``Publisher.publish``, blocking; ``delay``/``eta``/``max_attempts``/``dedup_key``
+        as there."""
         return self._run(
             self._publisher.publish(
                 job,
@@ -70,8 +72,13 @@ class BlockingPublisher:
                 eta=eta,
                 job_id=job_id,
                 max_attempts=max_attempts,
+                dedup_key=dedup_key,
             )
         )
+
+    def cancel(self, job_id: str) -> JobStatus:
+        """``Publisher.cancel``, blocking."""
+        return self._run(self._publisher.cancel(job_id))
 
     def publish_many(self, jobs: Iterable[Job | tuple[str, Payload]]) -> list[str]:
         return self._run(self._publisher.publish_many(list(jobs)))

@@ -22,6 +22,11 @@ stale clock or after a slow request still gets its job, where an error would los
 *negative* ``delay=`` is different (a sign error in the caller's arithmetic, not a late clock)
 and raises, as do a naive ETA (its instant is unknown), both options at once, and a time past
 the horizon (``MAX_DELAY_S``, about 388 days): every one an ``InvalidDelayError``.
+
+De-duplication and cancellation (``producers.dedup``, ``producers.cancel``) use the status
+store's Redis: ``dedup_key=`` claims the key atomically before the publish (a held key returns
+the holder's id and sends nothing; a failed publish frees it), and ``cancel(id)`` marks the job
+and broadcasts the id to every running worker on this publisher's channel.
 """
 
 from __future__ import annotations
@@ -45,8 +50,16 @@ from leveret.topology.errors import InvalidDelayError
 from leveret.topology.model import MAX_DELAY_S, check_name, delay_units, delayed_job_route
 
 from .batch import BatchPublishError, publish_batch
+from .cancel import CancelMarks, RedisCancelMarks, broadcast_cancel, cancel_exchange, request_cancel
 from .confirm import publish_confirmed
 from .connection import connect, mask_url
+from .dedup import (
+    HEADER_DEDUP_KEY,
+    DedupStore,
+    DedupUnavailableError,
+    check_dedup_key,
+    publish_once,
+)
 from .errors import DuplicateJobIdError, PublishTimeout
 from .lifecycle_settings import LifecycleSettings
 from .message import (
@@ -115,6 +128,7 @@ class Job(BaseModel):
     eta: datetime | None = None
     job_id: str | None = None
     max_attempts: int | None = None
+    dedup_key: str | None = None
 
 
 def prepare_job(
@@ -182,6 +196,9 @@ class Publisher:
             if lifecycle.status_url is not None:
                 self._status_url = lifecycle.status_url.get_secret_value()
         self._status_ttl = LifecycleSettings().status_ttl if self._status_url else 0
+        self._dedup: DedupStore | None = None
+        self._marks: CancelMarks | None = None
+        self._cancel_declared = False
 
     def __repr__(self) -> str:
         return f"Publisher({mask_url(self.settings.amqp_url.get_secret_value())!r})"
@@ -231,8 +248,13 @@ class Publisher:
         job_id: str | None = None,
         headers: Mapping[str, Any] | None = None,
         max_attempts: int | None = None,
+        dedup_key: str | None = None,
     ) -> str:
         """Publish one job and wait for the broker's confirm; return its id.
+
+        ``dedup_key`` (needs the status store): while a job published with that key is live
+        (queued, delayed, waiting for a retry, running), publishing it again returns that job's
+        id and enqueues nothing, from any number of processes (``producers.dedup``).
 
         ``max_attempts`` overrides the job's registered ``max_attempts`` for this one job.
         With a status store, the job reads ``queued`` once this returns.
@@ -242,6 +264,10 @@ class Publisher:
         (925 ms) later, for any time up to ``MAX_DELAY_S`` (about 388 days) ahead.
         """
         delay_s = delay_seconds(delay, eta)
+        if dedup_key is not None:
+            return await self._publish_once(
+                dedup_key, job, payload, priority, delay_s, job_id, headers, max_attempts
+            )
         prepared = prepare_job(
             self._exchange, job, payload, priority, delay_s, job_id, headers, max_attempts
         )
@@ -250,6 +276,88 @@ class Publisher:
             await self._record_queued(prepared)
         return prepared.job_id
 
+    async def _publish_once(
+        self,
+        key: str,
+        job: str,
+        payload: Payload,
+        priority: int | None,
+        delay_s: float | None,
+        job_id: str | None,
+        headers: Mapping[str, Any] | None,
+        max_attempts: int | None,
+    ) -> str:
+        """Validated first (a bad payload never claims the key), then claim → publish →
+        confirm the claim, or release it if the publish failed (``publish_once``)."""
+        dedup = self._dedup_store()
+        carried = {**(headers or {}), HEADER_DEDUP_KEY: key}
+        prepared = prepare_job(
+            self._exchange, job, payload, priority, delay_s, job_id, carried, max_attempts
+        )
+
+        async def send(_: str, __: dict[str, str]) -> None:
+            await self._send(prepared)
+
+        returned, published = await publish_once(dedup, key, prepared.job_id, send)
+        if published and self._status_store is not None:
+            await self._record_queued(prepared)
+        return returned
+
+    async def _publish_job(self, j: Job) -> str:
+        return await self.publish(
+            j.job,
+            j.payload,
+            priority=j.priority,
+            delay=j.delay,
+            eta=j.eta,
+            job_id=j.job_id,
+            max_attempts=j.max_attempts,
+            dedup_key=j.dedup_key,
+        )
+
+    def _dedup_store(self) -> DedupStore:
+        if self._dedup is None:
+            from .status import RedisStatusStore
+
+            store = self._status_store
+            if not isinstance(store, RedisStatusStore):
+                raise DedupUnavailableError()
+            self._dedup = DedupStore(store.client, ttl=store.ttl)
+        return self._dedup
+
+    async def cancel(self, job_id: str) -> JobStatus:
+        """Cancel a job (``producers.cancel``): it never runs again; a running
+        ``cancellable=True`` job is cancelled at once, others finish their current run.
+
+        Returns the status as it was when asked; raises ``UnknownJob`` (no status) or
+        ``JobAlreadyEnded``. Needs the status store, where the mark every worker honours is
+        kept; the broadcast goes out on this publisher's channel.
+        """
+        store = self._store()
+        if self._marks is None:
+            from .status import RedisStatusStore
+
+            if not isinstance(store, RedisStatusStore):
+                raise StatusStoreError("cancel needs a Redis status store (LEVERET_STATUS_URL)")
+            self._marks = RedisCancelMarks(store.client, ttl=store.ttl)
+        return await request_cancel(store, self._marks, job_id, self._broadcast_cancel)
+
+    async def _broadcast_cancel(self, job_id: str) -> None:
+        if self._channel is None:
+            raise RuntimeError("Publisher is not connected: use `async with Publisher(...)`")
+        if not self._cancel_declared:
+            # Idempotent. A publish to a missing exchange would close this channel, and a
+            # publisher may well run before any worker or `topology declare` did.
+            from aio_pika import ExchangeType
+
+            await self._channel.declare_exchange(
+                cancel_exchange(self._exchange), ExchangeType.FANOUT, durable=True
+            )
+            self._cancel_declared = True
+        async with asyncio.timeout(self._timeout):
+            channel = await self._channel.get_underlay_channel()
+        await broadcast_cancel(channel, self._exchange, job_id, timeout=self._timeout)
+
     async def publish_many(self, jobs: Iterable[Job | tuple[str, Payload]]) -> list[str]:
         """Send a whole batch, then wait for all its confirms at once.
 
@@ -257,10 +365,26 @@ class Publisher:
         (``producers.batch``). Returns the ids in order once every job is confirmed; otherwise
         raises ``BatchPublishError`` after every confirm is in (or the wait ended), naming each
         job not confirmed with its typed error, and the ids that did land (``landed``).
+
+        A ``Job`` with ``dedup_key`` is not part of the write: each goes through ``publish``'s
+        claim → publish → confirm on its own, concurrently, once the batch is confirmed; its
+        id in the list is the one ``publish`` returns (the holder's when the key is held).
         """
         batch: list[_Prepared] = []
         seen: set[str] = set()
-        for item in jobs:
+        once: dict[int, Job] = {}  # position -> a job with a dedup_key
+        items = list(jobs)
+        for position, item in enumerate(items):
+            if isinstance(item, Job) and item.dedup_key is not None:
+                # Validated now like every other item (the key, the payload, the delay).
+                check_dedup_key(item.dedup_key)
+                prepare_job(
+                    self._exchange, item.job, item.payload, item.priority,
+                    delay_seconds(item.delay, item.eta), item.job_id, None, item.max_attempts,
+                )  # fmt: skip
+                self._dedup_store()
+                once[position] = item
+                continue
             if isinstance(item, Job):
                 prepared = prepare_job(
                     self._exchange,
@@ -293,7 +417,13 @@ class Publisher:
         for result in results:
             if isinstance(result, BaseException):
                 raise result
-        return [p.job_id for p in batch]
+        ids = [p.job_id for p in batch]
+        if not once:
+            return ids
+        deduped = await asyncio.gather(*(self._publish_job(j) for j in once.values()))
+        by_position = dict(zip(once, deduped, strict=True))
+        rest = iter(ids)
+        return [by_position[i] if i in by_position else next(rest) for i in range(len(items))]
 
     async def _send_batch(
         self, batch: list[_Prepared]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from .api_cmd import api
+from .cancel_cmd import cancel
 from .dlq_cmd import dlq
 from .doctor_cmd import doctor
 from .job_cmd import job
@@ -37,6 +38,7 @@ cli.add_command(doctor)
 cli.add_command(schedule)
 cli.add_command(api)
 cli.add_command(job)
+cli.add_command(cancel)
 
 
 def main() -> None:

@@ -19,6 +19,7 @@ Examples:
   leveret publish send_email '{"to": "a@b.c", "subject": "hi"}'
   leveret publish send_email '{"to": "a@b.c", "subject": "hi"}' --priority 7 --delay 30
   leveret publish report '{}' --eta 2027-01-01T09:00:00+01:00
+  leveret publish charge '{"invoice": 42}' --dedup-key invoice-42
 Prints the job id once the broker confirmed the job; exits non-zero when no
 queue is bound for JOB or the broker refuses it."""
 )
@@ -33,6 +34,12 @@ queue is bound for JOB or the broker refuses it."""
     "a past time runs now.",
 )
 @click.option("--id", "job_id", help="Job id (default: a new UUID).")
+@click.option(
+    "--dedup-key",
+    metavar="KEY",
+    help="While a job published with KEY is queued, retrying or running, print its id and "
+    "enqueue nothing (needs LEVERET_STATUS_URL).",
+)
 @command_setup
 def publish(
     job: str,
@@ -41,6 +48,7 @@ def publish(
     delay: float | None,
     eta: str | None,
     job_id: str | None,
+    dedup_key: str | None,
 ) -> None:
     """Publish one job JOB with payload JSON and print its id."""
     if delay is not None and eta is not None:
@@ -62,7 +70,13 @@ def publish(
     async def run() -> str:
         async with Publisher(settings=settings) as pub:
             return await pub.publish(
-                job, body, priority=priority, delay=delay, eta=when, job_id=job_id
+                job,
+                body,
+                priority=priority,
+                delay=delay,
+                eta=when,
+                job_id=job_id,
+                dedup_key=dedup_key,
             )
 
     click.echo(run_async(run()))
