@@ -45,6 +45,9 @@ RUNNERS = {
     "faststream-uvloop": ("bench.runners.faststream_runner", {"uvloop": True}),
     "taskiq": ("bench.runners.taskiq_runner", {}),
     "taskiq-uvloop": ("bench.runners.taskiq_runner", {"uvloop": True}),
+    # Issue 14: the handler takes one job-scoped resource (an async generator); compare with
+    # "leveret" (same handler, no resource) to see the job scope's cost. Ask with --libs.
+    "leveret-resource": ("bench.runners.leveret_runner", {"job_resource": True}),
 }
 # Peers at their best configuration: the asyncio ones on uvloop (they can use it; a user who
 # cares about speed does), Dramatiq and Celery on their own threads (no event loop to swap).

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from collections.abc import AsyncIterator
 from typing import Any
 
 from pydantic import BaseModel
@@ -21,6 +22,17 @@ from leveret.producers import Publisher
 from leveret.producers.connection import connect
 from leveret.producers.settings import ConnectionSettings
 from leveret.topology.declare import declare
+
+
+class Conn:
+    """What a job-scoped resource typically hands a handler (a session, a transaction)."""
+
+    __slots__ = ()
+
+
+async def conn() -> AsyncIterator[Conn]:
+    """The ``job_resource`` option: one job-scoped async-generator resource per job."""
+    yield Conn()
 
 
 class Item(BaseModel):
@@ -46,9 +58,24 @@ def make_worker(spec: dict[str, Any], tally: Tally | None) -> Worker:
     worker = Worker(settings)
     io_s = float(spec.get("io_s", 0.0))
 
-    @worker.job(
+    register = worker.job(
         spec["job"], queue=spec["queue"], max_attempts=3, backoff=spec.get("backoff_s", 1.0)
     )
+    if spec.get("job_resource"):  # the leveret-resource row: the job scope's own cost
+        worker.resource(scope="job")(conn)
+
+        @register
+        async def handle_with(item: Item, ctx: JobContext, c: Conn) -> None:
+            assert tally is not None
+            if tally.start({"i": item.i, "ts": item.ts}):
+                raise RuntimeError("first attempt fails on purpose")
+            if io_s:
+                await asyncio.sleep(io_s)
+            tally.end()
+
+        return worker
+
+    @register
     async def handle(item: Item, ctx: JobContext) -> None:
         assert tally is not None
         if tally.start({"i": item.i, "ts": item.ts}):

@@ -1,4 +1,6 @@
-"""The pytest plugin of ``leveret.testing`` (entry point ``pytest11``: ``leveret``).
+"""The pytest plugin of ``leveret.testing`` (entry point ``pytest11``: ``leveret =
+"leveret.testing.pytest_plugin"``). It lives here, outside ``consumer/``, because it imports pytest:
+only pytest ever loads it, so pytest is no dependency of the worker.
 
 ``leveret_amqp_url``: a fresh vhost on the broker ``LEVERET_AMQP_URL`` names (default
 ``amqp://guest:guest@localhost:5672/``), created through its management API before the test and

@@ -24,7 +24,8 @@ FENCE = re.compile(r"^```.*?^```", re.S | re.M)
 DOCS = [*sorted((ROOT / "docs").glob("*.md")), ROOT / "README.md"]
 METRIC = re.compile(r"\b((?:leveret|rabbitmq|kube)_[a-z_]+[a-z])\b")
 PACKAGES = ("topology", "producers", "consumer")
-NOT_SERIES = {"rabbitmq_prometheus", "rabbitmq_management"}  # plugin names, not metrics
+# plugin names and the test kit's pytest fixture: not metrics
+NOT_SERIES = {"rabbitmq_prometheus", "rabbitmq_management", "leveret_amqp_url"}
 
 
 def _markdown_files() -> list[Path]:
@@ -63,11 +64,13 @@ def _shipped_queries() -> str:
 def _exported_series() -> set[str]:
     """The series a worker and a publisher really export, from the metrics code itself."""
     from leveret.consumer.metrics import WorkerMetrics
+    from leveret.consumer.resources import Resources
     from leveret.consumer.scheduler import SchedulerMetrics
 
     registry = CollectorRegistry()
     WorkerMetrics(registry)
     SchedulerMetrics(registry)  # on the worker's registry when the app has schedules
+    Resources(registry)  # the resource close-failure counter, on the worker's registry too
     names: set[str] = set()
     for family in registry.collect():
         names.add(family.name)
