@@ -35,6 +35,7 @@ WORK_QUEUES = 'vhost=~"$vhost", queue=~"$queue", queue!~".+\\\\.(retry\\\\..+|dl
 RETRY_QUEUES = 'vhost=~"$vhost", queue=~"($queue)\\\\.retry\\\\..+"'
 DLQS = 'vhost=~"$vhost", queue=~"($queue)\\\\.dlq"'
 RATE = "[$__rate_interval]"
+API = 'namespace=~"$namespace"'
 
 
 def _target(expr: str, legend: str = "", ref: str = "A") -> dict[str, Any]:
@@ -468,7 +469,68 @@ def panels() -> list[dict[str, Any]]:
         6,
         8,
     )
+
+    # The HTTP API (k8s/components/api), scraped on its metrics port. Empty without it.
+    lay.row("API")
+    lay.add(
+        timeseries(
+            "API requests by route and status",
+            "Requests per second to `leveret api`, by route template and status code "
+            "(leveret_api_requests_total). 202 on POST /jobs/{job} is jobs accepted; a wave of "
+            "401 is a client with a wrong token; 503 is the broker or Redis unreachable.",
+            _targets(
+                (
+                    f"sum by (route, status) (rate(leveret_api_requests_total{{{API}}}{RATE}))",
+                    "{{route}} {{status}}",
+                )
+            ),
+            "reqps",
+        ),
+        8,
+        8,
+    )
+    lay.add(
+        timeseries(
+            "API error ratio",
+            "Share of API requests answered 5xx (the server's or the broker's fault: 503 means "
+            "the broker or Redis is unreachable, see the API's logs) and 4xx (the clients': bad "
+            "payloads, unknown jobs or ids, wrong tokens).",
+            _targets(
+                (_api_ratio('status=~"5.."'), "5xx"),
+                (_api_ratio('status=~"4.."'), "4xx"),
+            ),
+            "percentunit",
+        ),
+        8,
+        8,
+    )
+    lay.add(
+        timeseries(
+            "API p95 latency by route",
+            "95th percentile of request time per route "
+            "(leveret_api_request_duration_seconds). A POST waits for the broker's confirm: "
+            "rising with the broker's load, or at LEVERET_PUBLISH_TIMEOUT during an outage.",
+            _targets(
+                (
+                    "histogram_quantile(0.95, sum by (route, le) "
+                    f"(rate(leveret_api_request_duration_seconds_bucket{{{API}}}{RATE})))",
+                    "{{route}} p95",
+                )
+            ),
+            "s",
+        ),
+        8,
+        8,
+    )
     return lay.panels
+
+
+def _api_ratio(status: str) -> str:
+    """Requests with ``status`` over all requests; 0, not nothing, while there are none."""
+    return (
+        f"(sum(rate(leveret_api_requests_total{{{API}, {status}}}{RATE})) or vector(0)) / "
+        f"sum(rate(leveret_api_requests_total{{{API}}}{RATE}))"
+    )
 
 
 def _query_var(name: str, label: str, query: str, all_value: str) -> dict[str, Any]:

@@ -45,7 +45,7 @@ def test_variables_chain_datasource_namespace_queue_job() -> None:
 
 
 def test_top_row_is_stats_then_jobs_latency_queues_rows() -> None:
-    """A row of stat panels, then the rows JOBS, LATENCY and QUEUES in that order."""
+    """A row of stat panels, then the rows JOBS, LATENCY, QUEUES and API in that order."""
     panels = _board()["panels"]
     first_row = next(i for i, p in enumerate(panels) if p["type"] == "row")
     assert first_row >= 5
@@ -53,7 +53,12 @@ def test_top_row_is_stats_then_jobs_latency_queues_rows() -> None:
     titles = [p["title"] for p in panels[:first_row]]
     for title in ("In progress", "Completed/s", "Retried/s", "Dead-lettered/s", "p95 duration"):
         assert title in titles
-    assert [p["title"] for p in panels if p["type"] == "row"] == ["JOBS", "LATENCY", "QUEUES"]
+    assert [p["title"] for p in panels if p["type"] == "row"] == [
+        "JOBS",
+        "LATENCY",
+        "QUEUES",
+        "API",
+    ]
 
 
 def test_every_panel_has_a_unit_a_description_and_the_datasource_variable() -> None:
@@ -84,6 +89,9 @@ def test_the_panels_cover_what_operators_ask() -> None:
         "rabbitmq_detailed_queue_consumers",
         "leveret_jobs_published_total",
         "leveret_job_queue_wait_seconds_bucket",
+        "sum by (route, status) (rate(leveret_api_requests_total",
+        'status=~"5.."',
+        "leveret_api_request_duration_seconds_bucket",
     ):
         assert needle in exprs, needle
     assert re.search(r"rabbitmq_detailed_queue_messages\{[^}]*\\\\.dlq", exprs)

@@ -242,6 +242,41 @@ async def _publish(url: str, registry: Any) -> None:
                 await pub.publish(job, {"n": n})
 
 
+def _api_requests(url: str, queue: str, registry: Any) -> None:
+    """`leveret api`'s app, its request metrics in the publisher's registry (scraped): jobs
+    accepted (202), an unknown job (404), a wrong token (401), a GET without a status store
+    (503), so the API row's rate, 4xx/5xx ratios and latency all have data."""
+    from prometheus_client import CollectorRegistry
+
+    from leveret.consumer import Worker, WorkerSettings
+    from leveret.consumer.api import ApiSettings, create_app
+    from leveret.producers.lifecycle_settings import LifecycleSettings
+    from tests.api.conftest import serve, wait_connected
+
+    worker = Worker(WorkerSettings(amqp_url=url, metrics_port=0), registry=CollectorRegistry())
+
+    @worker.job("ok_job", queue=queue, max_attempts=2)
+    async def ok_job(p: dict[str, Any]) -> None:
+        pass
+
+    app = create_app(
+        worker,
+        ApiSettings(api_token="deploytest-token"),
+        registry=registry,
+        metrics_port=0,
+        lifecycle=LifecycleSettings(status_url=None),
+    )
+    with serve(app) as served:
+        wait_connected(served)
+        with served.client("deploytest-token") as client:
+            for n in range(3):
+                assert client.post("/jobs/ok_job", json={"n": n}).status_code == 202
+            assert client.post("/jobs/no_such_job", json={}).status_code == 404
+            assert client.get("/jobs/some-id").status_code == 503
+        with served.client("wrong") as client:
+            assert client.get("/jobs/some-id").status_code == 401
+
+
 def test_every_dashboard_query_returns_data_from_a_real_prometheus(
     broker: Broker,
     vhost: str,
@@ -278,6 +313,7 @@ def test_every_dashboard_query_returns_data_from_a_real_prometheus(
             "prometheus to scrape the worker, the publisher and RabbitMQ",
         )
         asyncio.run(_publish(broker.vhost_url(vhost), registry))
+        _api_requests(broker.vhost_url(vhost), queue, registry)
         sel = f'queue="{queue}"'
         expected = {
             "succeeded": JOBS["ok_job"] + JOBS["flaky_job"],

@@ -67,8 +67,11 @@ def _exported_series() -> set[str]:
     from leveret.consumer.resources import Resources
     from leveret.consumer.scheduler import SchedulerMetrics
 
+    from leveret.consumer.api.middleware import ApiMetrics
+
     registry = CollectorRegistry()
     WorkerMetrics(registry)
+    ApiMetrics.for_registry(registry)  # `leveret api`, on its metrics port
     SchedulerMetrics(registry)  # on the worker's registry when the app has schedules
     Resources(registry)  # the resource close-failure counter, on the worker's registry too
     names: set[str] = set()
