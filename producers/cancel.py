@@ -318,7 +318,17 @@ class CancelWatch:
         await queue.bind(exchange)
         await queue.consume(self._on_message, no_ack=True)
         self._channel, self._queue = channel, queue
-        await self.reload()
+        try:
+            await self.reload()
+        except StatusStoreUnavailable as exc:
+            # Redis down must not keep the worker from consuming (jobs run without a status
+            # store too); broadcasts are heard meanwhile and the marks load once it is back.
+            log.warning(
+                "cancel.marks_not_loaded",
+                error=str(exc),
+                action="consuming; retrying the load in the background",
+            )
+            self._reload_task = asyncio.create_task(self._reload_until_loaded())
         reconnected = getattr(self.connection, "reconnect_callbacks", None)
         if reconnected is not None:
             reconnected.add(self._on_reconnect)
@@ -331,6 +341,17 @@ class CancelWatch:
             self.add(job_id)
             count += 1
         return count
+
+    async def _reload_until_loaded(self, delay: float = 0.5, max_delay: float = 30.0) -> None:
+        while True:
+            await asyncio.sleep(delay)
+            try:
+                count = await self.reload()
+            except StatusStoreUnavailable:
+                delay = min(delay * 2, max_delay)
+                continue
+            log.info("cancel.reloaded", marks=count)
+            return
 
     def _on_reconnect(self, *_: Any) -> None:
         if self._reload_task is None or self._reload_task.done():
