@@ -39,6 +39,15 @@ RUNNERS = {
     "leveret": ("bench.runners.leveret_runner", {}),
     "leveret-uvloop": ("bench.runners.leveret_runner", {"uvloop": True}),
     "leveret-blocking": ("bench.runners.leveret_runner", {"blocking": True}),
+    # Lifecycle events (issue 12): LEVERET_EVENTS off / outcomes (the default without a status
+    # store, so also what "leveret" runs) / all with the Redis status store and its keeper.
+    # Not in any workload's default list: ask for them with --libs.
+    "leveret-events-off": ("bench.runners.leveret_runner", {"events": "off"}),
+    "leveret-outcomes": ("bench.runners.leveret_runner", {"events": "outcomes"}),
+    "leveret-status": (
+        "bench.runners.leveret_runner",
+        {"events": "all", "status_url": "redis://127.0.0.1:6379/14", "status_ttl": 600},
+    ),
     "dramatiq": ("bench.runners.dramatiq_runner", {}),
     "celery": ("bench.runners.celery_runner", {}),
     "faststream": ("bench.runners.faststream_runner", {}),
@@ -53,6 +62,7 @@ RUNNERS = {
 # cares about speed does), Dramatiq and Celery on their own threads (no event loop to swap).
 ALL_PEERS = ["dramatiq", "celery", "faststream-uvloop", "taskiq-uvloop"]
 PIPELINING_PEERS = ["faststream-uvloop", "taskiq-uvloop"]
+LIFECYCLE = ["leveret-events-off", "leveret-outcomes", "leveret-status"]
 THREADED = {"dramatiq", "celery"}  # concurrency is threads (or Celery's solo pool at 1)
 
 
@@ -110,7 +120,7 @@ def plan(quick: bool, libs: list[str] | None) -> list[Workload]:
         Workload(
             "consume_noop",
             "Consume no-op jobs, one worker process (prefetch 1,000)",
-            ["aiopika", "aiopika-uvloop", "leveret", "leveret-uvloop", *ALL_PEERS],
+            ["aiopika", "aiopika-uvloop", "leveret", "leveret-uvloop", *ALL_PEERS, *LIFECYCLE],
             {"n": 500 if q else 20000, "prefetch": 1000, "concurrency": 1},
         ),
         Workload(
@@ -139,6 +149,9 @@ def plan(quick: bool, libs: list[str] | None) -> list[Workload]:
             {"n": 100 if q else 500, "backoff_s": 1.0, "prefetch": 500, "concurrency": 4},
         ),
     ]
+    for item in w:
+        # The lifecycle rows run only when asked for by name (--libs).
+        item.libs = [lib for lib in item.libs if lib in (libs or ()) or lib not in LIFECYCLE]
     if libs:
         for item in w:
             item.libs = [lib for lib in item.libs if lib in libs]

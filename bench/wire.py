@@ -38,7 +38,7 @@ def _json(obj: Any) -> bytes:
 def encode(lib: str, queue: str, job: str, data: dict[str, Any]) -> Wire:
     """The message ``lib``'s own publisher would send for job ``job`` with argument ``data``."""
     lib = lib.removesuffix("-uvloop")  # the loop a runner uses does not change its wire format
-    if lib in ("leveret", "leveret-blocking"):
+    if lib == "leveret" or lib.startswith("leveret-"):  # -blocking and the lifecycle rows
         # Wire format v1 from the contract: exchange `jobs`, routing key = job name.
         return Wire(
             "jobs",

@@ -20,24 +20,28 @@ outcome's copies as a tuple and confirms them together, before the ack. The outc
 (``succeeded`` with the handler's result, ``retrying``, ``dead``; to ``<exchange>.events``, not
 ``mandatory``: nobody need be bound) and a successful run's follow-up jobs are more entries in
 that tuple: every publish is sent first, then every confirm awaited, so an event costs no extra
-round trip beside a retry or DLQ copy. ``started`` and ``progress`` are best effort: sent from a
-task of their own, a failure logged, nothing on the job's path waits for their confirm.
+round trip beside a retry or DLQ copy. The copies of every job settling in one loop turn go out
+together (``producers.batch.publish_batch``: one socket write, confirms tracked by delivery
+tag), each job waiting for its own confirms only; one write per event was most of its cost.
+``started`` and ``progress`` are best effort: they ride the same batches but nobody waits for
+their confirm; a failure is logged.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import aiormq
 import structlog
 from pamqp.commands import Basic
 from prometheus_client import Counter
 
-from leveret.producers.confirm import publish_confirmed
+from leveret.producers.batch import BatchPublishError, publish_batch
 from leveret.producers.errors import PublishError, PublishTimeout
 from leveret.producers.events import CANCELLED as EVENT_CANCELLED
 from leveret.producers.events import (
@@ -102,6 +106,16 @@ class Copy(NamedTuple):
     properties: Basic.Properties
     mandatory: bool = True
 
+    # What ``publish_batch`` reads of an item besides the fields above.
+    @property
+    def job(self) -> str:
+        return self.properties.message_type or self.routing_key
+
+    @property
+    def job_id(self) -> str:
+        """The message id: unique per copy in flight (an event's is ``<id>.<state>.<n>``)."""
+        return str(self.properties.message_id)
+
 
 class FollowUp(NamedTuple):
     """A job a handler enqueued (``ctx.enqueue``): published with the success outcome."""
@@ -151,7 +165,10 @@ class Settler:
         self.publishes_started = publishes(events_mode, STARTED)
         self.publishes_progress = publishes(events_mode, PROGRESS)
         self._publishes_outcomes = publishes(events_mode, EVENT_SUCCEEDED)
-        self._best_effort: set[asyncio.Task[None]] = set()
+        # Copies asked for in this loop turn, sent together by ``_flush`` (see ``_confirm``).
+        self._pending: list[tuple[tuple[Copy, ...], asyncio.Future[None]]] = []
+        self._flush_scheduled = False
+        self._sending: set[asyncio.Task[None]] = set()
 
     # -- outcomes ---------------------------------------------------------------------------------
 
@@ -357,22 +374,10 @@ class Settler:
         return FollowUp(p.job_id, Copy(p.body, p.exchange, p.routing_key, p.properties))
 
     def _send_best_effort(self, copy: Copy, job_id: str) -> None:
-        task = asyncio.get_running_loop().create_task(self._publish_logged(copy, job_id))
-        self._best_effort.add(task)
-        task.add_done_callback(self._best_effort.discard)
-
-    async def _publish_logged(self, copy: Copy, job_id: str) -> None:
-        try:
-            await self._publish(copy)
-        except Exception as exc:
-            with contextlib.suppress(Exception):
-                log.warning(
-                    "event_not_published",
-                    job_id=job_id,
-                    routing_key=copy.routing_key,
-                    error=_described(exc),
-                    action="best effort: the job goes on; its outcome event is still confirmed",
-                )
+        """Into the next batch like any copy, but nobody waits: a failure is only logged."""
+        waiter = asyncio.get_running_loop().create_future()
+        waiter.add_done_callback(functools.partial(_log_lost_event, copy, job_id))
+        self._enqueue((copy,), waiter)
 
     def _copy(
         self, d: Delivery, job: str, headers: dict[str, Any], exchange: str, routing_key: str
@@ -478,30 +483,74 @@ class Settler:
     # -- confirms ---------------------------------------------------------------------------------
 
     async def _confirm(self, copies: tuple[Copy, ...]) -> None:
-        """Publish every copy and wait for all their confirms (pipelined on one channel)."""
-        if len(copies) == 1:
-            await self._publish(copies[0])
-        else:
-            await asyncio.gather(*(self._publish(copy) for copy in copies))
+        """Publish every copy and wait for all their confirms; raise ``SettleFailed`` if any
+        was not confirmed.
 
-    async def _publish(self, copy: Copy) -> None:
+        Copies are not sent one by one: every copy asked for in one loop turn (the outcomes of
+        the jobs that finished together, and their events and follow-ups) goes out in one
+        ``publish_batch``, one socket write whose confirms are tracked by delivery tag. With
+        ``LEVERET_EVENTS=outcomes`` every job publishes before its ack, and a write (a syscall)
+        per event was most of what that cost; each job still waits for its own confirms only.
+        """
+        waiter = asyncio.get_running_loop().create_future()
+        self._enqueue(copies, waiter)
+        await waiter
+
+    def _enqueue(self, copies: tuple[Copy, ...], waiter: asyncio.Future[None]) -> None:
+        self._pending.append((copies, waiter))
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        batch, self._pending = self._pending, []
+        task = asyncio.get_running_loop().create_task(self._send(batch))
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
+
+    async def _send(self, batch: list[tuple[tuple[Copy, ...], asyncio.Future[None]]]) -> None:
+        items = [copy for copies, _ in batch for copy in copies]
+        failed: dict[str, PublishError] = {}
+        everything: BaseException | None = None
         try:
-            await publish_confirmed(
-                self.channel,
-                copy.body,
-                exchange=copy.exchange,
-                routing_key=copy.routing_key,
-                properties=copy.properties,
-                timeout=self._timeout_s,
-                mandatory=copy.mandatory,
-            )
-        except PublishTimeout as exc:
-            raise SettleFailed(
-                f"outcome copy not confirmed within {exc.timeout_s:g} s "
-                f"(LEVERET_PUBLISH_TIMEOUT; is the broker blocking publishers?)"
-            ) from None
-        except PublishError as exc:
-            raise SettleFailed(f"{type(exc).__name__}: {exc}") from None
+            await publish_batch(cast(aiormq.Channel, self.channel), items, timeout=self._timeout_s)
+        except BatchPublishError as exc:
+            failed = exc.errors
+        except Exception as exc:  # the channel is gone, or a bug: nothing is known confirmed
+            everything = exc
+        for copies, waiter in batch:
+            if waiter.done():
+                continue  # its job was cancelled meanwhile
+            error: BaseException | None = everything
+            if error is None and failed:
+                error = next((failed[c.job_id] for c in copies if c.job_id in failed), None)
+            if error is None:
+                waiter.set_result(None)
+            else:
+                waiter.set_exception(_settle_failed(error))
+
+
+def _log_lost_event(copy: Copy, job_id: str, waiter: asyncio.Future[None]) -> None:
+    if waiter.cancelled() or waiter.exception() is None:
+        return
+    with contextlib.suppress(Exception):
+        log.warning(
+            "event_not_published",
+            job_id=job_id,
+            routing_key=copy.routing_key,
+            error=str(waiter.exception()),
+            action="best effort: the job goes on; its outcome event is still confirmed",
+        )
+
+
+def _settle_failed(error: BaseException) -> SettleFailed:
+    if isinstance(error, PublishTimeout):
+        return SettleFailed(
+            f"outcome copy not confirmed within {error.timeout_s:g} s "
+            f"(LEVERET_PUBLISH_TIMEOUT; is the broker blocking publishers?)"
+        )
+    return SettleFailed(f"{type(error).__name__}: {error}")
 
 
 def _retry_delay(spec: JobSpec, attempt: int, error: BaseException, described: str) -> float:

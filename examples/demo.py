@@ -98,6 +98,33 @@ def _metrics(port: int) -> list[str]:
     ]
 
 
+async def _show_status(url: str, status_url: str) -> None:
+    """Publish one job and print its status each time it changes: queued → started (with its
+    progress) → succeeded with its result, as `pub.status()` and `leveret job show` read it."""
+    _say(f"\njob status (Redis {mask_url(status_url)}): one job, read every 50 ms as it runs")
+    async with Publisher(url, status_url=status_url) as pub:
+        job_id = await pub.publish("make_thumbnails", {"image": "cat.png", "sizes": [64, 128, 256]})
+        last = None
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            status = await pub.status(job_id)
+            seen = None if status is None else (status.state, status.progress, status.message)
+            if status is not None and seen != last:
+                last = seen
+                extra = (
+                    f"  progress={status.progress:.0%} {status.message!r}"
+                    if (status.progress is not None and status.state == "started")
+                    else ""
+                )
+                if status.state == "succeeded":
+                    extra = f"  result={json.dumps(status.result)}"
+                _say(f"  {job_id[:8]}  {status.state:<9} attempt={status.attempt}{extra}")
+                if status.ended:
+                    break
+            await asyncio.sleep(0.05)
+        _say(f"try: LEVERET_STATUS_URL={status_url} leveret job show {job_id}")
+
+
 async def main(keep: bool) -> int:
     settings = WorkerSettings()
     url = settings.amqp_url.get_secret_value()
@@ -176,6 +203,11 @@ async def main(keep: bool) -> int:
             "  email.dlq, images.dlq   dead jobs; click one, 'Get messages' shows x-reason\n"
             "try: leveret dlq list email   |   leveret status demo_app:worker (from examples/)"
         )
+        status_url = os.environ.get("LEVERET_STATUS_URL")
+        if status_url:
+            await _show_status(url, status_url)
+        else:
+            _say("\n(no LEVERET_STATUS_URL: start Redis to see a job's status change as it runs)")
         if keep:
             _say(f"\nworker keeps running (metrics http://127.0.0.1:{port}/metrics); Ctrl-C stops")
             await asyncio.to_thread(proc.wait)

@@ -1,5 +1,6 @@
 """The demo application: one job that succeeds, one that fails once then succeeds, one that
-always fails (and ends in the DLQ), and one that rejects bad input."""
+always fails (and ends in the DLQ), one that rejects bad input, and one that reports its
+progress and returns a result (the demo shows its status changing when Redis is there)."""
 
 from __future__ import annotations
 
@@ -39,3 +40,19 @@ def resize_image(job: Resize, ctx: JobContext) -> None:
     if job.width <= 0:
         raise ValueError(f"cannot resize {job.image} to width {job.width}")
     ctx.log.info("image_resized", image=job.image, width=job.width)
+
+
+class Thumbnails(BaseModel):
+    image: str
+    sizes: list[int]
+
+
+@worker.job("make_thumbnails", queue="images", max_attempts=2)
+async def make_thumbnails(job: Thumbnails, ctx: JobContext) -> dict[str, list[str]]:
+    """Reports progress after each size; what it returns is the job's result."""
+    made = []
+    for n, size in enumerate(job.sizes, 1):
+        await asyncio.sleep(0.4)
+        made.append(f"{job.image.rsplit('.', 1)[0]}-{size}.png")
+        await ctx.progress(n / len(job.sizes), f"made {n} of {len(job.sizes)}")
+    return {"thumbnails": made}

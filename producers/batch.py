@@ -152,16 +152,21 @@ class _Marshaller:
     def __init__(self, channel_number: int, max_content_size: int) -> None:
         self.channel_number = channel_number
         self.max_content_size = max_content_size
-        self.publish_frames: dict[tuple[str, str], bytes] = {}
+        self.publish_frames: dict[tuple[str, str, bool], bytes] = {}
         # (properties without message_id, id length) -> (head, middle, tail), or None: no template
         self.templates: dict[Hashable, tuple[bytes, bytes, bytes] | None] = {}
 
     def frames(self, item: Outgoing, parts: list[bytes]) -> None:
-        route = (item.exchange, item.routing_key)
+        # Jobs are mandatory (a job no queue takes is an error); an item may say otherwise
+        # (the worker's lifecycle events: nobody need be bound to the events exchange).
+        mandatory: bool = getattr(item, "mandatory", True)
+        route = (item.exchange, item.routing_key, mandatory)
         publish = self.publish_frames.get(route)
         if publish is None:
             publish = self.publish_frames[route] = pamqp_frame.marshal(
-                Basic.Publish(exchange=item.exchange, routing_key=item.routing_key, mandatory=True),
+                Basic.Publish(
+                    exchange=item.exchange, routing_key=item.routing_key, mandatory=mandatory
+                ),
                 self.channel_number,
             )
         parts.append(publish)

@@ -6,6 +6,10 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$ROOT/scripts/setup.sh"
 ensure_broker
+# Redis is optional for the demo: with it, the demo also shows a job's status changing.
+if ensure_redis && [ -z "${LEVERET_STATUS_URL:-}" ]; then
+  export LEVERET_STATUS_URL=redis://127.0.0.1:6379/0
+fi
 ensure_venv  # the package alone: the demo needs nothing from the dev groups
 cd "$ROOT/examples"
 exec "$ROOT/.venv/bin/python" demo.py "$@"

@@ -42,6 +42,34 @@ ensure_broker() {
   if command -v rabbitmqctl >/dev/null; then as_root rabbitmqctl -q await_startup >&2 || true; fi
 }
 
+# ensure_redis: a Redis for the job status store (LEVERET_STATUS_URL) on localhost:6379: found,
+# or started from an installed redis-server, or installed from Debian's packages and started.
+# Returns non-zero (and says why) when there is no way to get one; callers decide if that is fatal.
+ensure_redis() {
+  if [ -n "${LEVERET_STATUS_URL:-}" ]; then
+    say "using the Redis in LEVERET_STATUS_URL"
+    return 0
+  fi
+  if port_open 127.0.0.1 6379; then
+    say "Redis answers on localhost:6379"
+    return 0
+  fi
+  if ! command -v redis-server >/dev/null; then
+    if command -v apt-get >/dev/null; then
+      say "installing redis-server from Debian's packages (once)"
+      as_root apt-get update -qq >&2 || true
+      as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >&2 || true
+    fi
+  fi
+  if command -v redis-server >/dev/null; then
+    say "starting redis-server on localhost:6379"
+    redis-server --port 6379 --bind 127.0.0.1 --daemonize yes >/dev/null || true
+    for _ in $(seq 1 40); do port_open 127.0.0.1 6379 && return 0; sleep 0.25; done
+  fi
+  say "no Redis on localhost:6379 and no way to start one (job status needs LEVERET_STATUS_URL)"
+  return 1
+}
+
 # ensure_venv [GROUP...]: .venv with leveret installed editable (with its console script) and
 # the named dependency groups of pyproject.toml (PEP 735: test, deploy, bench). Groups need
 # `pip install --group` (pip >= 25.1), so pip is upgraded first.

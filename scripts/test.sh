@@ -6,6 +6,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$ROOT/scripts/setup.sh"
 ensure_broker
+ensure_redis  # the lifecycle tests use the machine's Redis (their own database and prefix)
 ensure_venv test deploy
 if [ -f "$ROOT/.ci/deploy-tools.sh" ]; then bash "$ROOT/.ci/deploy-tools.sh"; fi
 cd "$ROOT"

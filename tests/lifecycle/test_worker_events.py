@@ -19,9 +19,9 @@ from pydantic import BaseModel
 
 from leveret.consumer import JobContext, Worker
 from leveret.producers import Publisher
-from leveret.producers.errors import InvalidValueError
 from leveret.producers.events import events_exchange
 from leveret.producers.settings import ConnectionSettings
+from leveret.topology.errors import InvalidValueError
 from tests.support import Broker, running, unique, wait_for
 
 
@@ -101,13 +101,17 @@ async def test_each_state_reaches_the_events_exchange_with_the_contract_fields(
         channel = await pub._connection.channel()  # type: ignore[union-attr]
         ex = await channel.get_exchange(exchange)
         await ex.publish(
-            aio_pika.Message(b"x", content_type="text/plain", message_id=raw_id, type=f"{queue}-ok"),
+            aio_pika.Message(
+                b"x", content_type="text/plain", message_id=raw_id, type=f"{queue}-ok"
+            ),
             routing_key=f"{queue}-ok",
         )
         await wait_for(
-            lambda: "succeeded" in listener.states(ok_id)
-            and "dead" in listener.states(bad_id)
-            and listener.states(raw_id),
+            lambda: (
+                "succeeded" in listener.states(ok_id)
+                and "dead" in listener.states(bad_id)
+                and listener.states(raw_id)
+            ),
             20,
             "every outcome event",
         )
@@ -156,9 +160,7 @@ async def test_a_result_over_the_limit_is_null_and_the_job_still_succeeds(
     async with running(worker), publisher(broker, exchange) as pub:
         small = await pub.publish(f"{queue}-job", {"n": 10})
         big = await pub.publish(f"{queue}-job", {"n": 1000})
-        await wait_for(
-            lambda: listener.states(small) and listener.states(big), 20, "both outcomes"
-        )
+        await wait_for(lambda: listener.states(small) and listener.states(big), 20, "both outcomes")
     assert listener.of(small) == [listener.of(small)[0]]
     assert listener.of(small)[0]["result"] == "x" * 10
     assert listener.of(big)[0]["state"] == "succeeded"
@@ -218,9 +220,11 @@ async def test_max_attempts_override_per_publish(
             routing_key=f"{queue}-job",
         )
         await wait_for(
-            lambda: "dead" in listener.states(one)
-            and "dead" in listener.states(two)
-            and "dead" in listener.states(raw),
+            lambda: (
+                "dead" in listener.states(one)
+                and "dead" in listener.states(two)
+                and "dead" in listener.states(raw)
+            ),
             20,
             "the three dead events",
         )
@@ -260,6 +264,45 @@ async def test_chained_jobs_are_published_only_after_success(
         await wait_for(lambda: children and "dead" in listener.states(failed), 20, "a child")
         await asyncio.sleep(0.5)
     assert children == [(returned[good], {"from": good})]  # the id enqueue returned at once
-    assert returned[failed] not in listener.events and not listener.states(returned[failed])
+    assert not listener.states(returned[failed])  # never published
     # The child's own events follow the parent's succeeded event.
     assert listener.states(returned[good]) == ["succeeded"]
+
+
+async def test_queue_wait_is_observed_once_per_job_and_cancelled_is_reserved(
+    broker: Broker, exchange: str, registry: CollectorRegistry
+) -> None:
+    queue = unique("q")
+    worker = Worker(broker.settings(exchange=exchange), registry=registry)
+    runs: list[int] = []
+
+    @worker.job(f"{queue}-job", queue=queue, max_attempts=2, backoff=0)
+    async def job(payload: dict[str, Any], ctx: JobContext) -> None:
+        runs.append(ctx.attempt)
+        if ctx.attempt == 1:
+            raise RuntimeError("once")
+
+    labels = {"queue": queue, "job_name": f"{queue}-job"}
+    async with publisher(broker, exchange) as pub:
+        # Published before the worker starts: it waits in the queue for a while.
+        await worker_topology(broker, worker)
+        await pub.publish(f"{queue}-job", {})
+        await asyncio.sleep(0.3)
+        async with running(worker):
+            await wait_for(lambda: runs == [1, 2], 20, "both runs")
+    count = registry.get_sample_value("leveret_job_queue_wait_seconds_count", labels)
+    total = registry.get_sample_value("leveret_job_queue_wait_seconds_sum", labels)
+    assert count == 1  # the retry is not a second wait
+    assert total is not None and 0.3 <= total < 30
+    cancelled = registry.get_sample_value(
+        "leveret_jobs_completed_total", {**labels, "outcome": "cancelled"}
+    )
+    assert cancelled == 0.0
+
+
+async def worker_topology(broker: Broker, worker: Worker) -> None:
+    from leveret.topology.declare import declare
+
+    connection = await aio_pika.connect(broker.url)
+    async with connection:
+        await declare(connection, worker.topology)

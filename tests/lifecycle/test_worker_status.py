@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -157,7 +156,7 @@ async def test_redis_down_jobs_still_run_and_the_status_catches_up(
         assert [await pub.result(i, timeout=1) for i in ids] == list(range(5))
 
 
-# -- a worker process killed mid-job, and between success and ack -----------------------------------
+# -- a worker process killed mid-job, and between success and ack ---------------------------
 
 
 def _install(tmp_path: Path, broker: Broker, **env: str) -> tuple[Path, dict[str, str]]:
@@ -188,9 +187,7 @@ async def test_a_worker_killed_mid_job_leaves_a_status_that_ends_correct(
             job_id = await pub.publish(f"{queue}-slow", {"sleep": 60})
             job_ids.append(job_id)
             await wait_for(lambda: state(pub, job_id), 5, "a status")
-            await wait_for(
-                lambda: _is(pub, job_id, "started"), 5, "the status to read started"
-            )
+            await wait_for(lambda: _is(pub, job_id, "started"), 5, "the status to read started")
             first.kill()  # SIGKILL, mid-job
             second = WorkerProcess.start(app, "lcapp:worker", broker.url, env=env)
             with reaped(second):
@@ -209,9 +206,7 @@ async def test_chaining_across_a_crash_between_success_and_ack_never_loses(
     broker: Broker, tmp_path: Path, job_ids: list[str]
 ) -> None:
     exchange, queue = unique("ex"), unique("q")
-    app, env = _install(
-        tmp_path, broker, queue=queue, exchange=exchange, LC_CRASH_BEFORE_ACK="1"
-    )
+    app, env = _install(tmp_path, broker, queue=queue, exchange=exchange, LC_CRASH_BEFORE_ACK="1")
     log = app / "runs.log"
 
     def lines(kind: str) -> list[list[str]]:
