@@ -51,7 +51,7 @@ from prometheus_client import Counter, Gauge
 from .context import JobContext
 from .errors import ConfigError
 from .ratelimit import LocalLimiter, Rate
-from .resources import Plan, Resources
+from .resources import _CTX, _JOB, Plan, Resources, _close_all
 
 # The rest of the chain, as a middleware sees it.
 CallNext = Callable[[JobContext], Awaitable[Any]]
@@ -122,21 +122,76 @@ class JobScope:
     Outside ``JobTimeout``: opening a session is not the handler's time. Whatever the outcome,
     they are closed in reverse order, the run's exception thrown into generator resources (so a
     transaction rolls back), a failing close logged and counted without changing the outcome.
+
+    The common shape (every job resource an async generator, no test overrides) is driven here
+    directly, with no scope object and no ``__aenter__``/``__aexit__`` frames: the same steps
+    ``Resources.job_scope`` takes, at about half its cost per job; anything else goes through
+    ``job_scope``.
     """
 
-    __slots__ = ("_plan", "_resources")
+    __slots__ = ("_fast", "_plan", "_resources")
 
     def __init__(self, resources: Resources, plan: Plan) -> None:
         self._resources = resources
         self._plan = plan
+        self._fast = all(res.kind == "agen" for res, _, _ in plan.steps)
 
     async def __call__(self, ctx: JobContext, call_next: CallNext) -> Any:
-        async with self._resources.job_scope(self._plan, ctx) as kwargs:
-            token = RESOLVED.set(kwargs)
-            try:
-                return await call_next(ctx)
-            finally:
-                RESOLVED.reset(token)
+        r = self._resources
+        if not self._fast or r._overrides:
+            async with r.job_scope(self._plan, ctx) as kwargs:
+                token = RESOLVED.set(kwargs)
+                try:
+                    return await call_next(ctx)
+                finally:
+                    RESOLVED.reset(token)
+        plan = self._plan
+        proc = r._proc_values
+        values: list[Any] = []
+        exits: list[tuple[str, tuple[str, Any]]] = []
+        try:
+            for res, opener, sources in plan.steps:
+                args = {}
+                for pn, src, key in sources:
+                    if src == _CTX:
+                        args[pn] = ctx
+                    elif src == _JOB:
+                        args[pn] = values[key]
+                    else:
+                        args[pn] = proc[key] if key in proc else await r._open_process(key)
+                gen = opener(**args)
+                try:
+                    values.append(await gen.__anext__())
+                except StopAsyncIteration:
+                    raise RuntimeError(
+                        f"resource {res.name!r} returned without yielding a value"
+                    ) from None
+                exits.append((res.name, ("agen", gen)))
+            kwargs = {}
+            for pn, src, key in plan.kwargs:
+                if src == _CTX:
+                    kwargs[pn] = ctx
+                elif src == _JOB:
+                    kwargs[pn] = values[key]
+                else:
+                    kwargs[pn] = proc[key] if key in proc else await r._open_process(key)
+        except BaseException as failure:
+            await _close_all(
+                exits, type(failure), failure, failure.__traceback__, r._close_failures, "job"
+            )
+            raise
+        token = RESOLVED.set(kwargs)
+        try:
+            result = await call_next(ctx)
+        except BaseException as failure:
+            RESOLVED.reset(token)
+            await _close_all(
+                exits, type(failure), failure, failure.__traceback__, r._close_failures, "job"
+            )
+            raise
+        RESOLVED.reset(token)
+        await _close_all(exits, None, None, None, r._close_failures, "job")
+        return result
 
 
 class Postponed(Exception):

@@ -42,8 +42,12 @@ async def test_a_job_round_trip_on_a_fresh_vhost(leveret_amqp_url):
         return p.n * 2
 
     task = asyncio.create_task(worker.run())
+    for _ in range(600):  # until it consumes (it declares the topology first)
+        if worker.ready or task.done():
+            break
+        await asyncio.sleep(0.05)
+    assert worker.ready
     async with Publisher(leveret_amqp_url) as pub:
-        await asyncio.sleep(1.0)
         await pub.publish("double", {"n": 21})
         await asyncio.wait_for(done.wait(), 20)
     worker.stop()
