@@ -103,7 +103,10 @@ async def _show_status(url: str, status_url: str) -> None:
     progress) → succeeded with its result, as `pub.status()` and `leveret job show` read it."""
     _say(f"\njob status (Redis {mask_url(status_url)}): one job, read every 50 ms as it runs")
     async with Publisher(url, status_url=status_url) as pub:
-        job_id = await pub.publish("make_thumbnails", {"image": "cat.png", "sizes": [64, 128, 256]})
+        # A 1 s delay, so that `queued` is there to see before a worker starts it.
+        job_id = await pub.publish(
+            "make_thumbnails", {"image": "cat.png", "sizes": [64, 128, 256]}, delay=1.0
+        )
         last = None
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
