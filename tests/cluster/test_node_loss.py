@@ -34,7 +34,8 @@ from tests.cluster.cluster import Cluster
 from tests.processes.apps import JOB, Runs, WorkerProcess, readyz, wait_status, write_app
 from tests.support import unique, wait_for
 
-pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+# The cluster start (about a minute, more on a busy machine) may fall to this test.
+pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.timeout(480)]
 
 TOTAL = 10_000
 BATCH = 100
