@@ -278,7 +278,9 @@ def test_the_floors_file_pins_every_runtime_dependency_at_its_floor() -> None:
     a new dependency without a floor, fails here."""
     floors = {}
     for requirement in _pyproject()["project"]["dependencies"]:
-        match = re.fullmatch(r"([A-Za-z0-9_.-]+)>=([0-9][0-9.]*)(?:,<[0-9][0-9.]*)?", requirement)
+        match = re.fullmatch(
+            r"([A-Za-z0-9_.-]+)>=([0-9][0-9.]*)(?:,<[0-9][0-9.]*)?(?:; .*)?", requirement
+        )
         assert match, f"{requirement}: give every runtime dependency a plain `>=` floor"
         floors[match[1].lower()] = match[2]
     assert _floors_file() == floors

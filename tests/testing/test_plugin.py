@@ -1,6 +1,5 @@
 """The pytest plugin, used the way a user's project would: a test in a fresh directory (no
-conftest of ours), the installed package, the plugin loaded by name (``-p``; the ``pytest11``
-entry point loads the same module once the package metadata declares it)."""
+conftest of ours), the installed package, the plugin loaded by its ``pytest11`` entry point."""
 
 from __future__ import annotations
 
@@ -71,8 +70,8 @@ def test_the_plugin_in_a_fresh_directory(tmp_path: Path) -> None:
         PYTHONPATH="",  # nothing of the repository but the installed package
     )
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "leveret.testing.pytest_plugin",
-         "-p", "no:cacheprovider", str(tmp_path)],
+        # No `-p`: the installed package registers the plugin through its pytest11 entry point.
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path)],
         cwd=tmp_path,
         env=env,
         capture_output=True,
