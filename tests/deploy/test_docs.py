@@ -63,11 +63,10 @@ def _shipped_queries() -> str:
 
 def _exported_series() -> set[str]:
     """The series a worker and a publisher really export, from the metrics code itself."""
+    from leveret.consumer.api.middleware import ApiMetrics
     from leveret.consumer.metrics import WorkerMetrics
     from leveret.consumer.resources import Resources
     from leveret.consumer.scheduler import SchedulerMetrics
-
-    from leveret.consumer.api.middleware import ApiMetrics
 
     registry = CollectorRegistry()
     WorkerMetrics(registry)
