@@ -267,7 +267,10 @@ def panels() -> list[dict[str, Any]]:
             "Runs started per second per job. Far below the publish rate for long: "
             "the workers fall behind; scale them out or raise LEVERET_PREFETCH.",
             _targets(
-                (f"sum by (job_name) (rate(leveret_jobs_started_total{{{LEV_JOB}}}{RATE}))", "{{job_name}}")
+                (
+                    f"sum by (job_name) (rate(leveret_jobs_started_total{{{LEV_JOB}}}{RATE}))",
+                    "{{job_name}}",
+                )
             ),
             "ops",
         ),
@@ -341,8 +344,10 @@ def panels() -> list[dict[str, Any]]:
             "once: the workers are short of CPU (check limits and throttling).",
             _targets(
                 (
-                    f"sum by (job_name) (rate(leveret_job_duration_seconds_sum{{{LEV_JOB}}}{RATE})) / "
-                    f"sum by (job_name) (rate(leveret_job_duration_seconds_count{{{LEV_JOB}}}{RATE}))",
+                    "sum by (job_name) "
+                    f"(rate(leveret_job_duration_seconds_sum{{{LEV_JOB}}}{RATE})) / "
+                    "sum by (job_name) "
+                    f"(rate(leveret_job_duration_seconds_count{{{LEV_JOB}}}{RATE}))",
                     "{{job_name}}",
                 )
             ),

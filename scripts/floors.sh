@@ -38,7 +38,9 @@ if [ ! -f "$stamp" ] || [ "$FLOORS" -nt "$stamp" ] || [ "$ROOT/pyproject.toml" -
   mapfile -t test_tools < <("$VENV/bin/python" - "$ROOT/pyproject.toml" <<'EOF'
 import sys, tomllib
 with open(sys.argv[1], "rb") as f:
-    print("\n".join(tomllib.load(f)["dependency-groups"]["test"]))
+    # schemathesis pins a newer rich than our floor; only tests/api (not in the subset) uses it.
+    tools = tomllib.load(f)["dependency-groups"]["test"]
+    print("\n".join(t for t in tools if not t.startswith("schemathesis")))
 EOF
 )
   if ! { "$VENV/bin/python" -m pip install -q --upgrade pip &&

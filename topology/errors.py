@@ -29,6 +29,7 @@ Tree::
     ├── producers.status.JobCancelled    a job awaited by its status was cancelled
     ├── producers.cancel.UnknownJob (LookupError)   no status for this id (never, or expired)
     ├── producers.cancel.JobAlreadyEnded   nothing left to cancel: the job has ended
+    ├── producers.eventloop.LoopUnavailable   the --loop asked for is unknown or not installed
     ├── consumer.ConfigError (ValueError)   a worker application or setting is unusable
     ├── consumer.ops.management.ManagementError   the management API cannot be used
     ├── consumer.ops.status.StatusUnavailable   no management API and no app to probe

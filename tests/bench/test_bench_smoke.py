@@ -29,8 +29,12 @@ def test_quick_run_writes_results_with_no_failed_run(tmp_path: Path) -> None:
     text = out.read_text()
     assert "FAILED" not in done.stderr
     assert "## Failed runs" not in text
-    for row in ("consume no-op, one process (uvloop)", "`publish_many` with confirms (uvloop)",
-                "publish pipelined, confirms (uvloop)", "retry, 500 jobs failing once"):  # fmt: skip
+    for row in (
+        "consume no-op, one process (uvloop)",
+        "`publish_many` with confirms (uvloop)",
+        "publish pipelined, confirms (uvloop)",
+        "retry, 500 jobs failing once",
+    ):
         assert row in text
     # Every row says which loop it ran on.
     assert "| leveret | asyncio |" in text and "| aiopika | asyncio |" in text
