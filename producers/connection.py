@@ -251,12 +251,9 @@ class FailoverRobustConnection(RobustConnection):
 _connect_transport: Callable[[RobustConnection], Awaitable[None]] = getattr(
     RobustConnection, "_RobustConnection__connect_transport", aio_pika.Connection.connect
 )
-if not hasattr(RobustConnection, "_RobustConnection__connect_transport"):  # pragma: no cover
-    log.warning(
-        "robust_failover_unavailable",
-        reason="this aio-pika has no RobustConnection.__connect_transport; a robust "
-        "connection reconnects to the node it first reached only",
-    )
+# aio-pika >= 10.2 has the hook (pyproject's floor); tests/producers/test_multi_url.py fails if a
+# later release renames it. Nothing is logged at import: a module-level line would reach stdout
+# before the CLI configures logging and corrupt `topology export`'s JSON.
 
 
 def _order(count: int) -> list[int]:

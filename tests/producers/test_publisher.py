@@ -73,21 +73,28 @@ async def test_a_missing_exchange_is_a_clear_error(broker: Broker) -> None:
 
 
 async def test_concurrent_publishes_are_pipelined(broker: Broker) -> None:
-    """Concurrent publishes share confirm round trips: far faster than the same jobs in turn."""
+    """Concurrent publishes share confirm round trips: far faster than the same jobs in turn.
+
+    Timed three times and judged on the best ratio: on a loaded 2-core machine one round can be
+    disturbed, but confirm-by-confirm serialization would make every round about 1:1.
+    """
     queue = unique("pub")
     await _declare(broker, queue, f"{queue}-job")
+    ratios = []
     async with Publisher(broker.url) as pub:
-        started = time.perf_counter()
-        for i in range(300):
-            await pub.publish(f"{queue}-job", {"i": i})
-        one_by_one = time.perf_counter() - started
-        started = time.perf_counter()
-        ids = await asyncio.gather(*(pub.publish(f"{queue}-job", {"i": i}) for i in range(300)))
-        concurrent = time.perf_counter() - started
-    assert len(set(ids)) == 300
-    assert await broker.depth(queue) == 600
+        for _ in range(3):
+            started = time.perf_counter()
+            for i in range(300):
+                await pub.publish(f"{queue}-job", {"i": i})
+            one_by_one = time.perf_counter() - started
+            started = time.perf_counter()
+            jobs = (pub.publish(f"{queue}-job", {"i": i}) for i in range(300))
+            ids = await asyncio.gather(*jobs)
+            ratios.append((time.perf_counter() - started) / one_by_one)
+            assert len(set(ids)) == 300
+    assert await broker.depth(queue) == 1800
     # Serialized confirm by confirm, both would take about as long.
-    assert concurrent < one_by_one / 2, (concurrent, one_by_one)
+    assert min(ratios) < 0.5, ratios
 
 
 async def test_publish_many_confirms_a_whole_batch(broker: Broker) -> None:
