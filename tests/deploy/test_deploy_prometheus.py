@@ -268,13 +268,17 @@ def _api_requests(url: str, queue: str, registry: Any) -> None:
     )
     with serve(app) as served:
         wait_connected(served)
-        with served.client("deploytest-token") as client:
-            for n in range(3):
-                assert client.post("/jobs/ok_job", json={"n": n}).status_code == 202
-            assert client.post("/jobs/no_such_job", json={}).status_code == 404
-            assert client.get("/jobs/some-id").status_code == 503
-        with served.client("wrong") as client:
-            assert client.get("/jobs/some-id").status_code == 401
+        # Two rounds a few scrapes apart: a labelled series first appears already counted, so
+        # rate() sees an increase only from the second round on.
+        for _ in range(2):
+            with served.client("deploytest-token") as client:
+                for n in range(3):
+                    assert client.post("/jobs/ok_job", json={"n": n}).status_code == 202
+                assert client.post("/jobs/no_such_job", json={}).status_code == 404
+                assert client.get("/jobs/some-id").status_code == 503
+            with served.client("wrong") as client:
+                assert client.get("/jobs/some-id").status_code == 401
+            time.sleep(3 * SCRAPE_S)
 
 
 def test_every_dashboard_query_returns_data_from_a_real_prometheus(
