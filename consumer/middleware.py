@@ -51,7 +51,7 @@ from prometheus_client import Counter, Gauge
 from .context import JobContext
 from .errors import ConfigError
 from .ratelimit import LocalLimiter, Rate
-from .resources import _CTX, _JOB, Plan, Resources, _close_all
+from .resources import Plan, Resources, _close_all, open_job
 
 # The rest of the chain, as a middleware sees it.
 CallNext = Callable[[JobContext], Awaitable[Any]]
@@ -123,58 +123,29 @@ class JobScope:
     they are closed in reverse order, the run's exception thrown into generator resources (so a
     transaction rolls back), a failing close logged and counted without changing the outcome.
 
-    The common shape (every job resource an async generator, no test overrides) is driven here
-    directly, with no scope object and no ``__aenter__``/``__aexit__`` frames: the same steps
-    ``Resources.job_scope`` takes, at about half its cost per job; anything else goes through
-    ``job_scope``.
+    Without test overrides the layer drives ``resources.open_job`` (the steps ``job_scope``
+    takes) directly, with no scope object and no ``__aenter__``/``__aexit__`` frames, at about
+    half the scope's cost per job; with overrides it goes through ``job_scope``.
     """
 
-    __slots__ = ("_fast", "_plan", "_resources")
+    __slots__ = ("_plan", "_resources")
 
     def __init__(self, resources: Resources, plan: Plan) -> None:
         self._resources = resources
         self._plan = plan
-        self._fast = all(res.kind == "agen" for res, _, _ in plan.steps)
 
     async def __call__(self, ctx: JobContext, call_next: CallNext) -> Any:
         r = self._resources
-        if not self._fast or r._overrides:
+        if r._overrides:
             async with r.job_scope(self._plan, ctx) as kwargs:
                 token = RESOLVED.set(kwargs)
                 try:
                     return await call_next(ctx)
                 finally:
                     RESOLVED.reset(token)
-        plan = self._plan
-        proc = r._proc_values
-        values: list[Any] = []
         exits: list[tuple[str, tuple[str, Any]]] = []
         try:
-            for res, opener, sources in plan.steps:
-                args = {}
-                for pn, src, key in sources:
-                    if src == _CTX:
-                        args[pn] = ctx
-                    elif src == _JOB:
-                        args[pn] = values[key]
-                    else:
-                        args[pn] = proc[key] if key in proc else await r._open_process(key)
-                gen = opener(**args)
-                try:
-                    values.append(await gen.__anext__())
-                except StopAsyncIteration:
-                    raise RuntimeError(
-                        f"resource {res.name!r} returned without yielding a value"
-                    ) from None
-                exits.append((res.name, ("agen", gen)))
-            kwargs = {}
-            for pn, src, key in plan.kwargs:
-                if src == _CTX:
-                    kwargs[pn] = ctx
-                elif src == _JOB:
-                    kwargs[pn] = values[key]
-                else:
-                    kwargs[pn] = proc[key] if key in proc else await r._open_process(key)
+            kwargs = await open_job(r, self._plan, ctx, exits)
         except BaseException as failure:
             await _close_all(
                 exits, type(failure), failure, failure.__traceback__, r._close_failures, "job"

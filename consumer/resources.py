@@ -39,7 +39,7 @@ import collections.abc as cabc
 import contextlib
 import inspect
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Literal
@@ -547,42 +547,8 @@ class _JobScope:
         overrides = self._overrides
         if overrides:
             return await self._enter_overridden()
-        proc = r._proc_values
-        values: list[Any] = []
-        exits = self._exits
         try:
-            for res, opener, sources in plan.steps:
-                kwargs = {}
-                for pn, src, key in sources:
-                    if src == _CTX:
-                        kwargs[pn] = ctx
-                    elif src == _JOB:
-                        kwargs[pn] = values[key]
-                    else:
-                        kwargs[pn] = proc[key] if key in proc else await r._open_process(key)
-                if res.kind == "agen":  # inlined _enter for the common case
-                    obj = opener(**kwargs)
-                    try:
-                        values.append(await obj.__anext__())
-                    except StopAsyncIteration:
-                        raise RuntimeError(
-                            f"resource {res.name!r} returned without yielding a value"
-                        ) from None
-                    exits.append((res.name, ("agen", obj)))
-                else:
-                    value, exit_ = await _enter(res, opener, kwargs)
-                    values.append(value)
-                    if exit_ is not None:
-                        exits.append((res.name, exit_))
-            out = {}
-            for pn, src, key in plan.kwargs:
-                if src == _CTX:
-                    out[pn] = ctx
-                elif src == _JOB:
-                    out[pn] = values[key]
-                else:
-                    out[pn] = proc[key] if key in proc else await r._open_process(key)
-            return out
+            return await open_job(r, plan, ctx, self._exits)
         except BaseException as failure:
             await self._close(type(failure), failure, failure.__traceback__)
             raise
@@ -644,3 +610,48 @@ class _JobScope:
         if exits:
             self._exits = []
             await _close_all(exits, exc_type, exc, tb, self._r._close_failures, "job")
+
+
+async def _resolve(
+    r: Resources, sources: Sequence[tuple[str, int, Any]], ctx: JobContext, values: list[Any]
+) -> dict[str, Any]:
+    """Arguments by source: the job's context, a job resource opened earlier, or a process one."""
+    proc = r._proc_values
+    args: dict[str, Any] = {}
+    for pn, src, key in sources:
+        if src == _CTX:
+            args[pn] = ctx
+        elif src == _JOB:
+            args[pn] = values[key]
+        else:
+            args[pn] = proc[key] if key in proc else await r._open_process(key)
+    return args
+
+
+async def open_job(
+    r: Resources, plan: Plan, ctx: JobContext, exits: list[tuple[str, tuple[str, Any]]]
+) -> dict[str, Any]:
+    """Open ``plan``'s job resources in order and return the handler's keyword arguments.
+
+    What each opened resource needs to close lands in ``exits`` as it opens, so the caller
+    closes exactly what was opened, in reverse, whether this raises or the job does. The one
+    copy of the opening steps: ``job_scope`` and the chain's ``JobScope`` layer both use it.
+    """
+    values: list[Any] = []
+    for res, opener, sources in plan.steps:
+        kwargs = await _resolve(r, sources, ctx, values)
+        if res.kind == "agen":  # inlined _enter for the common case
+            obj = opener(**kwargs)
+            try:
+                values.append(await obj.__anext__())
+            except StopAsyncIteration:
+                raise RuntimeError(
+                    f"resource {res.name!r} returned without yielding a value"
+                ) from None
+            exits.append((res.name, ("agen", obj)))
+        else:
+            value, exit_ = await _enter(res, opener, kwargs)
+            values.append(value)
+            if exit_ is not None:
+                exits.append((res.name, exit_))
+    return await _resolve(r, plan.kwargs, ctx, values)
