@@ -23,7 +23,13 @@ import os
 import re
 from typing import Any
 
-from .model import Topology, delay_exchange_name, dlq_name, events_exchange_name
+from .model import (
+    Topology,
+    cancel_exchange_name,
+    delay_exchange_name,
+    dlq_name,
+    events_exchange_name,
+)
 
 DEFAULT_EXCHANGE_RESOURCE = "amq.default"
 
@@ -52,7 +58,8 @@ def permission_regexes(topology: Topology) -> dict[str, str]:
     # ``<exchange>.events`` and the status keeper's queue on it, ``<exchange>.events.status``
     # (configure, read and write: the keeper declares, binds and consumes it).
     events = re.escape(events_exchange_name(topology.exchange))
-    exchanges = f"{ex}|{chain}\\..+|{events}"
+    cancel = re.escape(cancel_exchange_name(topology.exchange))
+    exchanges = f"{ex}|{chain}\\..+|{events}|{cancel}"
     work = "|".join(
         f"{re.escape(q.name)}({re.escape(dlq_name(q.name)[len(q.name) :])})?"
         for q in topology.queues
@@ -64,7 +71,9 @@ def permission_regexes(topology: Topology) -> dict[str, str]:
     # The scheduler's token queue, ``<exchange>.scheduler.<app>`` (leveret.consumer.scheduler):
     # declared, published to (default exchange) and consumed by every worker with schedules;
     # and the status keeper's queue, ``<exchange>.events.status``, which it declares and reads.
-    scheduler = f"{ex}\\.scheduler\\..+|{events}\\.status"
+    # A worker's cancellation watch binds an exclusive, server-named queue (``amq.gen-…``) to
+    # ``<exchange>.cancel`` (leveret.producers.cancel.CancelWatch).
+    scheduler = f"{ex}\\.scheduler\\..+|{events}\\.status|amq\\.gen-.+"
     both = f"{exchanges}|{all_queues}|{scheduler}" if all_queues else f"{exchanges}|{scheduler}"
     return {
         "configure": f"^({both})$",
