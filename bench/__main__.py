@@ -36,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--profile",
         action="store_true",
-        help="profile a Leveret worker with py-spy and write bench/PROFILE.md",
+        help="profile Leveret workers with py-spy (consume_noop; the rows in --libs, default "
+        "leveret; --rounds N interleaved) and write PROFILE.md beside --out",
     )
     parser.add_argument(
         "--amqp-url", default=os.environ.get("BENCH_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
@@ -52,13 +53,19 @@ def main(argv: list[str] | None = None) -> int:
         workloads = [Workload(**w) for w in saved["workloads"]]
         report.write(args.out, summarise(runs), runs, workloads, saved["meta"])
         return 0
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     broker = BenchBroker(args.amqp_url, args.management_url)
     broker.create()
     try:
         if args.profile:
             from bench.profile import profile
 
-            profile(broker, HERE / "PROFILE.md")
+            profile(
+                broker,
+                args.out.with_name("PROFILE.md"),
+                args.libs.split(",") if args.libs else None,
+                args.rounds or 1,
+            )
             return 0
         rounds = args.rounds or (1 if args.quick else 3)
         libs = args.libs.split(",") if args.libs else None

@@ -33,15 +33,17 @@ from bench.broker import BenchBroker
 from bench.wire import encode, payload
 
 ROOT = Path(__file__).resolve().parent.parent
-RUNNERS = {
+RUNNERS: dict[str, tuple[str, dict[str, Any]]] = {
     "aiopika": ("bench.runners.aiopika_runner", {}),
     "aiopika-uvloop": ("bench.runners.aiopika_runner", {"uvloop": True}),
     "leveret": ("bench.runners.leveret_runner", {}),
     "leveret-uvloop": ("bench.runners.leveret_runner", {"uvloop": True}),
     "leveret-blocking": ("bench.runners.leveret_runner", {"blocking": True}),
-    # Lifecycle events (issue 12): LEVERET_EVENTS off / outcomes (the default without a status
-    # store, so also what "leveret" runs) / all with the Redis status store and its keeper.
-    # Not in any workload's default list: ask for them with --libs.
+    # Feature rows of consume_noop (issues 12, 14, 16): the same worker and handler as "leveret",
+    # same loop (asyncio) and same prefetch (the workload's), one setting changed each; see
+    # FEATURE_SETTINGS. Lifecycle events (issue 12): LEVERET_EVENTS off / outcomes (the default
+    # without a status store, so also what "leveret" and "leveret-uvloop" run, said explicitly
+    # here) / all with the Redis status store and its keeper.
     "leveret-events-off": ("bench.runners.leveret_runner", {"events": "off"}),
     "leveret-outcomes": ("bench.runners.leveret_runner", {"events": "outcomes"}),
     "leveret-status": (
@@ -55,14 +57,25 @@ RUNNERS = {
     "taskiq": ("bench.runners.taskiq_runner", {}),
     "taskiq-uvloop": ("bench.runners.taskiq_runner", {"uvloop": True}),
     # Issue 14: the handler takes one job-scoped resource (an async generator); compare with
-    # "leveret" (same handler, no resource) to see the job scope's cost. Ask with --libs.
+    # "leveret" (same handler, no resource) to see the job scope's cost.
     "leveret-resource": ("bench.runners.leveret_runner", {"job_resource": True}),
 }
 # Peers at their best configuration: the asyncio ones on uvloop (they can use it; a user who
 # cares about speed does), Dramatiq and Celery on their own threads (no event loop to swap).
 ALL_PEERS = ["dramatiq", "celery", "faststream-uvloop", "taskiq-uvloop"]
 PIPELINING_PEERS = ["faststream-uvloop", "taskiq-uvloop"]
-LIFECYCLE = ["leveret-events-off", "leveret-outcomes", "leveret-status"]
+# One full run shows every feature row beside bare aio-pika (issue 16's last target row). Each is
+# the plain "leveret" row with one setting changed, nothing else tuned: what the report prints.
+FEATURES = ["leveret-events-off", "leveret-outcomes", "leveret-status", "leveret-resource"]
+FEATURE_SETTINGS = {
+    "leveret": "defaults: `LEVERET_EVENTS` unset, so `outcomes` (no status store)",
+    "leveret-uvloop": "as `leveret`, under `uvloop.run`",
+    "leveret-events-off": "`events=off`: no lifecycle events",
+    "leveret-outcomes": "`events=outcomes`: one outcome event per job, confirmed before its ack",
+    "leveret-status": "`events=all` (`started` too) + Redis status store (`status_url`, "
+    "TTL 600 s) and its keeper consuming the events queue in the same process",
+    "leveret-resource": "as `leveret`, handler takes one job-scoped async-generator resource",
+}
 THREADED = {"dramatiq", "celery"}  # concurrency is threads (or Celery's solo pool at 1)
 
 
@@ -120,7 +133,7 @@ def plan(quick: bool, libs: list[str] | None) -> list[Workload]:
         Workload(
             "consume_noop",
             "Consume no-op jobs, one worker process (prefetch 1,000)",
-            ["aiopika", "aiopika-uvloop", "leveret", "leveret-uvloop", *ALL_PEERS, *LIFECYCLE],
+            ["aiopika", "aiopika-uvloop", "leveret", "leveret-uvloop", *ALL_PEERS, *FEATURES],
             {"n": 500 if q else 20000, "prefetch": 1000, "concurrency": 1},
         ),
         Workload(
@@ -149,9 +162,6 @@ def plan(quick: bool, libs: list[str] | None) -> list[Workload]:
             {"n": 100 if q else 500, "backoff_s": 1.0, "prefetch": 500, "concurrency": 4},
         ),
     ]
-    for item in w:
-        # The lifecycle rows run only when asked for by name (--libs).
-        item.libs = [lib for lib in item.libs if lib in (libs or ()) or lib not in LIFECYCLE]
     if libs:
         for item in w:
             item.libs = [lib for lib in item.libs if lib in libs]
@@ -410,6 +420,8 @@ def summarise(runs: list[Run]) -> dict[tuple[str, str, str], dict[str, float]]:
             ("aiopika", "x_aiopika"),
             ("aiopika-uvloop", "x_aiopika_uvloop"),
             ("dramatiq", "x_dramatiq"),
+            # A feature row's cost: against the plain row of the same round, same loop.
+            ("leveret", "x_leveret"),
         ):
             # The batch API is held against bare aio-pika publishing without confirms.
             ref_wl = "publish_noconfirm" if wl == "publish_batch" else wl

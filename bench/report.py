@@ -7,7 +7,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from bench.harness import Run, Workload, loop_of
+from bench.harness import FEATURE_SETTINGS, FEATURES, Run, Workload, loop_of
 
 Summary = dict[tuple[str, str, str], dict[str, float]]
 
@@ -47,6 +47,7 @@ SETTINGS = """\
 | aio-pika-uvloop | the same code under `uvloop.run` (the reference the targets name) |
 | leveret-uvloop | the same worker and publisher under `uvloop.run` |
 | leveret-blocking | `producers.BlockingPublisher` |
+| leveret-events-off, -outcomes, -status, -resource | the `leveret` worker with one setting changed (table "Feature rows" above); asyncio's loop, the workload's prefetch |
 | dramatiq | `RabbitmqBroker(confirm_delivery=True)`, `Worker(worker_threads=1)` with `dramatiq_queue_prefetch` = prefetch (100 threads for I/O, 4 for retries); `min_backoff=500, max_backoff=2000` (its jitter is not optional: the first retry waits 1–2 s), `actor.send` |
 | celery | py-amqp, `task_acks_late`, results ignored, `confirm_publish`, solo pool with `worker_prefetch_multiplier` = prefetch (threads pool: ×100 for I/O, ×4 for retries, where the solo pool ran the 500 ETA retries ~10/s, 50 s in all), without gossip/mingle/heartbeat; `apply_async`; `self.retry(countdown=1)` |
 | faststream-uvloop | `RabbitBroker`, subscriber on a `Channel(prefetch_count=…)`, default ack policy (ack after the handler), `publish(persist=True)` with its default confirms |
@@ -188,6 +189,7 @@ def targets(summary: Summary) -> list[tuple[str, str, str, str]]:
                     verdict(rss["median"], 45, False),
                 )
             )
+    rows.extend(feature_targets(summary))
     io = get("io", "leveret", "wall_s")
     if io:
         rows.append(
@@ -209,6 +211,109 @@ def targets(summary: Summary) -> list[tuple[str, str, str, str]]:
             )
         )
     return rows
+
+
+# Issue 12 quotes "today" as Leveret without events at 1.57x bare aio-pika (asyncio, the run of
+# 2026-11-23); same-round ratios move by about +-15 % on this shared machine (bench/NOTES.md).
+EVENTS_OFF_TODAY = 1.57
+NOISE = 0.15
+
+
+def feature_targets(summary: Summary) -> list[tuple[str, str, str, str]]:
+    """The feature rows' budgets (issues 12 and 14), each from the same run's rounds.
+
+    Feature rows run on asyncio's loop like ``leveret``; they are held against bare aio-pika on
+    asyncio (same loop, ``x_aiopika``) or against ``leveret`` itself (``x_leveret``, the same
+    worker without the feature, same round).
+    """
+    rows: list[tuple[str, str, str, str]] = []
+
+    def rate(lib: str) -> dict[str, float] | None:
+        return summary.get(("consume_noop", lib, "rate"))
+
+    def at_least(value: float, goal: float) -> str:
+        return "**met**" if value >= goal else f"missed by {(goal - value) / goal:.1%}"
+
+    out = rate("leveret-outcomes")
+    if out and "x_aiopika" in out:
+        rows.append(
+            (
+                "consume no-op, `LEVERET_EVENTS=outcomes` (asyncio; issue 12)",
+                "≥ 1.0× bare aio-pika (asyncio), same run",
+                _ratio(out),
+                at_least(out["x_aiopika"], 1.0),
+            )
+        )
+    off = rate("leveret-events-off")
+    if off and "x_aiopika" in off:
+        floor = EVENTS_OFF_TODAY * (1 - NOISE)
+        rows.append(
+            (
+                "consume no-op, `LEVERET_EVENTS=off` (asyncio; issue 12)",
+                f"within noise of {EVENTS_OFF_TODAY:.2f}× bare aio-pika (≥ {floor:.2f}×)",
+                _ratio(off),
+                at_least(off["x_aiopika"], floor),
+            )
+        )
+    status = rate("leveret-status")
+    if status and "x_aiopika" in status:
+        cost = f"; {_ratio(status, 'x_leveret')} of `leveret`" if "x_leveret" in status else ""
+        rows.append(
+            (
+                "consume no-op, events `all` + Redis status store (asyncio; issue 12)",
+                "measure and report",
+                _ratio(status) + cost,
+                "reported",
+            )
+        )
+    res = rate("leveret-resource")
+    if res and "x_leveret" in res:
+        rows.append(
+            (
+                "consume no-op, one job-scoped resource (asyncio; issue 14)",
+                "≤ 10 % slower than `leveret` (≥ 0.90×), same run",
+                _ratio(res, "x_leveret"),
+                at_least(res["x_leveret"], 0.9),
+            )
+        )
+    return rows
+
+
+def feature_table(summary: Summary, workloads: list[Workload]) -> list[str]:
+    """Every feature row of consume_noop with its settings, loop and same-round ratios."""
+    noop = next((w for w in workloads if w.name == "consume_noop"), None)
+    if noop is None:
+        return []
+    libs = [lib for lib in ("leveret", "leveret-uvloop", *FEATURES) if lib in noop.libs]
+    if not any(lib in FEATURES for lib in libs):
+        return []
+    prefetch = noop.params.get("prefetch")
+    out = [
+        "## Feature rows (issues 12, 14, 16): consume no-op, beside bare aio-pika\n",
+        f"Every row is the `leveret` worker and handler with one setting changed; all use the "
+        f"workload's prefetch ({prefetch}) and nothing else tuned per row. Ratios are same-round "
+        "medians (min–max); `× leveret` is against the plain row of the same round.\n",
+        "| library | loop | prefetch | setting | jobs/s | µs CPU/job | × aio-pika (asyncio) "
+        "| × aio-pika (uvloop) | × leveret |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for lib in libs:
+        entry = summary.get(("consume_noop", lib, "rate"))
+        cpu = summary.get(("consume_noop", lib, "cpu_us_per_job"))
+        cells = [
+            lib,
+            loop_of(lib),
+            str(prefetch),
+            FEATURE_SETTINGS.get(lib, ""),
+            _cell(entry, 0),
+            _cell(cpu, 0),
+            _ratio(entry),
+            _ratio(entry, "x_aiopika_uvloop"),
+            _ratio(entry, "x_leveret") if lib != "leveret" else "1.00×",
+        ]
+        out.append("| " + " | ".join(cells) + " |")
+    out.append("")
+    return out
 
 
 def write(
@@ -255,6 +360,8 @@ def write(
     for row in targets(summary):
         out.append("| " + " | ".join(row) + " |")
     out.append("")
+
+    out.extend(feature_table(summary, workloads))
 
     failed = [r for r in runs if not r.ok]
     for wl in workloads:

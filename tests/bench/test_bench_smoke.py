@@ -64,3 +64,42 @@ def test_summary_takes_ratios_within_a_round() -> None:
     # The uvloop reference is its own column, also same-round (round 1 has no uvloop figure).
     assert entry["x_aiopika_uvloop"] == pytest.approx(1.25)
     assert summary[("publish_batch", "leveret", "rate")]["x_aiopika_uvloop"] == pytest.approx(0.75)
+
+
+def test_feature_rows_run_by_default_beside_bare_aiopika() -> None:
+    """One full run holds every feature row in consume_noop, next to bare aio-pika (issue 16)."""
+    from bench.harness import FEATURE_SETTINGS, FEATURES, loop_of, plan
+
+    (noop,) = [w for w in plan(False, None) if w.name == "consume_noop"]
+    assert {"aiopika", "aiopika-uvloop", "leveret", *FEATURES} <= set(noop.libs)
+    for lib in FEATURES:
+        assert loop_of(lib) == "asyncio" and FEATURE_SETTINGS[lib]
+    # Asked for by name, a feature row runs on its own too.
+    (only,) = plan(True, ["leveret-outcomes"])
+    assert only.name == "consume_noop" and only.libs == ["leveret-outcomes"]
+
+
+def test_feature_budgets_use_same_round_ratios() -> None:
+    """Outcomes is held against bare aio-pika, the resource row against plain Leveret."""
+    from bench.harness import Run, Workload, summarise
+    from bench.report import feature_table, feature_targets
+
+    runs = [
+        Run("consume_noop", "aiopika", 0, True, figures={"rate": 100.0}),
+        Run("consume_noop", "leveret", 0, True, figures={"rate": 120.0}),
+        Run("consume_noop", "leveret-outcomes", 0, True, figures={"rate": 95.0}),
+        Run("consume_noop", "leveret-resource", 0, True, figures={"rate": 114.0}),
+        Run("consume_noop", "aiopika", 1, True, figures={"rate": 50.0}),
+        Run("consume_noop", "leveret", 1, True, figures={"rate": 100.0}),
+        Run("consume_noop", "leveret-outcomes", 1, True, figures={"rate": 55.0}),
+        Run("consume_noop", "leveret-resource", 1, True, figures={"rate": 80.0}),
+    ]
+    summary = summarise(runs)
+    rows = {row[0]: row for row in feature_targets(summary)}
+    outcomes = rows["consume no-op, `LEVERET_EVENTS=outcomes` (asyncio; issue 12)"]
+    assert outcomes[2].startswith("1.02×") and outcomes[3] == "**met**"  # median of .95, 1.1
+    resource = rows["consume no-op, one job-scoped resource (asyncio; issue 14)"]
+    assert resource[2].startswith("0.88×") and resource[3].startswith("missed by")  # .95, .8
+    wl = Workload("consume_noop", "t", ["aiopika", "leveret", "leveret-outcomes"], {"prefetch": 7})
+    table = "\n".join(feature_table(summary, [wl]))
+    assert "| leveret-outcomes | asyncio | 7 |" in table
