@@ -21,6 +21,10 @@ rare double publish carries the same id).
   reading matches: ``*/15 * * * *`` keeps firing every 15 minutes through both passes of a
   repeated hour, and skips nothing but the readings that do not exist. Ticks are always
   strictly increasing in UTC.
+
+cronsim is imported where a cron expression is evaluated, not at the top: every worker imports
+this module (through the scheduler), most apps define no cron schedule, and a lean worker loads
+nothing it does not use (tests/package/test_lean_imports.py).
 """
 
 from __future__ import annotations
@@ -31,8 +35,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
-
-from cronsim import CronSim, CronSimError
 
 from leveret.topology.errors import InvalidNameError
 from leveret.topology.model import check_name
@@ -75,6 +77,8 @@ class Schedule:
             k = (instant - _EPOCH) // _US // step + 1
             return _EPOCH + k * step * _US
         assert self.cron is not None
+        from cronsim import CronSim
+
         zone = ZoneInfo(self.tz)
         for local in CronSim(self.cron, instant.astimezone(zone)):
             tick = local.astimezone(UTC)
@@ -90,6 +94,8 @@ class Schedule:
             k = (instant - _EPOCH) // _US // step
             return _EPOCH + k * step * _US
         assert self.cron is not None
+        from cronsim import CronSim
+
         zone = ZoneInfo(self.tz)
         start = (instant + timedelta(seconds=1)).replace(microsecond=0)
         try:
@@ -167,6 +173,8 @@ def make_schedule(
                 f"{where}: cron expression {cron!r} needs 5 fields (minute hour day month "
                 f"weekday) or 6 (seconds first)"
             )
+        from cronsim import CronSim, CronSimError
+
         try:
             next(CronSim(cron, datetime.now(zone)))
         except (CronSimError, StopIteration) as exc:

@@ -10,14 +10,19 @@ import contextlib
 import json
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
-from rich.table import Table
 
-from ..ops.dlq import DeadJob, DeadLetters, Filter, InvalidDurationError, parse_duration
 from .common import command_setup, fail, load_settings, run_async
 from .tables import plain_table, print_table
+
+# The DLQ tools (and rich, which draws their tables) load when a dlq command runs, not when the
+# CLI starts: `leveret worker` imports this module too (tests/package/test_lean_imports.py).
+if TYPE_CHECKING:
+    from rich.table import Table
+
+    from ..ops.dlq import DeadJob, Filter
 
 
 def _progress(verb: str) -> Callable[[int, int], None] | None:
@@ -91,6 +96,8 @@ def _filters(fn: Callable[..., Any]) -> Callable[..., Any]:
 def _where(
     ids: tuple[str, ...], job: str | None, reason: str | None, older_than: str | None
 ) -> Filter:
+    from ..ops.dlq import Filter, InvalidDurationError, parse_duration
+
     try:
         older_than_s = parse_duration(older_than) if older_than is not None else None
     except InvalidDurationError as exc:
@@ -124,6 +131,8 @@ def list_(
     queue: str, limit: int | None, as_json: bool, job: str | None, reason: str | None
 ) -> None:
     """List the dead jobs of work queue QUEUE: id, job, attempts, reason, when, error."""
+    from ..ops.dlq import DeadLetters, Filter
+
     settings = load_settings()
 
     async def run() -> tuple[int, Table]:
@@ -173,6 +182,8 @@ def replay(
     dry_run: bool,
 ) -> None:
     """Move dead jobs of QUEUE back to QUEUE and print how many moved."""
+    from ..ops.dlq import DeadLetters
+
     where = _where(ids, job, reason, older_than)
     settings = load_settings()
 
@@ -217,6 +228,8 @@ def purge(
     yes: bool,
 ) -> None:
     """Delete dead jobs from QUEUE.dlq and print how many."""
+    from ..ops.dlq import DeadLetters
+
     where = _where(ids, job, reason, older_than)
     # Ask only where someone can answer. Elsewhere a filter says what to delete; deleting the
     # whole DLQ from a script must be said explicitly, so a stray command in cron cannot.

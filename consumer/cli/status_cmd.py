@@ -10,14 +10,19 @@ import json
 import sys
 import time
 from dataclasses import asdict
+from typing import TYPE_CHECKING
 
 import click
-from rich.table import Table
 
-from ..ops.status import QueueStatus, collect
-from ..settings import WorkerSettings
 from .common import command_setup, load_app, load_settings, run_async
 from .tables import plain_table, print_table
+
+# Loaded when `status` runs, not when the CLI starts (`leveret worker` imports this module too).
+if TYPE_CHECKING:
+    from rich.table import Table
+
+    from ..ops.status import QueueStatus
+    from ..settings import WorkerSettings
 
 
 def _fmt(value: int | float | None) -> str:
@@ -89,6 +94,8 @@ def _loop(
     as_json: bool,
     clear: bool,
 ) -> None:
+    from ..ops.status import collect
+
     while True:
         rows, _source, note = run_async(collect(settings, queues))
         if clear:

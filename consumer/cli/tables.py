@@ -5,15 +5,20 @@ silently dropped its last column, the error). On a terminal the table fits its w
 cells folding onto further lines. Off a terminal, stdout is a pipe or a file with no width of
 its own (rich would assume 80 columns and squeeze the rows): there the table is as wide as its
 content, one line per row with no trailing blanks, so ``grep``, ``awk`` and ``cut`` work on it.
+
+rich is imported inside the functions: every command module imports this one, and ``leveret
+worker`` must not pay rich's memory for tables it never draws (tests/package/test_lean_imports.py).
 """
 
 from __future__ import annotations
 
 import sys
+from typing import TYPE_CHECKING
 
 import click
-from rich.console import Console
-from rich.table import Table
+
+if TYPE_CHECKING:
+    from rich.table import Table
 
 # Never narrower than this off a terminal, even for a table of short cells.
 PIPE_MIN_WIDTH = 80
@@ -22,11 +27,15 @@ PIPE_MIN_WIDTH = 80
 def plain_table() -> Table:
     """Columns separated by two spaces, no borders: each line reads as whitespace-separated
     fields, the first being the row's name or id."""
+    from rich.table import Table
+
     return Table(box=None, show_edge=False, pad_edge=False)
 
 
 def print_table(table: Table) -> None:
     """Print ``table`` on stdout (see the module docstring for the width it gets)."""
+    from rich.console import Console
+
     if sys.stdout.isatty():
         Console(file=sys.stdout, highlight=False).print(table)
         return
