@@ -11,7 +11,9 @@ publisher's CPU. Here, per batch:
   per id length), with a placeholder id and ``body_size`` 0; each job then splices its id and
   size into the template bytes. The first job of each template is checked byte for byte against
   pamqp's own marshalling, and a template that does not match is never used (pamqp marshals that
-  group per job): a template can only ever be a cheaper way to the same bytes.
+  group per job): a template can only ever be a cheaper way to the same bytes. Templates are
+  kept per channel across batches (a worker settling a few jobs per loop turn sends many small
+  batches, and building a template costs three pamqp marshals), a bounded number of them.
 * The whole batch goes to aiormq's writer as one ``ChannelFrame``: one queue entry, one
   ``transport.write``.
 * Confirms are tracked without a future per job. Delivery tags are allocated exactly as
@@ -35,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import struct
+import weakref
 from collections.abc import Hashable, Sequence
 from typing import Any, Protocol
 
@@ -53,6 +56,9 @@ _BODY_FRAME = struct.Struct(">BHI")  # type 3, channel, size
 _BODY_SIZE = struct.Struct(">Q")
 _HEADER_SIZE_AT = 11  # frame type 1 + channel 2 + size 4 + class id 2 + weight 2
 _ACK = "ack"
+# Per channel, at most this many routes and header templates are kept (then forgotten at once and
+# rebuilt as needed): a worker's copies have a few routes and property sets per queue and job.
+_KEPT = 512
 # What a closing channel or connection raises at a waiting batch.
 _FAILURES: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, aiormq.exceptions.AMQPError)
 
@@ -156,6 +162,15 @@ class _Marshaller:
         # (properties without message_id, id length) -> (head, middle, tail), or None: no template
         self.templates: dict[Hashable, tuple[bytes, bytes, bytes] | None] = {}
 
+    @classmethod
+    def of(cls, channel: aiormq.Channel) -> _Marshaller:
+        """The channel's marshaller, kept across batches (its templates are the point)."""
+        found = _MARSHALLERS.get(channel)
+        number, size = channel.number, channel.max_content_size
+        if found is None or found.channel_number != number or found.max_content_size != size:
+            found = _MARSHALLERS[channel] = cls(number, size)
+        return found
+
     def frames(self, item: Outgoing, parts: list[bytes]) -> None:
         # Jobs are mandatory (a job no queue takes is an error); an item may say otherwise
         # (the worker's lifecycle events: nobody need be bound to the events exchange).
@@ -163,6 +178,8 @@ class _Marshaller:
         route = (item.exchange, item.routing_key, mandatory)
         publish = self.publish_frames.get(route)
         if publish is None:
+            if len(self.publish_frames) >= _KEPT:
+                self.publish_frames.clear()
             publish = self.publish_frames[route] = pamqp_frame.marshal(
                 Basic.Publish(
                     exchange=item.exchange, routing_key=item.routing_key, mandatory=mandatory
@@ -191,6 +208,8 @@ class _Marshaller:
         if key in self.templates:
             template = self.templates[key]
         else:
+            if len(self.templates) >= _KEPT:
+                self.templates.clear()
             template = self._template(props, len(id_bytes))
             if template is not None:
                 made = _fill(template, body_size, id_bytes)
@@ -218,6 +237,9 @@ class _Marshaller:
             raw[_HEADER_SIZE_AT + _BODY_SIZE.size : at],
             raw[at + id_len :],
         )
+
+
+_MARSHALLERS: weakref.WeakKeyDictionary[aiormq.Channel, _Marshaller] = weakref.WeakKeyDictionary()
 
 
 def _fill(template: tuple[bytes, bytes, bytes], body_size: int, id_bytes: bytes) -> bytes:
@@ -303,7 +325,7 @@ async def publish_batch(
     tracker = _Tracker(len(items), channel.create_future())
     confirmations: dict[int, Any] = channel.confirmations
     by_id = channel.message_id_delivery_tag
-    marshaller = _Marshaller(channel.number, channel.max_content_size)
+    marshaller = _Marshaller.of(channel)
     parts: list[bytes] = []
     for item in items:
         marshaller.frames(item, parts)
@@ -311,22 +333,23 @@ async def publish_batch(
     first_tag = 0
     failure: BaseException | None = None
     try:
-        async with asyncio.timeout_at(deadline), channel.lock:
-            first_tag = channel.delivery_tag + 1
-            for index, message_id in enumerate(ids):
-                confirmations[first_tag + index] = _Slot(tracker, index)
-                by_id[message_id] = first_tag + index
-            channel.delivery_tag += len(items)
-            try:
-                await channel.write_queue.put(ChannelFrame(payload=payload, should_close=False))
-            except BaseException:
-                # Not handed to the writer: the broker never saw these tags; give them back
-                # while still holding the lock, as aiormq does for its own publishes.
-                channel.delivery_tag -= len(items)
-                _forget(channel, ids, first_tag)
-                first_tag = 0
-                raise
+        # One timeout (one timer) over handing the batch to the writer and its confirms.
         async with asyncio.timeout_at(deadline):
+            async with channel.lock:
+                first_tag = channel.delivery_tag + 1
+                for index, message_id in enumerate(ids):
+                    confirmations[first_tag + index] = _Slot(tracker, index)
+                    by_id[message_id] = first_tag + index
+                channel.delivery_tag += len(items)
+                try:
+                    await channel.write_queue.put(ChannelFrame(payload=payload, should_close=False))
+                except BaseException:
+                    # Not handed to the writer: the broker never saw these tags; give them
+                    # back while still holding the lock, as aiormq does for its own publishes.
+                    channel.delivery_tag -= len(items)
+                    _forget(channel, ids, first_tag)
+                    first_tag = 0
+                    raise
             await tracker.future
     except TimeoutError:
         failure = TimeoutError()

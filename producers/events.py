@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final, Literal, get_args
@@ -92,6 +93,26 @@ def rfc3339(moment: datetime) -> str:
 
 def now() -> datetime:
     return datetime.now(UTC)
+
+
+# The worker stamps one event per job: the second's text is made once per second, not per event.
+_stamp: list[Any] = [-1, ""]  # [second, its "YYYY-MM-DDTHH:MM:SS"]
+
+
+def now_rfc3339() -> str:
+    """``rfc3339(now())``, the same text, at a fraction of the cost.
+
+    Milliseconds are truncated as ``isoformat(timespec="milliseconds")`` truncates them.
+    """
+    second, nanos = divmod(time.time_ns(), 1_000_000_000)
+    if second != _stamp[0]:
+        _stamp[1] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        _stamp[0] = second
+    return f"{_stamp[1]}.{nanos // 1_000_000:03d}Z"
+
+
+# ``json.dumps`` with options builds a new encoder per call; one kept encoder does the same work.
+_encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
 
 
 # --- results ----------------------------------------------------------------------------------
@@ -185,7 +206,7 @@ def build_event(
         "queue": queue,
         "state": state,
         "attempt": attempt,
-        "at": rfc3339(at or now()),
+        "at": rfc3339(at) if at is not None else now_rfc3339(),
     }
     if duration_s is not None:
         body["duration_s"] = round(duration_s, 6)
@@ -199,7 +220,7 @@ def build_event(
         body["progress"] = progress
     if message is not None:
         body["message"] = message
-    return json.dumps(body, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+    return _encode(body).encode()
 
 
 def _refuse_constant(name: str) -> None:
