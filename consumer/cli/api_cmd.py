@@ -1,16 +1,29 @@
-"""``leveret api APP``: the HTTP service API under uvicorn."""
+"""``leveret api APP``: the HTTP service API under uvicorn.
+
+``--loop`` is the worker's (``leveret.producers.eventloop``: ``auto`` is uvloop when it is
+installed): the choice is resolved once by that shared helper and handed to uvicorn as its own
+``loop`` setting, so uvicorn creates the loop the way it always does. The line ``event_loop``
+names the loop the server really runs on, read from inside it, like the worker's.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import signal
+import socket
 from types import FrameType
 from typing import Any
 
 import click
+import structlog
 from pydantic import ValidationError
+
+from leveret.producers.eventloop import LOOP_CHOICES, LoopUnavailable, loop_name, resolve
 
 from ..errors import ConfigError
 from .common import command_setup, fail, load_app
+
+log = structlog.get_logger("leveret.api")
 
 
 @click.command(
@@ -31,9 +44,20 @@ Needs the api extra: pip install 'leveret[api]'."""
     is_flag=True,
     help="Run without LEVERET_API_TOKEN: anyone who reaches the port can publish and cancel.",
 )
+@click.option(
+    "--loop",
+    type=click.Choice(LOOP_CHOICES),
+    default="auto",
+    show_default=True,
+    help="Event loop: auto is uvloop when it is installed, else asyncio.",
+)
 @command_setup
-def api(app: str, host: str, port: int, insecure_no_auth: bool) -> None:
+def api(app: str, host: str, port: int, insecure_no_auth: bool, loop: str) -> None:
     """Serve APP's jobs over HTTP (module:attribute naming a Worker)."""
+    try:
+        loop_kind = resolve(loop)  # before anything slow: a missing uvloop is one clear line
+    except LoopUnavailable as exc:
+        fail(str(exc))
     try:
         import uvicorn
 
@@ -54,8 +78,10 @@ def api(app: str, host: str, port: int, insecure_no_auth: bool) -> None:
     # Logging is structlog's (configured by command_setup); uvicorn's access log would print
     # every request again, unstructured.
     config = uvicorn.Config(asgi, host=host, port=port, log_config=None, access_log=False,
-                            server_header=False, proxy_headers=False)  # fmt: skip
-    _graceful_server(config).run()
+                            server_header=False, proxy_headers=False, loop=loop_kind)  # fmt: skip
+    server = _graceful_server(config)
+    server.asked_loop = loop
+    server.run()
 
 
 def _graceful_server_class() -> type[Any]:
@@ -67,6 +93,14 @@ def _graceful_server_class() -> type[Any]:
         uvicorn re-raises the signal it caught once it has shut down (so the process dies by
         it, status -15); an orchestrator or a supervisor then sees a crash, not a clean stop.
         """
+
+        asked_loop = "auto"
+
+        async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+            # What the running loop really is, not what was asked for: the line to trust.
+            log.info("event_loop", loop=loop_name(asyncio.get_running_loop()),
+                     asked=self.asked_loop)  # fmt: skip
+            await super().serve(sockets)
 
         def handle_exit(self, sig: int, frame: FrameType | None) -> None:
             if self.should_exit and sig == signal.SIGINT:

@@ -94,8 +94,9 @@ def modules_at_start(tmp_path_factory: pytest.TempPathFactory) -> set[str]:
 
 def test_the_probe_sees_the_worker_start_path(modules_at_start: set[str]) -> None:
     """The probe really loaded the worker and its command line (else the guard proves nothing)."""
-    for name in ("leveret.consumer.worker", "leveret.consumer.cli.worker_cmd",
-                 "leveret.consumer.cli.dlq_cmd", "leveret.consumer.scheduler", "click"):  # fmt: skip
+    seen = ("leveret.consumer.worker", "leveret.consumer.cli.worker_cmd",
+            "leveret.consumer.cli.dlq_cmd", "leveret.consumer.scheduler", "click")  # fmt: skip
+    for name in seen:
         assert name in modules_at_start, name
 
 
