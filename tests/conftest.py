@@ -7,6 +7,9 @@ from prometheus_client import CollectorRegistry
 
 from tests.support import Broker, test_broker
 
+# The queue types every promise is tested on (CONTRACT: "every feature works on both").
+QUEUE_TYPES = ("classic", "quorum")
+
 
 @pytest.fixture(scope="session")
 def broker() -> Iterator[Broker]:
@@ -19,3 +22,17 @@ def broker() -> Iterator[Broker]:
 def registry() -> CollectorRegistry:
     """A fresh metrics registry per test."""
     return CollectorRegistry()
+
+
+@pytest.fixture(params=QUEUE_TYPES)
+def queue_type(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run the test once per queue type, ids ``classic`` and ``quorum``.
+
+    It sets ``LEVERET_QUEUE_TYPE`` for the test's duration, the one switch a deployment uses, so
+    everything that reads settings sees it the same way: ``WorkerSettings`` built in the test
+    (``broker.settings()``, a fault app's ``declare()``), and worker subprocesses, which inherit
+    the environment. The test bodies stay the same for both types.
+    """
+    value: str = request.param
+    monkeypatch.setenv("LEVERET_QUEUE_TYPE", value)
+    return value

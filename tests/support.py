@@ -24,11 +24,29 @@ from urllib.parse import quote
 
 import aio_pika
 import httpx
+import pytest
 from yarl import URL
 
 from leveret.consumer import Worker, WorkerSettings
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# Quorum queues before RabbitMQ 4.0 have no priorities (the broker ignores `priority` and keeps
+# FIFO order); the contract excepts priorities there, so priority tests run on classic only.
+CLASSIC_ONLY_PRIORITIES = pytest.mark.parametrize(
+    "queue_type",
+    [
+        "classic",
+        pytest.param(
+            "quorum",
+            marks=pytest.mark.skip(
+                reason="quorum queues have no priorities before RabbitMQ 4.0 (CONTRACT: "
+                "LEVERET_QUEUE_TYPE); doctor reports it, tests/ops/test_doctor_quorum.py checks it"
+            ),
+        ),
+    ],
+    indirect=True,
+)
 
 
 @dataclass
@@ -203,6 +221,17 @@ def test_broker() -> Any:
             broker.api("DELETE", f"/vhosts/{broker.qvhost}", timeout=180)
         if container is not None:  # pragma: no cover
             container.stop()
+
+
+def assert_queue_types(broker: Broker, queue: str, queue_type: str) -> None:
+    """The work queue, a retry queue and the DLQ of ``queue`` exist as ``queue_type``.
+
+    A test parametrised over queue types calls it once its worker runs, so a setting that never
+    reached the declare fails the test instead of running the classic case twice.
+    """
+    for name in (queue, f"{queue}.retry.250ms", f"{queue}.dlq"):
+        found = broker.queue(name)["type"]
+        assert found == queue_type, f"{name} is {found}, the test runs on {queue_type}"
 
 
 def unique(prefix: str = "t") -> str:

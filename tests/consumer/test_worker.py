@@ -1,4 +1,8 @@
-"""The worker against a real broker: wire format, DLQ reasons, concurrency, reconnects."""
+"""The worker against a real broker: wire format, DLQ reasons, concurrency, reconnects.
+
+Tests taking ``queue_type`` run on classic and on quorum queues (``LEVERET_QUEUE_TYPE``, set by
+the fixture in tests/conftest.py); the priority test runs on classic only and says why.
+"""
 
 from __future__ import annotations
 
@@ -15,7 +19,14 @@ from structlog.testing import capture_logs
 from leveret.consumer import ConfigError, JobContext, Worker
 from leveret.producers import Publisher
 from leveret.topology import declare
-from tests.support import Broker, running, unique, wait_for
+from tests.support import (
+    CLASSIC_ONLY_PRIORITIES,
+    Broker,
+    assert_queue_types,
+    running,
+    unique,
+    wait_for,
+)
 
 
 class Payload(BaseModel):
@@ -37,7 +48,9 @@ async def _raw_publish(broker: Broker, routing_key: str, body: bytes, **props: o
         await connection.close()
 
 
-async def test_a_raw_amqp_client_job_is_handled_like_any_other(broker: Broker, registry) -> None:
+async def test_a_raw_amqp_client_job_is_handled_like_any_other(
+    broker: Broker, registry, queue_type: str
+) -> None:
     """A job published by plain aio-pika with the v1 wire format runs with its id."""
     worker = Worker(broker.settings(), registry=registry)
     queue = unique("raw")
@@ -86,7 +99,8 @@ async def test_type_names_the_job_when_it_disagrees_with_the_routing_key(
     assert ran == ["b"]
 
 
-async def test_higher_priority_jobs_run_first(broker: Broker, registry) -> None:
+@CLASSIC_ONLY_PRIORITIES
+async def test_higher_priority_jobs_run_first(broker: Broker, registry, queue_type: str) -> None:
     """Jobs queued while no worker runs come out highest priority first."""
     worker = Worker(broker.settings(prefetch=1), registry=registry)
     queue = unique("prio")
@@ -121,7 +135,13 @@ async def test_higher_priority_jobs_run_first(broker: Broker, registry) -> None:
     ],
 )
 async def test_bad_messages_are_dead_lettered_with_a_reason(
-    broker: Broker, registry, body: bytes, props: dict, reason: str, error_part: str
+    broker: Broker,
+    registry,
+    body: bytes,
+    props: dict,
+    reason: str,
+    error_part: str,
+    queue_type: str,
 ) -> None:
     """Bad input lands in Q.dlq with x-reason, x-error and x-attempts 0; good jobs still run."""
     worker = Worker(broker.settings(), registry=registry)
@@ -133,6 +153,7 @@ async def test_bad_messages_are_dead_lettered_with_a_reason(
         good.append(p.n)
 
     async with running(worker):
+        assert_queue_types(broker, queue, queue_type)
         await _raw_publish(broker, f"{queue}-job", body, message_id="bad-1", **props)
         await _raw_publish(broker, f"{queue}-job", b'{"n": 42}')
         await wait_for(lambda: broker.depth(f"{queue}.dlq"), 10, "the dead-lettered message")
@@ -182,7 +203,9 @@ async def test_a_sync_handler_does_not_block_async_ones(broker: Broker, registry
     assert max(fast_done) < slow_done[0]
 
 
-async def test_prefetch_bounds_how_many_jobs_run_at_once(broker: Broker, registry) -> None:
+async def test_prefetch_bounds_how_many_jobs_run_at_once(
+    broker: Broker, registry, queue_type: str
+) -> None:
     """With prefetch 3, never more than 3 handlers run concurrently, and 3 do."""
     worker = Worker(broker.settings(prefetch=3), registry=registry)
     queue = unique("pf")
@@ -206,7 +229,9 @@ async def test_prefetch_bounds_how_many_jobs_run_at_once(broker: Broker, registr
     assert peak == 3
 
 
-async def test_a_retry_waits_its_backoff_and_not_much_more(broker: Broker, registry) -> None:
+async def test_a_retry_waits_its_backoff_and_not_much_more(
+    broker: Broker, registry, queue_type: str
+) -> None:
     """A 1 s backoff reruns the job between 1.0 and 2.0 s after the failure."""
     worker = Worker(broker.settings(), registry=registry)
     queue = unique("timing")
@@ -233,7 +258,9 @@ async def test_a_retry_waits_its_backoff_and_not_much_more(broker: Broker, regis
     )
 
 
-async def test_a_job_that_overruns_its_timeout_retries(broker: Broker, registry) -> None:
+async def test_a_job_that_overruns_its_timeout_retries(
+    broker: Broker, registry, queue_type: str
+) -> None:
     """timeout= turns an overrun into a failure, which retries and then dead-letters."""
     worker = Worker(broker.settings(), registry=registry)
     queue = unique("to")
@@ -252,7 +279,7 @@ async def test_a_job_that_overruns_its_timeout_retries(broker: Broker, registry)
 
 
 async def test_the_worker_reconnects_after_the_broker_closes_its_connection(
-    broker: Broker, registry
+    broker: Broker, registry, queue_type: str
 ) -> None:
     """Closed from the broker side, the worker reconnects, consumes again and loses nothing."""
     worker = Worker(broker.settings(), registry=registry)
@@ -264,6 +291,7 @@ async def test_the_worker_reconnects_after_the_broker_closes_its_connection(
         seen.add(p.n)
 
     async with running(worker):
+        assert_queue_types(broker, queue, queue_type)
         async with Publisher(broker.url) as pub:
             await pub.publish_many([(f"{queue}-job", {"n": i}) for i in range(10)])
             await wait_for(lambda: len(seen) == 10, 10, "the first batch")
@@ -298,7 +326,9 @@ async def test_log_lines_inside_a_job_carry_its_context(broker: Broker, registry
     assert context == (job_id, f"{queue}-job", queue, 1)
 
 
-async def test_graceful_stop_finishes_in_flight_jobs(broker: Broker, registry) -> None:
+async def test_graceful_stop_finishes_in_flight_jobs(
+    broker: Broker, registry, queue_type: str
+) -> None:
     """stop() lets a running job finish and ack before the worker returns."""
     worker = Worker(broker.settings(shutdown_grace=5), registry=registry)
     queue = unique("stop")
@@ -322,7 +352,9 @@ async def test_graceful_stop_finishes_in_flight_jobs(broker: Broker, registry) -
     assert await broker.depth(queue) == 0
 
 
-async def test_a_job_longer_than_the_grace_goes_back_to_its_queue(broker: Broker, registry) -> None:
+async def test_a_job_longer_than_the_grace_goes_back_to_its_queue(
+    broker: Broker, registry, queue_type: str
+) -> None:
     """Past the grace the job is returned to Q (not the DLQ) without burning an attempt."""
     worker = Worker(broker.settings(shutdown_grace=0.3), registry=registry)
     queue = unique("stop")
@@ -338,6 +370,7 @@ async def test_a_job_longer_than_the_grace_goes_back_to_its_queue(broker: Broker
     async with Publisher(broker.url) as pub:
         await pub.publish(f"{queue}-job", {"n": 1})
     await asyncio.wait_for(started.wait(), 10)
+    assert_queue_types(broker, queue, queue_type)
     began = time.monotonic()
     worker.stop()
     await asyncio.wait_for(task, 10)

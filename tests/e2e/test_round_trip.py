@@ -1,4 +1,8 @@
-"""A job's whole round trip: publish, run, retry through the TTL chain, DLQ."""
+"""A job's whole round trip: publish, run, retry through the TTL chain, DLQ.
+
+Each test runs on classic and on quorum queues (the ``queue_type`` fixture sets
+``LEVERET_QUEUE_TYPE``) and first checks the worker really declared that type.
+"""
 
 from __future__ import annotations
 
@@ -8,14 +12,16 @@ from pydantic import BaseModel
 
 from leveret.consumer import JobContext, Reject, Worker
 from leveret.producers import Publisher
-from tests.support import Broker, running, unique, wait_for
+from tests.support import Broker, assert_queue_types, running, unique, wait_for
 
 
 class Payload(BaseModel):
     n: int
 
 
-async def test_a_published_job_runs_once_and_is_acked(broker: Broker, registry) -> None:
+async def test_a_published_job_runs_once_and_is_acked(
+    broker: Broker, registry, queue_type: str
+) -> None:
     """A job published with the Publisher runs with its payload validated and is acked."""
     worker = Worker(broker.settings(), registry=registry)
     queue = unique("rt")
@@ -26,6 +32,7 @@ async def test_a_published_job_runs_once_and_is_acked(broker: Broker, registry) 
         seen.append((p.n, ctx.job_id, ctx.attempt))
 
     async with running(worker):
+        assert_queue_types(broker, queue, queue_type)
         async with Publisher(broker.url) as pub:
             job_id = await pub.publish(f"{queue}-job", {"n": 7})
         await wait_for(lambda: seen, 10, "the job to run")
@@ -35,7 +42,9 @@ async def test_a_published_job_runs_once_and_is_acked(broker: Broker, registry) 
     assert await broker.depth(f"{queue}.dlq") == 0
 
 
-async def test_a_failing_job_retries_then_lands_in_the_dlq(broker: Broker, registry) -> None:
+async def test_a_failing_job_retries_then_lands_in_the_dlq(
+    broker: Broker, registry, queue_type: str
+) -> None:
     """Each failure retries after the backoff; after max_attempts the DLQ gets it with headers."""
     worker = Worker(broker.settings(), registry=registry)
     queue = unique("rt")
@@ -47,6 +56,7 @@ async def test_a_failing_job_retries_then_lands_in_the_dlq(broker: Broker, regis
         raise RuntimeError("boom\nsecond line")
 
     async with running(worker):
+        assert_queue_types(broker, queue, queue_type)
         async with Publisher(broker.url) as pub:
             job_id = await pub.publish(f"{queue}-job", {"n": 1})
         await wait_for(lambda: len(attempts) == 3, 15, "three attempts")
@@ -61,7 +71,7 @@ async def test_a_failing_job_retries_then_lands_in_the_dlq(broker: Broker, regis
     assert dead["payload"] == '{"n":1}'
 
 
-async def test_reject_goes_straight_to_the_dlq(broker: Broker, registry) -> None:
+async def test_reject_goes_straight_to_the_dlq(broker: Broker, registry, queue_type: str) -> None:
     """Reject("why") dead-letters on the first attempt with x-reason rejected."""
     worker = Worker(broker.settings(), registry=registry)
     queue = unique("rt")
@@ -71,6 +81,7 @@ async def test_reject_goes_straight_to_the_dlq(broker: Broker, registry) -> None
         raise Reject("not for us")
 
     async with running(worker):
+        assert_queue_types(broker, queue, queue_type)
         async with Publisher(broker.url) as pub:
             await pub.publish(f"{queue}-job", {"n": 1})
         await wait_for(lambda: broker.depth(f"{queue}.dlq"), 15, "the DLQ copy")
