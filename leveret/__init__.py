@@ -3,30 +3,75 @@
 ``import leveret`` is the public API. The three parts live in their own subpackages and import
 one way only: ``leveret.topology`` (the broker layout) ← ``leveret.producers`` (publishing) ←
 ``leveret.consumer`` (the worker runtime and its CLI).
+
+The names below are loaded on first use (PEP 562 ``__getattr__``), not when ``leveret`` is
+imported: importing any submodule runs this file first, so eager imports here would make a
+publisher-only service (``leveret.producers``) load the whole worker runtime too.
 """
 
-from leveret.consumer import ConfigError, JobContext, Reject, Worker, WorkerSettings
-from leveret.producers import (
-    BlockingPublisher,
-    BrokerUnavailable,
-    ConnectionLost,
-    DuplicateJobIdError,
-    InvalidPayloadError,
-    InvalidPriorityError,
-    Publisher,
-    PublishError,
-    PublishTimeout,
-    RefusedError,
-    UnroutableError,
-)
-from leveret.topology import (
-    InvalidDelayError,
-    InvalidNameError,
-    InvalidValueError,
-    LeveretError,
-    QueueMismatchError,
-    TopologyError,
-)
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from leveret.consumer import ConfigError, JobContext, Reject, Worker, WorkerSettings
+    from leveret.producers import (
+        BlockingPublisher,
+        BrokerUnavailable,
+        ConnectionLost,
+        DuplicateJobIdError,
+        InvalidPayloadError,
+        InvalidPriorityError,
+        Publisher,
+        PublishError,
+        PublishTimeout,
+        RefusedError,
+        UnroutableError,
+    )
+    from leveret.topology import (
+        InvalidDelayError,
+        InvalidNameError,
+        InvalidValueError,
+        LeveretError,
+        QueueMismatchError,
+        TopologyError,
+    )
+
+# Where each public name lives; ``__getattr__`` imports it from there the first time it is read.
+_HOME = {
+    **dict.fromkeys(
+        ("ConfigError", "JobContext", "Reject", "Worker", "WorkerSettings"), "leveret.consumer"
+    ),
+    **dict.fromkeys(
+        (
+            "BlockingPublisher",
+            "BrokerUnavailable",
+            "ConnectionLost",
+            "DuplicateJobIdError",
+            "InvalidPayloadError",
+            "InvalidPriorityError",
+            "PublishError",
+            "PublishTimeout",
+            "Publisher",
+            "RefusedError",
+            "UnroutableError",
+        ),
+        "leveret.producers",
+    ),
+    **dict.fromkeys(
+        (
+            "InvalidDelayError",
+            "InvalidNameError",
+            "InvalidValueError",
+            "LeveretError",
+            "QueueMismatchError",
+            "TopologyError",
+        ),
+        "leveret.topology",
+    ),
+}
+_SUBPACKAGES = ("consumer", "producers", "testing", "topology")
 
 __all__ = [
     "BlockingPublisher",
@@ -52,3 +97,18 @@ __all__ = [
     "Worker",
     "WorkerSettings",
 ]
+
+
+def __getattr__(name: str) -> object:
+    home = _HOME.get(name)
+    if home is not None:
+        value = getattr(importlib.import_module(home), name)
+        globals()[name] = value  # once: later reads are plain attribute lookups
+        return value
+    if name in _SUBPACKAGES:  # `import leveret; leveret.consumer.…` as before
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -104,3 +104,16 @@ def test_the_probe_sees_the_worker_start_path(modules_at_start: set[str]) -> Non
 def test_a_worker_start_does_not_import(modules_at_start: set[str], module: str) -> None:
     loaded = sorted(m for m in modules_at_start if m == module or m.startswith(module + "."))
     assert not loaded, f"a worker start imports {loaded}: import it where it is used"
+
+
+def test_a_publisher_does_not_load_the_worker_runtime() -> None:
+    """``leveret`` loads its public names on first use: a service that only publishes
+    (``leveret.producers``) does not import the worker, its scheduler or its CLI."""
+    code = (
+        "import json, sys; from leveret.producers import Publisher; "
+        "print(json.dumps(sorted(m for m in sys.modules if m.startswith('leveret.consumer'))))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120, check=False)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == []
