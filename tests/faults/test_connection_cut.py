@@ -15,7 +15,7 @@ from leveret.consumer import JobContext, Worker
 from leveret.producers import Publisher
 from leveret.producers.publisher import Job
 from tests.faults.plumbing import TcpProxy, free_port, record
-from tests.support import Broker, running, unique, wait_for
+from tests.support import Broker, assert_queue_types, running, unique, wait_for
 
 JOBS_PER_QUEUE = 1000
 PREFETCH = 20
@@ -34,7 +34,9 @@ async def consumers(broker: Broker, queue: str) -> int:
         return declared.declaration_result.consumer_count or 0
 
 
-async def test_cutting_every_connection_twice_loses_nothing(broker: Broker, registry) -> None:
+async def test_cutting_every_connection_twice_loses_nothing(
+    broker: Broker, registry, queue_type: str
+) -> None:
     """Two cuts: /readyz goes 503 then 200, consumers come back on each queue, every job runs."""
     proxy = await TcpProxy("127.0.0.1", broker.amqp_port).start()
     via_proxy = str(URL(broker.url).with_port(proxy.port))
@@ -66,6 +68,8 @@ async def test_cutting_every_connection_twice_loses_nothing(broker: Broker, regi
 
         async with running(worker):
             assert await readyz() == 200
+            for q in (q1, q2):
+                assert_queue_types(broker, q, queue_type)
             async with Publisher(broker.url) as pub:
                 ids = []
                 for q in (q1, q2):
@@ -100,6 +104,7 @@ async def test_cutting_every_connection_twice_loses_nothing(broker: Broker, regi
     assert len(duplicated) <= 2 * PREFETCH, len(duplicated)
     record(
         "connection cut x2 (TCP proxy)",
+        queue_type=queue_type,
         jobs=len(ids),
         lost=len(lost),
         duplicated=len(duplicated),

@@ -8,13 +8,16 @@ from pathlib import Path
 
 from leveret.producers import Publisher
 from tests.faults.plumbing import install_app, reaped, record
-from tests.support import Broker, unique, wait_for
+from tests.support import Broker, assert_queue_types, unique, wait_for
 
 
-async def test_sigterm_lets_in_flight_jobs_finish_and_exits_0(broker: Broker, tmp_path: Path):
+async def test_sigterm_lets_in_flight_jobs_finish_and_exits_0(
+    broker: Broker, tmp_path: Path, queue_type: str
+):
     """Jobs running at SIGTERM finish within the grace, are acked, and the worker exits 0."""
     app = install_app(tmp_path, unique("term"), broker.url)
     await app.declare()
+    assert_queue_types(broker, app.queue, queue_type)
     worker = app.worker(LEVERET_SHUTDOWN_GRACE="10")
     with reaped(worker):
         await worker.wait_ready()
@@ -29,14 +32,17 @@ async def test_sigterm_lets_in_flight_jobs_finish_and_exits_0(broker: Broker, tm
     assert sorted(r[2] for r in app.runs() if r[0] == "done") == sorted(ids)
     assert await broker.depth(app.queue) == 0
     assert await broker.depth(f"{app.queue}.dlq") == 0
-    record("graceful shutdown, jobs finish", jobs=5, lost=0, duplicated=0,
-           recovery_s=round(took, 2))  # fmt: skip
+    record("graceful shutdown, jobs finish", queue_type=queue_type, jobs=5, lost=0,
+           duplicated=0, recovery_s=round(took, 2))  # fmt: skip
 
 
-async def test_a_job_longer_than_the_grace_goes_back_unburnt(broker: Broker, tmp_path: Path):
+async def test_a_job_longer_than_the_grace_goes_back_unburnt(
+    broker: Broker, tmp_path: Path, queue_type: str
+):
     """A job outliving LEVERET_SHUTDOWN_GRACE returns to its queue, attempts not burnt."""
     app = install_app(tmp_path, unique("grace"), broker.url)
     await app.declare()
+    assert_queue_types(broker, app.queue, queue_type)
     grace = 1.0
     async with Publisher(broker.url) as pub:
         job_id = await pub.publish(app.job, {"sleep": 60})
@@ -73,8 +79,8 @@ async def test_a_job_longer_than_the_grace_goes_back_unburnt(broker: Broker, tmp
         worker.proc.send_signal(signal.SIGTERM)
         assert await worker.wait_exit(10) == 0
     assert [(r[2], r[3]) for r in app.runs() if r[0] == "done"] == [(job_id, 1)]
-    record("graceful shutdown, job longer than grace", jobs=1, lost=0, duplicated=0,
-           returned=returned, recovery_s=round(took, 2))  # fmt: skip
+    record("graceful shutdown, job longer than grace", queue_type=queue_type, jobs=1,
+           lost=0, duplicated=0, returned=returned, recovery_s=round(took, 2))  # fmt: skip
 
 
 async def _depth(broker: Broker, queue: str, n: int) -> bool:
