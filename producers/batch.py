@@ -324,7 +324,6 @@ async def publish_batch(
     deadline = None if timeout is None else loop.time() + timeout
     tracker = _Tracker(len(items), channel.create_future())
     confirmations: dict[int, Any] = channel.confirmations
-    by_id = channel.message_id_delivery_tag
     marshaller = _Marshaller.of(channel)
     parts: list[bytes] = []
     for item in items:
@@ -335,21 +334,31 @@ async def publish_batch(
     try:
         # One timeout (one timer) over handing the batch to the writer and its confirms.
         async with asyncio.timeout_at(deadline):
-            async with channel.lock:
-                first_tag = channel.delivery_tag + 1
-                for index, message_id in enumerate(ids):
-                    confirmations[first_tag + index] = _Slot(tracker, index)
-                    by_id[message_id] = first_tag + index
-                channel.delivery_tag += len(items)
-                try:
-                    await channel.write_queue.put(ChannelFrame(payload=payload, should_close=False))
-                except BaseException:
-                    # Not handed to the writer: the broker never saw these tags; give them
-                    # back while still holding the lock, as aiormq does for its own publishes.
-                    channel.delivery_tag -= len(items)
-                    _forget(channel, ids, first_tag)
-                    first_tag = 0
-                    raise
+            frame = ChannelFrame(payload=payload, should_close=False)
+            queue = channel.write_queue
+            # aiormq's `channel.lock` is its asyncio.Lock plus a closed-channel check.
+            bare_lock: asyncio.Lock | None = getattr(channel, "_Channel__lock", None)
+            if bare_lock is not None and not bare_lock.locked() and not queue.full():
+                # What the lock guarantees (no other publish's tags or frames between ours) holds
+                # without it when nobody holds it and the hand-over cannot wait: tags allocated
+                # and frames queued with no await in between. The common case in the worker,
+                # which sends a small batch every loop turn; the lock costs a coroutine a batch.
+                if channel.is_closed:  # as `channel.lock` refuses a closed channel
+                    raise aiormq.exceptions.ChannelInvalidStateError(f"{channel!r} closed")
+                first_tag = _allocate(channel, ids, tracker, confirmations)
+                queue.put_nowait(frame)
+            else:
+                async with channel.lock:
+                    first_tag = _allocate(channel, ids, tracker, confirmations)
+                    try:
+                        await queue.put(frame)
+                    except BaseException:
+                        # Not handed to the writer: the broker never saw these tags; give them
+                        # back while still holding the lock, as aiormq does for its publishes.
+                        channel.delivery_tag -= len(items)
+                        _forget(channel, ids, first_tag)
+                        first_tag = 0
+                        raise
             await tracker.future
     except TimeoutError:
         failure = TimeoutError()
@@ -374,6 +383,22 @@ async def publish_batch(
         else:
             errors[item.job_id] = _job_error(item, outcome, failure, timeout)
     raise BatchPublishError(landed, errors)
+
+
+def _allocate(
+    channel: aiormq.Channel, ids: list[str], tracker: _Tracker, confirmations: dict[int, Any]
+) -> int:
+    """Take the batch's delivery tags as aiormq would and register a slot per tag; the first.
+
+    The caller holds ``channel.lock`` or does not yield before its frames are queued.
+    """
+    first_tag: int = channel.delivery_tag + 1
+    by_id = channel.message_id_delivery_tag
+    for index, message_id in enumerate(ids):
+        confirmations[first_tag + index] = _Slot(tracker, index)
+        by_id[message_id] = first_tag + index
+    channel.delivery_tag += len(ids)
+    return first_tag
 
 
 def _forget(
