@@ -125,6 +125,7 @@ class Doctor:
             if facts.api is not None:
                 await self._queue_arguments_api(facts.api)
                 await self._shared_job_names(facts.api)
+                await self._quorum_limits(facts, facts.api)
                 await self._permissions(facts.api)
             elif connection is not None:
                 await self._queue_arguments_amqp(connection)
@@ -182,12 +183,64 @@ class Doctor:
                 f"quorum retry queues use at-least-once dead-lettering, which RabbitMQ "
                 f"{facts.version} lacks: upgrade to 3.10+ or set LEVERET_QUEUE_TYPE=classic",
             )  # fmt: skip
-        if quorum and version < (4, 0):
-            self.add(
-                "info", "version",
-                f"quorum queues on RabbitMQ {facts.version} ignore job priorities (FIFO); use "
-                f"LEVERET_QUEUE_TYPE=classic where priorities matter",
-            )  # fmt: skip
+        if quorum:
+            self.add("info", "priorities", _quorum_priorities(facts.version or "", version))
+
+    # -- quorum delivery limits -------------------------------------------------------------
+
+    async def _quorum_limits(self, facts: _Facts, api: Management) -> None:
+        """Which delivery limit each existing quorum work queue and DLQ really has.
+
+        A work queue's limit sends a job that keeps coming back (crashes, lost connections) to
+        its DLQ. A DLQ's limit is a hazard: every `leveret dlq list` returns what it reads, and
+        past the limit a quorum queue drops the message (Q.dlq has no dead-letter route).
+        RabbitMQ 3.x has no default limit; 4.0 gives every quorum queue 20 unless the queue or
+        a policy says otherwise (``x-delivery-limit`` -1 or a policy ``delivery-limit`` -1
+        turns it off).
+        """
+        work = {q.name for q in self.topology.queues if q.queue_type == "quorum"}
+        if not work:
+            return
+        version = _version(facts.version)
+        default = 20 if version is not None and version >= (4, 0) else None
+        try:
+            existing = {q["name"]: q for q in await api.queues()}
+        except ManagementError as exc:
+            self.add("warning", "delivery_limit", f"could not list queues: {exc}")
+            return
+        for name in sorted(work):
+            for queue_name, is_dlq in ((name, False), (f"{name}.dlq", True)):
+                queue = existing.get(queue_name)
+                if queue is None or queue.get("type") != "quorum":
+                    continue
+                limit, source = _delivery_limit(queue, default)
+                if is_dlq and limit is not None and limit >= 0:
+                    self.add(
+                        "error", "delivery_limit",
+                        f"quorum DLQ {queue_name!r} has a delivery limit of {limit} ({source}) "
+                        f"on RabbitMQ {facts.version}: each `leveret dlq list` or replay that "
+                        f"returns a dead job counts one delivery, and past {limit} the broker "
+                        f"drops it. Give {queue_name!r} x-delivery-limit -1, or a policy for "
+                        f"quorum queues matching '\\.dlq$' with delivery-limit -1",
+                    )  # fmt: skip
+                elif is_dlq:
+                    self.add(
+                        "ok", "delivery_limit",
+                        f"quorum DLQ {queue_name!r} has no delivery limit ({source}): listing "
+                        f"it again and again never drops a dead job",
+                    )  # fmt: skip
+                elif limit is None or limit < 0:
+                    self.add(
+                        "warning", "delivery_limit",
+                        f"quorum work queue {queue_name!r} has no delivery limit ({source}): "
+                        f"only LEVERET_MAX_REDELIVERIES stops a job that kills its worker",
+                    )  # fmt: skip
+                else:
+                    self.add(
+                        "ok", "delivery_limit",
+                        f"quorum work queue {queue_name!r} has x-delivery-limit {limit} "
+                        f"({source}); a job returned more often goes to {name + '.dlq'!r}",
+                    )  # fmt: skip
 
     # -- consumer_timeout -----------------------------------------------------------------
 
@@ -404,6 +457,41 @@ class Doctor:
             )  # fmt: skip
         else:
             self.add("ok", "permissions", f"user {amqp_user!r} may do all the app needs")
+
+
+def _quorum_priorities(text: str, version: tuple[int, ...]) -> str:
+    """What this broker version does with a job's priority on a quorum queue, plainly."""
+    if version >= (4, 0):
+        return (
+            f"RabbitMQ {text}: quorum queues know two priorities, normal (0-4) and high (5 and "
+            f"above); high jobs go first but not strictly (about 2 high to 1 normal), and 0-9 "
+            f"are not ordered within a level. Use LEVERET_QUEUE_TYPE=classic for full ordering"
+        )
+    return (
+        f"RabbitMQ {text}: quorum queues have no priorities; `priority` is accepted and "
+        f"ignored, and jobs run in arrival order (FIFO). Use LEVERET_QUEUE_TYPE=classic where "
+        f"priorities matter, or RabbitMQ 4.0+ for two levels"
+    )
+
+
+def _delivery_limit(queue: dict[str, object], default: int | None) -> tuple[int | None, str]:
+    """The delivery limit a quorum queue enforces, and where it comes from.
+
+    With both a queue argument and a policy, RabbitMQ applies the smaller; with neither, the
+    version's default applies (none before 4.0, 20 from 4.0).
+    """
+    arguments = queue.get("arguments")
+    policy = queue.get("effective_policy_definition")
+    values: list[tuple[int, str]] = []
+    if isinstance(arguments, dict) and isinstance(arguments.get("x-delivery-limit"), int):
+        values.append((arguments["x-delivery-limit"], "x-delivery-limit argument"))
+    if isinstance(policy, dict) and isinstance(policy.get("delivery-limit"), int):
+        values.append((policy["delivery-limit"], f"policy {queue.get('policy')!r}"))
+    if values:
+        return min(values)
+    if default is None:
+        return None, "none set, and this version has no default"
+    return default, "this version's default for quorum queues"
 
 
 def _permits(pattern: str, name: str) -> bool:
