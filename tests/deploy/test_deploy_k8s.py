@@ -379,6 +379,49 @@ def test_the_example_broker_is_a_three_node_cluster_with_queue_metrics(
     assert set(endpoint["params"]["family"]) == {"queue_coarse_metrics", "queue_consumer_count"}
 
 
+# The broker release the test suite runs against (`rabbitmqctl version` on the CI machine), which
+# docs/deploy.md names as the tested one.
+TESTED_BROKER = "3.10.8"
+
+
+def test_the_example_broker_pins_the_tested_release_and_has_a_disruption_budget(
+    rendered: dict[str, list[dict[str, Any]]],
+) -> None:
+    """The RabbitmqCluster runs the exact release the tests ran (no floating tag, no operator
+    default), and a PodDisruptionBudget selecting its pods lets one of three go at a time, so a
+    drain never takes a quorum queue's majority."""
+    objects = rendered["rabbitmq"]
+    cluster = find(objects, "RabbitmqCluster")
+    image = cluster["spec"]["image"]
+    name, _, tag = image.partition("@")[0].rpartition(":")
+    assert name == "rabbitmq", image
+    assert re.fullmatch(rf"{re.escape(TESTED_BROKER)}(-management)?", tag), image
+    assert TESTED_BROKER in (ROOT / "docs" / "deploy.md").read_text()
+    pdb = find(objects, "PodDisruptionBudget", "rabbitmq")
+    assert pdb["apiVersion"] == "policy/v1"
+    assert pdb["spec"]["maxUnavailable"] == 1
+    assert "minAvailable" not in pdb["spec"]
+    assert pdb["metadata"]["namespace"] == "rabbitmq"
+    # The operator labels the cluster's pods app.kubernetes.io/name=<RabbitmqCluster name>.
+    assert pdb["spec"]["selector"]["matchLabels"] == {
+        "app.kubernetes.io/name": cluster["metadata"]["name"]
+    }
+    assert (
+        cluster["spec"]["replicas"] - pdb["spec"]["maxUnavailable"]
+        > cluster["spec"]["replicas"] // 2
+    ), "a drain must leave a majority"
+
+
+def test_prod_runs_quorum_queues_as_the_tests_did(
+    rendered: dict[str, list[dict[str, Any]]],
+) -> None:
+    """Prod's queue type is the one the parametrised round-trip, retry, DLQ and fault tests run
+    as `quorum`, and it leaves the redelivery guard at the default those tests used."""
+    settings = _settings(rendered["overlays/prod"])
+    assert settings["LEVERET_QUEUE_TYPE"] == "quorum"
+    assert "LEVERET_MAX_REDELIVERIES" not in settings
+
+
 def test_generated_manifests_are_current() -> None:
     """The PrometheusRule and the dashboard ConfigMap match their sources (alerts/, grafana/)."""
     import importlib.util
