@@ -32,8 +32,11 @@ def settings(node: DedicatedNode, **overrides: object) -> WorkerSettings:
 
 
 @pytest.mark.slow
-async def test_broker_restart_loses_no_confirmed_job(node: DedicatedNode, registry) -> None:
-    """stop_app/start_app while publishing and consuming: every confirmed job runs."""
+async def test_broker_restart_loses_no_confirmed_job(
+    node: DedicatedNode, registry, queue_type: str
+) -> None:
+    """stop_app/start_app while publishing and consuming: every confirmed job runs, on classic
+    queues and on quorum queues (a one-member Raft group here, recovered from its log)."""
     queue = unique("restart")
     worker = Worker(settings(node), registry=registry)
     ran: collections.Counter[str] = collections.Counter()
@@ -65,6 +68,8 @@ async def test_broker_restart_loses_no_confirmed_job(node: DedicatedNode, regist
         async with Publisher(settings=settings(node, publish_timeout=timeout)) as pub:
             publisher = asyncio.create_task(publish_forever(pub))
             await wait_for(lambda: len(ran) >= 200, 20, "jobs flowing before the restart")
+            queue_info = node.ctl("list_queues", "name", "type", "--no-table-headers")
+            assert f"{queue}\t{queue_type}" in queue_info, queue_info
             await asyncio.to_thread(node.ctl, "stop_app")
             down_at = time.monotonic()
             await wait_for(lambda: not worker.ready, 10, "the worker to notice")
@@ -89,6 +94,7 @@ async def test_broker_restart_loses_no_confirmed_job(node: DedicatedNode, regist
     assert max(took for _, took in failures) <= timeout + 1.5, failures
     record(
         "broker restart (stop_app/start_app)",
+        queue_type=queue_type,
         jobs=len(confirmed),
         lost=len(lost),
         duplicated=len(duplicated),
