@@ -477,8 +477,9 @@ def _quorum_priorities(text: str, version: tuple[int, ...]) -> str:
 def _delivery_limit(queue: dict[str, object], default: int | None) -> tuple[int | None, str]:
     """The delivery limit a quorum queue enforces, and where it comes from.
 
-    With both a queue argument and a policy, RabbitMQ applies the smaller; with neither, the
-    version's default applies (none before 4.0, 20 from 4.0).
+    With both a queue argument and a policy, RabbitMQ 3.x applies the smaller (4.x resolves
+    some combinations differently; the smaller is the cautious reading); with neither, the
+    version's default applies (none before 4.0, 20 from 4.0; a negative value means none).
     """
     arguments = queue.get("arguments")
     policy = queue.get("effective_policy_definition")
