@@ -15,6 +15,7 @@ import aio_pika
 import aiormq
 
 from leveret.topology import Topology, WorkQueue, declare
+from leveret.topology.model import QueueType
 
 
 @dataclass(frozen=True)
@@ -27,11 +28,17 @@ class Sent:
     headers: dict[str, Any]
 
 
-async def declare_queue(url: str, queue: str, jobs: tuple[str, ...] = ("job_a", "job_b")) -> None:
-    """Declare the full Leveret layout for one work queue."""
+async def declare_queue(
+    url: str,
+    queue: str,
+    jobs: tuple[str, ...] = ("job_a", "job_b"),
+    queue_type: QueueType = "classic",
+) -> None:
+    """Declare the full Leveret layout for one work queue, of ``queue_type``."""
     connection = await aio_pika.connect(url)
     try:
-        await declare(connection, Topology(queues=(WorkQueue(name=queue, jobs=jobs),)))
+        layout = WorkQueue(name=queue, jobs=jobs, queue_type=queue_type)
+        await declare(connection, Topology(queues=(layout,)))
     finally:
         await connection.close()
 

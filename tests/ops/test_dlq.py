@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.ops.helpers import days_ago, declare_queue, drain, fill_dlq
-from tests.support import leveret_cli, unique, wait_for
+from tests.support import assert_queue_types, leveret_cli, unique, wait_for
 
 REPLAY_DROPPED = {"x-attempts", "x-reason", "x-error", "x-died-at", "x-redeliveries", "x-queue"}
 
@@ -166,10 +166,12 @@ async def test_dlq_of_unknown_queue_is_one_clear_line(broker):
 
 
 @pytest.mark.slow
-async def test_replay_killed_midway_loses_nothing(broker):
-    """SIGKILL during a big replay leaves every job in Q or Q.dlq (duplicates allowed)."""
+async def test_replay_killed_midway_loses_nothing(broker, queue_type):
+    """SIGKILL during a big replay leaves every job in Q or Q.dlq (duplicates allowed), with
+    Q and Q.dlq classic or quorum: what the dead connection held goes back either way."""
     queue = unique("kill")
-    await declare_queue(broker.url, queue)
+    await declare_queue(broker.url, queue, queue_type=queue_type)
+    assert_queue_types(broker, queue, queue_type)
     total = 10_000
     started = time.monotonic()
     sent = await fill_dlq(broker.url, queue, total)
@@ -204,7 +206,7 @@ async def test_replay_killed_midway_loses_nothing(broker):
     ids_dlq = {m.id for m in in_dlq}
     assert ids_q | ids_dlq == {s.id for s in sent}, "a job was lost"
     assert 0 < len(ids_q) < total, f"kill was not midway: {len(ids_q)} of {total} moved"
-    print(f"\nfill {total} in {fill_s:.1f} s; killed after {len(ids_q)} moved, "
+    print(f"\n{queue_type}: fill {total} in {fill_s:.1f} s; killed after {len(ids_q)} moved, "
           f"{len(ids_q & ids_dlq)} duplicate(s), {len(ids_dlq)} left in DLQ")  # fmt: skip
 
 
