@@ -22,17 +22,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from .context import JobContext
-from .middleware import (
-    RESOLVED,
-    CallNext,
-    JobMetrics,
-    JobScope,
-    JobTimeout,
-    Middleware,
-    RateLimited,
-    compose,
-    log_context,
-)
+from .jobscope import RESOLVED, JobScope
+from .limited import RateLimited
+from .middleware import CallNext, JobMetrics, JobTimeout, Middleware, compose, log_context
 from .registry import JobSpec
 from .resources import Plan, Resources
 from .threads import JobThreads

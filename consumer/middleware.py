@@ -12,12 +12,13 @@ The chain of one job, outermost first (layers in brackets exist only for jobs th
     log_context        binds job_id/job/queue/attempt for every log line of the delivery
     [RateLimited]      ``rate_limit=``/``global_rate_limit=``: waits for a start, or gives the
                        job back (``Postponed``) before anything started, so no attempt burns
+                       (``leveret.consumer.limited``)
     [tracing]          an OpenTelemetry span per run, from ``ctx.headers["traceparent"]``
                        (``leveret.consumer.tracing``; only with the SDK configured)
     JobMetrics         leveret_jobs_started_total, leveret_jobs_in_progress
     @worker.middleware user layers, in registration order (the first registered is outermost)
     [JobScope]         opens the job's job-scoped resources, closes them in reverse whatever the
-                       outcome (only when the handler's plan opens something)
+                       outcome (only when the handler's plan opens something; ``jobscope``)
     [JobTimeout]       the job's ``timeout=`` (only when it has one), innermost, so user
                        layers' and resources' own time is not the handler's
     invoke             the handler itself (``execution.invoker``: async, or a thread for def)
@@ -37,21 +38,16 @@ Built-in layers are ordered in one place, ``execution.build_chain``. Seams:
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import functools
 import inspect
-import random
-import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, Protocol
+from typing import Any
 
 import structlog
 from prometheus_client import Counter, Gauge
 
 from .context import JobContext
 from .errors import ConfigError
-from .ratelimit import LocalLimiter, Rate
-from .resources import Plan, Resources, _close_all, open_job
 
 # The rest of the chain, as a middleware sees it.
 CallNext = Callable[[JobContext], Awaitable[Any]]
@@ -109,165 +105,6 @@ class JobTimeout:
                 return await call_next(ctx)
         except TimeoutError:
             raise TimeoutError(self._message) from None
-
-
-# The job's resolved handler arguments, from ``JobScope`` to the invoker inside the timeout.
-# Each delivery runs in a task of its own, so one job never sees another's (a context copy).
-RESOLVED: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("leveret_resolved")
-
-
-class JobScope:
-    """Opens the job's job-scoped resources around the rest of the chain (``Resources``).
-
-    Outside ``JobTimeout``: opening a session is not the handler's time. Whatever the outcome,
-    they are closed in reverse order, the run's exception thrown into generator resources (so a
-    transaction rolls back), a failing close logged and counted without changing the outcome.
-
-    Without test overrides the layer drives ``resources.open_job`` (the steps ``job_scope``
-    takes) directly, with no scope object and no ``__aenter__``/``__aexit__`` frames, at about
-    half the scope's cost per job; with overrides it goes through ``job_scope``.
-    """
-
-    __slots__ = ("_plan", "_resources")
-
-    def __init__(self, resources: Resources, plan: Plan) -> None:
-        self._resources = resources
-        self._plan = plan
-
-    async def __call__(self, ctx: JobContext, call_next: CallNext) -> Any:
-        r = self._resources
-        if r._overrides:
-            async with r.job_scope(self._plan, ctx) as kwargs:
-                token = RESOLVED.set(kwargs)
-                try:
-                    return await call_next(ctx)
-                finally:
-                    RESOLVED.reset(token)
-        exits: list[tuple[str, tuple[str, Any]]] = []
-        try:
-            kwargs = await open_job(r, self._plan, ctx, exits)
-        except BaseException as failure:
-            await _close_all(
-                exits, type(failure), failure, failure.__traceback__, r._close_failures, "job"
-            )
-            raise
-        token = RESOLVED.set(kwargs)
-        try:
-            result = await call_next(ctx)
-        except BaseException as failure:
-            RESOLVED.reset(token)
-            await _close_all(
-                exits, type(failure), failure, failure.__traceback__, r._close_failures, "job"
-            )
-            raise
-        RESOLVED.reset(token)
-        await _close_all(exits, None, None, None, r._close_failures, "job")
-        return result
-
-
-class Postponed(Exception):
-    """The job may not start before its rate limit allows: give it back for ``delay_s``.
-
-    Raised by ``RateLimited`` before anything ran; the pipeline hands it to settle
-    (``Settler.postpone``), which puts a copy with the *same* attempt count into the delay
-    chain, confirmed before the ack. Not a failure: no attempt burns, nothing is counted as run.
-    """
-
-    def __init__(self, delay_s: float, limit: Rate) -> None:
-        super().__init__(f"rate limit {limit} reached; back in {delay_s:.3f} s")
-        self.delay_s = delay_s
-
-
-class _Limiter(Protocol):
-    rate: Rate
-
-    async def acquire(self) -> None: ...
-
-
-class GlobalLimiter(_Limiter, Protocol):
-    async def try_acquire(self) -> float: ...
-
-
-class RateLimited:
-    """Admits a run under the job's per-process and global limits, or postpones it.
-
-    A short wait (at most ``max_hold_s``) is waited out holding the delivery, since a round trip
-    through the delay chain costs more than it saves; a longer one, or one more waiter than
-    ``max_waiting`` (half the prefetch share), gives the job back, so a limited job never holds
-    every prefetch slot and other jobs on the queue keep running. Postponed jobs are spread one
-    start interval apart (``_spread``) so a backlog comes back at the rate it can start, not all
-    at once to be given back again.
-    """
-
-    __slots__ = (
-        "_blocked_until",
-        "_global",
-        "_local",
-        "_max_hold",
-        "_max_waiting",
-        "_next",
-        "_waiting",
-    )
-
-    def __init__(
-        self,
-        local: LocalLimiter | None,
-        global_: GlobalLimiter | None,
-        max_waiting: int,
-        max_hold_s: float = 1.0,
-    ) -> None:
-        self._local = local
-        self._global = global_
-        self._max_waiting = max(1, max_waiting)
-        self._max_hold = max_hold_s
-        self._waiting = 0
-        self._next = 0.0  # monotonic time the next postponed job is asked to come back at
-        # Until when the global limiter last said it is full: deliveries arriving before then
-        # are postponed without asking it again (a broker-side check is four round trips,
-        # serialised per process; asking for every delivery of a backlog would starve the
-        # queue's other jobs of the worker's attention).
-        self._blocked_until = 0.0
-
-    async def __call__(self, ctx: JobContext, call_next: CallNext) -> Any:
-        local = self._local
-        if local is not None:
-            wait = local.try_acquire()
-            if wait:
-                await self._wait_or_postpone(local, wait)
-        limiter = self._global
-        if limiter is not None:
-            blocked = self._blocked_until - time.monotonic()
-            if blocked > 0 and (blocked > self._max_hold or self._waiting >= self._max_waiting):
-                raise Postponed(self._spread(blocked, limiter.rate), limiter.rate)
-            wait = await limiter.try_acquire()
-            if wait:
-                self._blocked_until = time.monotonic() + wait
-                await self._wait_or_postpone(limiter, wait)
-        return await call_next(ctx)
-
-    async def _wait_or_postpone(self, limiter: _Limiter, wait: float) -> None:
-        if wait > self._max_hold or self._waiting >= self._max_waiting:
-            raise Postponed(self._spread(wait, limiter.rate), limiter.rate)
-        self._waiting += 1
-        try:
-            await limiter.acquire()
-        finally:
-            self._waiting -= 1
-
-    def _spread(self, wait: float, rate: Rate) -> float:
-        """When to ask a postponed job back: one start interval after the previous one, so a
-        backlog returns at the rate it can start. Within a horizon of two windows: beyond it, a
-        random moment inside it (a job postponed again must not push every later one out, or a
-        backlog circling through the delay chain drifts ever later and the limit is under-used;
-        and a fixed horizon would bring the overflow back in one burst)."""
-        now = time.monotonic()
-        soonest = now + wait
-        horizon = soonest + 2 * rate.window
-        at = max(self._next, soonest)
-        if at > horizon:
-            return random.uniform(wait, horizon - now)
-        self._next = at + rate.window / rate.limit
-        return at - now
 
 
 def check_middleware(mw: Any) -> Middleware:

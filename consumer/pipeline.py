@@ -47,8 +47,9 @@ from leveret.producers.message import HEADER_PUBLISHED_AT, OWN_HEADERS, one_line
 from . import execution
 from .context import JobContext
 from .delivery import Delivery
+from .limited import Postponed, RateLimited
 from .metrics import UNKNOWN_JOB, WorkerMetrics
-from .middleware import CallNext, JobMetrics, Middleware, Postponed, RateLimited
+from .middleware import CallNext, JobMetrics, Middleware
 from .redelivery import RedeliveryGuard
 from .registry import JobSpec, Registry
 from .resources import Plan, Resources

@@ -26,6 +26,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import structlog
+
+log = structlog.get_logger("leveret.worker")
 _STOP = object()
 
 
@@ -176,6 +179,19 @@ class JobThreads:
         if self.on_exhausted_change is not None:
             with contextlib.suppress(Exception):
                 self.on_exhausted_change(exhausted)
+
+    def log_exhausted(self, exhausted: bool) -> None:
+        """The line an operator needs when the pool runs out, and when it recovers."""
+        if exhausted:
+            log.error(
+                "job_threads_exhausted",
+                threads=self.size,
+                advice="every thread for plain `def` jobs is still running a job that timed "
+                "out (Python cannot stop a thread); no `def` job starts until one returns. "
+                "Not ready until then; a restart ends them",
+            )
+        else:
+            log.warning("job_threads_available", stuck=self._stuck)
 
     def shutdown(self) -> None:
         """Stop idle threads; busy ones end when their function returns (daemon threads)."""

@@ -16,11 +16,10 @@ A delivery reads top to bottom through modules named for each step; this class o
                  run's result or exception is read;
 * ``settle``     every outcome: publish copy → ack (``acker``) → metric → one log line.
 
-Schedules (``Worker.schedule``) are checked against the jobs when the app has finished loading
+Schedules (``Worker.schedule``) and resources are checked when the app has finished loading
 (``check``: ``run`` and the CLI's app loader call it, so they may be declared before or after
-their jobs). An app with schedules runs one ``Scheduler`` beside the consume loop in every
-worker process, whatever queues that process consumes: they elect one leader through the
-broker, which fires each tick once (``leveret.consumer.scheduler``).
+their jobs). What runs beside the consume loop (health endpoint, status store, rate limiters,
+the scheduler) is started by ``leveret.consumer.startup``.
 
 The loop talks to aiormq's channels directly: aiormq already runs each delivery as its own
 task, and skipping aio-pika's per-message wrapper is a large share of the per-job CPU. Prefetch
@@ -35,32 +34,27 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import signal
 from collections.abc import Callable, Mapping
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import structlog
 from prometheus_client import CollectorRegistry
 
-from leveret.producers.connection import connect, mask_url
+from leveret.producers.connection import mask_url
 from leveret.topology.model import Topology
 
-from .health import HealthServer
+from . import startup
+from .limited import RateLimited
 from .metrics import Outcomes, WorkerMetrics
-from .middleware import Middleware, RateLimited, check_middleware
+from .middleware import Middleware, check_middleware
 from .pipeline import Pipeline
-from .ratelimit import GlobalLimiters, LocalLimiter
 from .registry import DEFAULT_BACKOFF, DEFAULT_MAX_ATTEMPTS, DEFAULT_QUEUE, Backoff, Registry
 from .resources import Plan as ResourcePlan
 from .resources import Resources, Scope
-from .scheduler import Scheduler
 from .schedules import Schedule, check_schedules, make_schedule
 from .session import Plan, Session, open_session
 from .settings import WorkerSettings
-
-if TYPE_CHECKING:
-    from leveret.producers.status import StatusStore
 from .threads import JobThreads
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -79,12 +73,12 @@ class Worker:
         self.jobs = Registry()
         self.middlewares: list[Middleware] = []
         self.schedules: list[Schedule] = []
-        self._scheduler: Scheduler | None = None  # while ``run`` runs with schedules
         self.metrics = WorkerMetrics.for_registry(registry)
         self.resources = Resources(self.metrics.registry)
         # How each handler's parameters after the payload resolve: ``check`` fills it.
         self.plans: dict[str, ResourcePlan] = {}
-        self.health_port: int | None = None
+        self._beside: startup.Beside | None = None  # while ``run`` runs
+        self._threads: JobThreads | None = None
         self._stopping: asyncio.Event | None = None
         self._connected = False
         self._threads_exhausted = False
@@ -225,27 +219,64 @@ class Worker:
         self._stopping = stopping = asyncio.Event()
         # Plain `def` handlers run here; as many threads as jobs may be held at once, never more
         # (a hung handler keeps its thread: see JobThreads).
-        threads = JobThreads(share * len(queues))
+        self._threads = threads = JobThreads(share * len(queues))
         threads.on_exhausted_change = self._on_threads_exhausted
-        self._threads = threads
+        limiters = startup.global_limiters(self.settings)
+        plan = self._plan(queues, share, startup.rate_limits(self.jobs, limiters, share))
+        self._log_start(queues, prefetch, share)
+        beside = self._beside = startup.Beside(queues, self.metrics)
+        async with contextlib.AsyncExitStack() as stack:
+            stack.callback(self._stopped)  # undone last: the final line
+            if plan.status_store is not None:
+                stack.push_async_callback(plan.status_store.close)
+            stack.callback(threads.shutdown)
+            stack.push_async_callback(limiters.close)
+            # Process resources open now (a database that is down fails the start, not the
+            # first job) and close after the last job drained.
+            await stack.enter_async_context(self.resources.process_scope())
+            stop = self.stop if handle_signals else None
+            await beside.start(stack, self.settings, self.metrics.registry, self._is_ready, stop)
+            beside.doctor(stack, self.settings, self.jobs, self.topology)
+            if self.schedules:
+                startup.start_scheduler(
+                    stack,
+                    self.settings,
+                    self.schedules,
+                    self.metrics.registry,
+                    lambda: self._connected,
+                    self._sleep_unless_stopped,
+                    stopping,
+                )
+            await self._consume(plan, stopping)
+
+    @property
+    def health_port(self) -> int | None:
+        """The port ``/metrics`` and ``/readyz`` listen on while ``run`` runs (``0`` picks one)."""
+        return self._beside.health_port if self._beside is not None else None
+
+    def _is_ready(self) -> bool:
+        return self.ready
+
+    def _plan(self, queues: list[str], share: int, limits: dict[str, RateLimited]) -> Plan:
+        """The pipeline (one chain per job) and what every session of this run consumes."""
+        assert self._stopping is not None and self._threads is not None
         from .tracing import tracing_layer
 
-        global_limits = self._global_limiters()
         self._pipeline = Pipeline.for_jobs(
             self.jobs,
             self.middlewares,
             self.metrics,
-            threads,
+            self._threads,
             self.settings,
             self._sleep_unless_stopped,
-            stopping,
+            self._stopping,
             resources=self.resources,
             plans=self.plans,
-            limits=self._rate_limits(global_limits, share),
+            limits=limits,
             tracing=tracing_layer(),
         )
-        status_store = self._open_status_store()
-        plan = Plan(
+        status_store = startup.open_status_store(self.settings)
+        return Plan(
             self.settings,
             self.topology,
             queues,
@@ -255,8 +286,10 @@ class Worker:
             self._pipeline,
             functools.partial(self._set_ready, False),
             status_store=status_store,
-            **self._cancel_and_dedup(status_store),
+            **startup.cancel_and_dedup(status_store),
         )
+
+    def _log_start(self, queues: list[str], prefetch: int, share: int) -> None:
         for q in queues:
             self.metrics.prefetch.labels(queue=q).set(share)
         log.info(
@@ -268,139 +301,6 @@ class Worker:
             jobs=sorted(self.jobs.jobs),
             schedules=[s.name for s in self.schedules],
         )
-        async with contextlib.AsyncExitStack() as stack:
-            stack.callback(self._stopped)  # undone last: the final line
-            if plan.status_store is not None:
-                stack.push_async_callback(plan.status_store.close)
-            stack.callback(threads.shutdown)
-            stack.push_async_callback(global_limits.close)
-            # Process resources open now (a database that is down fails the start, not the
-            # first job) and close after the last job drained.
-            await stack.enter_async_context(self.resources.process_scope())
-            await self._start_beside(stack, queues, handle_signals)
-            if self.schedules:
-                self._start_scheduler(stack, stopping)
-            await self._consume(plan, stopping)
-
-    def _global_limiters(self) -> GlobalLimiters:
-        settings = self.settings
-        status = settings.status_url.get_secret_value() if settings.status_url else None
-        return GlobalLimiters(settings.exchange, status, lambda: connect(settings))
-
-    def _rate_limits(self, global_limits: GlobalLimiters, share: int) -> dict[str, RateLimited]:
-        """A ``RateLimited`` layer per limited job; half a consumer's prefetch may wait."""
-        limits = {}
-        for spec in self.jobs.jobs.values():
-            if spec.rate_limit is None and spec.global_rate_limit is None:
-                continue
-            limits[spec.name] = RateLimited(
-                LocalLimiter(spec.rate_limit) if spec.rate_limit is not None else None,
-                global_limits.for_job(spec.name, spec.global_rate_limit)
-                if spec.global_rate_limit is not None
-                else None,
-                max_waiting=share // 2,
-            )
-        return limits
-
-    async def _start_beside(
-        self, stack: contextlib.AsyncExitStack, queues: list[str], handle_signals: bool
-    ) -> None:
-        """Health endpoint, signal handlers, operator checks (logged, never fatal) and the DLQ
-        depth gauge: they run beside the loop, each undone by ``stack``."""
-        if self.settings.metrics_port:
-            health = HealthServer(
-                self.settings.metrics_host,
-                self.settings.metrics_port,
-                self.metrics.registry,
-                lambda: self.ready,
-            )
-            await health.start()
-            self.health_port = health.port
-            stack.push_async_callback(health.stop)
-        if handle_signals:
-            loop = asyncio.get_running_loop()
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(sig, self.stop)
-                stack.callback(loop.remove_signal_handler, sig)
-        from .dlq_depth import DlqDepthRefresher
-        from .ops.doctor import log_findings
-
-        self._dlq_depth = DlqDepthRefresher(queues, self.metrics.dlq_messages)
-        self._dlq_depth.start()
-        stack.push_async_callback(self._dlq_depth.stop)
-        doctor = asyncio.create_task(log_findings(self.settings, self.jobs, self.topology))
-        stack.callback(doctor.cancel)
-
-    def _start_scheduler(self, stack: contextlib.AsyncExitStack, stopping: asyncio.Event) -> None:
-        """Take part in firing the app's schedules until the worker stops.
-
-        It starts once the worker's first session has declared the topology, opens its own
-        plain connection (``connect`` honours every node of ``LEVERET_AMQP_URL`` and TLS) and
-        reconnects by itself. It stops as soon as the worker
-        is asked to stop, not after the in-flight jobs drained: a leader that is leaving hands
-        over at once (its last heartbeat tells the successor that nothing was missed).
-        """
-        settings = self.settings
-        scheduler = Scheduler(
-            lambda: connect(settings, robust=False),
-            self.schedules,
-            exchange=settings.exchange,
-            registry=self.metrics.registry,
-            publish_timeout=settings.publish_timeout,
-        )
-        self._scheduler = scheduler
-
-        async def run_once_declared() -> None:
-            # The first session declares the topology: a tick fired before it would find no
-            # queue bound for its job (unroutable) and be lost. Polled, so the consume path
-            # stays untouched; 50 ms once per start.
-            while not self._connected and not stopping.is_set():
-                await self._sleep_unless_stopped(0.05)
-            if not stopping.is_set():
-                await scheduler.run()
-
-        task = asyncio.create_task(run_once_declared(), name="leveret-scheduler")
-
-        async def stop_when_stopping() -> None:
-            await stopping.wait()
-            scheduler.stop()
-
-        watcher = asyncio.create_task(stop_when_stopping())
-
-        async def wind_down() -> None:
-            watcher.cancel()
-            scheduler.stop()
-            try:
-                await asyncio.wait_for(task, 10)
-            except TimeoutError:
-                log.warning("scheduler_stop_timeout", scheduler=scheduler.app)
-
-        stack.push_async_callback(wind_down)
-
-    def _open_status_store(self) -> StatusStore | None:
-        """With ``LEVERET_STATUS_URL``, the store each session's ``StatusKeeper`` writes to."""
-        url = self.settings.status_url
-        if url is None:
-            return None
-        from leveret.producers.status import RedisStatusStore
-
-        return RedisStatusStore.from_url(url.get_secret_value(), ttl=self.settings.status_ttl)
-
-    @staticmethod
-    def _cancel_and_dedup(store: StatusStore | None) -> dict[str, Any]:
-        """Cancel marks and de-duplication claims on the status store's Redis client (one
-        client per worker process); nothing without a Redis status store."""
-        from leveret.producers.status import RedisStatusStore
-
-        if not isinstance(store, RedisStatusStore):
-            return {}
-        from leveret.producers.cancel import RedisCancelMarks
-        from leveret.producers.dedup import DedupStore
-
-        return {
-            "cancel_marks": RedisCancelMarks(store.client, ttl=store.ttl),
-            "dedup": DedupStore(store.client, ttl=store.ttl),
-        }
 
     def _stopped(self) -> None:
         self._set_ready(False)
@@ -415,7 +315,8 @@ class Worker:
                 if session is None:
                     break
                 self._set_ready(True)
-                self._dlq_depth.attach(session.connection)
+                assert self._beside is not None
+                self._beside.dlq_depth.attach(session.connection)
                 await session.serve(stopping)
                 self._set_ready(False)
                 session = None
@@ -438,16 +339,8 @@ class Worker:
         self.metrics.connected.set(1 if self.ready else 0)
 
     def _on_threads_exhausted(self, exhausted: bool) -> None:
+        assert self._threads is not None
         self._threads_exhausted = exhausted
         self.metrics.threads_stuck.set(self._threads.stuck)
-        if exhausted:
-            log.error(
-                "job_threads_exhausted",
-                threads=self._threads.size,
-                advice="every thread for plain `def` jobs is still running a job that timed "
-                "out (Python cannot stop a thread); no `def` job starts until one returns. "
-                "Not ready until then; a restart ends them",
-            )
-        else:
-            log.warning("job_threads_available", stuck=self._threads.stuck)
+        self._threads.log_exhausted(exhausted)
         self._set_ready(self._connected)

@@ -12,7 +12,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from leveret.consumer import JobContext, Worker
-from leveret.consumer import worker as worker_module
+from leveret.consumer import startup as startup_module
 from leveret.consumer.ratelimit import GlobalLimiters, LocalLimiter
 
 # When the global limiter admitted this delivery's start (its own clock, under the broker-side
@@ -32,7 +32,7 @@ class _RecordingLocal(LocalLimiter):
         return wait
 
 
-worker_module.LocalLimiter = _RecordingLocal  # type: ignore[misc]
+startup_module.LocalLimiter = _RecordingLocal  # type: ignore[misc]
 
 
 class _Recording:

@@ -1,0 +1,71 @@
+"""``JobScope``: the chain layer that opens a job's job-scoped resources and closes them after.
+
+It exists only in the chain of a job whose handler (or whose resources) ask for a job-scoped
+resource (``execution.build_chain``); the resolved arguments reach the handler through
+``RESOLVED``, a context variable, since the layers between pass only ``ctx`` along.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from typing import TYPE_CHECKING, Any
+
+from .resources import Plan, Resources, _close_all, open_job
+
+if TYPE_CHECKING:
+    from .context import JobContext
+    from .middleware import CallNext
+
+
+# The job's resolved handler arguments, from ``JobScope`` to the invoker inside the timeout.
+# Each delivery runs in a task of its own, so one job never sees another's (a context copy).
+RESOLVED: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("leveret_resolved")
+
+
+class JobScope:
+    """Opens the job's job-scoped resources around the rest of the chain (``Resources``).
+
+    Outside ``JobTimeout``: opening a session is not the handler's time. Whatever the outcome,
+    they are closed in reverse order, the run's exception thrown into generator resources (so a
+    transaction rolls back), a failing close logged and counted without changing the outcome.
+
+    Without test overrides the layer drives ``resources.open_job`` (the steps ``job_scope``
+    takes) directly, with no scope object and no ``__aenter__``/``__aexit__`` frames, at about
+    half the scope's cost per job; with overrides it goes through ``job_scope``.
+    """
+
+    __slots__ = ("_plan", "_resources")
+
+    def __init__(self, resources: Resources, plan: Plan) -> None:
+        self._resources = resources
+        self._plan = plan
+
+    async def __call__(self, ctx: JobContext, call_next: CallNext) -> Any:
+        r = self._resources
+        if r._overrides:
+            async with r.job_scope(self._plan, ctx) as kwargs:
+                token = RESOLVED.set(kwargs)
+                try:
+                    return await call_next(ctx)
+                finally:
+                    RESOLVED.reset(token)
+        exits: list[tuple[str, tuple[str, Any]]] = []
+        try:
+            kwargs = await open_job(r, self._plan, ctx, exits)
+        except BaseException as failure:
+            await _close_all(
+                exits, type(failure), failure, failure.__traceback__, r._close_failures, "job"
+            )
+            raise
+        token = RESOLVED.set(kwargs)
+        try:
+            result = await call_next(ctx)
+        except BaseException as failure:
+            RESOLVED.reset(token)
+            await _close_all(
+                exits, type(failure), failure, failure.__traceback__, r._close_failures, "job"
+            )
+            raise
+        RESOLVED.reset(token)
+        await _close_all(exits, None, None, None, r._close_failures, "job")
+        return result

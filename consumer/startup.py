@@ -1,0 +1,188 @@
+"""What a running worker starts beside its consume loop, each piece undone by one exit stack.
+
+``Worker.run`` reads as: build the pipeline, open what runs beside it (this module), consume.
+The optional features plug in here rather than in the worker class, so adding one does not
+grow the path a delivery takes:
+
+* ``open_status_store`` / ``cancel_and_dedup``: with ``LEVERET_STATUS_URL``, the Redis store
+  each session's ``StatusKeeper`` writes to, and the cancel marks and de-duplication claims
+  on the same client (one per worker process);
+* ``rate_limits``: a ``RateLimited`` chain layer per job that has a limit, the global ones on
+  Redis (with a status store) or on the broker;
+* ``start_beside``: health endpoint, signal handlers, the DLQ depth gauge and the start-up
+  doctor checks (logged, never fatal);
+* ``start_scheduler``: an app with schedules runs one ``Scheduler`` in every worker process,
+  whatever queues it consumes; they elect one leader through the broker, which fires each
+  tick once (``leveret.consumer.scheduler``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from leveret.producers.connection import connect
+
+from .dlq_depth import DlqDepthRefresher
+from .health import HealthServer
+from .limited import RateLimited
+from .ratelimit import GlobalLimiters, LocalLimiter
+from .scheduler import Scheduler
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+
+    from leveret.producers.status import StatusStore
+    from leveret.topology.model import Topology
+
+    from .metrics import WorkerMetrics
+    from .registry import Registry
+    from .schedules import Schedule
+    from .settings import WorkerSettings
+
+log = structlog.get_logger("leveret.worker")
+
+
+def open_status_store(settings: WorkerSettings) -> StatusStore | None:
+    """With ``LEVERET_STATUS_URL``, the store each session's ``StatusKeeper`` writes to."""
+    if settings.status_url is None:
+        return None
+    from leveret.producers.status import RedisStatusStore
+
+    url = settings.status_url.get_secret_value()
+    return RedisStatusStore.from_url(url, ttl=settings.status_ttl)
+
+
+def cancel_and_dedup(store: StatusStore | None) -> dict[str, Any]:
+    """Cancel marks and de-duplication claims on the status store's Redis client (one client
+    per worker process); nothing without a Redis status store."""
+    from leveret.producers.status import RedisStatusStore
+
+    if not isinstance(store, RedisStatusStore):
+        return {}
+    from leveret.producers.cancel import RedisCancelMarks
+    from leveret.producers.dedup import DedupStore
+
+    return {
+        "cancel_marks": RedisCancelMarks(store.client, ttl=store.ttl),
+        "dedup": DedupStore(store.client, ttl=store.ttl),
+    }
+
+
+def global_limiters(settings: WorkerSettings) -> GlobalLimiters:
+    """Global rate limits live on Redis when there is a status store, else on the broker."""
+    status = settings.status_url.get_secret_value() if settings.status_url else None
+    return GlobalLimiters(settings.exchange, status, lambda: connect(settings))
+
+
+def rate_limits(jobs: Registry, limiters: GlobalLimiters, share: int) -> dict[str, RateLimited]:
+    """A ``RateLimited`` layer per limited job; half a consumer's prefetch may wait."""
+    limits = {}
+    for spec in jobs.jobs.values():
+        if spec.rate_limit is None and spec.global_rate_limit is None:
+            continue
+        local = LocalLimiter(spec.rate_limit) if spec.rate_limit is not None else None
+        shared = (
+            limiters.for_job(spec.name, spec.global_rate_limit)
+            if spec.global_rate_limit is not None
+            else None
+        )
+        limits[spec.name] = RateLimited(local, shared, max_waiting=share // 2)
+    return limits
+
+
+class Beside:
+    """Health endpoint, signal handlers, the DLQ depth gauge and the start-up doctor run beside
+    the loop; ``start`` registers each one's undoing on the worker's exit stack."""
+
+    def __init__(self, queues: list[str], metrics: WorkerMetrics) -> None:
+        self.dlq_depth = DlqDepthRefresher(queues, metrics.dlq_messages)
+        self.health_port: int | None = None
+
+    async def start(
+        self,
+        stack: contextlib.AsyncExitStack,
+        settings: WorkerSettings,
+        registry: CollectorRegistry,
+        ready: Callable[[], bool],
+        stop: Callable[[], None] | None,
+    ) -> None:
+        if settings.metrics_port:
+            health = HealthServer(settings.metrics_host, settings.metrics_port, registry, ready)
+            await health.start()
+            self.health_port = health.port
+            stack.push_async_callback(health.stop)
+        if stop is not None:  # handle_signals
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, stop)
+                stack.callback(loop.remove_signal_handler, sig)
+        self.dlq_depth.start()
+        stack.push_async_callback(self.dlq_depth.stop)
+
+    @staticmethod
+    def doctor(
+        stack: contextlib.AsyncExitStack, settings: WorkerSettings, jobs: Registry, topo: Topology
+    ) -> None:
+        """Operator checks at start: findings are logged, a failing check never stops a worker.
+        Imported here, so a worker loads the operator tools only once it runs."""
+        from .ops.doctor import log_findings
+
+        task = asyncio.create_task(log_findings(settings, jobs, topo))
+        stack.callback(task.cancel)
+
+
+def start_scheduler(
+    stack: contextlib.AsyncExitStack,
+    settings: WorkerSettings,
+    schedules: list[Schedule],
+    registry: CollectorRegistry,
+    declared: Callable[[], bool],
+    sleep: Callable[[float], Awaitable[None]],
+    stopping: asyncio.Event,
+) -> None:
+    """Take part in firing the app's schedules until the worker stops.
+
+    It starts once the worker's first session has declared the topology (``declared``), opens
+    its own plain connection (``connect`` honours every node of ``LEVERET_AMQP_URL`` and TLS)
+    and reconnects by itself. It stops as soon as the worker is asked to stop, not after the
+    in-flight jobs drained: a leader that is leaving hands over at once (its last heartbeat
+    tells the successor that nothing was missed).
+    """
+    scheduler = Scheduler(
+        lambda: connect(settings, robust=False),
+        schedules,
+        exchange=settings.exchange,
+        registry=registry,
+        publish_timeout=settings.publish_timeout,
+    )
+
+    async def run_once_declared() -> None:
+        # A tick fired before the topology is declared would find no queue bound for its job
+        # (unroutable) and be lost. Polled, so the consume path stays untouched; 50 ms once.
+        while not declared() and not stopping.is_set():
+            await sleep(0.05)
+        if not stopping.is_set():
+            await scheduler.run()
+
+    async def stop_when_stopping() -> None:
+        await stopping.wait()
+        scheduler.stop()
+
+    task = asyncio.create_task(run_once_declared(), name="leveret-scheduler")
+    watcher = asyncio.create_task(stop_when_stopping())
+
+    async def wind_down() -> None:
+        watcher.cancel()
+        scheduler.stop()
+        try:
+            await asyncio.wait_for(task, 10)
+        except TimeoutError:
+            log.warning("scheduler_stop_timeout", scheduler=scheduler.app)
+
+    stack.push_async_callback(wind_down)
