@@ -207,8 +207,8 @@ class Pipeline:
         if d.job_id in self.cancelled_ids:  # cancelled before this delivery: never runs
             return await settler.cancelled(d, spec.name, d.attempts)
         await self._guard.wait_if_counting(d.job_id)
-        if d.redelivered and await self._guard.handled(d, settler, spec.name):
-            return None
+        if d.redelivered:  # counted and put back, or dead-lettered: it runs from its copy
+            return await self._guard.settle(d, settler, spec.name)
         try:
             payload = spec.validate(d.message.body)
         except Exception as exc:

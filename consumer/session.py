@@ -101,9 +101,16 @@ class Session:
         await declare(self.connection, plan.topology)
         # Outcome copies on a connection of their own (see the module docstring).
         self.publish_connection = await connect(settings, robust=False)
-        self.consume = await (
-            await self.connection.channel(publisher_confirms=False)
-        ).get_underlay_channel()
+        # Opened on aiormq directly for its frame buffer: aio-pika leaves aiormq's default of
+        # 10 frames, about three deliveries, so a loop turn handled three jobs and settled them
+        # in batches of three. Room for every prefetched delivery's frames lets a turn take all
+        # that arrived (measured with LEVERET_EVENTS=outcomes: 191 -> 142 µs CPU per job).
+        transport = self.connection.transport
+        assert transport is not None  # connected: declare just ran on it
+        prefetch = plan.share * len(plan.queues)
+        self.consume = await transport.connection.channel(
+            publisher_confirms=False, frame_buffer_size=max(10, 3 * prefetch)
+        )
         publish = await (
             await self.publish_connection.channel(publisher_confirms=True, on_return_raises=True)
         ).get_underlay_channel()
@@ -112,7 +119,6 @@ class Session:
         await self.consume.basic_qos(prefetch_count=plan.share, global_=False)
         # Coalesce acks over a few ms once jobs come fast (see Acker); a small prefetch (batch
         # 1) still flushes every loop turn, so it never waits on a timer.
-        prefetch = plan.share * len(plan.queues)
         self.acker = Acker(self.consume, prefetch=prefetch, max_delay_s=ACK_DELAY_S)
         self.settler = Settler(
             publish,

@@ -31,55 +31,39 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
-from typing import Any, NamedTuple, cast
+from typing import Any
 
 import aiormq
 import structlog
-from pamqp.commands import Basic
 from prometheus_client import Counter
 
-from leveret.producers.batch import BatchPublishError, publish_batch
-from leveret.producers.errors import PublishError, PublishTimeout
 from leveret.producers.events import CANCELLED as EVENT_CANCELLED
-from leveret.producers.events import (
-    DEAD,
-    EVENTS_CONTENT_TYPE,
-    PROGRESS,
-    RETRYING,
-    STARTED,
-    EventsMode,
-    EventState,
-    build_event,
-    encode_result,
-    events_exchange,
-    publishes,
-)
-from leveret.producers.events import SUCCEEDED as EVENT_SUCCEEDED
+from leveret.producers.events import DEAD, PROGRESS, RETRYING, STARTED, EventsMode
 from leveret.producers.message import (
     HEADER_ATTEMPTS,
+    HEADER_DELIVERY_COUNT,
     HEADER_DIED_AT,
     HEADER_ERROR,
     HEADER_QUEUE,
     HEADER_REASON,
     HEADER_REDELIVERIES,
-    PERSISTENT,
     carried_headers,
     copy_properties,
     one_line,
 )
-from leveret.producers.publisher import delay_seconds, prepare_job
 from leveret.topology.model import MAX_DELAY_S, dlq_name, retry_route
 
 from .acker import Acker
 from .delivery import Delivery
 from .errors import Reject
+from .lifecycle import EventCopies, FollowUp
 from .metrics import CANCELLED, DEAD_LETTERED, RETRIED, SUCCEEDED, Outcomes
+from .outbox import Copy, Outbox, SettleFailed
 from .registry import JobSpec
 
-__all__ = ["Copy", "FollowUp", "SettleFailed", "Settler", "carried_headers", "copy_properties"]
+__all__ = ["Copy", "FollowUp", "SettleFailed", "Settler"]
 
 log = structlog.get_logger("leveret.worker")
 
@@ -89,39 +73,6 @@ log = structlog.get_logger("leveret.worker")
 SETTLE_BACKOFF_S = 0.5
 SETTLE_BACKOFF_MAX_S = 30.0
 SETTLE_FAILURES_KEPT = 10_000
-_FOLLOW_UP_OPTIONS = frozenset({"priority", "delay", "eta", "job_id", "headers", "max_attempts"})
-
-
-class SettleFailed(Exception):
-    """The outcome copy was not confirmed; the original must stay unacked."""
-
-
-class Copy(NamedTuple):
-    """One message to confirm before the ack; events are not ``mandatory`` (nobody may be bound
-    to the events exchange), jobs and their copies are (a job no queue takes is an error)."""
-
-    body: bytes
-    exchange: str
-    routing_key: str
-    properties: Basic.Properties
-    mandatory: bool = True
-
-    # What ``publish_batch`` reads of an item besides the fields above.
-    @property
-    def job(self) -> str:
-        return self.properties.message_type or self.routing_key
-
-    @property
-    def job_id(self) -> str:
-        """The message id: unique per copy in flight (an event's is ``<id>.<state>.<n>``)."""
-        return str(self.properties.message_id)
-
-
-class FollowUp(NamedTuple):
-    """A job a handler enqueued (``ctx.enqueue``): published with the success outcome."""
-
-    job_id: str
-    copy: Copy
 
 
 def _described(error: BaseException) -> str:
@@ -147,7 +98,6 @@ class Settler:
         events_mode: EventsMode = "off",
         result_max_bytes: int = 65536,
     ) -> None:
-        self.channel = publish_channel
         self.acker = acker
         self.outcomes = outcomes
         self._failures = failures
@@ -155,20 +105,13 @@ class Settler:
         # The ids cancelled (``CancelWatch.ids``, bound by the session when the worker has a
         # status store): a failed run of one of these ends ``cancelled`` instead of retrying.
         self.cancelled_ids: Mapping[str, object] = {}
-        # A confirm that never comes (memory alarm, quorum queue without a majority) must end
-        # as a failed settle, not hold the job's prefetch slot forever.
-        self._timeout_s = timeout_s
+        self.outbox = Outbox(publish_channel, timeout_s)
+        self._confirm = self.outbox.confirm
         # Which events this worker publishes, decided once (LEVERET_EVENTS), not per message.
-        self.events_mode: EventsMode = events_mode
-        self._events_exchange = events_exchange(exchange)
-        self._result_max_bytes = result_max_bytes
-        self.publishes_started = publishes(events_mode, STARTED)
-        self.publishes_progress = publishes(events_mode, PROGRESS)
-        self._publishes_outcomes = publishes(events_mode, EVENT_SUCCEEDED)
-        # Copies asked for in this loop turn, sent together by ``_flush`` (see ``_confirm``).
-        self._pending: list[tuple[tuple[Copy, ...], asyncio.Future[None]]] = []
-        self._flush_scheduled = False
-        self._sending: set[asyncio.Task[None]] = set()
+        self.events = EventCopies(exchange, events_mode, result_max_bytes)
+        self._event = self.events.event
+        self.publishes_started = self.events.started
+        self._publishes_outcomes = self.events.outcomes
 
     # -- outcomes ---------------------------------------------------------------------------------
 
@@ -187,21 +130,7 @@ class Settler:
         children.duration.observe(duration)
         copies: tuple[Copy, ...] = ()
         if self._publishes_outcomes:
-            value = None
-            if result is not None:
-                encoded = encode_result(result, self._result_max_bytes)
-                value = encoded.value
-                if encoded.dropped is not None:
-                    log.warning(
-                        "result_dropped",
-                        reason=encoded.dropped,
-                        size=encoded.size,
-                        limit=self._result_max_bytes,
-                        action="the succeeded event and status carry null; the job succeeded",
-                    )
-            copies = (
-                self._event(d, job, EVENT_SUCCEEDED, attempt, duration=duration, result=value),
-            )
+            copies = (self.events.succeeded(d, job, attempt, duration, result),)
         if follow_ups:
             copies += tuple(f.copy for f in follow_ups)
         await self._finish(d, SUCCEEDED, children.succeeded, copies)
@@ -301,83 +230,21 @@ class Settler:
         counter.inc()
         self.outcomes.counts[outcome] += 1
 
-    # -- events -----------------------------------------------------------------------------------
-
-    def _event(
-        self,
-        d: Delivery,
-        job: str,
-        state: EventState,
-        attempt: int,
-        *,
-        duration: float | None = None,
-        error: str | None = None,
-        result: Any = None,
-        progress: float | None = None,
-        message: str | None = None,
-    ) -> Copy:
-        """An event for ``<exchange>.events``, routing key ``<job>.<state>``.
-
-        Its ``message_id`` is ``<job id>.<state>.<attempt>``, not the job id: aiormq matches a
-        ``basic.return`` to its publish by ``message_id``, and the event is pipelined beside the
-        job's own copy; sharing the id would let a returned DLQ copy be taken for the event.
-        """
-        body = build_event(
-            job_id=d.job_id,
-            job=job,
-            queue=d.queue,
-            state=state,
-            attempt=attempt,
-            duration_s=duration,
-            error=error,
-            result=result,
-            progress=progress,
-            message=message,
-        )
-        props = Basic.Properties(
-            content_type=EVENTS_CONTENT_TYPE,
-            delivery_mode=PERSISTENT,
-            message_id=f"{d.job_id}.{state}.{attempt}",
-            message_type=job,
-        )
-        return Copy(body, self._events_exchange, f"{job}.{state}", props, False)
-
     def started(self, d: Delivery, job: str, attempt: int) -> None:
         """Best effort ``started`` (``LEVERET_EVENTS=all``): sent, not waited for."""
-        self._send_best_effort(self._event(d, job, STARTED, attempt), d.job_id)
+        self.outbox.send_best_effort(self._event(d, job, STARTED, attempt), d.job_id)
 
     async def progress(
         self, d: Delivery, job: str, attempt: int, fraction: float, message: str | None
     ) -> None:
         """Best effort ``progress``: the handler does not wait for a confirm."""
-        if self.publishes_progress:
+        if self.events.progress:
             copy = self._event(d, job, PROGRESS, attempt, progress=fraction, message=message)
-            self._send_best_effort(copy, d.job_id)
+            self.outbox.send_best_effort(copy, d.job_id)
 
     def follow_up(self, job: str, payload: Any, options: dict[str, Any]) -> FollowUp:
-        """A handler's ``ctx.enqueue``: validated and built now, by the publisher's own builder
-        (so a bad payload or option raises in the handler), published by ``succeeded``."""
-        unknown = set(options) - _FOLLOW_UP_OPTIONS
-        if unknown:
-            raise TypeError(f"ctx.enqueue got unexpected option(s): {', '.join(sorted(unknown))}")
-        delay_s = delay_seconds(options.get("delay"), options.get("eta"))
-        p = prepare_job(
-            self._exchange,
-            job,
-            payload,
-            options.get("priority"),
-            delay_s,
-            options.get("job_id"),
-            options.get("headers"),
-            options.get("max_attempts"),
-        )
-        return FollowUp(p.job_id, Copy(p.body, p.exchange, p.routing_key, p.properties))
-
-    def _send_best_effort(self, copy: Copy, job_id: str) -> None:
-        """Into the next batch like any copy, but nobody waits: a failure is only logged."""
-        waiter = asyncio.get_running_loop().create_future()
-        waiter.add_done_callback(functools.partial(_log_lost_event, copy, job_id))
-        self._enqueue((copy,), waiter)
+        """A handler's ``ctx.enqueue``, built now and published by ``succeeded``."""
+        return self.events.follow_up(job, payload, options)
 
     def _copy(
         self, d: Delivery, job: str, headers: dict[str, Any], exchange: str, routing_key: str
@@ -427,6 +294,8 @@ class Settler:
         deploys would reach the DLQ without ever failing. A confirmed copy, then an ack, does not.
         """
         headers = dict(d.properties.headers or {})
+        # A quorum queue's count of returns is the broker's to set; a copy starts anew.
+        headers.pop(HEADER_DELIVERY_COUNT, None)
         await self._confirm((self._copy(d, d.name, headers, "", d.queue),))
         self.acker.ack(d.tag)
 
@@ -479,78 +348,6 @@ class Settler:
         if not lost.is_set():  # else the broker requeues it with the channel
             with contextlib.suppress(Exception):
                 await self.acker.nack(d.tag, requeue=True)
-
-    # -- confirms ---------------------------------------------------------------------------------
-
-    async def _confirm(self, copies: tuple[Copy, ...]) -> None:
-        """Publish every copy and wait for all their confirms; raise ``SettleFailed`` if any
-        was not confirmed.
-
-        Copies are not sent one by one: every copy asked for in one loop turn (the outcomes of
-        the jobs that finished together, and their events and follow-ups) goes out in one
-        ``publish_batch``, one socket write whose confirms are tracked by delivery tag. With
-        ``LEVERET_EVENTS=outcomes`` every job publishes before its ack, and a write (a syscall)
-        per event was most of what that cost; each job still waits for its own confirms only.
-        """
-        waiter = asyncio.get_running_loop().create_future()
-        self._enqueue(copies, waiter)
-        await waiter
-
-    def _enqueue(self, copies: tuple[Copy, ...], waiter: asyncio.Future[None]) -> None:
-        self._pending.append((copies, waiter))
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
-
-    def _flush(self) -> None:
-        self._flush_scheduled = False
-        batch, self._pending = self._pending, []
-        task = asyncio.get_running_loop().create_task(self._send(batch))
-        self._sending.add(task)
-        task.add_done_callback(self._sending.discard)
-
-    async def _send(self, batch: list[tuple[tuple[Copy, ...], asyncio.Future[None]]]) -> None:
-        items = [copy for copies, _ in batch for copy in copies]
-        failed: dict[str, PublishError] = {}
-        everything: BaseException | None = None
-        try:
-            await publish_batch(cast(aiormq.Channel, self.channel), items, timeout=self._timeout_s)
-        except BatchPublishError as exc:
-            failed = exc.errors
-        except Exception as exc:  # the channel is gone, or a bug: nothing is known confirmed
-            everything = exc
-        for copies, waiter in batch:
-            if waiter.done():
-                continue  # its job was cancelled meanwhile
-            error: BaseException | None = everything
-            if error is None and failed:
-                error = next((failed[c.job_id] for c in copies if c.job_id in failed), None)
-            if error is None:
-                waiter.set_result(None)
-            else:
-                waiter.set_exception(_settle_failed(error))
-
-
-def _log_lost_event(copy: Copy, job_id: str, waiter: asyncio.Future[None]) -> None:
-    if waiter.cancelled() or waiter.exception() is None:
-        return
-    with contextlib.suppress(Exception):
-        log.warning(
-            "event_not_published",
-            job_id=job_id,
-            routing_key=copy.routing_key,
-            error=str(waiter.exception()),
-            action="best effort: the job goes on; its outcome event is still confirmed",
-        )
-
-
-def _settle_failed(error: BaseException) -> SettleFailed:
-    if isinstance(error, PublishTimeout):
-        return SettleFailed(
-            f"outcome copy not confirmed within {error.timeout_s:g} s "
-            f"(LEVERET_PUBLISH_TIMEOUT; is the broker blocking publishers?)"
-        )
-    return SettleFailed(f"{type(error).__name__}: {error}")
 
 
 def _retry_delay(spec: JobSpec, attempt: int, error: BaseException, described: str) -> float:

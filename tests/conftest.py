@@ -5,7 +5,7 @@ from collections.abc import Iterator
 import pytest
 from prometheus_client import CollectorRegistry
 
-from tests.support import Broker, test_broker
+from tests.support import Broker, delete_quorum_queues, test_broker
 
 # The queue types every promise is tested on (CONTRACT: "every feature works on both").
 QUEUE_TYPES = ("classic", "quorum")
@@ -25,7 +25,7 @@ def registry() -> CollectorRegistry:
 
 
 @pytest.fixture(params=QUEUE_TYPES)
-def queue_type(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+def queue_type(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """Run the test once per queue type, ids ``classic`` and ``quorum``.
 
     It sets ``LEVERET_QUEUE_TYPE`` for the test's duration, the one switch a deployment uses, so
@@ -35,4 +35,6 @@ def queue_type(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) 
     """
     value: str = request.param
     monkeypatch.setenv("LEVERET_QUEUE_TYPE", value)
-    return value
+    yield value
+    if value == "quorum" and "broker" in request.fixturenames:
+        delete_quorum_queues(request.getfixturevalue("broker"))

@@ -111,9 +111,7 @@ async def test_a_job_that_kills_its_worker_ends_in_the_dlq(
             while worker.proc.poll() is None and not await broker.depth(f"{app.queue}.dlq"):
                 await _sleep(0.05)
             if worker.proc.poll() is None:
-                # Every good job ends done or, counted out with the bomb, dead (see below). On
-                # quorum queues the broker's x-delivery-count counts a prefetched job's returns
-                # from every crash, so there collateral is the rule, not the exception.
+                # Every good job ends done or, counted out with the bomb, dead (see below).
                 await wait_for(
                     lambda: _done(app) | _dead_ids(broker, app.queue) >= set(good),
                     20,
