@@ -19,10 +19,14 @@ Method, so that figures from a noisy shared machine still mean something:
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import os
 import statistics
+import subprocess
 import sys
+import tarfile
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -59,6 +63,10 @@ RUNNERS: dict[str, tuple[str, dict[str, Any]]] = {
     # Issue 14: the handler takes one job-scoped resource (an async generator); compare with
     # "leveret" (same handler, no resource) to see the job scope's cost.
     "leveret-resource": ("bench.runners.leveret_runner", {"job_resource": True}),
+    # Issue 10: the worker before the reshaping, run from a snapshot of that commit with that
+    # commit's own runner (``_tree``: see ``snapshot``). No lifecycle events existed then, so
+    # its like-for-like row today is "leveret-events-off".
+    "leveret-before": ("bench.runners.leveret_runner", {"_tree": "b86b806"}),
 }
 # Peers at their best configuration: the asyncio ones on uvloop (they can use it; a user who
 # cares about speed does), Dramatiq and Celery on their own threads (no event loop to swap).
@@ -66,7 +74,13 @@ ALL_PEERS = ["dramatiq", "celery", "faststream-uvloop", "taskiq-uvloop"]
 PIPELINING_PEERS = ["faststream-uvloop", "taskiq-uvloop"]
 # One full run shows every feature row beside bare aio-pika (issue 16's last target row). Each is
 # the plain "leveret" row with one setting changed, nothing else tuned: what the report prints.
-FEATURES = ["leveret-events-off", "leveret-outcomes", "leveret-status", "leveret-resource"]
+FEATURES = [
+    "leveret-events-off",
+    "leveret-outcomes",
+    "leveret-status",
+    "leveret-resource",
+    "leveret-before",
+]
 FEATURE_SETTINGS = {
     "leveret": "defaults: `LEVERET_EVENTS` unset, so `outcomes` (no status store)",
     "leveret-uvloop": "as `leveret`, under `uvloop.run`",
@@ -75,6 +89,8 @@ FEATURE_SETTINGS = {
     "leveret-status": "`events=all` (`started` too) + Redis status store (`status_url`, "
     "TTL 600 s) and its keeper consuming the events queue in the same process",
     "leveret-resource": "as `leveret`, handler takes one job-scoped async-generator resource",
+    "leveret-before": "the worker at b86b806, before the reshaping (issue 10); it had no "
+    "events: compare with `leveret-events-off`",
 }
 THREADED = {"dramatiq", "celery"}  # concurrency is threads (or Celery's solo pool at 1)
 
@@ -178,6 +194,23 @@ class Run:
     figures: dict[str, float] = field(default_factory=dict)
 
 
+def snapshot(commit: str) -> Path:
+    """The repository at ``commit`` in a temporary folder (``git archive``), made once.
+
+    A runner started there imports that commit's own packages and runner (the current
+    directory comes first on ``sys.path`` with ``-m``), with this venv's libraries."""
+    dest = Path(tempfile.gettempdir()) / f"leveret-{commit}"
+    if not (dest / "bench").is_dir():
+        tar = subprocess.run(
+            ["git", "-C", str(ROOT), "archive", "--format=tar", commit],
+            check=True,
+            capture_output=True,
+        ).stdout
+        with tarfile.open(fileobj=io.BytesIO(tar)) as archive:
+            archive.extractall(dest, filter="data")
+    return dest
+
+
 class Harness:
     def __init__(self, broker: BenchBroker, logdir: Path, timeout_s: float = 180.0) -> None:
         self.broker = broker
@@ -187,6 +220,8 @@ class Harness:
 
     async def _spawn(self, lib: str, spec: dict[str, Any], tag: str) -> asyncio.subprocess.Process:
         module, extra = RUNNERS[lib]
+        extra = dict(extra)
+        tree = extra.pop("_tree", None)
         log = open(self.logdir / f"{tag}.log", "wb")  # noqa: SIM115, ASYNC230 - for the child
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         proc = await asyncio.create_subprocess_exec(
@@ -197,7 +232,7 @@ class Harness:
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             stderr=log,
-            cwd=ROOT,
+            cwd=snapshot(tree) if tree else ROOT,
             env=env,
             limit=2**26,
         )
