@@ -188,15 +188,7 @@ class Pipeline:
 
     async def _process(self, d: Delivery, settler: Settler) -> None:
         if d.id_assigned:
-            # Informational: a failing log sink must not keep the job from running (its id is
-            # new on every delivery, so a give-back could never back off either).
-            with contextlib.suppress(Exception):
-                log.warning(
-                    "job_id_assigned",
-                    job_id=d.job_id,
-                    queue=d.queue,
-                    reason="message arrived without message_id",
-                )
+            _log_assigned_id(d)
         spec = self._jobs.get(d.name)
         if d.problem is not None:
             label = d.name if spec is not None else UNKNOWN_JOB
@@ -215,6 +207,27 @@ class Pipeline:
             return await settler.dead_without_run(
                 d, spec.name, "invalid", _invalid_payload(exc), d.attempts
             )
+        ctx = self._context(d, spec, payload, settler)
+        if settler.publishes_started:
+            settler.started(d, spec.name, ctx.attempt)
+        started = time.perf_counter()
+        if not spec.cancellable:
+            result, error = await execution.run(self._chains[spec.name], ctx)
+        elif d.job_id in self.cancelled_ids:  # cancelled during the awaits above
+            return await settler.cancelled(d, spec.name, d.attempts)
+        else:
+            result, error = await self._run_cancellable(spec, ctx, started)
+        duration = time.perf_counter() - started
+        if error is None:
+            return await settler.succeeded(
+                d, spec.name, duration, result, ctx.attempt, ctx.follow_ups
+            )
+        if type(error) is Postponed:  # its rate limit: back later, same attempt, nothing ran
+            return await settler.postpone(d, error.delay_s)
+        return await settler.failed(d, spec, ctx.attempt, error, duration)
+
+    def _context(self, d: Delivery, spec: JobSpec, payload: Any, settler: Settler) -> JobContext:
+        """The run's ``ctx``; a first delivery's queue wait is observed here, once."""
         props = d.properties
         ctx = JobContext(
             d.job_id,
@@ -234,29 +247,19 @@ class Pipeline:
             wait = _queue_wait(props.headers, props.timestamp)
             if wait is not None:
                 self._waits[spec.name].observe(wait)
-        if settler.publishes_started:
-            settler.started(d, spec.name, ctx.attempt)
-        started = time.perf_counter()
-        if spec.cancellable:
-            if d.job_id in self.cancelled_ids:  # cancelled during the awaits above
-                return await settler.cancelled(d, spec.name, d.attempts)
-            task = asyncio.current_task()
-            assert task is not None
-            self._running[d.job_id] = _Running(task, started, ctx.attempt)
-            try:
-                result, error = await execution.run(self._chains[spec.name], ctx)
-            finally:
-                self._running.pop(d.job_id, None)
-        else:
-            result, error = await execution.run(self._chains[spec.name], ctx)
-        duration = time.perf_counter() - started
-        if error is None:
-            return await settler.succeeded(
-                d, spec.name, duration, result, ctx.attempt, ctx.follow_ups
-            )
-        if type(error) is Postponed:  # its rate limit: back later, same attempt, nothing ran
-            return await settler.postpone(d, error.delay_s)
-        return await settler.failed(d, spec, ctx.attempt, error, duration)
+        return ctx
+
+    async def _run_cancellable(
+        self, spec: JobSpec, ctx: JobContext, started: float
+    ) -> tuple[Any, BaseException | None]:
+        """Run the chain with the task findable by ``cancel_running`` while it runs."""
+        task = asyncio.current_task()
+        assert task is not None
+        self._running[ctx.job_id] = _Running(task, started, ctx.attempt)
+        try:
+            return await execution.run(self._chains[spec.name], ctx)
+        finally:
+            self._running.pop(ctx.job_id, None)
 
     def cancel_running(self, job_id: str) -> None:
         """``CancelWatch.on_cancel``: cancel the task of a running ``cancellable=True`` job
@@ -297,6 +300,18 @@ class Pipeline:
                     queue=d.queue,
                     error=one_line(f"{type(exc).__name__}: {exc}"),
                 )
+
+
+def _log_assigned_id(d: Delivery) -> None:
+    """Informational: a failing log sink must not keep the job from running (its id is new on
+    every delivery, so a give-back could never back off either)."""
+    with contextlib.suppress(Exception):
+        log.warning(
+            "job_id_assigned",
+            job_id=d.job_id,
+            queue=d.queue,
+            reason="message arrived without message_id",
+        )
 
 
 @dataclass(frozen=True, slots=True)

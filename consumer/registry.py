@@ -23,7 +23,8 @@ from pydantic import BaseModel, TypeAdapter
 from tenacity import RetryCallState
 from tenacity.wait import wait_base, wait_exponential
 
-from leveret.topology.model import MAX_DELAY_S, Topology, WorkQueue, check_name
+from leveret.topology.delay import MAX_DELAY_S
+from leveret.topology.model import Topology, WorkQueue, check_name
 
 from .errors import ConfigError
 from .ratelimit import Rate, parse_rate
@@ -92,6 +93,21 @@ def _validator(fn: Callable[..., Any], name: str) -> Callable[[bytes], Any]:
     )
 
 
+def _check_numbers(name: str, max_attempts: int, backoff: Backoff, timeout: float | None) -> None:
+    """Refused when the app loads, not at the first delivery of the job."""
+    if isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 1:
+        raise ConfigError(f"max_attempts of job {name!r} must be 1 or more")
+    if isinstance(backoff, int | float):
+        if not 0 <= backoff <= MAX_DELAY_S or math.isnan(backoff):
+            raise ConfigError(
+                f"backoff of job {name!r} must be 0 to {MAX_DELAY_S:g} seconds, got {backoff}"
+            )
+    elif not isinstance(backoff, wait_base):
+        raise ConfigError(f"backoff of job {name!r} must be seconds or a tenacity wait strategy")
+    if timeout is not None and not timeout > 0:
+        raise ConfigError(f"timeout of job {name!r} must be a positive number of seconds")
+
+
 class Registry:
     """Job name → ``JobSpec``, and the topology those jobs need."""
 
@@ -116,23 +132,7 @@ class Registry:
             WorkQueue(name=queue)
         except ValueError as exc:
             raise ConfigError(str(exc).splitlines()[-1] if "\n" in str(exc) else str(exc)) from None
-        if name in self.jobs:
-            other = self.jobs[name]
-            if other.queue != queue:
-                raise ConfigError(
-                    f"job {name!r} is bound to queue {other.queue!r} and again to {queue!r}: a "
-                    f"job lives on one queue (publishers route by job name, so a second binding "
-                    f"would run it twice)"
-                )
-            raise ConfigError(f"job {name!r} is registered twice; job names must be unique")
-        for other in self.jobs.values():
-            if other.fn is fn and other.queue != queue:
-                raise ConfigError(
-                    f"handler {getattr(fn, '__qualname__', fn)!r} is registered as job "
-                    f"{other.name!r} on queue {other.queue!r} and as {name!r} on {queue!r}: "
-                    f"one job on two queues is almost always a copy-paste slip; give the second "
-                    f"its own function if it is meant"
-                )
+        self._check_unique(fn, name, queue)
         is_async = inspect.iscoroutinefunction(fn)
         if cancellable and not is_async:
             raise ConfigError(
@@ -145,19 +145,7 @@ class Registry:
             if global_rate_limit is None
             else parse_rate(global_rate_limit, f"global_rate_limit of job {name!r}"),
         )
-        if isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 1:
-            raise ConfigError(f"max_attempts of job {name!r} must be 1 or more")
-        if isinstance(backoff, int | float):
-            if not 0 <= backoff <= MAX_DELAY_S or math.isnan(backoff):
-                raise ConfigError(
-                    f"backoff of job {name!r} must be 0 to {MAX_DELAY_S:g} seconds, got {backoff}"
-                )
-        elif not isinstance(backoff, wait_base):
-            raise ConfigError(
-                f"backoff of job {name!r} must be seconds or a tenacity wait strategy"
-            )
-        if timeout is not None and not timeout > 0:
-            raise ConfigError(f"timeout of job {name!r} must be a positive number of seconds")
+        _check_numbers(name, max_attempts, backoff, timeout)
         validate = _validator(fn, name)
         for p in list(inspect.signature(fn).parameters.values())[1:]:
             if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
@@ -180,6 +168,26 @@ class Registry:
         )
         self.jobs[name] = spec
         return spec
+
+    def _check_unique(self, fn: Callable[..., Any], name: str, queue: str) -> None:
+        """One job per name, on one queue; one handler on one queue."""
+        if name in self.jobs:
+            other = self.jobs[name]
+            if other.queue != queue:
+                raise ConfigError(
+                    f"job {name!r} is bound to queue {other.queue!r} and again to {queue!r}: a "
+                    f"job lives on one queue (publishers route by job name, so a second binding "
+                    f"would run it twice)"
+                )
+            raise ConfigError(f"job {name!r} is registered twice; job names must be unique")
+        for other in self.jobs.values():
+            if other.fn is fn and other.queue != queue:
+                raise ConfigError(
+                    f"handler {getattr(fn, '__qualname__', fn)!r} is registered as job "
+                    f"{other.name!r} on queue {other.queue!r} and as {name!r} on {queue!r}: "
+                    f"one job on two queues is almost always a copy-paste slip; give the second "
+                    f"its own function if it is meant"
+                )
 
     @property
     def queues(self) -> list[str]:

@@ -60,7 +60,8 @@ from leveret.producers.message import (
     job_properties,
 )
 from leveret.producers.settings import DEFAULT_PUBLISH_TIMEOUT
-from leveret.topology.model import MAX_ROUTING_KEY, check_name
+from leveret.topology.delay import MAX_ROUTING_KEY
+from leveret.topology.model import check_name
 
 from .errors import ConfigError
 from .schedules import Schedule, format_tick, parse_tick

@@ -285,3 +285,34 @@ async def open_session(
                 raise
             return session
     return None  # pragma: no cover - AsyncRetrying either returns or raises
+
+
+async def consume(
+    plan: Plan,
+    sleep: Callable[[float], Awaitable[None]],
+    stopping: asyncio.Event,
+    on_session: Callable[[Session | None], None],
+    stop: Callable[[], None],
+) -> None:
+    """Open sessions one after another until stopped; each ends lost or shut down.
+
+    ``on_session`` hears of each session once it consumes, and ``None`` when it ended.
+    """
+    session: Session | None = None
+    try:
+        while not stopping.is_set():
+            session = await open_session(plan, sleep, stopping)
+            if session is None:
+                break
+            on_session(session)
+            await session.serve(stopping)
+            on_session(None)
+            session = None
+    except asyncio.CancelledError:
+        # The task running us was cancelled (an app embedding the worker): wind down like
+        # stop(), or the consuming session would outlive us with its jobs failing.
+        log.info("worker_cancelled", action="shutting down like stop()")
+        stop()
+        if session is not None:
+            await session.shutdown(plan.pipeline.tasks, plan.settings.shutdown_grace)
+        raise

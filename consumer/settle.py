@@ -53,7 +53,8 @@ from leveret.producers.message import (
     copy_properties,
     one_line,
 )
-from leveret.topology.model import MAX_DELAY_S, dlq_name, retry_route
+from leveret.topology.delay import MAX_DELAY_S, retry_route
+from leveret.topology.model import dlq_name
 
 from .acker import Acker
 from .delivery import Delivery

@@ -26,26 +26,90 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from leveret.producers.connection import connect
+from leveret.producers.connection import connect, mask_url
 
 from .dlq_depth import DlqDepthRefresher
 from .health import HealthServer
 from .limited import RateLimited
+from .pipeline import Pipeline
 from .ratelimit import GlobalLimiters, LocalLimiter
 from .scheduler import Scheduler
+from .session import Plan
 
 if TYPE_CHECKING:
-    from prometheus_client import CollectorRegistry
-
     from leveret.producers.status import StatusStore
-    from leveret.topology.model import Topology
 
-    from .metrics import WorkerMetrics
+    from .metrics import Outcomes, WorkerMetrics
     from .registry import Registry
-    from .schedules import Schedule
     from .settings import WorkerSettings
+    from .threads import JobThreads
+    from .worker import Worker
 
 log = structlog.get_logger("leveret.worker")
+
+
+def pipeline(
+    worker: Worker,
+    threads: JobThreads,
+    limits: dict[str, RateLimited],
+    sleep: Callable[[float], Awaitable[None]],
+    stopping: asyncio.Event,
+) -> Pipeline:
+    """The worker's pipeline: one chain per job, composed now so no message pays for it."""
+    from .tracing import tracing_layer
+
+    return Pipeline.for_jobs(
+        worker.jobs,
+        worker.middlewares,
+        worker.metrics,
+        threads,
+        worker.settings,
+        sleep,
+        stopping,
+        resources=worker.resources,
+        plans=worker.plans,
+        limits=limits,
+        tracing=tracing_layer(),
+    )
+
+
+def session_plan(
+    worker: Worker,
+    pipeline: Pipeline,
+    queues: list[str],
+    share: int,
+    outcomes: Outcomes,
+    on_lost: Callable[[], None],
+) -> Plan:
+    """What every session of one run consumes, with the optional stores it feeds."""
+    status_store = open_status_store(worker.settings)
+    return Plan(
+        worker.settings,
+        worker.topology,
+        queues,
+        share,
+        outcomes,
+        {},
+        pipeline,
+        on_lost,
+        status_store=status_store,
+        **cancel_and_dedup(status_store),
+    )
+
+
+def log_start(worker: Worker, queues: list[str], prefetch: int, share: int) -> None:
+    """The start line (the broker URL masked) and the per-queue prefetch gauge."""
+    for q in queues:
+        worker.metrics.prefetch.labels(queue=q).set(share)
+    log.info(
+        "worker_starting",
+        broker=mask_url(worker.settings.amqp_url.get_secret_value()),
+        queues=queues,
+        prefetch=prefetch,
+        prefetch_per_queue=share,
+        jobs=sorted(worker.jobs.jobs),
+        schedules=[s.name for s in worker.schedules],
+    )
 
 
 def open_status_store(settings: WorkerSettings) -> StatusStore | None:
@@ -105,19 +169,19 @@ class Beside:
         self.health_port: int | None = None
 
     async def start(
-        self,
-        stack: contextlib.AsyncExitStack,
-        settings: WorkerSettings,
-        registry: CollectorRegistry,
-        ready: Callable[[], bool],
-        stop: Callable[[], None] | None,
+        self, stack: contextlib.AsyncExitStack, worker: Worker, stop: Callable[[], None] | None
     ) -> None:
+        """``stop`` is the signal handler, when the worker handles signals."""
+        settings = worker.settings
         if settings.metrics_port:
-            health = HealthServer(settings.metrics_host, settings.metrics_port, registry, ready)
+            registry = worker.metrics.registry
+            health = HealthServer(
+                settings.metrics_host, settings.metrics_port, registry, lambda: worker.ready
+            )
             await health.start()
             self.health_port = health.port
             stack.push_async_callback(health.stop)
-        if stop is not None:  # handle_signals
+        if stop is not None:
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, stop)
@@ -126,22 +190,18 @@ class Beside:
         stack.push_async_callback(self.dlq_depth.stop)
 
     @staticmethod
-    def doctor(
-        stack: contextlib.AsyncExitStack, settings: WorkerSettings, jobs: Registry, topo: Topology
-    ) -> None:
+    def doctor(stack: contextlib.AsyncExitStack, worker: Worker) -> None:
         """Operator checks at start: findings are logged, a failing check never stops a worker.
         Imported here, so a worker loads the operator tools only once it runs."""
         from .ops.doctor import log_findings
 
-        task = asyncio.create_task(log_findings(settings, jobs, topo))
+        task = asyncio.create_task(log_findings(worker.settings, worker.jobs, worker.topology))
         stack.callback(task.cancel)
 
 
 def start_scheduler(
     stack: contextlib.AsyncExitStack,
-    settings: WorkerSettings,
-    schedules: list[Schedule],
-    registry: CollectorRegistry,
+    worker: Worker,
     declared: Callable[[], bool],
     sleep: Callable[[float], Awaitable[None]],
     stopping: asyncio.Event,
@@ -152,13 +212,16 @@ def start_scheduler(
     its own plain connection (``connect`` honours every node of ``LEVERET_AMQP_URL`` and TLS)
     and reconnects by itself. It stops as soon as the worker is asked to stop, not after the
     in-flight jobs drained: a leader that is leaving hands over at once (its last heartbeat
-    tells the successor that nothing was missed).
+    tells the successor that nothing was missed). Nothing for an app without schedules.
     """
+    if not worker.schedules:
+        return
+    settings = worker.settings
     scheduler = Scheduler(
         lambda: connect(settings, robust=False),
-        schedules,
+        worker.schedules,
         exchange=settings.exchange,
-        registry=registry,
+        registry=worker.metrics.registry,
         publish_timeout=settings.publish_timeout,
     )
 

@@ -41,11 +41,9 @@ from typing import Any, TypeVar
 import structlog
 from prometheus_client import CollectorRegistry
 
-from leveret.producers.connection import mask_url
 from leveret.topology.model import Topology
 
 from . import startup
-from .limited import RateLimited
 from .metrics import Outcomes, WorkerMetrics
 from .middleware import Middleware, check_middleware
 from .pipeline import Pipeline
@@ -53,7 +51,7 @@ from .registry import DEFAULT_BACKOFF, DEFAULT_MAX_ATTEMPTS, DEFAULT_QUEUE, Back
 from .resources import Plan as ResourcePlan
 from .resources import Resources, Scope
 from .schedules import Schedule, check_schedules, make_schedule
-from .session import Plan, Session, open_session
+from .session import Session, consume
 from .settings import WorkerSettings
 from .threads import JobThreads
 
@@ -222,8 +220,12 @@ class Worker:
         self._threads = threads = JobThreads(share * len(queues))
         threads.on_exhausted_change = self._on_threads_exhausted
         limiters = startup.global_limiters(self.settings)
-        plan = self._plan(queues, share, startup.rate_limits(self.jobs, limiters, share))
-        self._log_start(queues, prefetch, share)
+        limits = startup.rate_limits(self.jobs, limiters, share)
+        sleep = self._sleep_unless_stopped
+        self._pipeline = startup.pipeline(self, threads, limits, sleep, stopping)
+        not_ready = functools.partial(self._set_ready, False)
+        plan = startup.session_plan(self, self._pipeline, queues, share, self._outcomes, not_ready)
+        startup.log_start(self, queues, prefetch, share)
         beside = self._beside = startup.Beside(queues, self.metrics)
         async with contextlib.AsyncExitStack() as stack:
             stack.callback(self._stopped)  # undone last: the final line
@@ -235,99 +237,25 @@ class Worker:
             # first job) and close after the last job drained.
             await stack.enter_async_context(self.resources.process_scope())
             stop = self.stop if handle_signals else None
-            await beside.start(stack, self.settings, self.metrics.registry, self._is_ready, stop)
-            beside.doctor(stack, self.settings, self.jobs, self.topology)
-            if self.schedules:
-                startup.start_scheduler(
-                    stack,
-                    self.settings,
-                    self.schedules,
-                    self.metrics.registry,
-                    lambda: self._connected,
-                    self._sleep_unless_stopped,
-                    stopping,
-                )
-            await self._consume(plan, stopping)
+            await beside.start(stack, self, stop)
+            beside.doctor(stack, self)
+            startup.start_scheduler(stack, self, lambda: self._connected, sleep, stopping)
+            await consume(plan, sleep, stopping, self._on_session, self.stop)
 
     @property
     def health_port(self) -> int | None:
         """The port ``/metrics`` and ``/readyz`` listen on while ``run`` runs (``0`` picks one)."""
         return self._beside.health_port if self._beside is not None else None
 
-    def _is_ready(self) -> bool:
-        return self.ready
-
-    def _plan(self, queues: list[str], share: int, limits: dict[str, RateLimited]) -> Plan:
-        """The pipeline (one chain per job) and what every session of this run consumes."""
-        assert self._stopping is not None and self._threads is not None
-        from .tracing import tracing_layer
-
-        self._pipeline = Pipeline.for_jobs(
-            self.jobs,
-            self.middlewares,
-            self.metrics,
-            self._threads,
-            self.settings,
-            self._sleep_unless_stopped,
-            self._stopping,
-            resources=self.resources,
-            plans=self.plans,
-            limits=limits,
-            tracing=tracing_layer(),
-        )
-        status_store = startup.open_status_store(self.settings)
-        return Plan(
-            self.settings,
-            self.topology,
-            queues,
-            share,
-            self._outcomes,
-            {},
-            self._pipeline,
-            functools.partial(self._set_ready, False),
-            status_store=status_store,
-            **startup.cancel_and_dedup(status_store),
-        )
-
-    def _log_start(self, queues: list[str], prefetch: int, share: int) -> None:
-        for q in queues:
-            self.metrics.prefetch.labels(queue=q).set(share)
-        log.info(
-            "worker_starting",
-            broker=mask_url(self.settings.amqp_url.get_secret_value()),
-            queues=queues,
-            prefetch=prefetch,
-            prefetch_per_queue=share,
-            jobs=sorted(self.jobs.jobs),
-            schedules=[s.name for s in self.schedules],
-        )
-
     def _stopped(self) -> None:
         self._set_ready(False)
         log.info("worker_stopped", **self._outcomes.counts)
 
-    async def _consume(self, plan: Plan, stopping: asyncio.Event) -> None:
-        """Open sessions one after another until stopped; each ends lost or shut down."""
-        session: Session | None = None
-        try:
-            while not stopping.is_set():
-                session = await open_session(plan, self._sleep_unless_stopped, stopping)
-                if session is None:
-                    break
-                self._set_ready(True)
-                assert self._beside is not None
-                self._beside.dlq_depth.attach(session.connection)
-                await session.serve(stopping)
-                self._set_ready(False)
-                session = None
-        except asyncio.CancelledError:
-            # The task running us was cancelled (an app embedding the worker): wind down like
-            # stop(), or the consuming session would outlive us with its jobs failing.
-            log.info("worker_cancelled", action="shutting down like stop()")
-            self.stop()
-            if session is not None:
-                await session.shutdown(plan.pipeline.tasks, self.settings.shutdown_grace)
-            raise
+    def _on_session(self, session: Session | None) -> None:
+        """A session started consuming (ready), or ended (``None``: not ready)."""
+        self._set_ready(session is not None)
+        if session is not None and self._beside is not None:
+            self._beside.dlq_depth.attach(session.connection)
 
     async def _sleep_unless_stopped(self, seconds: float) -> None:
         assert self._stopping is not None

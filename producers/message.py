@@ -18,7 +18,7 @@ from typing import Any
 from pamqp.commands import Basic
 from pydantic import BaseModel
 
-from leveret.topology.model import job_from_routing_key
+from leveret.topology.delay import job_from_routing_key
 
 from .errors import InvalidMaxAttemptsError, InvalidPayloadError, InvalidPriorityError
 

@@ -46,8 +46,9 @@ from pamqp.commands import Basic
 from prometheus_client import CollectorRegistry, Counter
 from pydantic import BaseModel, JsonValue
 
+from leveret.topology.delay import MAX_DELAY_S, delay_units, delayed_job_route
 from leveret.topology.errors import InvalidDelayError
-from leveret.topology.model import MAX_DELAY_S, check_name, delay_units, delayed_job_route
+from leveret.topology.model import check_name
 
 from .batch import BatchPublishError, publish_batch
 from .cancel import CancelMarks, RedisCancelMarks, broadcast_cancel, cancel_exchange, request_cancel

@@ -2,6 +2,16 @@
 
 from .declare import declare, declare_url
 from .definitions import to_definitions
+from .delay import (
+    DELAY_BITS,
+    DELAY_UNIT_S,
+    MAX_DELAY_S,
+    delay_levels,
+    delayed_job_route,
+    retry_queue_name,
+    retry_route,
+    retry_ttl_ms,
+)
 from .errors import (
     InvalidDelayError,
     InvalidNameError,
@@ -10,19 +20,7 @@ from .errors import (
     QueueMismatchError,
     TopologyError,
 )
-from .model import (
-    DELAY_BITS,
-    DELAY_UNIT_S,
-    MAX_DELAY_S,
-    Topology,
-    WorkQueue,
-    delay_levels,
-    delayed_job_route,
-    dlq_name,
-    retry_queue_name,
-    retry_route,
-    retry_ttl_ms,
-)
+from .model import Topology, WorkQueue, dlq_name
 
 __all__ = [
     "DELAY_BITS",

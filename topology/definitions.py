@@ -23,13 +23,8 @@ import os
 import re
 from typing import Any
 
-from .model import (
-    Topology,
-    cancel_exchange_name,
-    delay_exchange_name,
-    dlq_name,
-    events_exchange_name,
-)
+from .delay import delay_exchange_name
+from .model import Topology, cancel_exchange_name, dlq_name, events_exchange_name
 
 DEFAULT_EXCHANGE_RESOURCE = "amq.default"
 

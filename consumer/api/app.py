@@ -56,8 +56,8 @@ from leveret.producers.message import new_job_id
 from leveret.producers.publisher import Publisher
 from leveret.producers.status import RedisStatusStore, StatusStore, StatusStoreUnavailable
 from leveret.topology.declare import declare
+from leveret.topology.delay import MAX_DELAY_S
 from leveret.topology.errors import InvalidValueError, LeveretError
-from leveret.topology.model import MAX_DELAY_S
 
 from ..errors import ConfigError
 from ..health import HealthServer

@@ -14,8 +14,9 @@ from typing import Any
 from leveret.producers.connection import connect
 from leveret.producers.settings import ConnectionSettings
 from leveret.topology.declare import QueueCounts, probe_queue
+from leveret.topology.delay import DELAY_BITS, retry_queue_name
 from leveret.topology.errors import LeveretError
-from leveret.topology.model import DELAY_BITS, dlq_name, retry_queue_name
+from leveret.topology.model import dlq_name
 
 from .management import Management, ManagementError
 

@@ -14,7 +14,7 @@ import pytest
 
 from leveret.consumer.schedules import make_schedule, parse_tick
 from leveret.topology import Topology, WorkQueue, declare
-from leveret.topology.model import MAX_LATENESS_S
+from leveret.topology.delay import MAX_LATENESS_S
 from tests.support import Broker, leveret_cli, unique
 
 APP = """

@@ -6,7 +6,7 @@ import pytest
 from pamqp.commands import Basic
 
 from leveret.producers.message import CONTENT_TYPE, read_envelope
-from leveret.topology.model import delayed_job_route, job_from_routing_key
+from leveret.topology.delay import delayed_job_route, job_from_routing_key
 
 MAX = 1000
 

@@ -10,7 +10,7 @@ from urllib.parse import quote
 import pytest
 from yarl import URL
 
-from leveret.topology.model import DELAY_BITS
+from leveret.topology.delay import DELAY_BITS
 from tests.ops.helpers import app_module
 from tests.support import leveret_cli, unique
 

@@ -18,7 +18,7 @@ import pytest
 from leveret.producers import BlockingPublisher, Job, Publisher
 from leveret.producers.publisher import delay_seconds
 from leveret.topology import InvalidDelayError, Topology, WorkQueue, declare
-from leveret.topology.model import MAX_DELAY_S, MAX_LATENESS_S
+from leveret.topology.delay import MAX_DELAY_S, MAX_LATENESS_S
 from tests.support import Broker, unique
 
 NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)

@@ -16,7 +16,7 @@ import pytest
 
 from leveret.producers import Publisher
 from leveret.topology import Topology, WorkQueue, declare
-from leveret.topology.model import HOP_ALLOWANCE_S, MAX_LATENESS_S, delay_levels
+from leveret.topology.delay import HOP_ALLOWANCE_S, MAX_LATENESS_S, delay_levels
 from tests.faults.plumbing import DedicatedNode
 from tests.support import Broker, unique
 

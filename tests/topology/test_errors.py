@@ -16,13 +16,14 @@ from leveret.producers.errors import (
 )
 from leveret.producers.message import check_priority, encode_payload
 from leveret.topology import errors as topology_errors
+from leveret.topology.delay import delayed_job_route
 from leveret.topology.errors import (
     InvalidDelayError,
     InvalidNameError,
     InvalidValueError,
     LeveretError,
 )
-from leveret.topology.model import Topology, WorkQueue, check_name, delayed_job_route
+from leveret.topology.model import Topology, WorkQueue, check_name
 
 
 def _is_value_error(exc: BaseException) -> None:

@@ -14,7 +14,7 @@ from functools import cache
 import pytest
 
 from leveret.topology import DELAY_BITS, DELAY_UNIT_S, MAX_DELAY_S, Topology, WorkQueue
-from leveret.topology.model import (
+from leveret.topology.delay import (
     HOP_ALLOWANCE_S,
     MAX_LATENESS_S,
     MAX_ROUTING_KEY,

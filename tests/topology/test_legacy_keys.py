@@ -14,7 +14,7 @@ import aio_pika
 from aio_pika.abc import AbstractChannel
 
 from leveret.topology import Topology, WorkQueue, declare
-from leveret.topology.model import (
+from leveret.topology.delay import (
     LEGACY_DELAY_BITS,
     delay_exchange_name,
     delayed_job_route,
