@@ -33,8 +33,12 @@ class HealthServer:
         sockets: tuple[Any, ...] = tuple(self._server.sockets or ())
         if sockets:
             self.port = sockets[0].getsockname()[1]
-        log.info("http_listening", host=self.host, port=self.port,
-                 paths=["/metrics", "/healthz", "/readyz"])  # fmt: skip
+        log.info(
+            "http_listening",
+            host=self.host,
+            port=self.port,
+            paths=["/metrics", "/healthz", "/readyz"],
+        )
 
     async def stop(self) -> None:
         if self._server is not None:

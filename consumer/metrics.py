@@ -52,6 +52,13 @@ class WorkerMetrics:
         # The broker node the worker consumes from, masked (set by each session): /readyz names
         # it, so an operator sees which node of a cluster a worker failed over to.
         self.node: str | None = None
+        self._job_series(registry)
+        self._worker_series(registry)
+        # So a process that both works and publishes exposes one published counter.
+        self.published = published_counter(registry)
+
+    def _job_series(self, registry: CollectorRegistry) -> None:
+        """Per job: runs started and completed, run time, time queued."""
         self.started = Counter(
             "leveret_jobs_started_total",
             "Handler runs started.",
@@ -80,6 +87,9 @@ class WorkerMetrics:
             buckets=QUEUE_WAIT_BUCKETS,
             registry=registry,
         )
+
+    def _worker_series(self, registry: CollectorRegistry) -> None:
+        """Per worker: what it holds and runs now, whether it is ready, what it could not settle."""
         self.in_progress = Gauge(
             "leveret_jobs_in_progress",
             "Jobs being handled right now.",
@@ -120,8 +130,6 @@ class WorkerMetrics:
             registry=registry,
             multiprocess_mode="livesum",
         )
-        # So a process that both works and publishes exposes one published counter.
-        self.published = published_counter(registry)
 
 
 @dataclass(slots=True)

@@ -149,8 +149,12 @@ class Supervisor:
             preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
         )
         child.started_at = time.monotonic()
-        log.info("worker_process_started", slot=child.slot, pid=child.process.pid,
-                 restarts=child.restarts)  # fmt: skip
+        log.info(
+            "worker_process_started",
+            slot=child.slot,
+            pid=child.process.pid,
+            restarts=child.restarts,
+        )
 
     async def _watch(self, child: Child) -> None:
         """Keep the slot filled until stopping: wait for the child to exit, restart it."""
@@ -202,8 +206,11 @@ class Supervisor:
 
     def stop(self) -> None:
         if not self.stopping.is_set():
-            log.info("supervisor_stopping", processes=self.processes,
-                     grace_s=self.settings.shutdown_grace)  # fmt: skip
+            log.info(
+                "supervisor_stopping",
+                processes=self.processes,
+                grace_s=self.settings.shutdown_grace,
+            )
             self.stopping.set()
 
     async def _stop_children(self) -> None:
@@ -218,8 +225,12 @@ class Supervisor:
             _, pending = await asyncio.wait(waits, timeout=deadline)
             for child in running:
                 if child.process is not None and child.process.returncode is None:
-                    log.error("worker_process_killed", slot=child.slot, pid=child.process.pid,
-                              after_s=deadline)  # fmt: skip
+                    log.error(
+                        "worker_process_killed",
+                        slot=child.slot,
+                        pid=child.process.pid,
+                        after_s=deadline,
+                    )
                     self.killed += 1
                     with contextlib.suppress(ProcessLookupError):
                         child.process.kill()
@@ -255,6 +266,9 @@ class Supervisor:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
             shutil.rmtree(self.metrics_dir, ignore_errors=True)
-        log.info("supervisor_stopped", restarts=sum(c.restarts for c in self.children),
-                 killed=self.killed)  # fmt: skip
+        log.info(
+            "supervisor_stopped",
+            restarts=sum(c.restarts for c in self.children),
+            killed=self.killed,
+        )
         return 1 if self.killed else 0

@@ -371,39 +371,8 @@ class Publisher:
         claim → publish → confirm on its own, concurrently, once the batch is confirmed; its
         id in the list is the one ``publish`` returns (the holder's when the key is held).
         """
-        batch: list[_Prepared] = []
-        seen: set[str] = set()
-        once: dict[int, Job] = {}  # position -> a job with a dedup_key
         items = list(jobs)
-        for position, item in enumerate(items):
-            if isinstance(item, Job) and item.dedup_key is not None:
-                # Validated now like every other item (the key, the payload, the delay).
-                check_dedup_key(item.dedup_key)
-                prepare_job(
-                    self._exchange, item.job, item.payload, item.priority,
-                    delay_seconds(item.delay, item.eta), item.job_id, None, item.max_attempts,
-                )  # fmt: skip
-                self._dedup_store()
-                once[position] = item
-                continue
-            if isinstance(item, Job):
-                prepared = prepare_job(
-                    self._exchange,
-                    item.job,
-                    item.payload,
-                    item.priority,
-                    delay_seconds(item.delay, item.eta),
-                    item.job_id,
-                    None,
-                    item.max_attempts,
-                )
-            else:  # (job, payload): no model to build per job on the hot path
-                job, payload = item
-                prepared = prepare_job(self._exchange, job, payload)
-            if prepared.job_id in seen:
-                raise DuplicateJobIdError(prepared.job_id)
-            seen.add(prepared.job_id)
-            batch.append(prepared)
+        batch, once = self._prepare_batch(items)
         results, batch_error = await self._send_batch(batch)
         if self._status_store is not None:
             await asyncio.gather(
@@ -425,6 +394,42 @@ class Publisher:
         by_position = dict(zip(once, deduped, strict=True))
         rest = iter(ids)
         return [by_position[i] if i in by_position else next(rest) for i in range(len(items))]
+
+    def _prepare_batch(
+        self, items: list[Job | tuple[str, Payload]]
+    ) -> tuple[list[_Prepared], dict[int, Job]]:
+        """Every job validated and built before anything is sent: the batch to write, and the
+        jobs with a ``dedup_key`` by position (published one by one after the batch)."""
+        batch: list[_Prepared] = []
+        seen: set[str] = set()
+        once: dict[int, Job] = {}
+        for position, item in enumerate(items):
+            if isinstance(item, Job):
+                if item.dedup_key is not None:
+                    check_dedup_key(item.dedup_key)
+                delay_s = delay_seconds(item.delay, item.eta)
+                prepared = prepare_job(
+                    self._exchange,
+                    item.job,
+                    item.payload,
+                    item.priority,
+                    delay_s,
+                    item.job_id,
+                    None,
+                    item.max_attempts,
+                )
+                if item.dedup_key is not None:
+                    self._dedup_store()
+                    once[position] = item
+                    continue
+            else:  # (job, payload): no model to build per job on the hot path
+                job, payload = item
+                prepared = prepare_job(self._exchange, job, payload)
+            if prepared.job_id in seen:
+                raise DuplicateJobIdError(prepared.job_id)
+            seen.add(prepared.job_id)
+            batch.append(prepared)
+        return batch, once
 
     async def _send_batch(
         self, batch: list[_Prepared]

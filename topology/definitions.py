@@ -99,17 +99,7 @@ def to_definitions(
     if with_vhost:
         document["vhosts"] = [{"name": vhost}]
     if users:
-        regexes = permission_regexes(topology)
-        document["users"] = [
-            {
-                "name": name,
-                "password_hash": rabbit_password_hash(password),
-                "hashing_algorithm": "rabbit_password_hashing_sha256",
-                "tags": "",
-            }
-            for name, password in users.items()
-        ]
-        document["permissions"] = [{"user": name, "vhost": vhost, **regexes} for name in users]
+        document |= _users(topology, vhost, users)
     return document | {
         "exchanges": [
             {
@@ -144,4 +134,21 @@ def to_definitions(
             }
             for b in topology.bindings()
         ],
+    }
+
+
+def _users(topology: Topology, vhost: str, users: dict[str, str]) -> dict[str, Any]:
+    """Users with a salted password hash, and the least permissions the app needs on ``vhost``."""
+    regexes = permission_regexes(topology)
+    return {
+        "users": [
+            {
+                "name": name,
+                "password_hash": rabbit_password_hash(password),
+                "hashing_algorithm": "rabbit_password_hashing_sha256",
+                "tags": "",
+            }
+            for name, password in users.items()
+        ],
+        "permissions": [{"user": name, "vhost": vhost, **regexes} for name in users],
     }

@@ -20,8 +20,22 @@ from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 # Requests answer in milliseconds; a slow broker confirm can take seconds.
-REQUEST_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-                   30.0)  # fmt: skip
+REQUEST_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+)
 UNMATCHED = "unmatched"  # the route label of a path no route serves (never the raw path)
 OPEN_PATHS = frozenset({"/healthz"})
 
@@ -55,8 +69,9 @@ class ApiMetrics:
         )
 
 
-async def _send_json(send: Send, status: int, body: dict[str, Any],
-                     headers: list[tuple[bytes, bytes]] | None = None) -> None:  # fmt: skip
+async def _send_json(
+    send: Send, status: int, body: dict[str, Any], headers: list[tuple[bytes, bytes]] | None = None
+) -> None:
     data = json.dumps(body).encode()
     await send(
         {

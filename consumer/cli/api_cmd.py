@@ -63,8 +63,9 @@ def api(app: str, host: str, port: int, insecure_no_auth: bool, loop: str) -> No
 
         from ..api import ApiSettings, create_app
     except ImportError as exc:
-        fail(f"the HTTP API needs the api extra ({exc.name} is missing): "
-             f"pip install 'leveret[api]'")  # fmt: skip
+        fail(
+            f"the HTTP API needs the api extra ({exc.name} is missing): pip install 'leveret[api]'"
+        )
     worker = load_app(app)
     try:
         settings = ApiSettings()
@@ -77,8 +78,16 @@ def api(app: str, host: str, port: int, insecure_no_auth: bool, loop: str) -> No
         fail(str(exc))
     # Logging is structlog's (configured by command_setup); uvicorn's access log would print
     # every request again, unstructured.
-    config = uvicorn.Config(asgi, host=host, port=port, log_config=None, access_log=False,
-                            server_header=False, proxy_headers=False, loop=loop_kind)  # fmt: skip
+    config = uvicorn.Config(
+        asgi,
+        host=host,
+        port=port,
+        log_config=None,
+        access_log=False,
+        server_header=False,
+        proxy_headers=False,
+        loop=loop_kind,
+    )
     server = _graceful_server(config)
     server.asked_loop = loop
     server.run()
@@ -98,8 +107,9 @@ def _graceful_server_class() -> type[Any]:
 
         async def serve(self, sockets: list[socket.socket] | None = None) -> None:
             # What the running loop really is, not what was asked for: the line to trust.
-            log.info("event_loop", loop=loop_name(asyncio.get_running_loop()),
-                     asked=self.asked_loop)  # fmt: skip
+            log.info(
+                "event_loop", loop=loop_name(asyncio.get_running_loop()), asked=self.asked_loop
+            )
             await super().serve(sockets)
 
         def handle_exit(self, sig: int, frame: FrameType | None) -> None:

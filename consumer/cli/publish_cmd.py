@@ -61,8 +61,10 @@ def publish(
     try:
         body = json.loads(payload)
     except json.JSONDecodeError as exc:
-        fail(f"JSON is not valid JSON ({exc.msg} at character {exc.pos}); quote it in single "
-             f"quotes, e.g. '{{\"to\": \"a@b.c\"}}'")  # fmt: skip
+        fail(
+            f"JSON is not valid JSON ({exc.msg} at character {exc.pos}); quote it in single "
+            f'quotes, e.g. \'{{"to": "a@b.c"}}\''
+        )
     if not isinstance(body, dict):
         fail(f"JSON must be an object ({{...}}), not {type(body).__name__}")
     settings = load_settings()

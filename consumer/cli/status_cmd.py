@@ -67,8 +67,13 @@ backoff in Q.retry.*, DEAD sits in Q.dlq (see `leveret dlq list Q`).""",
 )
 @click.argument("app", required=False)
 @click.option("--watch", is_flag=True, help="Refresh until interrupted.")
-@click.option("--interval", type=click.FloatRange(0.5), default=5.0, show_default=True,
-              help="Seconds between refreshes with --watch.")  # fmt: skip
+@click.option(
+    "--interval",
+    type=click.FloatRange(0.5),
+    default=5.0,
+    show_default=True,
+    help="Seconds between refreshes with --watch.",
+)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per queue and line.")
 @command_setup
 def status(app: str | None, watch: bool, interval: float, as_json: bool) -> None:

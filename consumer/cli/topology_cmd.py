@@ -120,5 +120,6 @@ def schema(app: str, job: str | None, out: Path | None) -> None:
     (out / "asyncapi.json").write_text(json.dumps(document, indent=2) + "\n")
     for name, one in job_schemas(app_worker.jobs).items():
         (out / f"{name}.schema.json").write_text(json.dumps(one, indent=2) + "\n")
-    click.echo(f"wrote asyncapi.json and {len(app_worker.jobs.jobs)} job schema(s) to {out}",
-               err=True)  # fmt: skip
+    click.echo(
+        f"wrote asyncapi.json and {len(app_worker.jobs.jobs)} job schema(s) to {out}", err=True
+    )

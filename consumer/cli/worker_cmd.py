@@ -63,8 +63,9 @@ def worker(
     run_async(_run(app_worker, list(queues) or None, prefetch, loop))
 
 
-async def _run(app_worker: Worker, queues: list[str] | None, prefetch: int | None,
-               asked: str) -> None:  # fmt: skip
+async def _run(
+    app_worker: Worker, queues: list[str] | None, prefetch: int | None, asked: str
+) -> None:
     # What the running loop really is, not what was asked for: the line to trust.
     log.info("event_loop", loop=loop_name(asyncio.get_running_loop()), asked=asked)
     await app_worker.run(queues, prefetch=prefetch, handle_signals=True)

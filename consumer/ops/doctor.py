@@ -163,26 +163,28 @@ class Doctor:
             self.add("info", "version", "broker version unknown (no AMQP or management access)")
             return
         quorum = any(q.queue_type == "quorum" for q in self.topology.queues)
-        features = ["consumer_timeout enforced" if version >= (3, 8, 15)
-                    else "no consumer_timeout"]  # fmt: skip
+        features = ["consumer_timeout enforced" if version >= (3, 8, 15) else "no consumer_timeout"]
         features.append("quorum delivery-limit" if version >= (3, 8) else "no quorum queues")
         features.append(
             "at-least-once dead-lettering" if version >= (3, 10) else "no at-least-once DLX"
         )
-        features.append("priorities on quorum queues" if version >= (4, 0)
-                        else "no priorities on quorum queues")  # fmt: skip
+        features.append(
+            "priorities on quorum queues" if version >= (4, 0) else "no priorities on quorum queues"
+        )
         self.add("info", "version", f"RabbitMQ {facts.version}: {', '.join(features)}")
         if version < (3, 8):
             self.add(
-                "error", "version",
+                "error",
+                "version",
                 f"RabbitMQ {facts.version} is too old for Leveret: upgrade to 3.10 or later",
-            )  # fmt: skip
+            )
         if quorum and version < (3, 10):
             self.add(
-                "error", "version",
+                "error",
+                "version",
                 f"quorum retry queues use at-least-once dead-lettering, which RabbitMQ "
                 f"{facts.version} lacks: upgrade to 3.10+ or set LEVERET_QUEUE_TYPE=classic",
-            )  # fmt: skip
+            )
         if quorum:
             self.add("info", "priorities", _quorum_priorities(facts.version or "", version))
 
@@ -216,31 +218,35 @@ class Doctor:
                 limit, source = _delivery_limit(queue, default)
                 if is_dlq and limit is not None and limit >= 0:
                     self.add(
-                        "error", "delivery_limit",
+                        "error",
+                        "delivery_limit",
                         f"quorum DLQ {queue_name!r} has a delivery limit of {limit} ({source}) "
                         f"on RabbitMQ {facts.version}: each `leveret dlq list` or replay that "
                         f"returns a dead job counts one delivery, and past {limit} the broker "
                         f"drops it. Give {queue_name!r} x-delivery-limit -1, or a policy for "
                         f"quorum queues matching '\\.dlq$' with delivery-limit -1",
-                    )  # fmt: skip
+                    )
                 elif is_dlq:
                     self.add(
-                        "ok", "delivery_limit",
+                        "ok",
+                        "delivery_limit",
                         f"quorum DLQ {queue_name!r} has no delivery limit ({source}): listing "
                         f"it again and again never drops a dead job",
-                    )  # fmt: skip
+                    )
                 elif limit is None or limit < 0:
                     self.add(
-                        "warning", "delivery_limit",
+                        "warning",
+                        "delivery_limit",
                         f"quorum work queue {queue_name!r} has no delivery limit ({source}): "
                         f"only LEVERET_MAX_REDELIVERIES stops a job that kills its worker",
-                    )  # fmt: skip
+                    )
                 else:
                     self.add(
-                        "ok", "delivery_limit",
+                        "ok",
+                        "delivery_limit",
                         f"quorum work queue {queue_name!r} has x-delivery-limit {limit} "
                         f"({source}); a job returned more often goes to {name + '.dlq'!r}",
-                    )  # fmt: skip
+                    )
 
     # -- consumer_timeout -----------------------------------------------------------------
 
@@ -251,9 +257,12 @@ class Doctor:
         if self.use_rabbitmqctl and rabbitmqctl and host in _LOCAL_HOSTS:
             try:
                 proc = await asyncio.create_subprocess_exec(
-                    rabbitmqctl, "eval", "application:get_env(rabbit, consumer_timeout).",
-                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-                )  # fmt: skip
+                    rabbitmqctl,
+                    "eval",
+                    "application:get_env(rabbit, consumer_timeout).",
+                    stdout=asyncio.subprocess.PIPE,
+                    stderr=asyncio.subprocess.PIPE,
+                )
                 out, _ = await asyncio.wait_for(proc.communicate(), 30)
                 text = out.decode().strip()
                 match = re.search(r"\{ok,\s*(\d+|false)\}", text)
@@ -283,14 +292,18 @@ class Doctor:
     def _job_timeouts(self, facts: _Facts) -> None:
         limit_ms = facts.consumer_timeout_ms
         if limit_ms is False or limit_ms is None:
-            self.add("info", "consumer_timeout",
-                     f"consumer_timeout is off ({facts.consumer_timeout_source})")  # fmt: skip
+            self.add(
+                "info",
+                "consumer_timeout",
+                f"consumer_timeout is off ({facts.consumer_timeout_source})",
+            )
             return
         limit_s = limit_ms / 1000
         self.add(
-            "info", "consumer_timeout",
+            "info",
+            "consumer_timeout",
             f"consumer_timeout is {_human_s(limit_s)} ({facts.consumer_timeout_source})",
-        )  # fmt: skip
+        )
         consequence = (
             "the broker closes the worker's channel when a job stays unacked longer, and every "
             "job that worker held runs again"
@@ -298,36 +311,40 @@ class Doctor:
         for spec in sorted(self.registry.jobs.values(), key=lambda s: s.name):
             if spec.timeout_s is None:
                 self.add(
-                    "warning", "consumer_timeout",
+                    "warning",
+                    "consumer_timeout",
                     f"job {spec.name!r} has no timeout, so nothing stops a run at the broker's "
                     f"consumer_timeout of {_human_s(limit_s)} ({consequence}); give it "
                     f"@worker.job(..., timeout=S) with S below {limit_s:g}",
-                )  # fmt: skip
+                )
             elif spec.timeout_s >= limit_s:
                 self.add(
-                    "error", "consumer_timeout",
+                    "error",
+                    "consumer_timeout",
                     f"job {spec.name!r} may run for {_human_s(spec.timeout_s)}, not less than "
                     f"the broker's consumer_timeout of {_human_s(limit_s)}: {consequence}. "
                     f"Lower its timeout below {limit_s:g} s, or raise consumer_timeout "
                     f"(rabbitmq.conf: consumer_timeout = "
                     f"{int(spec.timeout_s * 1000 * 2)}) above it",
-                )  # fmt: skip
+                )
         longest = max((s.timeout_s or 0 for s in self.registry.jobs.values()), default=0)
         if longest and longest < limit_s:
             self.add(
-                "ok", "consumer_timeout",
+                "ok",
+                "consumer_timeout",
                 f"longest job timeout {_human_s(longest)} is below consumer_timeout",
-            )  # fmt: skip
+            )
 
     # -- queue arguments --------------------------------------------------------------------
 
     def _mismatch(self, name: str, what: str) -> None:
         self.add(
-            "error", "queue_arguments",
+            "error",
+            "queue_arguments",
             f"queue {name!r} exists with {what}; the worker cannot declare it. Drain it (or "
             f"move its messages with a shovel), delete it, and run `leveret topology declare "
             f"APP`, or change the app to match",
-        )  # fmt: skip
+        )
 
     async def _queue_arguments_api(self, api: Management) -> None:
         try:
@@ -343,8 +360,9 @@ class Doctor:
                 missing.append(decl.name)
                 continue
             wanted = {k: v for k, v in decl.arguments.items() if k != "x-queue-type"}
-            actual = {k: v for k, v in (queue.get("arguments") or {}).items()
-                      if k != "x-queue-type"}  # fmt: skip
+            actual = {
+                k: v for k, v in (queue.get("arguments") or {}).items() if k != "x-queue-type"
+            }
             wanted_type = decl.arguments.get("x-queue-type", "classic")
             diffs = [
                 f"{key}={actual.get(key)!r} (the app wants {wanted.get(key)!r})"
@@ -360,10 +378,11 @@ class Doctor:
                 self._mismatch(decl.name, "; ".join(diffs))
         if missing:
             self.add(
-                "info", "queue_arguments",
+                "info",
+                "queue_arguments",
                 f"{len(missing)} queue(s) do not exist yet (e.g. {missing[0]!r}); the worker "
                 f"or `leveret topology declare APP` creates them",
-            )  # fmt: skip
+            )
         if not bad:
             self.add("ok", "queue_arguments", "existing queues match the topology")
 
@@ -381,18 +400,23 @@ class Doctor:
             return
         ours = {job: q.name for q in self.topology.queues for job in q.jobs}
         shared = sorted(
-            {(b["routing_key"], b["destination"]) for b in bindings
-             if b.get("destination_type") == "queue" and b["routing_key"] in ours
-             and b["destination"] != ours[b["routing_key"]]}
-        )  # fmt: skip
+            {
+                (b["routing_key"], b["destination"])
+                for b in bindings
+                if b.get("destination_type") == "queue"
+                and b["routing_key"] in ours
+                and b["destination"] != ours[b["routing_key"]]
+            }
+        )
         for job, other in shared:
             self.add(
-                "warning", "job_names",
+                "warning",
+                "job_names",
                 f"job {job!r} is also bound to queue {other!r} (this app serves it on "
                 f"{ours[job]!r}): both get every {job!r} job, and a delayed publish of it is "
                 f"copied into both at every hop of the delay chain; rename the job in one app "
                 f"or give each app its own vhost or LEVERET_EXCHANGE",
-            )  # fmt: skip
+            )
         if not shared:
             self.add("ok", "job_names", "every job name of the app is served by one queue")
 
@@ -429,17 +453,18 @@ class Doctor:
         except ManagementError as exc:
             if exc.status == 404:
                 self.add(
-                    "error", "permissions",
+                    "error",
+                    "permissions",
                     f"user {amqp_user!r} has no permissions on vhost {vhost!r}; grant them, "
                     f"e.g. rabbitmqctl set_permissions -p {vhost} {amqp_user} "
                     + " ".join(f"'{r}'" for r in permission_regexes(self.topology).values()),
-                )  # fmt: skip
+                )
             else:
                 self.add(
-                    "info", "permissions",
-                    f"cannot read permissions as {user!r} (it needs the administrator tag): "
-                    f"{exc}",
-                )  # fmt: skip
+                    "info",
+                    "permissions",
+                    f"cannot read permissions as {user!r} (it needs the administrator tag): {exc}",
+                )
             return
         lacking = []
         for kind, names in required_permissions(self.topology).items():
@@ -450,11 +475,13 @@ class Doctor:
         if lacking:
             regexes = permission_regexes(self.topology)
             self.add(
-                "error", "permissions",
-                f"user {amqp_user!r} on vhost {vhost!r} lacks " + "; ".join(lacking)
+                "error",
+                "permissions",
+                f"user {amqp_user!r} on vhost {vhost!r} lacks "
+                + "; ".join(lacking)
                 + f". Grant at least: rabbitmqctl set_permissions -p {vhost} {amqp_user} "
                 + " ".join(f"'{regexes[k]}'" for k in ("configure", "write", "read")),
-            )  # fmt: skip
+            )
         else:
             self.add("ok", "permissions", f"user {amqp_user!r} may do all the app needs")
 
@@ -542,8 +569,9 @@ async def log_findings(
         log.debug("doctor_skipped", error=f"{type(exc).__name__}: {exc}")
         return
     for finding in findings:
-        level = {"error": log.error, "warning": log.warning, "info": log.info,
-                 "ok": log.debug}[finding.severity]  # fmt: skip
+        level = {"error": log.error, "warning": log.warning, "info": log.info, "ok": log.debug}[
+            finding.severity
+        ]
         level("doctor_finding", check=finding.check, finding=finding.message)
 
 
