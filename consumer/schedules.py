@@ -160,26 +160,9 @@ def make_schedule(
         zone = ZoneInfo(tz)
     except (ZoneInfoNotFoundError, ValueError, TypeError):
         raise ConfigError(f"{where}: unknown time zone {tz!r} (use an IANA name)") from None
-    interval: timedelta | None = None
-    if every is not None:
-        if isinstance(every, bool) or not isinstance(every, timedelta | int | float):
-            raise ConfigError(f"{where}: every= must be seconds or a timedelta, got {every!r}")
-        interval = every if isinstance(every, timedelta) else timedelta(seconds=every)
-        if not interval > timedelta(0) or math.isnan(interval.total_seconds()):
-            raise ConfigError(f"{where}: every= must be positive, got {every!r}")
+    interval = None if every is None else _interval(where, every)
     if cron is not None:
-        if not isinstance(cron, str) or len(cron.split()) not in (5, 6):
-            raise ConfigError(
-                f"{where}: cron expression {cron!r} needs 5 fields (minute hour day month "
-                f"weekday) or 6 (seconds first)"
-            )
-        from cronsim import CronSim, CronSimError
-
-        try:
-            next(CronSim(cron, datetime.now(zone)))
-        except (CronSimError, StopIteration) as exc:
-            reason = str(exc) or "never fires"
-            raise ConfigError(f"{where}: bad cron expression {cron!r}: {reason}") from None
+        _check_cron(where, cron, zone)
     mode: Missed
     if missed == "once":
         mode = "once"
@@ -199,6 +182,31 @@ def make_schedule(
         payload=body,
         missed=mode,
     )
+
+
+def _interval(where: str, every: timedelta | float) -> timedelta:
+    if isinstance(every, bool) or not isinstance(every, timedelta | int | float):
+        raise ConfigError(f"{where}: every= must be seconds or a timedelta, got {every!r}")
+    interval = every if isinstance(every, timedelta) else timedelta(seconds=every)
+    if not interval > timedelta(0) or math.isnan(interval.total_seconds()):
+        raise ConfigError(f"{where}: every= must be positive, got {every!r}")
+    return interval
+
+
+def _check_cron(where: str, cron: str, zone: ZoneInfo) -> None:
+    """Five or six fields that fire at least once; cronsim is imported only for a cron schedule."""
+    if not isinstance(cron, str) or len(cron.split()) not in (5, 6):
+        raise ConfigError(
+            f"{where}: cron expression {cron!r} needs 5 fields (minute hour day month "
+            f"weekday) or 6 (seconds first)"
+        )
+    from cronsim import CronSim, CronSimError
+
+    try:
+        next(CronSim(cron, datetime.now(zone)))
+    except (CronSimError, StopIteration) as exc:
+        reason = str(exc) or "never fires"
+        raise ConfigError(f"{where}: bad cron expression {cron!r}: {reason}") from None
 
 
 def check_schedules(schedules: Iterable[Schedule], job_names: Iterable[str]) -> None:

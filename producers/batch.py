@@ -335,30 +335,9 @@ async def publish_batch(
         # One timeout (one timer) over handing the batch to the writer and its confirms.
         async with asyncio.timeout_at(deadline):
             frame = ChannelFrame(payload=payload, should_close=False)
-            queue = channel.write_queue
-            # aiormq's `channel.lock` is its asyncio.Lock plus a closed-channel check.
-            bare_lock: asyncio.Lock | None = getattr(channel, "_Channel__lock", None)
-            if bare_lock is not None and not bare_lock.locked() and not queue.full():
-                # What the lock guarantees (no other publish's tags or frames between ours) holds
-                # without it when nobody holds it and the hand-over cannot wait: tags allocated
-                # and frames queued with no await in between. The common case in the worker,
-                # which sends a small batch every loop turn; the lock costs a coroutine a batch.
-                if channel.is_closed:  # as `channel.lock` refuses a closed channel
-                    raise aiormq.exceptions.ChannelInvalidStateError(f"{channel!r} closed")
-                first_tag = _allocate(channel, ids, tracker, confirmations)
-                queue.put_nowait(frame)
-            else:
-                async with channel.lock:
-                    first_tag = _allocate(channel, ids, tracker, confirmations)
-                    try:
-                        await queue.put(frame)
-                    except BaseException:
-                        # Not handed to the writer: the broker never saw these tags; give them
-                        # back while still holding the lock, as aiormq does for its publishes.
-                        channel.delivery_tag -= len(items)
-                        _forget(channel, ids, first_tag)
-                        first_tag = 0
-                        raise
+            first_tag = _queue_now(channel, frame, ids, tracker, confirmations)
+            if not first_tag:
+                first_tag = await _queue_locked(channel, frame, ids, tracker, confirmations)
             await tracker.future
     except TimeoutError:
         failure = TimeoutError()
@@ -375,6 +354,63 @@ async def publish_batch(
             _forget(channel, ids, first_tag, confirmations_too=False)
     if tracker.pending == 0 and all(o is _ACK for o in tracker.outcome):
         return
+    raise _unconfirmed(items, tracker, failure, timeout)
+
+
+def _queue_now(
+    channel: aiormq.Channel,
+    frame: ChannelFrame,
+    ids: list[str],
+    tracker: _Tracker,
+    confirmations: dict[int, Any],
+) -> int:
+    """Allocate tags and queue the batch without the channel lock when that is safe; 0 if not.
+
+    What the lock guarantees (no other publish's tags or frames between ours) holds without it
+    when nobody holds it and the hand-over cannot wait: tags allocated and frames queued with
+    no await in between. The common case in the worker, which sends a small batch every loop
+    turn; the lock costs a coroutine a batch.
+    """
+    queue = channel.write_queue
+    # aiormq's `channel.lock` is its asyncio.Lock plus a closed-channel check.
+    bare_lock: asyncio.Lock | None = getattr(channel, "_Channel__lock", None)
+    if bare_lock is None or bare_lock.locked() or queue.full():
+        return 0
+    if channel.is_closed:  # as `channel.lock` refuses a closed channel
+        raise aiormq.exceptions.ChannelInvalidStateError(f"{channel!r} closed")
+    first_tag = _allocate(channel, ids, tracker, confirmations)
+    queue.put_nowait(frame)
+    return first_tag
+
+
+async def _queue_locked(
+    channel: aiormq.Channel,
+    frame: ChannelFrame,
+    ids: list[str],
+    tracker: _Tracker,
+    confirmations: dict[int, Any],
+) -> int:
+    """Allocate tags and queue the batch under the channel lock, as aiormq's publish does."""
+    async with channel.lock:
+        first_tag = _allocate(channel, ids, tracker, confirmations)
+        try:
+            await channel.write_queue.put(frame)
+        except BaseException:
+            # Not handed to the writer: the broker never saw these tags; give them back
+            # while still holding the lock, as aiormq does for its publishes.
+            channel.delivery_tag -= len(ids)
+            _forget(channel, ids, first_tag)
+            raise
+    return first_tag
+
+
+def _unconfirmed(
+    items: Sequence[Outgoing],
+    tracker: _Tracker,
+    failure: BaseException | None,
+    timeout: float | None,
+) -> BatchPublishError:
+    """The error naming each job not confirmed with its typed error, and the ids that landed."""
     landed: list[str] = []
     errors: dict[str, PublishError] = {}
     for item, outcome in zip(items, tracker.outcome, strict=True):
@@ -382,7 +418,7 @@ async def publish_batch(
             landed.append(item.job_id)
         else:
             errors[item.job_id] = _job_error(item, outcome, failure, timeout)
-    raise BatchPublishError(landed, errors)
+    return BatchPublishError(landed, errors)
 
 
 def _allocate(

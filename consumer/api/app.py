@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import inspect
 import json
 import typing
@@ -190,70 +191,12 @@ _POST_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-def create_app(
-    worker: Worker,
-    settings: ApiSettings | None = None,
-    *,
-    publisher_factory: PublisherFactory | None = None,
-    status_store: StatusStore | None = None,
-    cancel_marks: CancelMarks | None = None,
-    dedup_store: DedupStore | None = None,
-    lifecycle: LifecycleSettings | None = None,
-    insecure_no_auth: bool = False,
-    registry: CollectorRegistry | None = None,
-    metrics_port: int | None = None,
-) -> FastAPI:
-    """The API for ``worker``'s jobs.
-
-    Without a token (``LEVERET_API_TOKEN``) this raises ``ConfigError`` unless
-    ``insecure_no_auth``. Stores not given are built from ``LEVERET_STATUS_URL`` (one Redis
-    client shared by status, cancel marks and de-duplication); without it, ``GET``/``DELETE``
-    answer 503 and a ``dedup_key`` 501. ``metrics_port`` defaults to the worker's
-    ``LEVERET_METRICS_PORT`` (0: off).
-    """
-    settings = settings if settings is not None else ApiSettings()
-    token = settings.api_token.get_secret_value() if settings.api_token is not None else None
-    if token is None and not insecure_no_auth:
-        raise ConfigError(
-            "LEVERET_API_TOKEN is not set: the API refuses to start without a token "
-            "(pass --insecure-no-auth to run it open, e.g. behind an authenticating proxy)"
-        )
-    if token is not None and not token.strip():
-        raise ConfigError("LEVERET_API_TOKEN is empty")
-    if not worker.jobs.jobs:
-        raise ConfigError("this app has no jobs: register handlers with @worker.job(...)")
-    owned: list[Callable[[], Awaitable[None]]] = []
-    if status_store is None:
-        lifecycle = lifecycle if lifecycle is not None else LifecycleSettings()
-        if lifecycle.status_url is not None:
-            status_store = RedisStatusStore.from_url(
-                lifecycle.status_url.get_secret_value(), ttl=lifecycle.status_ttl
-            )
-            owned.append(status_store.close)
-    if isinstance(status_store, RedisStatusStore):
-        client = status_store.client
-        if cancel_marks is None:
-            cancel_marks = RedisCancelMarks(client, ttl=status_store.ttl)
-        if dedup_store is None:
-            dedup_store = DedupStore(client, ttl=status_store.ttl)
-    registry = registry if registry is not None else worker.metrics.registry
-    metrics = ApiMetrics.for_registry(registry)
-    if publisher_factory is None:
-
-        def publisher_factory() -> Publisher:
-            return Publisher(settings=worker.settings, registry=registry)
-
-    state = ApiState(
-        worker=worker,
-        settings=settings,
-        publisher_factory=publisher_factory,
-        store=status_store,
-        marks=cancel_marks,
-        dedup=dedup_store,
-        metrics=metrics,
-        metrics_port=worker.settings.metrics_port if metrics_port is None else metrics_port,
-        _owned=owned,
-    )
+def _lifespan(
+    state: ApiState, registry: CollectorRegistry, token: str | None
+) -> Callable[[FastAPI], contextlib.AbstractAsyncContextManager[None]]:
+    """Connect to the broker in the background, serve /metrics and /readyz, close what the app
+    opened on the way out."""
+    worker = state.worker
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -282,12 +225,98 @@ def create_app(
                     await close()
             log.info("api.stopped")
 
+    return lifespan
+
+
+def _stores(
+    status_store: StatusStore | None,
+    cancel_marks: CancelMarks | None,
+    dedup_store: DedupStore | None,
+    lifecycle: LifecycleSettings | None,
+    owned: list[Callable[[], Awaitable[None]]],
+) -> tuple[StatusStore | None, CancelMarks | None, DedupStore | None]:
+    """The stores not given, from ``LEVERET_STATUS_URL``: one Redis client shared by status,
+    cancel marks and de-duplication; what is opened here is closed with the app (``owned``)."""
+    if status_store is None:
+        lifecycle = lifecycle if lifecycle is not None else LifecycleSettings()
+        if lifecycle.status_url is not None:
+            status_store = RedisStatusStore.from_url(
+                lifecycle.status_url.get_secret_value(), ttl=lifecycle.status_ttl
+            )
+            owned.append(status_store.close)
+    if isinstance(status_store, RedisStatusStore):
+        client = status_store.client
+        if cancel_marks is None:
+            cancel_marks = RedisCancelMarks(client, ttl=status_store.ttl)
+        if dedup_store is None:
+            dedup_store = DedupStore(client, ttl=status_store.ttl)
+    return status_store, cancel_marks, dedup_store
+
+
+def _token(worker: Worker, settings: ApiSettings, insecure_no_auth: bool) -> str | None:
+    """The bearer token; no token is refused unless ``insecure_no_auth`` says so, and so is an
+    app without jobs (nothing to serve)."""
+    token = settings.api_token.get_secret_value() if settings.api_token is not None else None
+    if token is None and not insecure_no_auth:
+        raise ConfigError(
+            "LEVERET_API_TOKEN is not set: the API refuses to start without a token "
+            "(pass --insecure-no-auth to run it open, e.g. behind an authenticating proxy)"
+        )
+    if token is not None and not token.strip():
+        raise ConfigError("LEVERET_API_TOKEN is empty")
+    if not worker.jobs.jobs:
+        raise ConfigError("this app has no jobs: register handlers with @worker.job(...)")
+    return token
+
+
+def create_app(
+    worker: Worker,
+    settings: ApiSettings | None = None,
+    *,
+    publisher_factory: PublisherFactory | None = None,
+    status_store: StatusStore | None = None,
+    cancel_marks: CancelMarks | None = None,
+    dedup_store: DedupStore | None = None,
+    lifecycle: LifecycleSettings | None = None,
+    insecure_no_auth: bool = False,
+    registry: CollectorRegistry | None = None,
+    metrics_port: int | None = None,
+) -> FastAPI:
+    """The API for ``worker``'s jobs. Without a token (``LEVERET_API_TOKEN``) this raises
+    ``ConfigError`` unless ``insecure_no_auth``. Stores not given are built from
+    ``LEVERET_STATUS_URL`` (``_stores``); without it, ``GET``/``DELETE`` answer 503 and a
+    ``dedup_key`` 501. ``metrics_port`` defaults to ``LEVERET_METRICS_PORT`` (0: off).
+    """
+    settings = settings if settings is not None else ApiSettings()
+    token = _token(worker, settings, insecure_no_auth)
+    owned: list[Callable[[], Awaitable[None]]] = []
+    status_store, cancel_marks, dedup_store = _stores(
+        status_store, cancel_marks, dedup_store, lifecycle, owned
+    )
+    registry = registry if registry is not None else worker.metrics.registry
+    metrics = ApiMetrics.for_registry(registry)
+    if publisher_factory is None:
+        publisher_factory = functools.partial(
+            Publisher, settings=worker.settings, registry=registry
+        )
+    state = ApiState(
+        worker=worker,
+        settings=settings,
+        publisher_factory=publisher_factory,
+        store=status_store,
+        marks=cancel_marks,
+        dedup=dedup_store,
+        metrics=metrics,
+        metrics_port=worker.settings.metrics_port if metrics_port is None else metrics_port,
+        _owned=owned,
+    )
+
     app = FastAPI(
         title="Leveret job API",
         version="2",
         description="Publish, read and cancel background jobs. Every route but /healthz needs "
         "`Authorization: Bearer <LEVERET_API_TOKEN>`.",
-        lifespan=lifespan,
+        lifespan=_lifespan(state, registry, token),
         openapi_url=None,  # served below, behind auth like every route but /healthz
         docs_url=None,
         redoc_url=None,
@@ -443,6 +472,14 @@ def _job_route(state: ApiState, job: str) -> Callable[..., Awaitable[JSONRespons
 
 
 def _add_routes(app: FastAPI, state: ApiState) -> None:
+    models = _add_job_routes(app, state)
+    _add_status_routes(app, state)
+    _add_ops_routes(app, models)
+
+
+def _add_job_routes(app: FastAPI, state: ApiState) -> dict[str, dict[str, Any]]:
+    """``POST /jobs/<name>`` per job, typed by its payload model, and the untyped
+    ``POST /jobs/{job}``; returns the payload models' schemas by component name."""
     models: dict[str, dict[str, Any]] = {}  # component name -> schema
     names: dict[type[BaseModel], str] = {}
     for name, spec in sorted(state.worker.jobs.jobs.items()):
@@ -498,6 +535,12 @@ def _add_routes(app: FastAPI, state: ApiState) -> None:
     ) -> JSONResponse:
         return await _publish(state, job, request, priority, delay, dedup_key)
 
+    return models
+
+
+def _add_status_routes(app: FastAPI, state: ApiState) -> None:
+    """``GET``/``DELETE /jobs/{job_id}``: the status store's read and cancellation."""
+
     @app.get(
         "/jobs/{job_id}",
         operation_id="get_status",
@@ -547,6 +590,10 @@ def _add_routes(app: FastAPI, state: ApiState) -> None:
         except StatusStoreUnavailable:
             return _unavailable("the status store is unreachable")
         return JSONResponse({"id": job_id, "state": status.state}, status_code=202)
+
+
+def _add_ops_routes(app: FastAPI, models: dict[str, dict[str, Any]]) -> None:
+    """``/healthz`` and the OpenAPI document (the job payload models, bearer auth)."""
 
     @app.get("/healthz", operation_id="healthz", summary="Liveness", tags=["ops"])
     async def healthz() -> dict[str, str]:

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import re
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
@@ -444,45 +445,10 @@ class DeadLetters:
         number moved (or, with ``dry_run``, that would move)."""
         where = where or Filter()
         await self._depth_of(self.queue)  # a missing Q would only show as returned publishes
-        publish = await self._channel(confirms=True)
-        moved = 0
-        failures: list[str] = []
-        gate = asyncio.Semaphore(self.in_flight)
-        pending: set[asyncio.Task[None]] = set()
-        # The client matches a returned publish to its confirm by message_id: two copies of one
-        # id in flight could swap returns, and a returned copy would count as moved (and its DLQ
-        # copy be acked, lost). So a copy whose id is in flight waits for the earlier one.
-        by_id: dict[str, asyncio.Task[None]] = {}
-
-        def forgetter(key: str) -> Callable[[asyncio.Task[None]], None]:
-            def forget(task: asyncio.Task[None]) -> None:
-                if by_id.get(key) is task:
-                    del by_id[key]
-
-            return forget
-
-        async def move(scan: _Scan, delivery: _Delivery) -> None:
-            nonlocal moved
-            try:
-                await publish_confirmed(
-                    publish,
-                    delivery.message.body,
-                    exchange="",
-                    routing_key=self.queue,
-                    properties=replay_properties(delivery.dead, delivery.message.header.properties),
-                    timeout=self.settings.publish_timeout,
-                    job=delivery.dead.job or self.queue,
-                )
-                await scan.ack(delivery.tag)  # only now: the copy in Q is safe
-                moved += 1
-            except Exception as exc:  # left unacked: it stays in the DLQ
-                failures.append(f"{delivery.dead.id}: {type(exc).__name__}: {exc}")
-            finally:
-                gate.release()
-
+        replay = _Replay(self, await self._channel(confirms=True))
+        selected = 0
         try:
             async with self._scan() as scan:
-                selected = 0
                 progress = (lambda n: on_progress(n, scan.total)) if on_progress else None
                 async for delivery in scan.deliveries(
                     self.page_size, self.idle_timeout_s, progress
@@ -491,32 +457,21 @@ class DeadLetters:
                         continue
                     selected += 1
                     if not dry_run:
-                        earlier = by_id.get(delivery.dead.id or "")
-                        if earlier is not None and not earlier.done():
-                            await asyncio.wait({earlier})
-                        await gate.acquire()
-                        task = asyncio.create_task(move(scan, delivery))
-                        pending.add(task)
-                        task.add_done_callback(pending.discard)
-                        if delivery.dead.id is not None:  # no id: the client makes a fresh one
-                            by_id[delivery.dead.id] = task
-                            task.add_done_callback(forgetter(delivery.dead.id))
+                        await replay.start(scan, delivery)
                     if limit is not None and selected >= limit:
                         break
-                if pending:
-                    await asyncio.wait(set(pending))
+                await replay.wait()
         finally:
-            for task in pending:
-                task.cancel()
-            await self._close(publish)
+            replay.cancel()
+            await self._close(replay.channel)
         if dry_run:
             return selected
-        if failures:
+        if replay.failures:
             raise DlqError(
-                f"{moved} job(s) replayed, {len(failures)} could not be and stay in "
-                f"{self.dlq} (first: {failures[0]}); run the replay again"
+                f"{replay.moved} job(s) replayed, {len(replay.failures)} could not be and stay "
+                f"in {self.dlq} (first: {replay.failures[0]}); run the replay again"
             )
-        return moved
+        return replay.moved
 
     async def purge(
         self,
@@ -550,3 +505,66 @@ class DeadLetters:
                     if limit is not None and deleted >= limit:
                         break
         return deleted
+
+
+class _Replay:
+    """The in-flight part of a replay: at most ``in_flight`` confirmed publishes at once, each
+    DLQ copy acked only once its copy in ``Q`` is confirmed.
+
+    The client matches a returned publish to its confirm by message_id: two copies of one id in
+    flight could swap returns, and a returned copy would count as moved (and its DLQ copy be
+    acked, lost). So a copy whose id is in flight waits for the earlier one (``start``).
+    """
+
+    def __init__(self, dlq: DeadLetters, channel: aiormq.abc.AbstractChannel) -> None:
+        self.dlq = dlq
+        self.channel = channel
+        self.moved = 0
+        self.failures: list[str] = []
+        self._gate = asyncio.Semaphore(dlq.in_flight)
+        self._pending: set[asyncio.Task[None]] = set()
+        self._by_id: dict[str, asyncio.Task[None]] = {}
+
+    async def start(self, scan: _Scan, delivery: _Delivery) -> None:
+        job_id = delivery.dead.id
+        earlier = self._by_id.get(job_id or "")
+        if earlier is not None and not earlier.done():
+            await asyncio.wait({earlier})
+        await self._gate.acquire()
+        task = asyncio.create_task(self._move(scan, delivery))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+        if job_id is not None:  # no id: the client makes a fresh one
+            self._by_id[job_id] = task
+            task.add_done_callback(functools.partial(self._forget, job_id))
+
+    def _forget(self, job_id: str, task: asyncio.Task[None]) -> None:
+        if self._by_id.get(job_id) is task:
+            del self._by_id[job_id]
+
+    async def _move(self, scan: _Scan, delivery: _Delivery) -> None:
+        dlq = self.dlq
+        try:
+            await publish_confirmed(
+                self.channel,
+                delivery.message.body,
+                exchange="",
+                routing_key=dlq.queue,
+                properties=replay_properties(delivery.dead, delivery.message.header.properties),
+                timeout=dlq.settings.publish_timeout,
+                job=delivery.dead.job or dlq.queue,
+            )
+            await scan.ack(delivery.tag)  # only now: the copy in Q is safe
+            self.moved += 1
+        except Exception as exc:  # left unacked: it stays in the DLQ
+            self.failures.append(f"{delivery.dead.id}: {type(exc).__name__}: {exc}")
+        finally:
+            self._gate.release()
+
+    async def wait(self) -> None:
+        if self._pending:
+            await asyncio.wait(set(self._pending))
+
+    def cancel(self) -> None:
+        for task in self._pending:
+            task.cancel()

@@ -60,6 +60,62 @@ def _headers_schema() -> dict[str, Any]:
     }
 
 
+def _message(spec: JobSpec, payload: Any) -> dict[str, Any]:
+    """The AsyncAPI message of one job: its payload schema and the AMQP properties it uses."""
+    return {
+        "name": spec.name,
+        "title": spec.name,
+        "summary": f"Job {spec.name!r}, run from queue {spec.queue!r}.",
+        "contentType": "application/json",
+        "payload": payload,
+        "headers": _headers_schema(),
+        "correlationId": {
+            "description": "The job id: AMQP message_id (kept through retries and replays)",
+            "location": "$message.header#/message_id",
+        },
+        "bindings": {
+            "amqp": {
+                "contentEncoding": "utf-8",
+                "messageType": spec.name,
+                "bindingVersion": AMQP_BINDING_VERSION,
+            },
+        },
+    }
+
+
+def _channel(spec: JobSpec, exchange_name: str, exchange: dict[str, Any]) -> dict[str, Any]:
+    """The AsyncAPI channel of one job: its routing key on the jobs exchange, and how to publish."""
+    description = inspect.getdoc(spec.fn) or ""
+    return {
+        "description": (
+            f"Routing key {spec.name!r} on exchange {exchange_name!r}, bound to work "
+            f"queue {spec.queue!r} (retries in {spec.queue}.retry.*, dead jobs in "
+            f"{spec.queue}.dlq). " + description
+        ).strip(),
+        "bindings": {
+            "amqp": {
+                "is": "routingKey",
+                "exchange": exchange,
+                "bindingVersion": AMQP_BINDING_VERSION,
+            },
+        },
+        "publish": {
+            "operationId": f"submit_{spec.name}",
+            "summary": f"Submit a {spec.name} job; the broker confirms it or returns it.",
+            "bindings": {
+                "amqp": {
+                    "deliveryMode": 2,
+                    "mandatory": True,
+                    "priority": 0,
+                    "ack": True,
+                    "bindingVersion": AMQP_BINDING_VERSION,
+                }
+            },
+            "message": {"$ref": f"#/components/messages/{spec.name}"},
+        },
+    }
+
+
 def asyncapi(
     registry: Registry, topology: Topology, *, amqp_url: str | None = None, vhost: str = "/"
 ) -> dict[str, Any]:
@@ -79,55 +135,8 @@ def asyncapi(
     channels: dict[str, Any] = {}
     messages: dict[str, Any] = {}
     for spec in specs:
-        payload = keys[(spec.name, "validation")]
-        description = inspect.getdoc(spec.fn) or ""
-        messages[spec.name] = {
-            "name": spec.name,
-            "title": spec.name,
-            "summary": f"Job {spec.name!r}, run from queue {spec.queue!r}.",
-            "contentType": "application/json",
-            "payload": payload,
-            "headers": _headers_schema(),
-            "correlationId": {
-                "description": "The job id: AMQP message_id (kept through retries and replays)",
-                "location": "$message.header#/message_id",
-            },
-            "bindings": {
-                "amqp": {
-                    "contentEncoding": "utf-8",
-                    "messageType": spec.name,
-                    "bindingVersion": AMQP_BINDING_VERSION,
-                },
-            },
-        }
-        channels[spec.name] = {
-            "description": (
-                f"Routing key {spec.name!r} on exchange {topology.exchange!r}, bound to work "
-                f"queue {spec.queue!r} (retries in {spec.queue}.retry.*, dead jobs in "
-                f"{spec.queue}.dlq). " + description
-            ).strip(),
-            "bindings": {
-                "amqp": {
-                    "is": "routingKey",
-                    "exchange": exchange,
-                    "bindingVersion": AMQP_BINDING_VERSION,
-                },
-            },
-            "publish": {
-                "operationId": f"submit_{spec.name}",
-                "summary": f"Submit a {spec.name} job; the broker confirms it or returns it.",
-                "bindings": {
-                    "amqp": {
-                        "deliveryMode": 2,
-                        "mandatory": True,
-                        "priority": 0,
-                        "ack": True,
-                        "bindingVersion": AMQP_BINDING_VERSION,
-                    }
-                },
-                "message": {"$ref": f"#/components/messages/{spec.name}"},
-            },
-        }
+        messages[spec.name] = _message(spec, keys[(spec.name, "validation")])
+        channels[spec.name] = _channel(spec, topology.exchange, exchange)
     return {
         "asyncapi": ASYNCAPI_VERSION,
         "id": f"urn:leveret:{topology.exchange}",
