@@ -18,10 +18,10 @@ import click
 import structlog
 from pydantic import ValidationError
 
-from leveret.producers.eventloop import LOOP_CHOICES, LoopUnavailable, loop_name, resolve
+from leveret.producers.eventloop import LoopUnavailable, loop_name, resolve
 
 from ..errors import ConfigError
-from .common import command_setup, fail, load_app
+from .common import command_setup, fail, load_app, loop_option
 
 log = structlog.get_logger("leveret.api")
 
@@ -44,13 +44,7 @@ Needs the api extra: pip install 'leveret[api]'."""
     is_flag=True,
     help="Run without LEVERET_API_TOKEN: anyone who reaches the port can publish and cancel.",
 )
-@click.option(
-    "--loop",
-    type=click.Choice(LOOP_CHOICES),
-    default="auto",
-    show_default=True,
-    help="Event loop: auto is uvloop when it is installed, else asyncio.",
-)
+@loop_option
 @command_setup
 def api(app: str, host: str, port: int, insecure_no_auth: bool, loop: str) -> None:
     """Serve APP's jobs over HTTP (module:attribute naming a Worker)."""

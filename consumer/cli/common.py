@@ -14,6 +14,7 @@ import click
 from pydantic import ValidationError
 
 from leveret.producers.connection import mask_secrets
+from leveret.producers.eventloop import LOOP_CHOICES
 from leveret.topology.errors import LeveretError
 
 from ..errors import ConfigError
@@ -22,6 +23,16 @@ from ..settings import WorkerSettings
 from ..worker import Worker
 
 T = TypeVar("T")
+
+
+# ``--loop`` of the commands that run an event loop (worker, api), declared once.
+loop_option = click.option(
+    "--loop",
+    type=click.Choice(LOOP_CHOICES),
+    default="auto",
+    show_default=True,
+    help="Event loop: auto is uvloop when it is installed, else asyncio.",
+)
 
 
 def fail(message: str, code: int = 1) -> NoReturn:

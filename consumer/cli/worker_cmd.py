@@ -8,10 +8,10 @@ import sys
 import click
 import structlog
 
-from leveret.producers.eventloop import LOOP_CHOICES, LoopUnavailable, install, loop_name
+from leveret.producers.eventloop import LoopUnavailable, install, loop_name
 
 from ..worker import Worker
-from .common import command_setup, fail, load_app, load_settings, run_async
+from .common import command_setup, fail, load_app, load_settings, loop_option, run_async
 
 log = structlog.get_logger("leveret.worker")
 
@@ -39,13 +39,7 @@ Metrics and health: http://HOST:LEVERET_METRICS_PORT/{metrics,healthz,readyz}
     show_default=True,
     help="Worker processes under one supervisor that runs no jobs (each with --prefetch).",
 )
-@click.option(
-    "--loop",
-    type=click.Choice(LOOP_CHOICES),
-    default="auto",
-    show_default=True,
-    help="Event loop: auto is uvloop when it is installed, else asyncio.",
-)
+@loop_option
 @command_setup
 def worker(
     app: str, queues: tuple[str, ...], prefetch: int | None, processes: int, loop: str
