@@ -129,6 +129,7 @@ class Session:
             timeout_s=settings.publish_timeout,
             events_mode=settings.events_mode,
             result_max_bytes=settings.result_max_bytes,
+            status_store=plan.status_store,
         )
         if plan.status_store is not None:
             self.keeper = StatusKeeper(

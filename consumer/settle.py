@@ -33,7 +33,7 @@ import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiormq
 import structlog
@@ -53,6 +53,7 @@ from leveret.producers.message import (
     copy_properties,
     one_line,
 )
+from leveret.producers.publisher import STATUS_WRITE_TIMEOUT_S
 from leveret.topology.delay import MAX_DELAY_S, retry_route
 from leveret.topology.model import dlq_name
 
@@ -63,6 +64,9 @@ from .lifecycle import EventCopies, FollowUp
 from .metrics import CANCELLED, DEAD_LETTERED, RETRIED, SUCCEEDED, Outcomes
 from .outbox import Copy, Outbox, SettleFailed
 from .registry import JobSpec
+
+if TYPE_CHECKING:
+    from leveret.producers.status import StatusStore
 
 __all__ = ["Copy", "FollowUp", "SettleFailed", "Settler"]
 
@@ -98,6 +102,7 @@ class Settler:
         timeout_s: float | None = None,
         events_mode: EventsMode = "off",
         result_max_bytes: int = 65536,
+        status_store: StatusStore | None = None,
     ) -> None:
         self.acker = acker
         self.outcomes = outcomes
@@ -113,6 +118,10 @@ class Settler:
         self._event = self.events.event
         self.publishes_started = self.events.started
         self._publishes_outcomes = self.events.outcomes
+        # With a status store, a run's follow-up jobs read ``queued`` once confirmed, as jobs
+        # published through the library do (the writes run beside, never before, the ack).
+        self._status_store = status_store
+        self._status_writes: set[asyncio.Task[None]] = set()
 
     # -- outcomes ---------------------------------------------------------------------------------
 
@@ -135,6 +144,8 @@ class Settler:
         if follow_ups:
             copies += tuple(f.copy for f in follow_ups)
         await self._finish(d, SUCCEEDED, children.succeeded, copies)
+        if follow_ups and self._status_store is not None:
+            self._record_queued(self._status_store, follow_ups)
         log.debug("job_succeeded", duration_s=round(duration, 6))
 
     async def failed(
@@ -230,6 +241,11 @@ class Settler:
             self._failures.pop(d.job_id, None)
         counter.inc()
         self.outcomes.counts[outcome] += 1
+
+    def _record_queued(self, store: StatusStore, follow_ups: list[FollowUp]) -> None:
+        task = asyncio.get_running_loop().create_task(_set_queued(store, follow_ups))
+        self._status_writes.add(task)
+        task.add_done_callback(self._status_writes.discard)
 
     def started(self, d: Delivery, job: str, attempt: int) -> None:
         """Best effort ``started`` (``LEVERET_EVENTS=all``): sent, not waited for."""
@@ -349,6 +365,23 @@ class Settler:
         if not lost.is_set():  # else the broker requeues it with the channel
             with contextlib.suppress(Exception):
                 await self.acker.nack(d.tag, requeue=True)
+
+
+async def _set_queued(store: StatusStore, follow_ups: list[FollowUp]) -> None:
+    """``queued`` unless the job already has a status (it may have started by now). The queue
+    is not known here, as for the publisher's own ``queued``: the job's first event fills it."""
+    for f in follow_ups:
+        try:
+            async with asyncio.timeout(STATUS_WRITE_TIMEOUT_S):
+                await store.set_queued(f.job_id, f.copy.job, "")
+        except Exception as exc:
+            with contextlib.suppress(Exception):
+                log.warning(
+                    "status_queued_not_written",
+                    job_id=f.job_id,
+                    error=f"{type(exc).__name__}: {exc}",
+                    action="the job is queued; its status appears with its first event",
+                )
 
 
 def _retry_delay(spec: JobSpec, attempt: int, error: BaseException, described: str) -> float:

@@ -114,6 +114,36 @@ async def test_status_through_every_reader_within_one_second(
     assert len(unknown.stderr.strip().splitlines()) == 1
 
 
+async def test_a_follow_up_job_reads_queued_once_its_parent_succeeded(
+    broker: Broker, registry: CollectorRegistry, job_ids: list[str]
+) -> None:
+    """``ctx.enqueue`` is publishing through the library: the child reads ``queued`` at once,
+    as a job published with ``Publisher`` does, even while no worker consumes its queue."""
+    exchange, queue, idle = unique("ex"), unique("q"), unique("idle")
+    worker = Worker(broker.settings(exchange=exchange, status_url=STATUS_URL), registry=registry)
+    children: list[str] = []
+
+    @worker.job(f"{queue}-parent", queue=queue)
+    async def parent(payload: dict[str, Any], ctx: JobContext) -> None:
+        children.append(ctx.enqueue(f"{idle}-child", {"from": ctx.job_id}))
+
+    @worker.job(f"{idle}-child", queue=idle)  # declared, never consumed here
+    async def child(payload: dict[str, Any]) -> None:
+        raise AssertionError("the child's queue is not consumed in this test")
+
+    async with running(worker, queues=[queue]), publisher(broker, exchange) as pub:
+        parent_id = await pub.publish(f"{queue}-parent", {})
+        job_ids.append(parent_id)
+        assert await pub.result(parent_id, timeout=5) is None
+        assert len(children) == 1
+        job_ids.extend(children)
+        child_status = await wait_for(
+            lambda: pub.status(children[0]), 1.0, "the follow-up's queued status"
+        )
+        assert (child_status.state, child_status.job) == ("queued", f"{idle}-child")
+        assert await broker.depth(idle) == 1  # queued for real, not only in Redis
+
+
 async def _progress_of(pub: Publisher, job_id: str) -> tuple[float | None, str | None] | None:
     status = await pub.status(job_id)
     if status is None or status.state != "started" or status.progress is None:
