@@ -331,7 +331,7 @@ def write(
     )
     out.append(
         f"- **Machine:** {meta['machine']}; RabbitMQ {meta['rabbitmq']} on the same "
-        "machine (shared with other engineers' test runs while this ran)"
+        "machine, sharing its cores with the clients (the load average says what else ran)"
     )
     out.append(
         f"- **Load average (1/5/15 min):** {meta['load_start']} at start, {meta['load_end']} at end"
