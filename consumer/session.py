@@ -131,6 +131,16 @@ class Session:
             result_max_bytes=settings.result_max_bytes,
             status_store=plan.status_store,
         )
+        await self._start_status_and_cancel()
+        self.consume.on_consumer_cancel_callbacks.add(self._on_cancel)
+        for q in plan.queues:
+            callback = functools.partial(plan.pipeline.on_message, self.settler, self.lost, q)
+            ok = await self.consume.basic_consume(q, callback, no_ack=False)
+            self.consumer_tags[str(ok.consumer_tag)] = q
+
+    async def _start_status_and_cancel(self) -> None:
+        """With a status store: the keeper that writes events into it, and the cancel watch."""
+        plan, settings = self.plan, self.plan.settings
         if plan.status_store is not None:
             self.keeper = StatusKeeper(
                 self.connection,
@@ -152,11 +162,6 @@ class Session:
             )
             await self.watch.start()
             plan.pipeline.cancelled_ids = self.settler.cancelled_ids = self.watch.ids
-        self.consume.on_consumer_cancel_callbacks.add(self._on_cancel)
-        for q in plan.queues:
-            callback = functools.partial(plan.pipeline.on_message, self.settler, self.lost, q)
-            ok = await self.consume.basic_consume(q, callback, no_ack=False)
-            self.consumer_tags[str(ok.consumer_tag)] = q
 
     async def serve(self, stopping: asyncio.Event) -> None:
         """Wait until the session is lost or a stop is asked for, then wind it down."""
