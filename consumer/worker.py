@@ -47,6 +47,7 @@ from . import startup
 from .metrics import Outcomes, WorkerMetrics
 from .middleware import Middleware, check_middleware
 from .pipeline import Pipeline
+from .readiness import Readiness
 from .registry import DEFAULT_BACKOFF, DEFAULT_MAX_ATTEMPTS, DEFAULT_QUEUE, Backoff, Registry
 from .resources import Plan as ResourcePlan
 from .resources import Resources, Scope
@@ -76,10 +77,8 @@ class Worker:
         # How each handler's parameters after the payload resolve: ``check`` fills it.
         self.plans: dict[str, ResourcePlan] = {}
         self._beside: startup.Beside | None = None  # while ``run`` runs
-        self._threads: JobThreads | None = None
         self._stopping: asyncio.Event | None = None
-        self._connected = False
-        self._threads_exhausted = False
+        self._readiness = Readiness(self.metrics)
         self._pipeline: Pipeline | None = None
         self._outcomes = Outcomes(self.metrics)
 
@@ -187,7 +186,7 @@ class Worker:
     @property
     def ready(self) -> bool:
         """Connected to the broker, consuming, and able to start a plain ``def`` job."""
-        return self._connected and not self._threads_exhausted
+        return self._readiness.ready
 
     def stop(self) -> None:
         """Ask a running worker to shut down gracefully (what SIGTERM does)."""
@@ -217,13 +216,13 @@ class Worker:
         self._stopping = stopping = asyncio.Event()
         # Plain `def` handlers run here; as many threads as jobs may be held at once, never more
         # (a hung handler keeps its thread: see JobThreads).
-        self._threads = threads = JobThreads(share * len(queues))
-        threads.on_exhausted_change = self._on_threads_exhausted
+        threads = JobThreads(share * len(queues))
+        self._readiness.watch(threads)
         limiters = startup.global_limiters(self.settings)
         limits = startup.rate_limits(self.jobs, limiters, share)
         sleep = self._sleep_unless_stopped
         self._pipeline = startup.pipeline(self, threads, limits, sleep, stopping)
-        not_ready = functools.partial(self._set_ready, False)
+        not_ready = functools.partial(self._readiness.set_connected, False)
         plan = startup.session_plan(self, self._pipeline, queues, share, self._outcomes, not_ready)
         startup.log_start(self, queues, prefetch, share)
         beside = self._beside = startup.Beside(queues, self.metrics)
@@ -239,7 +238,7 @@ class Worker:
             stop = self.stop if handle_signals else None
             await beside.start(stack, self, stop)
             beside.doctor(stack, self)
-            startup.start_scheduler(stack, self, lambda: self._connected, sleep, stopping)
+            startup.start_scheduler(stack, self, lambda: self._readiness.connected, sleep, stopping)
             await consume(plan, sleep, stopping, self._on_session, self.stop)
 
     @property
@@ -248,12 +247,12 @@ class Worker:
         return self._beside.health_port if self._beside is not None else None
 
     def _stopped(self) -> None:
-        self._set_ready(False)
+        self._readiness.set_connected(False)
         log.info("worker_stopped", **self._outcomes.counts)
 
     def _on_session(self, session: Session | None) -> None:
         """A session started consuming (ready), or ended (``None``: not ready)."""
-        self._set_ready(session is not None)
+        self._readiness.set_connected(session is not None)
         if session is not None and self._beside is not None:
             self._beside.dlq_depth.attach(session.connection)
 
@@ -261,14 +260,3 @@ class Worker:
         assert self._stopping is not None
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stopping.wait(), seconds)
-
-    def _set_ready(self, ready: bool) -> None:
-        self._connected = ready
-        self.metrics.connected.set(1 if self.ready else 0)
-
-    def _on_threads_exhausted(self, exhausted: bool) -> None:
-        assert self._threads is not None
-        self._threads_exhausted = exhausted
-        self.metrics.threads_stuck.set(self._threads.stuck)
-        self._threads.log_exhausted(exhausted)
-        self._set_ready(self._connected)
