@@ -89,13 +89,14 @@ def _wait_ready(port: int, proc: subprocess.Popen[bytes], timeout: float = 30) -
     sys.exit("the worker did not become ready in time; see its log above")
 
 
-def _metrics(port: int) -> list[str]:
+def _metrics(port: int, name: str = "leveret_jobs_completed_total") -> list[str]:
     text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
-    return [
-        line
-        for line in text.splitlines()
-        if line.startswith("leveret_jobs_completed_total") and not line.endswith(" 0.0")
-    ]
+    lines = text.splitlines()
+    return [line for line in lines if line.startswith(name) and not line.endswith(" 0.0")]
+
+
+def _value(lines: list[str]) -> float:
+    return sum(float(line.rsplit(" ", 1)[1]) for line in lines)
 
 
 async def _show_status(url: str, status_url: str) -> None:
@@ -126,6 +127,22 @@ async def _show_status(url: str, status_url: str) -> None:
                     break
             await asyncio.sleep(0.05)
         _say(f"try: LEVERET_STATUS_URL={status_url} leveret job show {job_id}")
+
+
+async def _show_schedule(port: int) -> None:
+    """The schedule fires tidy_up every 2 s: wait for two ticks and show who fired them."""
+    _say("\nschedule tidy-up (every 2 s; one leader among the worker processes fires each tick):")
+    deadline = time.monotonic() + 15
+    while _value(_metrics(port, "leveret_schedule_ticks_total")) < 2:
+        if time.monotonic() > deadline:
+            _say("  no tick yet; see the worker log (scheduler_leader, schedule_fired)")
+            return
+        await asyncio.sleep(0.2)
+    for line in _metrics(port, "leveret_scheduler_leader") + _metrics(
+        port, "leveret_schedule_ticks_total"
+    ):
+        _say(f"  {line}")
+    _say("try: leveret schedule list demo_app:worker (from examples/)")
 
 
 async def main(keep: bool) -> int:
@@ -160,10 +177,12 @@ async def main(keep: bool) -> int:
             dead_now = 0
             for q in QUEUES:
                 dead_now += await _depth(url, f"{q}.dlq") - dlq_before[q]
-            done = sum(
-                float(line.rsplit(" ", 1)[1])
-                for line in _metrics(port)
-                if 'outcome="succeeded"' in line
+            done = _value(  # this run's jobs, not the schedule's ticks
+                [
+                    line
+                    for line in _metrics(port)
+                    if 'outcome="succeeded"' in line and 'job_name="tidy_up"' not in line
+                ]
             )
             if dead_now >= dead_expected and done >= 4:
                 break
@@ -206,6 +225,7 @@ async def main(keep: bool) -> int:
             "  email.dlq, images.dlq   dead jobs; click one, 'Get messages' shows x-reason\n"
             "try: leveret dlq list email   |   leveret status demo_app:worker (from examples/)"
         )
+        await _show_schedule(port)
         status_url = os.environ.get("LEVERET_STATUS_URL")
         if status_url:
             await _show_status(url, status_url)

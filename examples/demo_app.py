@@ -1,6 +1,7 @@
 """The demo application: one job that succeeds, one that fails once then succeeds, one that
 always fails (and ends in the DLQ), one that rejects bad input, and one that reports its
-progress and returns a result (the demo shows its status changing when Redis is there)."""
+progress and returns a result (the demo shows its status changing when Redis is there); and a
+schedule that fires a tidy-up job every 2 seconds, once across every worker process."""
 
 from __future__ import annotations
 
@@ -56,3 +57,13 @@ async def make_thumbnails(job: Thumbnails, ctx: JobContext) -> dict[str, list[st
         made.append(f"{job.image.rsplit('.', 1)[0]}-{size}.png")
         await ctx.progress(n / len(job.sizes), f"made {n} of {len(job.sizes)}")
     return {"thumbnails": made}
+
+
+@worker.job("tidy_up", queue="maintenance")
+async def tidy_up(payload: dict[str, object], ctx: JobContext) -> None:
+    """Fired by the schedule below; its job id names the tick (``tidy-up@<time>``)."""
+    ctx.log.info("tidied_up", tick=ctx.job_id)
+
+
+# Every worker process takes part; one leader, elected through the broker, fires each tick.
+worker.schedule("tidy_up", every=2, name="tidy-up")
