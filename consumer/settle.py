@@ -20,11 +20,11 @@ outcome's copies as a tuple and confirms them together, before the ack. The outc
 (``succeeded`` with the handler's result, ``retrying``, ``dead``; to ``<exchange>.events``, not
 ``mandatory``: nobody need be bound) and a successful run's follow-up jobs are more entries in
 that tuple: every publish is sent first, then every confirm awaited, so an event costs no extra
-round trip beside a retry or DLQ copy. The copies of every job settling in one loop turn go out
-together (``producers.batch.publish_batch``: one socket write, confirms tracked by delivery
-tag), each job waiting for its own confirms only; one write per event was most of its cost.
-``started`` and ``progress`` are best effort: they ride the same batches but nobody waits for
-their confirm; a failure is logged.
+round trip beside a retry or DLQ copy. ``lifecycle`` builds those copies and ``outbox`` sends
+the copies of every job settling in one loop turn together, each job waiting for its own
+confirms only. ``started`` and ``progress`` are best effort: they ride the same batches but
+nobody waits for their confirm; a failure is logged. With a status store, a run's follow-up
+jobs read ``queued`` once confirmed (written beside the ack, never before it).
 """
 
 from __future__ import annotations

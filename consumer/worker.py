@@ -6,20 +6,24 @@ A delivery reads top to bottom through modules named for each step; this class o
                  session ended, graceful drain;
 * ``pipeline``   one delivery: parse (``delivery``, ``producers.message.read_envelope``) →
                  redelivery guard (``redelivery``) → validate → chain → settle;
-* ``middleware`` the chain every run passes, ``async def mw(ctx, call_next)``, outermost first::
+* ``middleware`` the chain every run passes, ``async def mw(ctx, call_next)``, outermost first
+                 (the full order, with the layers only some jobs get, is in its docstring)::
 
-                     log_context → JobMetrics → @worker.middleware layers… → JobTimeout → handler
+                     log_context → [RateLimited] → [tracing] → JobMetrics →
+                     @worker.middleware layers… → [JobScope] → [JobTimeout] → handler
 
-                 built once per job in ``run``; the handler's return value flows back out
+                 built once per job at start; the handler's return value flows back out
                  through every layer to settle;
 * ``execution``  the handler call (async on the loop, ``def`` on ``JobThreads``) and how a
                  run's result or exception is read;
-* ``settle``     every outcome: publish copy → ack (``acker``) → metric → one log line.
+* ``settle``     every outcome: its copies (``lifecycle`` builds the events and follow-ups)
+                 confirmed through ``outbox`` → ack (``acker``) → metric → one log line.
 
 Schedules (``Worker.schedule``) and resources are checked when the app has finished loading
 (``check``: ``run`` and the CLI's app loader call it, so they may be declared before or after
 their jobs). What runs beside the consume loop (health endpoint, status store, rate limiters,
-the scheduler) is started by ``leveret.consumer.startup``.
+the scheduler) is started by ``leveret.consumer.startup``; ``readiness`` is what ``/readyz``
+reports.
 
 The loop talks to aiormq's channels directly: aiormq already runs each delivery as its own
 task, and skipping aio-pika's per-message wrapper is a large share of the per-job CPU. Prefetch
