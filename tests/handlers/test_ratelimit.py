@@ -327,8 +327,9 @@ asyncio.run(main(sys.argv[1], sys.argv[2], float(sys.argv[3])))
 """
 
 
-async def run_three(script: str, *args: str) -> list[list[float]]:
-    """Start three processes, release them at one moment, collect their start times."""
+async def run_three(script: str, *args: str, starting: int = 3) -> list[list[float]]:
+    """Start three processes, release them at one moment, collect their start times; at least
+    ``starting`` of them must have started a job (else the run proved nothing across processes)."""
     procs = [
         await asyncio.create_subprocess_exec(
             sys.executable,
@@ -350,7 +351,8 @@ async def run_three(script: str, *args: str) -> list[list[float]]:
     )
     assert [p.returncode for p in procs] == [0, 0, 0]
     per_process = [json.loads(out) for out, _ in outs]
-    assert all(per_process), ("every process must have started some jobs", per_process)
+    started = sum(1 for ts in per_process if ts)
+    assert started >= starting, (f"{started} of 3 processes started jobs", per_process)
     first = min(t for ts in per_process for t in ts)
     assert first >= start - 0.01, (first, start)
     return per_process
@@ -358,5 +360,9 @@ async def run_three(script: str, *args: str) -> list[list[float]]:
 
 async def test_broker_global_exact_across_three_processes(broker: Broker) -> None:
     name = f"jobs.ratelimit.t-{uuid.uuid4().hex[:8]}"
-    per_process = await run_three(BROKER_CHILD, broker.url, name, "3.0")
+    # The broker-side mutex is an exclusive consumer, which has no queue of waiters: a process
+    # can lose every race for a 3 s run (seen once in CI: one process started none). The limit is
+    # what is guaranteed and checked; fairness between processes is not, so two of the three
+    # competing is what this run needs (the Redis limiter's run asks all three).
+    per_process = await run_three(BROKER_CHILD, broker.url, name, "3.0", starting=2)
     check_global(per_process)
