@@ -10,6 +10,8 @@ ensure_broker
 if ensure_redis && [ -z "${LEVERET_STATUS_URL:-}" ]; then
   export LEVERET_STATUS_URL=redis://127.0.0.1:6379/0
 fi
-ensure_venv  # the package alone: the demo needs nothing from the dev groups
+# The package with the extras the demo uses (status: the Redis job status store it sets up above),
+# nothing from the dev groups.
+ensure_venv --extras status
 cd "$ROOT/examples"
 exec "$ROOT/.venv/bin/python" demo.py "$@"

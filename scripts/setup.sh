@@ -70,10 +70,13 @@ ensure_redis() {
   return 1
 }
 
-# ensure_venv [GROUP...]: .venv with leveret installed editable (with its console script) and
-# the named dependency groups of pyproject.toml (PEP 735: test, deploy, bench). Groups need
-# `pip install --group` (pip >= 25.1), so pip is upgraded first.
+# ensure_venv [--extras NAME[,NAME...]] [GROUP...]: .venv with leveret installed editable (with
+# its console script), the named extras of pyproject.toml (status, api, otel: what the demo or a
+# feature needs at run time) and the named dependency groups (PEP 735: test, deploy, bench).
+# Groups need `pip install --group` (pip >= 25.1), so pip is upgraded first.
 ensure_venv() {
+  local extras=""
+  if [ "${1:-}" = "--extras" ]; then extras="$2"; shift 2; fi
   local groups=("$@") args=() group
   if [ ! -x "$ROOT/.venv/bin/python" ]; then
     say "creating the virtualenv in .venv"
@@ -81,12 +84,13 @@ ensure_venv() {
   fi
   for group in "${groups[@]}"; do args+=(--group "$ROOT/pyproject.toml:$group"); done
   local name; name="$(IFS=,; echo "${groups[*]:-}")"
-  local stamp="$ROOT/.venv/.leveret-installed-${name:-core}"
+  local stamp="$ROOT/.venv/.leveret-installed-${name:-core}${extras:+-extras-${extras//,/-}}"
   if [ ! -f "$stamp" ] || [ "$ROOT/pyproject.toml" -nt "$stamp" ]; then
-    say "installing leveret${name:+ and the dependency groups $name} into .venv"
+    say "installing leveret${extras:+[$extras]}${name:+ and the dependency groups $name} into .venv"
     local log="$ROOT/.venv/pip-install.log"
     if ! { "$ROOT/.venv/bin/python" -m pip install -q --upgrade "pip>=25.1" &&
-           "$ROOT/.venv/bin/python" -m pip install -q -e "$ROOT" "${args[@]}"; } >"$log" 2>&1; then
+           "$ROOT/.venv/bin/python" -m pip install -q -e "$ROOT${extras:+[$extras]}" "${args[@]}"; } \
+         >"$log" 2>&1; then
       tail -n 30 "$log" >&2; say "pip install failed (full log: $log)"; exit 1
     fi
     touch "$stamp"
