@@ -52,4 +52,6 @@ class RedeliveryGuard:
             f"delivered {count} times without a handler run finishing (the worker "
             f"crashed, was killed or lost its connection each time)"
         )
-        await settler.dead_without_run(d, label, "exhausted", error, d.attempts)
+        # ``count`` deliveries of the job ended without their run finishing (the one this
+        # redelivery returns and those counted before it): each was a run.
+        await settler.dead_without_run(d, label, "exhausted", error, d.attempts + count)

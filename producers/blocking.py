@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Coroutine, Iterable
+from collections.abc import Coroutine, Iterable, Mapping
 from datetime import datetime
 from types import TracebackType
 from typing import Any, Self, TypeVar
@@ -58,11 +58,12 @@ class BlockingPublisher:
         delay: Delay | None = None,
         eta: datetime | None = None,
         job_id: str | None = None,
+        headers: Mapping[str, Any] | None = None,
         max_attempts: int | None = None,
         dedup_key: str | None = None,
     ) -> str:
-        """``Publisher.publish``, blocking; ``delay``/``eta``/``max_attempts``/``dedup_key``
-        as there."""
+        """``Publisher.publish``, blocking; ``delay``/``eta``/``headers``/``max_attempts``/
+        ``dedup_key`` as there."""
         return self._run(
             self._publisher.publish(
                 job,
@@ -71,6 +72,7 @@ class BlockingPublisher:
                 delay=delay,
                 eta=eta,
                 job_id=job_id,
+                headers=headers,
                 max_attempts=max_attempts,
                 dedup_key=dedup_key,
             )
