@@ -29,8 +29,9 @@ publisher's CPU. Here, per batch:
 
 The guarantee is ``publish_confirmed``'s, per job: every job is confirmed, or
 ``BatchPublishError`` names it, with the typed error of each job that was not confirmed
-(``UnroutableError``, ``RefusedError``, ``PublishTimeout``, ``ConnectionLost``) and the ids that
-did land.
+(``UnroutableError``, ``RefusedError``, ``PublishTimeout``, ``ConnectionLost``, and
+``InvalidMessageError`` for a message AMQP cannot carry, which fails only itself) and the ids
+that did land.
 """
 
 from __future__ import annotations
@@ -49,7 +50,15 @@ from pamqp.commands import Basic
 from pamqp.header import ContentHeader
 
 from .connection import CONNECTION_ERRORS
-from .errors import ConnectionLost, PublishError, PublishTimeout, RefusedError, UnroutableError
+from .errors import (
+    ConnectionLost,
+    InvalidMessageError,
+    PublishError,
+    PublishTimeout,
+    RefusedError,
+    UnroutableError,
+)
+from .message import check_message
 
 _FRAME_END = b"\xce"
 _BODY_FRAME = struct.Struct(">BHI")  # type 3, channel, size
@@ -308,27 +317,41 @@ async def publish_batch(
     ``message_id`` unique within the batch and among other publishes in flight on the channel
     (a ``basic.return`` is matched to its job by it). Raises ``BatchPublishError`` naming each
     job that was not confirmed (see the module docstring); ``timeout`` bounds the wait for the
-    whole batch.
+    whole batch. An item AMQP cannot carry (no ``message_id``, a string property over 255
+    bytes, a header value with no AMQP type) is not sent and is named with an
+    ``InvalidMessageError``; the rest of the batch goes out as usual.
     """
     if not items:
         return
     if not channel.publisher_confirms:
         raise ValueError("publish_batch needs a channel with publisher confirms")
-    ids: list[str] = []
-    for item in items:
-        message_id = item.properties.message_id
-        if not message_id:
-            raise ValueError(f"job {item.job_id!r} has no message_id: a return names it by one")
-        ids.append(message_id)
-    loop = asyncio.get_running_loop()
-    deadline = None if timeout is None else loop.time() + timeout
-    tracker = _Tracker(len(items), channel.create_future())
-    confirmations: dict[int, Any] = channel.confirmations
+    # Each item is marshalled on its own: one AMQP cannot carry (an id over 255 bytes, a
+    # header value with no AMQP type) fails only itself, and the others still go out.
     marshaller = _Marshaller.of(channel)
     parts: list[bytes] = []
-    for item in items:
-        marshaller.frames(item, parts)
+    sent: list[Outgoing] = []
+    ids: list[str] = []
+    refused: dict[int, PublishError] = {}
+    for index, item in enumerate(items):
+        mark = len(parts)
+        try:
+            message_id = item.properties.message_id
+            if not message_id:
+                raise ValueError("it has no message_id (a return names its job by one)")
+            marshaller.frames(item, parts)
+        except Exception as exc:
+            del parts[mark:]
+            refused[index] = _unencodable(item, exc)
+            continue
+        sent.append(item)
+        ids.append(message_id)
+    if not sent:
+        raise BatchPublishError([], {items[i].job_id: e for i, e in refused.items()})
     payload = b"".join(parts)
+    loop = asyncio.get_running_loop()
+    deadline = None if timeout is None else loop.time() + timeout
+    tracker = _Tracker(len(sent), channel.create_future())
+    confirmations: dict[int, Any] = channel.confirmations
     first_tag = 0
     failure: BaseException | None = None
     try:
@@ -352,9 +375,25 @@ async def publish_batch(
         tracker.abandoned = tracker.pending > 0
         if first_tag:
             _forget(channel, ids, first_tag, confirmations_too=False)
-    if tracker.pending == 0 and all(o is _ACK for o in tracker.outcome):
+    if not refused and tracker.pending == 0 and all(o is _ACK for o in tracker.outcome):
         return
-    raise _unconfirmed(items, tracker, failure, timeout)
+    raise _unconfirmed(items, sent, refused, tracker, failure, timeout)
+
+
+def _unencodable(item: Outgoing, exc: Exception) -> PublishError:
+    """The error of one item that could not be marshalled (nothing of it was sent)."""
+    if isinstance(exc, InvalidMessageError):
+        return exc
+    try:  # the check every edge uses says which field, in its words
+        check_message(item.properties, item.job)
+    except InvalidMessageError as named:
+        return named
+    return InvalidMessageError(
+        item.job,
+        item.job_id,
+        f"job {item.job!r} (id {item.job_id[:80]!r}) cannot be sent: AMQP cannot carry its "
+        f"message ({type(exc).__name__}: {exc})",
+    )
 
 
 def _queue_now(
@@ -406,14 +445,22 @@ async def _queue_locked(
 
 def _unconfirmed(
     items: Sequence[Outgoing],
+    sent: Sequence[Outgoing],
+    refused: dict[int, PublishError],
     tracker: _Tracker,
     failure: BaseException | None,
     timeout: float | None,
 ) -> BatchPublishError:
-    """The error naming each job not confirmed with its typed error, and the ids that landed."""
+    """The error naming each job not confirmed with its typed error (those that could not be
+    marshalled included), and the ids that landed, in batch order."""
     landed: list[str] = []
     errors: dict[str, PublishError] = {}
-    for item, outcome in zip(items, tracker.outcome, strict=True):
+    outcomes = iter(zip(sent, tracker.outcome, strict=True))
+    for index, item in enumerate(items):
+        if index in refused:
+            errors[item.job_id] = refused[index]
+            continue
+        _, outcome = next(outcomes)
         if outcome is _ACK:
             landed.append(item.job_id)
         else:

@@ -55,11 +55,30 @@ class BrokerUnavailable(LeveretError, ConnectionError):
 
 
 class PublishError(LeveretError):
-    """A job could not be safely handed to the broker; the caller must assume it was not queued."""
+    """A job could not be safely handed to the broker; the caller must assume it was not queued.
+
+    ``maybe_queued``: ``False`` when it certainly is not (the broker said so: nacked, returned,
+    no such exchange; or it never left this process), ``True`` when the outcome is unknown (no
+    confirm in time, the connection lost after sending): it may be queued, and may run. A
+    de-duplication claim is freed at once only for the first kind (``producers.dedup``).
+    """
+
+    maybe_queued: bool = False
 
     def __init__(self, job: str, message: str) -> None:
         self.job = job
         super().__init__(message)
+
+
+class InvalidMessageError(InvalidValueError, PublishError):
+    """A message AMQP cannot carry: a job id, job name or other short-string property over
+    255 UTF-8 bytes, a header key over 128 bytes, a header value with no AMQP type (a set, an
+    integer past 64 bits...). A ``ValueError`` raised before anything is sent; in a
+    ``BatchPublishError`` (a copy built elsewhere) the one job it names, never the batch."""
+
+    def __init__(self, job: str, job_id: str | None, message: str) -> None:
+        self.job_id = job_id
+        super().__init__(job, message)
 
 
 class UnroutableError(PublishError):
@@ -92,6 +111,8 @@ class ConnectionLost(PublishError, ConnectionError):
     Also a ``ConnectionError``, so a loop that reconnects on connection errors treats it as one.
     """
 
+    maybe_queued = True
+
     def __init__(self, job: str, cause: str) -> None:
         self.cause = cause
         super().__init__(
@@ -102,12 +123,20 @@ class ConnectionLost(PublishError, ConnectionError):
 
 
 class PublishTimeout(PublishError, TimeoutError):
-    """No confirm arrived in time: broker blocked by an alarm, connection lost, or overloaded."""
+    """No confirm arrived in time: broker blocked by an alarm, connection lost, or overloaded.
 
-    def __init__(self, job: str, timeout_s: float) -> None:
+    ``sent=False``: the time ran out before the job was handed over (waiting for a channel
+    during a reconnect), so it is certainly not queued (``maybe_queued`` is then ``False``).
+    """
+
+    maybe_queued = True
+
+    def __init__(self, job: str, timeout_s: float, *, sent: bool = True) -> None:
         self.timeout_s = timeout_s
+        self.maybe_queued = sent
         super().__init__(
             job,
             f"job {job!r} was not confirmed by the broker within {timeout_s:g} s (is it down, "
-            f"or blocked by a memory/disk alarm?); it may or may not have been queued",
+            f"or blocked by a memory/disk alarm?); "
+            + ("it may or may not have been queued" if sent else "it was not sent, so not queued"),
         )

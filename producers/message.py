@@ -9,18 +9,25 @@ retries so the next worker knows which attempt it runs.
 from __future__ import annotations
 
 import json
+import struct
 import time
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from pamqp import encode as pamqp_encode
 from pamqp.commands import Basic
 from pydantic import BaseModel
 
 from leveret.topology.delay import job_from_routing_key
 
-from .errors import InvalidMaxAttemptsError, InvalidPayloadError, InvalidPriorityError
+from .errors import (
+    InvalidMaxAttemptsError,
+    InvalidMessageError,
+    InvalidPayloadError,
+    InvalidPriorityError,
+)
 
 CONTENT_TYPE = "application/json"
 PERSISTENT = 2
@@ -50,6 +57,30 @@ OWN_HEADERS = frozenset({HEADER_ATTEMPTS, HEADER_REASON, HEADER_ERROR, HEADER_DI
 _PLAIN_ENCODINGS = frozenset({None, "", "identity", "utf-8", "UTF-8"})
 
 REASONS = ("exhausted", "rejected", "invalid", "unknown_job")
+
+# AMQP 0-9-1 limits: a short string (message_id, type, the other string properties) is at most
+# 255 bytes; a table's field name at most 128 (pamqp truncates a longer one, with a warning).
+MAX_SHORT_STRING = 255
+MAX_FIELD_NAME = 128
+# The string properties, each a short string, by the name an error gives them.
+_SHORT_STRINGS = (
+    ("message_id", "job id"),
+    ("message_type", "job name"),
+    ("content_type", "content_type"),
+    ("content_encoding", "content_encoding"),
+    ("correlation_id", "correlation_id"),
+    ("reply_to", "reply_to"),
+    ("expiration", "expiration"),
+    ("user_id", "user_id"),
+    ("app_id", "app_id"),
+    ("cluster_id", "cluster_id"),
+)
+# What pamqp raises for a value it cannot encode.
+_ENCODE_ERRORS = (TypeError, ValueError, OverflowError, AttributeError, struct.error)
+_CARRIED = (
+    "str, int (64-bit), float, bool, Decimal, datetime, bytearray, None, and lists and dicts "
+    "of these"
+)
 
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
@@ -84,6 +115,88 @@ def check_max_attempts(max_attempts: int | None) -> int | None:
     return max_attempts
 
 
+def _utf8_size(text: str) -> int:
+    """Its size in UTF-8 (ASCII, the common case, never encodes); -1: not encodable (a lone
+    surrogate), which pamqp would refuse too."""
+    if text.isascii():
+        return len(text)
+    try:
+        return len(text.encode("utf-8"))
+    except UnicodeEncodeError:
+        return -1
+
+
+def _too_long(what: str, text: str, size: int, limit: int) -> str:
+    if size < 0:
+        return f"{what} {text[:40]!r} is not valid UTF-8 text (a lone surrogate)"
+    shown = repr(text[:40]) + ("..." if len(text) > 40 else "")
+    return f"{what} {shown} is {size} bytes; AMQP carries at most {limit} bytes (UTF-8) there"
+
+
+def _check_keys(table: dict[Any, Any] | list[Any], job: str, job_id: str | None) -> None:
+    """Every field name in a (nested) table: text of at most 128 bytes."""
+    values = table.values() if isinstance(table, dict) else table
+    if isinstance(table, dict):
+        for key in table:
+            if not isinstance(key, str):
+                raise InvalidMessageError(job, job_id, f"header keys must be str, got {key!r:.80}")
+            size = _utf8_size(key)
+            if not 0 <= size <= MAX_FIELD_NAME:
+                raise InvalidMessageError(
+                    job, job_id, _too_long("header key", key, size, MAX_FIELD_NAME)
+                )
+    for value in values:
+        if isinstance(value, dict | list):
+            _check_keys(value, job, job_id)
+
+
+def check_message(props: Basic.Properties, job: str | None = None) -> None:
+    """Raise ``InvalidMessageError`` (a ``ValueError``) if AMQP cannot carry these properties.
+
+    The one check of what a message's properties must be for the broker to take them: every
+    string property (``message_id`` the job id, ``type`` the job name, ...) at most 255 UTF-8
+    bytes, header keys text of at most 128 bytes (in nested tables too), header values of a
+    type AMQP has (str, int within 64 bits, float, bool, Decimal, datetime, bytearray, None,
+    lists and dicts of these). ``job`` names the job in the error (default: ``type``).
+    Cheap: no marshalling, except each header value on its own.
+    """
+    job_id = props.message_id
+    name = job if job is not None else (props.message_type or "?")
+    for field, label in _SHORT_STRINGS:
+        value = getattr(props, field)
+        if value is not None:
+            _check_short(label, value, name, job_id)
+    _check_headers(props.headers, name, job_id)
+
+
+def _check_short(label: str, value: object, job: str, job_id: str | None) -> None:
+    if not isinstance(value, str):
+        raise InvalidMessageError(job, job_id, f"{label} must be a str, got {type(value).__name__}")
+    size = _utf8_size(value)
+    if not 0 <= size <= MAX_SHORT_STRING:
+        raise InvalidMessageError(job, job_id, _too_long(label, value, size, MAX_SHORT_STRING))
+
+
+def _check_headers(headers: object, job: str, job_id: str | None) -> None:
+    if not headers:
+        return
+    if not isinstance(headers, dict):
+        raise InvalidMessageError(
+            job, job_id, f"headers must be a dict, got {type(headers).__name__}"
+        )
+    _check_keys(headers, job, job_id)
+    for key, value in headers.items():
+        try:
+            pamqp_encode.encode_table_value(value)
+        except _ENCODE_ERRORS as exc:
+            raise InvalidMessageError(
+                job,
+                job_id,
+                f"header {key!r}: AMQP cannot carry {value!r:.80} ({exc}); a header value "
+                f"may be {_CARRIED}",
+            ) from None
+
+
 def job_properties(
     job: str,
     job_id: str,
@@ -94,12 +207,17 @@ def job_properties(
 ) -> Basic.Properties:
     """A new job's properties: the wire format above, plus when it was published (the AMQP
     ``timestamp`` in seconds for every tool, ``x-published-at`` in ms for the queue-wait
-    histogram) and, when given, its own ``x-max-attempts``."""
+    histogram) and, when given, its own ``x-max-attempts``. Raises ``InvalidMessageError``
+    for what AMQP cannot carry (``check_message``)."""
     now = time.time()
     headers = dict(headers) if headers else {}
     headers[HEADER_PUBLISHED_AT] = int(now * 1000)
     if max_attempts is not None:
         headers[HEADER_MAX_ATTEMPTS] = max_attempts
+    # check_message's checks, of the fields that vary (the others are constants).
+    _check_short("job id", job_id, job, job_id)
+    _check_short("job name", job, job, job_id)
+    _check_headers(headers, job, job_id)
     return Basic.Properties(
         content_type=CONTENT_TYPE,
         delivery_mode=PERSISTENT,
