@@ -1,6 +1,8 @@
 """One replica for the multi-process tests: a Scheduler alone, its log as JSON lines on stdout.
 
-Usage: python -m tests.time.scheduler_proc URL EXCHANGE APP JOB EVERY_S MISSED
+Usage: python -m tests.time.scheduler_proc URL EXCHANGE APP JOB EVERY_S MISSED [EXTRA]
+APP ``-`` gives no ``name=`` (the default identity); EXTRA is a comma-separated list of more
+schedule names, each firing JOB every EVERY_S beside ``tick``.
 SIGTERM stops it gracefully (a last heartbeat); SIGKILL is the crash.
 """
 
@@ -17,10 +19,17 @@ from leveret.consumer.scheduler import Scheduler
 from leveret.consumer.schedules import make_schedule
 
 
-async def main(url: str, exchange: str, app: str, job: str, every: str, missed: str) -> None:
-    schedule = make_schedule(job, every=float(every), name="tick", missed=missed)
+async def main(
+    url: str, exchange: str, app: str, job: str, every: str, missed: str, extra: str = ""
+) -> None:
+    names = ["tick", *(n for n in extra.split(",") if n)]
+    schedules = [make_schedule(job, every=float(every), name=n, missed=missed) for n in names]
     scheduler = Scheduler(
-        url, [schedule], exchange=exchange, name=app, registry=CollectorRegistry()
+        url,
+        schedules,
+        exchange=exchange,
+        name=None if app == "-" else app,
+        registry=CollectorRegistry(),
     )
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, scheduler.stop)
@@ -36,4 +45,4 @@ if __name__ == "__main__":
         ],
         logger_factory=structlog.PrintLoggerFactory(sys.stdout),
     )
-    asyncio.run(main(*sys.argv[1:7]))
+    asyncio.run(main(*sys.argv[1:8]))
