@@ -42,8 +42,15 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     aiormq.exceptions.ChannelInvalidStateError,
 )
 
-# What a failed first connect may raise: the above, a TLS failure, or a URL aio-pika refuses.
-_CONNECT_ERRORS: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, ssl.SSLError, ValueError)
+# What a failed first connect may raise: the above, a TLS failure, a URL aio-pika refuses, or
+# the broker closing the connection where aiormq waits for ``Connection.OpenOk`` (a vhost that
+# does not exist or that the user may not open: aiormq 7 raises InvalidFrameError for that).
+_CONNECT_ERRORS: tuple[type[BaseException], ...] = (
+    *CONNECTION_ERRORS,
+    ssl.SSLError,
+    ValueError,
+    aiormq.exceptions.InvalidFrameError,
+)
 
 MASK = "******"
 # Seconds between a robust connection's reconnect attempts when it has other nodes to try.
@@ -186,6 +193,14 @@ def explain(exc: BaseException, url: str) -> BrokerUnavailable:
         return BrokerUnavailable(
             masked, "login refused", "check the user and password in LEVERET_AMQP_URL"
         )
+    if _vhost_refused(exc):
+        vhost, user = _vhost_and_user(url)
+        return BrokerUnavailable(
+            masked,
+            f"the broker refused to open vhost {vhost!r} for user {user!r}",
+            "check that the vhost in LEVERET_AMQP_URL exists and that the user has permissions "
+            "on it",
+        )
     client_cert_advice = (
         "the broker refused this client's TLS handshake: if it requires a client certificate, "
         "set LEVERET_TLS_CERT_FILE and LEVERET_TLS_KEY_FILE (signed by a CA the broker trusts)"
@@ -214,6 +229,27 @@ def explain(exc: BaseException, url: str) -> BrokerUnavailable:
     return BrokerUnavailable(
         masked, reason, "check that RabbitMQ is running and LEVERET_AMQP_URL is right"
     )
+
+
+def _vhost_refused(exc: BaseException) -> bool:
+    """The broker answered ``Connection.Open`` with ``Connection.Close``: it will not open the
+    vhost (530 NOT_ALLOWED: absent, or no permission for this user). aiormq raises that as an
+    InvalidFrameError whose text holds only the frames' names; the reply text is lost."""
+    text = str(exc)
+    return (
+        isinstance(exc, aiormq.exceptions.InvalidFrameError)
+        and "Connection.OpenOk" in text
+        and "Connection.Close" in text
+    )
+
+
+def _vhost_and_user(url: str) -> tuple[str, str]:
+    """The vhost and user name a URL opens (never its password); aio-pika's defaults apply."""
+    try:
+        parsed = URL(url)
+    except (TypeError, ValueError):
+        return "?", "?"
+    return parsed.path[1:] or "/", parsed.user or "guest"
 
 
 class FailoverRobustConnection(RobustConnection):
