@@ -22,28 +22,35 @@ is at least one window old; otherwise the wait is exactly until it is. No librar
   sketched for issue 14: keeping *exactly* N tokens in circulation needs a count that includes
   tokens a worker holds between ``basic.get`` and the republish, which passive declares do not
   report, so a keeper topping up from counts can mint an (N+1)-th token. Instead the same
-  sliding-window log as Redis, kept in a queue, under a broker-side mutex:
+  sliding-window log as Redis, kept in a queue, under a broker-side mutex that serves its
+  waiters in turn:
 
   * ``<queue>`` (durable) holds one transient message per start, published with a per-message
     ``expiration`` of one window, so its ready count is the number of starts in the last window
     (RabbitMQ drops an expired message at the head promptly; if it is late the count is high,
     which errs on the safe side). Per-message rather than queue TTL, so changing the rate does
     not make the queue's arguments clash between old and new workers.
-  * ``<queue>.lock`` is an empty durable queue used as a mutex: the broker lets one
-    *exclusive consumer* exist on it; a second ``basic.consume(exclusive=True)`` is refused
-    (``ACCESS_REFUSED``). The holder counts (passive declare), publishes its start with a
-    publisher confirm if the count is under N, and cancels its consumer. A holder whose channel
-    or connection dies loses the mutex with it. Contenders first look at the lock queue's
-    consumer count (a passive declare) so a busy mutex costs no channel. (An exclusive *queue*
-    as the mutex was tried first: declaring and deleting a queue per start cost ~20 ms.)
+  * ``<queue>.turn`` is the mutex: a durable *single-active-consumer* queue holding one token.
+    A process wanting a start registers a consumer (prefetch 1); the broker delivers only to
+    the active consumer and, when it is cancelled or its channel dies, activates the next one
+    in the order they registered. So the waiters form a queue kept by the broker, and the
+    token's delivery is how a consumer learns that its turn came. The holder counts (passive
+    declare), publishes its start with a publisher confirm if the count is under N, cancels
+    its consumer and only then requeues the token (for the next one in line). The mutex is the
+    active consumer, not the token: a duplicate token (two processes creating the queue at
+    once) only waits in the queue, and ``x-max-length=1`` drops it. When the log is full and
+    its oldest start leaves within ``hold_s``, the holder waits for it keeping its turn (nobody
+    could start earlier), so under a backlog the starts go round the processes in turn.
+    The exclusive consumer used before (issue 9) kept no line of waiters: contenders polled and
+    one process could lose every race for seconds; three processes at 20/s now get 20/20/20.
   * Exactness: a start B is admitted only after it counted fewer than N messages under the lock;
-    every earlier start was confirmed (so counted) before its holder released the lock, and a
+    every earlier start was confirmed (so counted) before its holder passed the turn, and a
     start leaves the count no earlier than one window after it was enqueued. So among any N+1
     consecutive starts the first is at least one window older than the last. The start time is
     taken under the lock, before the publish.
   * When full, the holder peeks at the oldest message (``basic.get`` then ``nack`` with
     requeue, which keeps its expiry) for its start time, so the wait is known, not polled.
-  * Cost: four round trips per start and a global serialisation point: a few hundred starts
+  * Cost: five round trips per start and a global serialisation point: a few hundred starts
     per second at most across all workers, ample for ``N/m`` and ``N/h`` limits and for
     ``N/s`` with N in the tens. Broker restart: the log is transient and is lost, so the
     first window after a restart may see up to N more starts.
@@ -53,7 +60,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
 import re
 import time
 import uuid
@@ -227,11 +233,15 @@ class RedisLimiter:
 
 
 class BrokerLimiter:
-    """Sliding-window log in a queue under an exclusive-queue mutex; see the module docstring.
+    """Sliding-window log in a queue, under a single-active-consumer mutex that serves its
+    waiters in turn; see the module docstring.
 
     ``queue`` names the limit, e.g. ``<exchange>.ratelimit.<job>``; every process limiting the
     same job must use the same name and rate. ``connection`` is an open aio-pika connection the
-    limiter opens its own channel on.
+    limiter opens its own channel on. ``hold_s``: when the log is full and its oldest start
+    leaves the window within this long, the holder waits for it *keeping its turn* (the waiters
+    behind it could not start earlier anyway), so the starts go round the waiting processes in
+    the order they queued; a longer wait is returned to the caller.
     """
 
     def __init__(
@@ -239,55 +249,91 @@ class BrokerLimiter:
         connection: AbstractConnection,
         queue: str,
         rate: Rate | str,
+        hold_s: float = 0.25,
     ) -> None:
         self.rate = parse_rate(rate) if isinstance(rate, str) else rate
         self.queue = queue
-        self.lock_queue = f"{queue}.lock"
+        self.turn_queue = f"{queue}.turn"
+        self.hold_s = hold_s
         self._connection = connection
         self._window_ms = int(self.rate.window * 1000)
         self._channel: AbstractChannel | None = None
         self._declared = False
         self._local = asyncio.Lock()
-        # The broker's mutex is per *connection*: two attempts of one process would both hold
-        # it. This lock serialises them, including one still running after its caller was
-        # cancelled (shielded). One limiter per queue per connection, for the same reason.
+        # One turn at a time per process: the queue of waiters is the broker's list of
+        # registered consumers, one per process. This lock serialises this process's attempts,
+        # including one still running after its caller was cancelled (shielded). One limiter
+        # per queue per connection.
         self._attempting = asyncio.Lock()
         self.last_start: float | None = None  # time.time() of the last admitted start
 
     async def _raw(self) -> aiormq.abc.AbstractChannel:
-        """A channel with confirms; reopened after the broker closed it (a lost lock race)."""
+        """A channel with confirms and a prefetch of one; reopened after it was closed."""
         if self._channel is None or self._channel.is_closed:
             self._channel = await self._connection.channel(publisher_confirms=True)
+            raw = await self._channel.get_underlay_channel()
+            await raw.basic_qos(prefetch_count=1)
         raw = await self._channel.get_underlay_channel()
         if not self._declared:
             await raw.queue_declare(self.queue, durable=True)
-            await raw.queue_declare(self.lock_queue, durable=True)
+            turn = await raw.queue_declare(self.turn_queue, durable=True, arguments=_TURN_ARGS)
+            if not turn.message_count and not turn.consumer_count:
+                await self._mint(raw)  # a new mutex: its token (a duplicate is harmless)
             self._declared = True
         return raw
+
+    async def _mint(self, raw: aiormq.abc.AbstractChannel) -> None:
+        await raw.basic_publish(
+            b"turn", routing_key=self.turn_queue, properties=Basic.Properties(delivery_mode=2)
+        )
 
     async def try_acquire(self) -> float:
         """Start now (0) or the seconds to wait; takes a slot only when returning 0.
 
-        The attempt runs shielded, so a cancelled caller never leaves the lock queue behind; a
-        caller cancelled at the moment of admission wastes that one start (fewer starts, never
-        more).
+        Waits for this process's turn (behind the processes already waiting), then up to
+        ``hold_s`` for a slot. The attempt runs shielded, so a cancelled caller never leaves a
+        consumer or the token behind; a caller cancelled at the moment of admission wastes that
+        one start (fewer starts, never more).
         """
         return await asyncio.shield(self._attempt())
 
     async def _attempt(self) -> float:
         async with self._attempting:
-            return await self._attempt_locked()
+            raw = await self._raw()
+            turn: asyncio.Future[int] = asyncio.get_running_loop().create_future()
 
-    async def _attempt_locked(self) -> float:
-        raw = await self._raw()
-        held = await raw.queue_declare(self.lock_queue, passive=True)
-        if held.consumer_count:  # someone is counting: retry soon without losing our channel
-            return random.uniform(0.002, 0.010)
-        try:
-            ok = await raw.basic_consume(self.lock_queue, _never_called, exclusive=True)
-        except aiormq.exceptions.ChannelAccessRefused:
-            return random.uniform(0.002, 0.010)  # lost the race for the mutex
-        try:
+            async def on_token(message: aiormq.abc.DeliveredMessage) -> None:
+                tag = int(getattr(message.delivery, "delivery_tag", 0))
+                if turn.done():  # not ours to use (a duplicate, or after we gave up)
+                    await raw.basic_nack(tag, requeue=True)
+                else:
+                    turn.set_result(tag)
+
+            ok = await raw.basic_consume(self.turn_queue, on_token)
+            tag: int | None = None
+            try:
+                tag = await self._my_turn(raw, turn)
+                return await self._count_and_start(raw)
+            finally:
+                await self._pass_turn(raw, ok.consumer_tag, turn, tag)
+
+    async def _my_turn(self, raw: aiormq.abc.AbstractChannel, turn: asyncio.Future[int]) -> int:
+        """The token's delivery tag, once the broker made this consumer the active one.
+
+        A token can be lost only if someone deletes it; if none is ready after a long wait, a
+        new one is minted (the mutex is the active consumer, not the token, so a second token
+        only ever waits in the queue; ``x-max-length`` keeps one)."""
+        while True:
+            done, _ = await asyncio.wait([turn], timeout=_MINT_AFTER_S)
+            if done:
+                return turn.result()
+            state = await raw.queue_declare(self.turn_queue, passive=True)
+            if not state.message_count:
+                log.warning("rate_limit_turn_token_minted", queue=self.turn_queue)
+                await self._mint(raw)
+
+    async def _count_and_start(self, raw: aiormq.abc.AbstractChannel) -> float:
+        while True:
             count = await raw.queue_declare(self.queue, passive=True)
             if (count.message_count or 0) < self.rate.limit:
                 now = time.time()
@@ -300,9 +346,10 @@ class BrokerLimiter:
                     raise RuntimeError(f"broker refused the rate-limit log entry: {confirm!r}")
                 self.last_start = now
                 return 0.0
-            return await self._wait_for_head(raw)
-        finally:
-            await self._unlock(raw, ok.consumer_tag)
+            wait = await self._wait_for_head(raw)
+            if wait > self.hold_s:
+                return wait
+            await asyncio.sleep(wait)  # keeping the turn: the next slot is ours
 
     async def _wait_for_head(self, raw: aiormq.abc.AbstractChannel) -> float:
         """Seconds until the oldest start leaves the window (its message expires)."""
@@ -317,12 +364,26 @@ class BrokerLimiter:
             return self.rate.window / self.rate.limit
         return min(max(oldest + self.rate.window - time.time(), 0.001), self.rate.window)
 
-    async def _unlock(self, raw: aiormq.abc.AbstractChannel, tag: str | None) -> None:
+    async def _pass_turn(
+        self,
+        raw: aiormq.abc.AbstractChannel,
+        consumer_tag: str | None,
+        turn: asyncio.Future[int],
+        tag: int | None,
+    ) -> None:
+        """Cancel our consumer (the broker activates the next one in line), then put the token
+        back for it. In that order: requeued first, the token would come straight back to us."""
         try:
-            await raw.basic_cancel(tag or "")
+            await raw.basic_cancel(consumer_tag or "")
+            if tag is None and turn.done() and not turn.cancelled():
+                tag = turn.result()  # delivered as we gave up waiting
+            if not turn.done():
+                turn.cancel()
+            if tag is not None:
+                await raw.basic_nack(tag, requeue=True)
         except (aiormq.exceptions.AMQPError, ConnectionError) as exc:
-            # a consumer dies with its channel: closing the channel releases the mutex
-            log.warning("rate_limit_unlock_by_close", queue=self.lock_queue, error=repr(exc))
+            # a consumer and its unacked token go with their channel: closing it passes the turn
+            log.warning("rate_limit_unlock_by_close", queue=self.turn_queue, error=repr(exc))
             if self._channel is not None:
                 with contextlib.suppress(aiormq.exceptions.AMQPError, ConnectionError):
                     await self._channel.close()
@@ -339,8 +400,10 @@ class BrokerLimiter:
             await self._channel.close()
 
 
-async def _never_called(message: aiormq.abc.DeliveredMessage) -> None:
-    """The mutex queue stays empty: its exclusive consumer exists only to be exclusive."""
+# The mutex queue: the broker delivers only to its single active consumer and activates the
+# registered ones in turn; it holds one token, whose delivery tells a consumer it is active.
+_TURN_ARGS: dict[str, Any] = {"x-single-active-consumer": True, "x-max-length": 1}
+_MINT_AFTER_S = 5.0
 
 
 class _Lazy:

@@ -139,12 +139,14 @@ async def test_per_worker_and_global_limits_with_three_workers(
     global_rate = sum(g0 + SETTLE_S <= t < g0 + SETTLE_S + 10 for t in global_times) / 10
     early = sum(t < g0 + SETTLE_S for t in global_times) / SETTLE_S
     admitted = [t for f in files for t in _admissions(f, "global")]
+    global_counts = [sum(1 for s in starts if s[0] == "global") for starts in per_worker]
     tightest = [_tightest([at for k, _, _, at in st if k == "local"], LOCAL) for st in per_worker]
     print(
         f"per-worker local rates {rates}/s (target {LOCAL}), global {global_rate}/s ({GLOBAL}); "
         f"tightest N+1 spans: local {[round(t, 3) for t in tightest]} s, "
         f"global {_tightest(global_times, GLOBAL):.3f} s (admissions "
-        f"{_tightest(admitted, GLOBAL):.3f} s); global in its first {SETTLE_S:g} s {early:.1f}/s"
+        f"{_tightest(admitted, GLOBAL):.3f} s); global in its first {SETTLE_S:g} s {early:.1f}/s; "
+        f"global starts per worker {global_counts}"
     )
     assert len(admitted) == N_GLOBAL and min(admitted) > 0
     assert _max_in_window(admitted, 1.0) <= GLOBAL  # the guarantee, exactly
@@ -156,6 +158,9 @@ async def test_per_worker_and_global_limits_with_three_workers(
     for rate in rates:
         assert abs(rate - LOCAL) <= LOCAL * 0.10, rates
     assert abs(global_rate - GLOBAL) <= GLOBAL * 0.10, global_rate
+    # every worker gets global starts: the broker-side mutex serves its waiters in turn (a third
+    # each is fair; the exclusive-consumer mutex it replaced let one lose every race for seconds)
+    assert min(global_counts) >= N_GLOBAL // 6, global_counts
     # the unlimited jobs were not starved behind the limited backlog: all ran within seconds
     free_times = sorted(at for k, _, _, at in every if k == "free")
     assert free_times[-1] - free_times[0] < 8, free_times[-1] - free_times[0]
