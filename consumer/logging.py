@@ -6,8 +6,10 @@ handler logs carries it without the handler passing anything around.
 
 Standard-library ``logging`` goes the same way: a handler's ``logging.getLogger(__name__)``, and
 libraries such as httpx or SQLAlchemy, are rendered by structlog's ``ProcessorFormatter`` into
-the same lines, with the same job context. Only the AMQP client libraries (aio-pika, aiormq,
-pamqp) are quieted below debug: Leveret reports what they go through in its own words.
+the same lines, with the same job context. The AMQP client libraries (aio-pika, aiormq, pamqp)
+are quieted below debug: Leveret reports what they go through in its own words. The HTTP client
+libraries (httpx, httpcore, urllib3) keep only their warnings and errors below debug: their line
+per request (``HTTP Request: GET …`` from every ``leveret status``) is chatter, not an event.
 """
 
 from __future__ import annotations
@@ -25,6 +27,10 @@ _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARN
 
 # Their connection chatter duplicates what Leveret logs (with the URL masked).
 AMQP_LOGGERS = ("aio_pika", "aiormq", "pamqp")
+
+# One INFO line per request (httpx) or per connection step (httpcore, urllib3): WARNING and up
+# only, unless the level is debug.
+HTTP_LOGGERS = ("httpx", "httpcore", "urllib3", "requests", "h11", "hpack")
 
 # Marks the handler this module installs, so configuring twice replaces rather than doubles it.
 _HANDLER_NAME = "leveret-stderr"
@@ -85,3 +91,6 @@ def configure_logging(
     root.setLevel(_LEVELS[level])
     for name in AMQP_LOGGERS:
         logging.getLogger(name).setLevel(logging.DEBUG if level == "debug" else logging.CRITICAL)
+    for name in HTTP_LOGGERS:
+        quiet = max(logging.WARNING, _LEVELS[level])
+        logging.getLogger(name).setLevel(logging.DEBUG if level == "debug" else quiet)
