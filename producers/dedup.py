@@ -3,11 +3,14 @@
 A publish with ``dedup_key=K`` first *claims* ``K`` for a fresh job id (``SET <prefix>dedup:K
 <id> NX``). Exactly one claimant wins however many processes race (Redis runs commands one at a
 time); every other one reads the winner's id and returns it without publishing anything. The
-winner publishes (confirms + ``mandatory``); a publish that fails in any way releases the claim,
-so a refused, unroutable or timed-out publish leaves the key free. A confirmed publish extends
-the claim to ``LEVERET_STATUS_TTL``. When the job ends (``succeeded``, ``dead``, ``cancelled``)
-the status keeper calls ``release_job(job_id)``, which frees the key. Every release is
-compare-and-delete in one Lua script: a release never frees a key that a newer job holds.
+winner publishes (confirms + ``mandatory``). A publish the broker refused (nacked, unroutable)
+or that never left this process releases the claim at once; one whose outcome is unknown (no
+confirm in time, the connection lost after sending) keeps it until its pending TTL
+(``PENDING_TTL``, 60 s) frees it, so a retry cannot enqueue a second job that the first may
+be. A confirmed publish extends the claim to ``LEVERET_STATUS_TTL``. When the job ends
+(``succeeded``, ``dead``, ``cancelled``) the status keeper calls ``release_job(job_id)``,
+which frees the key. Every release is compare-and-delete in one Lua script: a release never
+frees a key that a newer job holds.
 
 The key is findable from the job in two ways: the job carries it in its ``x-dedup-key`` header
 (``HEADER_DEDUP_KEY``, kept through retries and DLQ replays like every user header), and Redis
@@ -24,9 +27,14 @@ its id and enqueues nothing, from any number of processes.
   reaches the broker; the claim's pending TTL (``PENDING_TTL``, 60 s, longer than the default
   30 s publish timeout) frees it. Until then a publish of ``K`` returns that id, whose status is
   unknown (404);
-* a publisher that dies *between the broker's confirm and the extension* (microseconds) leaves
-  a live job whose claim expires after ``PENDING_TTL``: a publish of ``K`` after that can
-  enqueue a second job;
+* a publisher that dies *between the broker's confirm and the extension* (microseconds), or
+  whose extension write fails (Redis lost just then: the publish still returns the id and logs
+  a warning), leaves a live job whose claim expires after ``PENDING_TTL``: a publish of ``K``
+  after that can enqueue a second job;
+* a publish whose outcome is unknown (``PublishTimeout``, ``ConnectionLost``) keeps ``K``
+  held by its id for at most ``PENDING_TTL``: a retry within it returns that id, whose job may
+  not exist (its status unknown, 404); one after it enqueues a new job, which may be a second
+  if the first was queued after all;
 * a job that lives longer than ``LEVERET_STATUS_TTL`` (a delay or retry chain longer than the
   retention) outlives its claim;
 * the key is freed when the keeper applies the ending event (within 1 s at normal load), not at
@@ -42,11 +50,16 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
+import structlog
+
 from leveret.topology.errors import InvalidValueError
 
 from .connection import mask_url
+from .errors import PublishError
 from .lifecycle_settings import DEFAULT_STATUS_TTL
 from .status import StatusStoreError, StatusStoreUnavailable
+
+log = structlog.get_logger("leveret.dedup")
 
 HEADER_DEDUP_KEY: Final = "x-dedup-key"
 DEFAULT_PREFIX: Final = "leveret:"
@@ -170,8 +183,7 @@ class DedupStore:
             return await coro
         except (RedisError, OSError) as exc:
             raise StatusStoreUnavailable(
-                f"de-duplication store at {self._where}: {what} failed: "
-                f"{type(exc).__name__}: {exc}"
+                f"de-duplication store at {self._where}: {what} failed: {type(exc).__name__}: {exc}"
             ) from None
 
     async def claim(self, key: str, job_id: str) -> str | None:
@@ -228,6 +240,17 @@ class DedupStore:
         await self.client.aclose()
 
 
+def _certainly_not_queued(exc: BaseException) -> bool:
+    """The publish failed in a way that says the job is not queued: the broker refused it
+    (nacked, returned as unroutable, no such exchange) or it never left this process (refused
+    as invalid before sending, no channel before the timeout). Anything else (no confirm in
+    time, the connection lost after sending, a cancelled caller, an unexpected error) leaves
+    the outcome unknown: the job may be queued."""
+    if isinstance(exc, PublishError):
+        return not exc.maybe_queued
+    return isinstance(exc, InvalidValueError | TypeError)  # validation: nothing was sent
+
+
 async def publish_once(
     store: DedupStore,
     key: str,
@@ -237,16 +260,53 @@ async def publish_once(
     """Publish under ``key`` unless it is held; returns ``(id, published)``.
 
     ``publish(job_id, headers)`` must publish the job with that id and those extra headers and
-    return only once the broker confirmed it; any exception it raises releases the claim and
-    propagates. A holder's id comes back with ``published=False``.
+    return only once the broker confirmed it. A holder's id comes back with ``published=False``.
+
+    What ``publish`` raises propagates. The claim is released at once only when the job is
+    certainly not queued (a refusal the broker stated: ``RefusedError``, ``UnroutableError``;
+    or nothing was sent); on an unknown outcome (``PublishTimeout``, ``ConnectionLost``, a
+    cancelled or timed-out caller) it is kept and expires after the pending TTL (at most
+    ``PENDING_TTL``, 60 s), so a retry in the meantime gets this id instead of enqueuing a
+    second job that the first may be. A confirmed publish whose claim extension then fails
+    still returns its id (the job is queued): a warning is logged, and the pending claim holds
+    the key until it expires.
     """
     holder = await store.claim(key, job_id)
     if holder is not None:
         return holder, False
     try:
         await publish(job_id, {HEADER_DEDUP_KEY: key})
-    except BaseException:
-        await store.release(key, job_id)
+    except BaseException as exc:
+        if _certainly_not_queued(exc):
+            try:
+                await store.release(key, job_id)
+            except StatusStoreError as lost:  # the pending TTL frees it; the caller hears why
+                log.warning(
+                    "dedup_release_failed",
+                    key=key,
+                    job_id=job_id,
+                    error=str(lost),
+                    action=f"the key stays held for at most {store.pending_ttl} s",
+                )
         raise
-    await store.confirm(key, job_id)
+    try:
+        extended = await store.confirm(key, job_id)
+    except StatusStoreError as exc:
+        log.warning(
+            "dedup_extend_failed",
+            key=key,
+            job_id=job_id,
+            error=str(exc),
+            action=f"the job is queued; its key is held for at most {store.pending_ttl} s, "
+            f"not until it ends",
+        )
+    else:
+        if not extended:
+            log.warning(
+                "dedup_claim_lost",
+                key=key,
+                job_id=job_id,
+                action="the job is queued, but its claim expired before the confirm: "
+                "the key is not held for it",
+            )
     return job_id, True

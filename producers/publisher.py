@@ -25,8 +25,12 @@ the horizon (``MAX_DELAY_S``, about 388 days): every one an ``InvalidDelayError`
 
 De-duplication and cancellation (``producers.dedup``, ``producers.cancel``) use the status
 store's Redis: ``dedup_key=`` claims the key atomically before the publish (a held key returns
-the holder's id and sends nothing; a failed publish frees it), and ``cancel(id)`` marks the job
-and broadcasts the id to every running worker on this publisher's channel.
+the holder's id and sends nothing; a publish the broker refused frees it at once, one whose
+outcome is unknown keeps it held for at most 60 s), and ``cancel(id)`` marks the job and
+broadcasts the id to every running worker on this publisher's channel.
+
+What AMQP cannot carry (a job id over 255 UTF-8 bytes, a header value with no AMQP type) is an
+``InvalidMessageError`` (a ``ValueError``) before anything is sent (``message.check_message``).
 """
 
 from __future__ import annotations
@@ -61,7 +65,7 @@ from .dedup import (
     check_dedup_key,
     publish_once,
 )
-from .errors import DuplicateJobIdError, PublishTimeout
+from .errors import DuplicateJobIdError, PublishError, PublishTimeout
 from .lifecycle_settings import LifecycleSettings
 from .message import (
     check_max_attempts,
@@ -72,7 +76,7 @@ from .message import (
 )
 from .metrics import published_counter
 from .settings import ConnectionSettings
-from .status import JobStatus, StatusStore, StatusStoreError, wait_result
+from .status import JobStatus, StatusStore, StatusStoreError, StatusStoreUnavailable, wait_result
 
 log = structlog.get_logger("leveret.publisher")
 
@@ -266,9 +270,14 @@ class Publisher:
         """
         delay_s = delay_seconds(delay, eta)
         if dedup_key is not None:
-            return await self._publish_once(
-                dedup_key, job, payload, priority, delay_s, job_id, headers, max_attempts
+            # Validated first: a bad payload or key never claims the key.
+            key = check_dedup_key(dedup_key)
+            self._dedup_store()
+            carried = {**(headers or {}), HEADER_DEDUP_KEY: key}
+            prepared = prepare_job(
+                self._exchange, job, payload, priority, delay_s, job_id, carried, max_attempts
             )
+            return await self._publish_once(key, prepared)
         prepared = prepare_job(
             self._exchange, job, payload, priority, delay_s, job_id, headers, max_attempts
         )
@@ -277,24 +286,10 @@ class Publisher:
             await self._record_queued(prepared)
         return prepared.job_id
 
-    async def _publish_once(
-        self,
-        key: str,
-        job: str,
-        payload: Payload,
-        priority: int | None,
-        delay_s: float | None,
-        job_id: str | None,
-        headers: Mapping[str, Any] | None,
-        max_attempts: int | None,
-    ) -> str:
-        """Validated first (a bad payload never claims the key), then claim → publish →
-        confirm the claim, or release it if the publish failed (``publish_once``)."""
+    async def _publish_once(self, key: str, prepared: _Prepared) -> str:
+        """Claim → publish → confirm the claim (``publish_once``): the holder's id if the key
+        is held, else this job's once the broker confirmed it."""
         dedup = self._dedup_store()
-        carried = {**(headers or {}), HEADER_DEDUP_KEY: key}
-        prepared = prepare_job(
-            self._exchange, job, payload, priority, delay_s, job_id, carried, max_attempts
-        )
 
         async def send(_: str, __: dict[str, str]) -> None:
             await self._send(prepared)
@@ -303,18 +298,6 @@ class Publisher:
         if published and self._status_store is not None:
             await self._record_queued(prepared)
         return returned
-
-    async def _publish_job(self, j: Job) -> str:
-        return await self.publish(
-            j.job,
-            j.payload,
-            priority=j.priority,
-            delay=j.delay,
-            eta=j.eta,
-            job_id=j.job_id,
-            max_attempts=j.max_attempts,
-            dedup_key=j.dedup_key,
-        )
 
     def _dedup_store(self) -> DedupStore:
         if self._dedup is None:
@@ -364,49 +347,69 @@ class Publisher:
 
         Every job is validated before the first is sent; the batch goes out in one write
         (``producers.batch``). Returns the ids in order once every job is confirmed; otherwise
-        raises ``BatchPublishError`` after every confirm is in (or the wait ended), naming each
-        job not confirmed with its typed error, and the ids that did land (``landed``).
+        raises ``BatchPublishError`` once every job's outcome is in (or its wait ended), naming
+        each job not confirmed with its typed error, and the ids that did land (``landed``,
+        in order): every job is in one or the other.
 
         A ``Job`` with ``dedup_key`` is not part of the write: each goes through ``publish``'s
-        claim → publish → confirm on its own, concurrently, once the batch is confirmed; its
-        id in the list is the one ``publish`` returns (the holder's when the key is held).
+        claim → publish → confirm on its own, concurrently with the batch; its id in the list
+        (and in ``landed``) is the one ``publish`` returns (the holder's when the key is held),
+        and its failure is named under its own id like any other job's.
         """
         items = list(jobs)
         batch, once = self._prepare_batch(items)
-        results, batch_error = await self._send_batch(batch)
+        if self._channel is None:
+            raise RuntimeError("Publisher is not connected: use `async with Publisher(...)`")
+        keyed = asyncio.gather(
+            *(self._publish_once(key, p) for key, p in once.values()), return_exceptions=True
+        )
+        try:
+            results, _ = await self._send_batch(batch)
+        except BaseException:
+            keyed.cancel()  # the caller is cancelled: so are its keyed publishes
+            raise
+        keyed_results: list[str | BaseException] = await keyed
+        for failed in keyed_results:  # cancelled: the caller, not a job, failed
+            if isinstance(failed, BaseException) and not isinstance(failed, Exception):
+                raise failed
         if self._status_store is not None:
             await asyncio.gather(
-                *(
-                    self._record_queued(p)
-                    for p, r in zip(batch, results, strict=True)
-                    if not isinstance(r, BaseException)
-                )
+                *(self._record_queued(p) for p, r in zip(batch, results, strict=True) if r is None)
             )
-        if batch_error is not None:
-            raise batch_error
-        for result in results:
-            if isinstance(result, BaseException):
-                raise result
-        ids = [p.job_id for p in batch]
-        if not once:
-            return ids
-        deduped = await asyncio.gather(*(self._publish_job(j) for j in once.values()))
-        by_position = dict(zip(once, deduped, strict=True))
-        rest = iter(ids)
-        return [by_position[i] if i in by_position else next(rest) for i in range(len(items))]
+        by_position = dict(zip(once, keyed_results, strict=True))
+        ids: list[str] = []
+        errors: dict[str, PublishError] = {}
+        plain = iter(zip(batch, results, strict=True))
+        for position in range(len(items)):
+            outcome: str | BaseException | None
+            if position in once:
+                prepared = once[position][1]
+                outcome = by_position[position]
+            else:
+                prepared, outcome = next(plain)
+            if outcome is None:
+                ids.append(prepared.job_id)
+            elif isinstance(outcome, str):
+                ids.append(outcome)
+            else:
+                errors[prepared.job_id] = _as_publish_error(prepared.job, outcome)
+        if errors:
+            raise BatchPublishError(ids, errors)
+        return ids
 
     def _prepare_batch(
         self, items: list[Job | tuple[str, Payload]]
-    ) -> tuple[list[_Prepared], dict[int, Job]]:
+    ) -> tuple[list[_Prepared], dict[int, tuple[str, _Prepared]]]:
         """Every job validated and built before anything is sent: the batch to write, and the
-        jobs with a ``dedup_key`` by position (published one by one after the batch)."""
+        jobs with a ``dedup_key`` by position, with their key (published one by one)."""
         batch: list[_Prepared] = []
         seen: set[str] = set()
-        once: dict[int, Job] = {}
+        once: dict[int, tuple[str, _Prepared]] = {}
         for position, item in enumerate(items):
             if isinstance(item, Job):
-                if item.dedup_key is not None:
-                    check_dedup_key(item.dedup_key)
+                key = check_dedup_key(item.dedup_key) if item.dedup_key is not None else None
+                if key is not None:
+                    self._dedup_store()
                 delay_s = delay_seconds(item.delay, item.eta)
                 prepared = prepare_job(
                     self._exchange,
@@ -415,20 +418,20 @@ class Publisher:
                     item.priority,
                     delay_s,
                     item.job_id,
-                    None,
+                    {HEADER_DEDUP_KEY: key} if key is not None else None,
                     item.max_attempts,
                 )
-                if item.dedup_key is not None:
-                    self._dedup_store()
-                    once[position] = item
-                    continue
             else:  # (job, payload): no model to build per job on the hot path
                 job, payload = item
+                key = None
                 prepared = prepare_job(self._exchange, job, payload)
             if prepared.job_id in seen:
                 raise DuplicateJobIdError(prepared.job_id)
             seen.add(prepared.job_id)
-            batch.append(prepared)
+            if key is not None:
+                once[position] = (key, prepared)
+            else:
+                batch.append(prepared)
         return batch, once
 
     async def _send_batch(
@@ -442,6 +445,8 @@ class Publisher:
         """
         if self._channel is None:
             raise RuntimeError("Publisher is not connected: use `async with Publisher(...)`")
+        if not batch:
+            return [], None
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._timeout
         try:
@@ -449,12 +454,20 @@ class Publisher:
                 channel = await self._channel.get_underlay_channel()
         except TimeoutError:
             timed_out = BatchPublishError(
-                [], {p.job_id: PublishTimeout(p.job, self._timeout) for p in batch}
+                [], {p.job_id: PublishTimeout(p.job, self._timeout, sent=False) for p in batch}
             )
             return [timed_out.errors[p.job_id] for p in batch], timed_out
         if not isinstance(channel, aiormq.Channel):  # not aiormq's: one publish per job
             sent = await asyncio.gather(*(self._send(p) for p in batch), return_exceptions=True)
-            return list(sent), None
+            failed = {
+                p.job_id: _as_publish_error(p.job, r)
+                for p, r in zip(batch, sent, strict=True)
+                if r is not None
+            }
+            if not failed:
+                return [None] * len(batch), None
+            landed = [p.job_id for p, r in zip(batch, sent, strict=True) if r is None]
+            return [failed.get(p.job_id) for p in batch], BatchPublishError(landed, failed)
         for p in batch:
             while (earlier := self._in_flight.get(p.job_id)) is not None:
                 await earlier.wait()
@@ -535,8 +548,8 @@ class Publisher:
             try:
                 async with asyncio.timeout_at(deadline):
                     channel = await self._channel.get_underlay_channel()
-            except TimeoutError:
-                raise PublishTimeout(prepared.job, self._timeout) from None
+            except TimeoutError:  # no channel in time: nothing was sent
+                raise PublishTimeout(prepared.job, self._timeout, sent=False) from None
             await publish_confirmed(
                 channel,
                 prepared.body,
@@ -566,3 +579,22 @@ class _Prepared(NamedTuple):
     properties: Basic.Properties
     exchange: str
     routing_key: str
+
+
+def _as_publish_error(job: str, exc: BaseException) -> PublishError:
+    """A job's failure as the ``PublishError`` a ``BatchPublishError`` names it with.
+
+    A claim Redis could not make means nothing was sent; anything else unexpected leaves the
+    outcome unknown (``maybe_queued``)."""
+    if isinstance(exc, PublishError):
+        return exc
+    not_sent = isinstance(exc, StatusStoreUnavailable | DedupUnavailableError | ValueError)
+    error = PublishError(
+        job,
+        f"job {job!r} "
+        + ("was not sent" if not_sent else "may or may not have been queued")
+        + f": {type(exc).__name__}: {exc}",
+    )
+    error.maybe_queued = not not_sent
+    error.__cause__ = exc
+    return error
