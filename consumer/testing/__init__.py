@@ -36,6 +36,7 @@ from .. import execution
 from ..context import JobContext
 from ..errors import Reject
 from ..middleware import CallNext, JobMetrics
+from ..pipeline import _invalid_payload
 from ..registry import JobSpec
 from ..threads import JobThreads
 from ..tracing import tracing_layer
@@ -105,8 +106,13 @@ class Retry:
 class _Collect:
     """``ctx.enqueue``/``ctx.progress`` outside a worker: follow-ups are collected, not sent."""
 
+    records_started = False  # no status, no events: nothing to record as a run starts
+
     def __init__(self) -> None:
         self.progress_reports: list[tuple[str, float, str | None]] = []
+
+    def started(self, d: Any, job: str, attempt: int) -> None:
+        """Never called (``records_started`` is false)."""
 
     async def progress(
         self, d: Any, job: str, attempt: int, fraction: float, message: str | None
@@ -304,7 +310,8 @@ class TestBroker:
         try:
             value = spec.validate(p.body)
         except Exception as exc:
-            return self._dead(p, None, "invalid", f"{type(exc).__name__}: {exc}", p.attempts)
+            # The real worker's x-error for it: the same one line, built by the same function.
+            return self._dead(p, None, "invalid", one_line(_invalid_payload(exc)), p.attempts)
         collect = _Collect()
         attempt = p.attempts + 1
         max_attempts = p.max_attempts or spec.max_attempts
