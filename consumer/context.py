@@ -25,6 +25,11 @@ class Lifecycle(Protocol):
 
     def follow_up(self, job: str, payload: Any, options: dict[str, Any]) -> _FollowUp: ...
 
+    # Whether ``started`` is recorded (a status store, or ``LEVERET_EVENTS=all``), and how.
+    records_started: bool
+
+    def started(self, d: Any, job: str, attempt: int) -> None: ...
+
 
 # W3C trace context: carried from a job to the jobs it enqueues.
 TRACE_HEADERS = ("traceparent", "tracestate")

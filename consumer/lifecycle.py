@@ -96,21 +96,23 @@ class EventCopies:
         )
         return Copy(body, self.exchange, f"{job}.{state}", props, False)
 
-    def succeeded(self, d: Delivery, job: str, attempt: int, duration: float, result: Any) -> Copy:
-        """The ``succeeded`` event, carrying the handler's result as JSON when it fits within
-        ``LEVERET_RESULT_MAX_BYTES`` (else ``null``, and a warning: the job still succeeded)."""
-        value = None
-        if result is not None:
-            encoded = encode_result(result, self._result_max_bytes)
-            value = encoded.value
-            if encoded.dropped is not None:
-                log.warning(
-                    "result_dropped",
-                    reason=encoded.dropped,
-                    size=encoded.size,
-                    limit=self._result_max_bytes,
-                    action="the succeeded event and status carry null; the job succeeded",
-                )
+    def result_value(self, result: Any) -> Any:
+        """The handler's result as JSON for the status and the ``succeeded`` event when it
+        fits within ``LEVERET_RESULT_MAX_BYTES`` (else ``None``, and a warning: the job still
+        succeeded)."""
+        encoded = encode_result(result, self._result_max_bytes)
+        if encoded.dropped is not None:
+            log.warning(
+                "result_dropped",
+                reason=encoded.dropped,
+                size=encoded.size,
+                limit=self._result_max_bytes,
+                action="the succeeded event and status carry null; the job succeeded",
+            )
+        return encoded.value
+
+    def succeeded(self, d: Delivery, job: str, attempt: int, duration: float, value: Any) -> Copy:
+        """The ``succeeded`` event, carrying the result ``value`` (see ``result_value``)."""
         return self.event(d, job, SUCCEEDED, attempt, duration=duration, result=value)
 
     def follow_up(self, job: str, payload: Any, options: dict[str, Any]) -> FollowUp:

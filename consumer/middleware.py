@@ -67,7 +67,8 @@ async def log_context(ctx: JobContext, call_next: CallNext) -> Any:
 
 
 class JobMetrics:
-    """Counts a run as started and in progress; settle counts its outcome and duration."""
+    """Counts a run as started and in progress, and records ``started`` (best effort, where a
+    status store or ``LEVERET_EVENTS=all`` asks for it); settle counts its outcome."""
 
     __slots__ = ("_in_progress", "_started")
 
@@ -76,6 +77,10 @@ class JobMetrics:
         self._in_progress = in_progress
 
     async def __call__(self, ctx: JobContext, call_next: CallNext) -> Any:
+        # Here, inside any rate limit: a run its limit postponed never reads ``started``.
+        lifecycle = ctx.lifecycle
+        if lifecycle is not None and lifecycle.records_started:
+            lifecycle.started(ctx.delivery, ctx.job, ctx.attempt)
         self._started.inc()
         self._in_progress.inc()
         try:

@@ -108,6 +108,9 @@ class Pipeline:
     _sleep: Callable[[float], Awaitable[None]]  # returns early once the worker stops
     _stopping: asyncio.Event
     tasks: set[asyncio.Task[Any]] = field(default_factory=set)  # deliveries in flight
+    # Those whose run is over and whose outcome is being settled: their copies may be on the
+    # wire, so a shutdown waits for them rather than give them back (a second live copy).
+    settling: set[asyncio.Task[Any]] = field(default_factory=set)
     # job name -> its queue-wait histogram child, resolved once.
     _waits: dict[str, Histogram] = field(default_factory=dict)
     # Cancelled job ids (``CancelWatch.ids``; bound by the session with a status store).
@@ -116,6 +119,10 @@ class Pipeline:
     # cancel was asked for (``cancel_running``), until their task has handled it.
     _running: dict[str, _Running] = field(default_factory=dict)
     _cancelling: dict[str, _Running] = field(default_factory=dict)
+
+    @property
+    def jobs(self) -> Mapping[str, JobSpec]:
+        return self._jobs
 
     @classmethod
     def for_jobs(
@@ -185,6 +192,7 @@ class Pipeline:
                 await self._escaped(d, settler, lost, exc)
         finally:
             self.tasks.discard(task)
+            self.settling.discard(task)
 
     async def _process(self, d: Delivery, settler: Settler) -> None:
         if d.id_assigned:
@@ -208,8 +216,6 @@ class Pipeline:
                 d, spec.name, "invalid", _invalid_payload(exc), d.attempts
             )
         ctx = self._context(d, spec, payload, settler)
-        if settler.publishes_started:
-            settler.started(d, spec.name, ctx.attempt)
         started = time.perf_counter()
         if not spec.cancellable:
             result, error = await execution.run(self._chains[spec.name], ctx)
@@ -218,6 +224,7 @@ class Pipeline:
         else:
             result, error = await self._run_cancellable(spec, ctx, started)
         duration = time.perf_counter() - started
+        self.settling.add(asyncio.current_task())  # type: ignore[arg-type]
         if error is None:
             return await settler.succeeded(
                 d, spec.name, duration, result, ctx.attempt, ctx.follow_ups
@@ -274,7 +281,17 @@ class Pipeline:
         """Shutdown grace ran out: give the job back unburnt. Cancelled because the channel
         went away (aiormq cancels consumers before our ``lost`` flag is set, e.g. when the
         broker's consumer_timeout closes the channel): publish nothing, or the broker's own
-        redelivery would double the job."""
+        redelivery would double the job. Cancelled while settling (the session waited for it
+        past the grace; its copies may be out): nothing more is published, the job is
+        requeued as it is unless it was acked already (a duplicate at worst)."""
+        if settler.acker.settled(d.tag):
+            return
+        task = asyncio.current_task()
+        if task in self.settling:
+            if not lost.is_set():
+                with contextlib.suppress(Exception):
+                    await settler.acker.nack(d.tag, requeue=True)
+            return
         if self._stopping.is_set() and not lost.is_set() and not settler.acker.closed:
             try:
                 await settler.give_back(d)

@@ -3,7 +3,8 @@
 Ready means connected and consuming *and* able to start a plain ``def`` job: when every job
 thread is stuck in a ``def`` handler that timed out (Python cannot stop a thread, see
 ``JobThreads``), the worker takes deliveries it cannot run, so it says so rather than look
-healthy.
+healthy. And nothing it depends on to settle a job is stalled (``stall``): the status store
+unreachable for longer than ``LEVERET_STATUS_TIMEOUT`` holds every ack, so the worker says so.
 """
 
 from __future__ import annotations
@@ -17,10 +18,23 @@ class Readiness:
         self._metrics = metrics
         self.connected = False
         self._threads: JobThreads | None = None
+        self._stalled: set[str] = set()
 
     @property
     def ready(self) -> bool:
-        return self.connected and not (self._threads is not None and self._threads.exhausted)
+        return (
+            self.connected
+            and not self._stalled
+            and not (self._threads is not None and self._threads.exhausted)
+        )
+
+    def stall(self, what: str, stalled: bool) -> None:
+        """``what`` (e.g. ``status_store``) cannot serve the worker right now: not ready."""
+        if stalled:
+            self._stalled.add(what)
+        else:
+            self._stalled.discard(what)
+        self.set_connected(self.connected)
 
     def set_connected(self, connected: bool) -> None:
         self.connected = connected

@@ -29,10 +29,8 @@ from tenacity.wait import wait_exponential_jitter
 
 from leveret.producers.cancel import CancelMarks, CancelWatch
 from leveret.producers.connection import CONNECTION_ERRORS, connect, mask_secrets
-from leveret.producers.dedup import DedupStore
 from leveret.producers.errors import BrokerUnavailable
 from leveret.producers.message import one_line
-from leveret.producers.status import StatusStore
 from leveret.topology.declare import declare
 from leveret.topology.model import Topology
 
@@ -41,7 +39,7 @@ from .metrics import Outcomes
 from .pipeline import Pipeline
 from .settings import WorkerSettings
 from .settle import Settler
-from .status_keeper import StatusKeeper
+from .status_writer import StatusWriter
 
 log = structlog.get_logger("leveret.worker")
 
@@ -70,13 +68,11 @@ class Plan:
     failures: dict[str, int]  # job id -> settles failed in a row (see Settler)
     pipeline: Pipeline
     on_lost: Callable[[], None]  # not ready: the session is over or about to be
-    # With LEVERET_STATUS_URL: each session runs a StatusKeeper into this store (one per
-    # worker process), started once the topology is declared, stopped before the connection.
-    status_store: StatusStore | None = None
-    # With a status store too: cancellation marks (each session runs a CancelWatch on them)
-    # and de-duplication claims (the keeper frees a job's key when its ending event is in).
+    # With LEVERET_STATUS_URL: the writer every session's settle records statuses with (one
+    # per worker process; an ending write also frees the job's dedup key) ...
+    status: StatusWriter | None = None
+    # ... and the cancellation marks (each session runs a CancelWatch on them).
     cancel_marks: CancelMarks | None = None
-    dedup: DedupStore | None = None
 
 
 class Session:
@@ -89,7 +85,6 @@ class Session:
         self.connection = connection
         self.plan = plan
         self.publish_connection: AbstractConnection | None = None
-        self.keeper: StatusKeeper | None = None
         self.watch: CancelWatch | None = None
         self.lost = asyncio.Event()
         self.consumer_tags: dict[str, str] = {}  # consumer tag -> queue
@@ -129,27 +124,19 @@ class Session:
             timeout_s=settings.publish_timeout,
             events_mode=settings.events_mode,
             result_max_bytes=settings.result_max_bytes,
-            status_store=plan.status_store,
+            status=plan.status,
+            queue_of={name: spec.queue for name, spec in plan.pipeline.jobs.items()},
         )
-        await self._start_status_and_cancel()
+        await self._start_cancel_watch()
         self.consume.on_consumer_cancel_callbacks.add(self._on_cancel)
         for q in plan.queues:
             callback = functools.partial(plan.pipeline.on_message, self.settler, self.lost, q)
             ok = await self.consume.basic_consume(q, callback, no_ack=False)
             self.consumer_tags[str(ok.consumer_tag)] = q
 
-    async def _start_status_and_cancel(self) -> None:
-        """With a status store: the keeper that writes events into it, and the cancel watch."""
+    async def _start_cancel_watch(self) -> None:
+        """With a status store: the cancel watch."""
         plan, settings = self.plan, self.plan.settings
-        if plan.status_store is not None:
-            self.keeper = StatusKeeper(
-                self.connection,
-                plan.status_store,
-                exchange=settings.exchange,
-                queue_type=settings.queue_type,
-                release=plan.dedup.release_job if plan.dedup is not None else None,
-            )
-            await self.keeper.start()
         if plan.cancel_marks is not None:
             # Before consuming: the marks are loaded, so a job cancelled while no worker ran
             # is refused from the first delivery.
@@ -236,6 +223,14 @@ class Session:
                 await asyncio.wait_for(self.consume.basic_cancel(tag), CLOSE_TIMEOUT_S)
         if tasks:
             _, pending = await asyncio.wait(set(tasks), timeout=grace)
+            settling = pending & self.plan.pipeline.settling
+            if settling:
+                # Their runs are over and their copies may be on the wire: giving them back
+                # would make a second live copy. Wait for their confirms (bounded) and acks.
+                log.info("waiting_for_settling_jobs", count=len(settling))
+                wait_s = (self.plan.settings.publish_timeout or CLOSE_TIMEOUT_S) + 1
+                await asyncio.wait(settling, timeout=wait_s)
+                pending = {t for t in pending if not t.done()}
             if pending:
                 log.warning("returning_unfinished_jobs", count=len(pending))
                 for task in pending:
@@ -251,10 +246,6 @@ class Session:
             watch, self.watch = self.watch, None
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(watch.stop(), CLOSE_TIMEOUT_S)
-        if self.keeper is not None:
-            keeper, self.keeper = self.keeper, None
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(keeper.stop(), CLOSE_TIMEOUT_S + 1)
         await _close_all(self.connection, self.publish_connection)
 
 

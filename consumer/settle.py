@@ -32,7 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable, Mapping
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import aiormq
@@ -41,6 +41,7 @@ from prometheus_client import Counter
 
 from leveret.producers.events import CANCELLED as EVENT_CANCELLED
 from leveret.producers.events import DEAD, PROGRESS, RETRYING, STARTED, EventsMode
+from leveret.producers.events import SUCCEEDED as EVENT_SUCCEEDED
 from leveret.producers.message import (
     HEADER_ATTEMPTS,
     HEADER_DELIVERY_COUNT,
@@ -53,7 +54,7 @@ from leveret.producers.message import (
     copy_properties,
     one_line,
 )
-from leveret.producers.publisher import STATUS_WRITE_TIMEOUT_S
+from leveret.producers.status import StatusWrite, status_write
 from leveret.topology.delay import MAX_DELAY_S, retry_route
 from leveret.topology.model import dlq_name
 
@@ -66,7 +67,7 @@ from .outbox import Copy, Outbox, SettleFailed
 from .registry import JobSpec
 
 if TYPE_CHECKING:
-    from leveret.producers.status import StatusStore
+    from .status_writer import StatusWriter
 
 __all__ = ["Copy", "FollowUp", "SettleFailed", "Settler"]
 
@@ -102,7 +103,8 @@ class Settler:
         timeout_s: float | None = None,
         events_mode: EventsMode = "off",
         result_max_bytes: int = 65536,
-        status_store: StatusStore | None = None,
+        status: StatusWriter | None = None,
+        queue_of: Mapping[str, str] | None = None,
     ) -> None:
         self.acker = acker
         self.outcomes = outcomes
@@ -118,10 +120,12 @@ class Settler:
         self._event = self.events.event
         self.publishes_started = self.events.started
         self._publishes_outcomes = self.events.outcomes
-        # With a status store, a run's follow-up jobs read ``queued`` once confirmed, as jobs
-        # published through the library do (the writes run beside, never before, the ack).
-        self._status_store = status_store
-        self._status_writes: set[asyncio.Task[None]] = set()
+        # With a status store: each outcome's status is written after its copies are confirmed
+        # and before its ack (``_finish``); ``started`` and ``progress`` best effort.
+        self.status = status
+        # job name -> its queue, for the jobs this worker knows (a follow-up's ``queued``).
+        self._queue_of: Mapping[str, str] = queue_of or {}
+        self.records_started = self.publishes_started or status is not None
 
     # -- outcomes ---------------------------------------------------------------------------------
 
@@ -138,14 +142,17 @@ class Settler:
         ``LEVERET_RESULT_MAX_BYTES``), the run's follow-up jobs go out beside it."""
         children = self.outcomes.children(d.queue, job)
         children.duration.observe(duration)
-        copies: tuple[Copy, ...] = ()
+        copies: tuple[Copy, ...] = tuple(f.copy for f in follow_ups) if follow_ups else ()
+        events: tuple[Copy, ...] = ()
+        value = self.events.result_value(result) if result is not None else None
         if self._publishes_outcomes:
-            copies = (self.events.succeeded(d, job, attempt, duration, result),)
-        if follow_ups:
-            copies += tuple(f.copy for f in follow_ups)
-        await self._finish(d, SUCCEEDED, children.succeeded, copies)
-        if follow_ups and self._status_store is not None:
-            self._record_queued(self._status_store, follow_ups)
+            events = (self.events.succeeded(d, job, attempt, duration, value),)
+        writes: list[StatusWrite] = []
+        if self.status is not None:
+            writes.append(self._write(d, job, EVENT_SUCCEEDED, attempt, duration, result=value))
+            if follow_ups:
+                writes += [self._queued(f) for f in follow_ups]
+        await self._finish(d, SUCCEEDED, children.succeeded, copies, events, writes)
         log.debug("job_succeeded", duration_s=round(duration, 6))
 
     async def failed(
@@ -161,11 +168,13 @@ class Settler:
         if rejected or attempt >= limit:
             reason = "rejected" if rejected else "exhausted"
             copies: tuple[Copy, ...] = (self._dead_copy(d, spec.name, reason, described, attempt),)
-            if self._publishes_outcomes:
-                copies += (
-                    self._event(d, spec.name, DEAD, attempt, duration=duration, error=described),
-                )
-            await self._finish(d, DEAD_LETTERED, children.dead_lettered, copies)
+            await self._finish(
+                d,
+                DEAD_LETTERED,
+                children.dead_lettered,
+                copies,
+                *self._ending(d, spec.name, DEAD, attempt, duration, described),
+            )
             # A rejection is the handler's own decision; running out of attempts is a failure.
             (log.warning if rejected else log.error)(
                 "job_dead_lettered", reason=reason, error=described, duration_s=took
@@ -181,11 +190,13 @@ class Settler:
         headers[HEADER_ATTEMPTS] = attempt
         route = retry_route(self._exchange, delay, d.queue)
         copies = (self._copy(d, spec.name, headers, *route),)
-        if self._publishes_outcomes:
-            copies += (
-                self._event(d, spec.name, RETRYING, attempt, duration=duration, error=described),
-            )
-        await self._finish(d, RETRIED, children.retried, copies)
+        await self._finish(
+            d,
+            RETRIED,
+            children.retried,
+            copies,
+            *self._ending(d, spec.name, RETRYING, attempt, duration, described),
+        )
         log.warning("job_retried", error=described, retry_in_s=round(delay, 3), duration_s=took)
         log.debug("job_traceback", exc_info=error)
 
@@ -200,12 +211,13 @@ class Settler:
         """The job was cancelled (``producers.cancel``): its ``cancelled`` event is confirmed,
         then it is acked; nothing else is published. ``duration`` is ``None`` for a job that
         did not run now (queued, delayed or back from a retry), ``attempt`` its last run."""
-        copies: tuple[Copy, ...] = ()
-        if self._publishes_outcomes:
-            copies = (
-                self._event(d, job, EVENT_CANCELLED, attempt, duration=duration, error=error),
-            )
-        await self._finish(d, CANCELLED, self.outcomes.children(d.queue, job).cancelled, copies)
+        await self._finish(
+            d,
+            CANCELLED,
+            self.outcomes.children(d.queue, job).cancelled,
+            (),
+            *self._ending(d, job, EVENT_CANCELLED, attempt, duration, error),
+        )
         log.info("job_cancelled", job_id=d.job_id, job=job, queue=d.queue, ran=duration is not None)
 
     async def dead_without_run(
@@ -213,11 +225,13 @@ class Settler:
     ) -> None:
         """Dead-letter a message no handler could take; ``label`` is never a wire value."""
         copies: tuple[Copy, ...] = (self._dead_copy(d, d.name, reason, error, attempts),)
-        if self._publishes_outcomes:
-            # ``attempt`` is the last run: 0 when no handler ever ran for this job.
-            copies += (self._event(d, d.name, DEAD, attempts, error=one_line(error)),)
+        # ``attempt`` is the last run: 0 when no handler ever ran for this job.
         await self._finish(
-            d, DEAD_LETTERED, self.outcomes.children(d.queue, label).dead_lettered, copies
+            d,
+            DEAD_LETTERED,
+            self.outcomes.children(d.queue, label).dead_lettered,
+            copies,
+            *self._ending(d, d.name, DEAD, attempts, None, one_line(error)),
         )
         log.error(
             "job_dead_lettered",
@@ -229,11 +243,31 @@ class Settler:
         )
 
     async def _finish(
-        self, d: Delivery, outcome: str, counter: Counter, copies: tuple[Copy, ...]
+        self,
+        d: Delivery,
+        outcome: str,
+        counter: Counter,
+        copies: tuple[Copy, ...],
+        events: tuple[Copy, ...] = (),
+        writes: list[StatusWrite] | None = None,
     ) -> None:
-        """Confirm the outcome's copies, then ack and count: the one path of every outcome."""
-        if copies:  # the one place copies are gathered: outcome copy, event, follow-ups
+        """The one path of every outcome: confirm the copies that make it true (retry, DLQ,
+        follow-ups), then its events, then write its status, then ack and count.
+
+        Events go out only once the copies are confirmed, so a refused copy (the job is given
+        back and runs again) leaves no outcome event behind; where there are no copies, they
+        are the first step. The status write comes last before the ack: a status never claims
+        what the queues do not hold, and an acked job's outcome is never missing.
+        """
+        if copies:
             await self._confirm(copies)
+            if events:
+                await self._confirm(events)
+        elif events:
+            await self._confirm(events)
+        if writes:
+            assert self.status is not None
+            await self.status.record(writes)
         self.acker.ack(d.tag)
         # Each outcome forgets the job's failed settles once it is out (a redelivery guard's
         # requeue is no outcome, so the backoff keeps growing across those).
@@ -242,19 +276,72 @@ class Settler:
         counter.inc()
         self.outcomes.counts[outcome] += 1
 
-    def _record_queued(self, store: StatusStore, follow_ups: list[FollowUp]) -> None:
-        task = asyncio.get_running_loop().create_task(_set_queued(store, follow_ups))
-        self._status_writes.add(task)
-        task.add_done_callback(self._status_writes.discard)
+    def _ending(
+        self,
+        d: Delivery,
+        job: str,
+        state: Any,
+        attempt: int,
+        duration: float | None,
+        error: str | None,
+    ) -> tuple[tuple[Copy, ...], list[StatusWrite] | None]:
+        """The outcome event (where events are on) and status write (with a status store) of
+        a ``retrying``, ``dead`` or ``cancelled`` outcome."""
+        events: tuple[Copy, ...] = ()
+        if self._publishes_outcomes:
+            events = (self._event(d, job, state, attempt, duration=duration, error=error),)
+        writes = None
+        if self.status is not None:
+            writes = [self._write(d, job, state, attempt, duration, error=error)]
+        return events, writes
+
+    def _write(
+        self,
+        d: Delivery,
+        job: str,
+        state: str,
+        attempt: int,
+        duration: float | None,
+        *,
+        result: Any = None,
+        error: str | None = None,
+    ) -> StatusWrite:
+        at = datetime.now(UTC)
+        started_at = at - timedelta(seconds=duration) if duration is not None else None
+        return status_write(
+            state,
+            d.job_id,
+            job,
+            d.queue,
+            attempt,
+            at=at,
+            result=result,
+            error=error,
+            started_at=started_at,
+        )
+
+    def _queued(self, f: FollowUp) -> StatusWrite:
+        """A follow-up reads ``queued`` once confirmed (its queue where this worker knows it)."""
+        return status_write("queued", f.job_id, f.copy.job, self._queue_of.get(f.copy.job), 0)
 
     def started(self, d: Delivery, job: str, attempt: int) -> None:
-        """Best effort ``started`` (``LEVERET_EVENTS=all``): sent, not waited for."""
-        self.outbox.send_best_effort(self._event(d, job, STARTED, attempt), d.job_id)
+        """Best effort ``started``: the status (with a store) and the event (``LEVERET_EVENTS=
+        all``) are sent, not waited for."""
+        if self.status is not None:
+            self.status.record_soon(status_write(STARTED, d.job_id, job, d.queue, attempt))
+        if self.publishes_started:
+            self.outbox.send_best_effort(self._event(d, job, STARTED, attempt), d.job_id)
 
     async def progress(
         self, d: Delivery, job: str, attempt: int, fraction: float, message: str | None
     ) -> None:
-        """Best effort ``progress``: the handler does not wait for a confirm."""
+        """Best effort ``progress``: the handler does not wait for the store or a confirm."""
+        if self.status is not None:
+            self.status.record_soon(
+                status_write(
+                    PROGRESS, d.job_id, job, d.queue, attempt, progress=fraction, message=message
+                )
+            )
         if self.events.progress:
             copy = self._event(d, job, PROGRESS, attempt, progress=fraction, message=message)
             self.outbox.send_best_effort(copy, d.job_id)
@@ -365,23 +452,6 @@ class Settler:
         if not lost.is_set():  # else the broker requeues it with the channel
             with contextlib.suppress(Exception):
                 await self.acker.nack(d.tag, requeue=True)
-
-
-async def _set_queued(store: StatusStore, follow_ups: list[FollowUp]) -> None:
-    """``queued`` unless the job already has a status (it may have started by now). The queue
-    is not known here, as for the publisher's own ``queued``: the job's first event fills it."""
-    for f in follow_ups:
-        try:
-            async with asyncio.timeout(STATUS_WRITE_TIMEOUT_S):
-                await store.set_queued(f.job_id, f.copy.job, "")
-        except Exception as exc:
-            with contextlib.suppress(Exception):
-                log.warning(
-                    "status_queued_not_written",
-                    job_id=f.job_id,
-                    error=f"{type(exc).__name__}: {exc}",
-                    action="the job is queued; its status appears with its first event",
-                )
 
 
 def _retry_delay(spec: JobSpec, attempt: int, error: BaseException, described: str) -> float:

@@ -4,9 +4,9 @@
 The optional features plug in here rather than in the worker class, so adding one does not
 grow the path a delivery takes:
 
-* ``open_status_store`` / ``cancel_and_dedup``: with ``LEVERET_STATUS_URL``, the Redis store
-  each session's ``StatusKeeper`` writes to, and the cancel marks and de-duplication claims
-  on the same client (one per worker process);
+* ``status_writer`` / ``cancel_marks``: with ``LEVERET_STATUS_URL``, the Redis store settle
+  records each job's status in (``StatusWriter``), and the cancel marks on the same client
+  (one per worker process);
 * ``rate_limits``: a ``RateLimited`` chain layer per job that has a limit, the global ones on
   Redis (with a status store) or on the broker;
 * ``start_beside``: health endpoint, signal handlers, the DLQ depth gauge and the start-up
@@ -22,7 +22,7 @@ import asyncio
 import contextlib
 import signal
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -35,8 +35,10 @@ from .pipeline import Pipeline
 from .ratelimit import GlobalLimiters, LocalLimiter
 from .scheduler import Scheduler
 from .session import Plan
+from .status_writer import StatusWriter
 
 if TYPE_CHECKING:
+    from leveret.producers.cancel import CancelMarks
     from leveret.producers.status import StatusStore
 
     from .metrics import Outcomes, WorkerMetrics
@@ -80,9 +82,15 @@ def session_plan(
     share: int,
     outcomes: Outcomes,
     on_lost: Callable[[], None],
+    on_stalled: Callable[[bool], None],
 ) -> Plan:
     """What every session of one run consumes, with the optional stores it feeds."""
     status_store = open_status_store(worker.settings)
+    status = None
+    if status_store is not None:
+        status = StatusWriter(
+            status_store, timeout_s=worker.settings.status_timeout, on_stalled=on_stalled
+        )
     return Plan(
         worker.settings,
         worker.topology,
@@ -92,8 +100,8 @@ def session_plan(
         {},
         pipeline,
         on_lost,
-        status_store=status_store,
-        **cancel_and_dedup(status_store),
+        status=status,
+        cancel_marks=cancel_marks(status_store),
     )
 
 
@@ -113,7 +121,7 @@ def log_start(worker: Worker, queues: list[str], prefetch: int, share: int) -> N
 
 
 def open_status_store(settings: WorkerSettings) -> StatusStore | None:
-    """With ``LEVERET_STATUS_URL``, the store each session's ``StatusKeeper`` writes to."""
+    """With ``LEVERET_STATUS_URL``, the store settle records statuses in."""
     if settings.status_url is None:
         return None
     from leveret.producers.status import RedisStatusStore
@@ -122,20 +130,16 @@ def open_status_store(settings: WorkerSettings) -> StatusStore | None:
     return RedisStatusStore.from_url(url, ttl=settings.status_ttl)
 
 
-def cancel_and_dedup(store: StatusStore | None) -> dict[str, Any]:
-    """Cancel marks and de-duplication claims on the status store's Redis client (one client
-    per worker process); nothing without a Redis status store."""
+def cancel_marks(store: StatusStore | None) -> CancelMarks | None:
+    """Cancel marks on the status store's Redis client (one client per worker process);
+    nothing without a Redis status store."""
     from leveret.producers.status import RedisStatusStore
 
     if not isinstance(store, RedisStatusStore):
-        return {}
+        return None
     from leveret.producers.cancel import RedisCancelMarks
-    from leveret.producers.dedup import DedupStore
 
-    return {
-        "cancel_marks": RedisCancelMarks(store.client, ttl=store.ttl),
-        "dedup": DedupStore(store.client, ttl=store.ttl),
-    }
+    return RedisCancelMarks(store.client, ttl=store.ttl)
 
 
 def global_limiters(settings: WorkerSettings) -> GlobalLimiters:

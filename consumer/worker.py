@@ -227,13 +227,16 @@ class Worker:
         sleep = self._sleep_unless_stopped
         self._pipeline = startup.pipeline(self, threads, limits, sleep, stopping)
         not_ready = functools.partial(self._readiness.set_connected, False)
-        plan = startup.session_plan(self, self._pipeline, queues, share, self._outcomes, not_ready)
+        stalled = functools.partial(self._readiness.stall, "status_store")
+        plan = startup.session_plan(
+            self, self._pipeline, queues, share, self._outcomes, not_ready, stalled
+        )
         startup.log_start(self, queues, prefetch, share)
         beside = self._beside = startup.Beside(queues, self.metrics)
         async with contextlib.AsyncExitStack() as stack:
             stack.callback(self._stopped)  # undone last: the final line
-            if plan.status_store is not None:
-                stack.push_async_callback(plan.status_store.close)
+            if plan.status is not None:
+                stack.push_async_callback(plan.status.store.close)
             stack.callback(threads.shutdown)
             stack.push_async_callback(limiters.close)
             # Process resources open now (a database that is down fails the start, not the

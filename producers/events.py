@@ -69,9 +69,11 @@ def routing_key(job: str, state: str) -> str:
     return f"{job}.{state}"
 
 
-def default_events_mode(status_url: str | None) -> EventsMode:
-    """``all`` with a status store (a status needs ``started``), else ``outcomes``."""
-    return "all" if status_url else "outcomes"
+def default_events_mode(history_url: str | None = None) -> EventsMode:
+    """``off`` (v3): a job pays for events only where someone reads them; the status store
+    does not need them (the worker writes statuses itself). A job history
+    (``LEVERET_HISTORY_URL``) is built from the outcome events, so there it is ``outcomes``."""
+    return "outcomes" if history_url else "off"
 
 
 def publishes(mode: EventsMode, state: str) -> bool:

@@ -177,9 +177,13 @@ class Publisher:
         registry: CollectorRegistry | None = None,
         status_url: str | None = None,
         status_store: StatusStore | None = None,
+        queues: Mapping[str, str] | None = None,
     ) -> None:
         """``status_url`` (default ``LEVERET_STATUS_URL``) turns on the status store: each
-        confirmed publish records ``queued`` and ``status``/``result`` read it back."""
+        confirmed publish records ``queued`` and ``status``/``result`` read it back.
+        ``queues`` (job name -> queue) is for a publisher that loads the app (the HTTP API):
+        its ``queued`` statuses name the queue at once; elsewhere it is ``null`` until a
+        worker has the job."""
         if settings is None:
             settings = ConnectionSettings() if url is None else ConnectionSettings(amqp_url=url)
         elif url is not None:
@@ -194,6 +198,7 @@ class Publisher:
         # message_id -> settled when that publish's confirm (or failure) is in.
         self._in_flight: dict[str, asyncio.Event] = {}
         self._status_store = status_store
+        self._queues: Mapping[str, str] = queues or {}
         self._owns_store = False
         self._status_url = status_url
         if status_store is None and status_url is None:
@@ -509,20 +514,21 @@ class Publisher:
         return self._status_store
 
     async def _record_queued(self, prepared: _Prepared) -> None:
-        """``queued`` for a confirmed job. The queue is not known here (the broker routes by
-        job name; the worker's first event fills it in). A failing write is logged: the job is
-        queued whatever Redis says, and its events still reach the status keeper."""
+        """``queued`` for a confirmed job; its queue where this publisher knows it (``queues``),
+        else ``null`` until a worker has the job. A failing write is logged: the job is queued
+        whatever Redis says, and the worker records its states from the start of its run."""
         assert self._status_store is not None
+        queue = self._queues.get(prepared.job)
         try:
             async with asyncio.timeout(STATUS_WRITE_TIMEOUT_S):
-                await self._status_store.set_queued(prepared.job_id, prepared.job, "")
+                await self._status_store.set_queued(prepared.job_id, prepared.job, queue)
         except Exception as exc:
             log.warning(
                 "status_queued_not_written",
                 job_id=prepared.job_id,
                 job=prepared.job,
                 error=f"{type(exc).__name__}: {exc}",
-                action="the job is queued; its status appears with its first event",
+                action="the job is queued; its status appears once a worker runs it",
             )
 
     async def status(self, job_id: str) -> JobStatus | None:

@@ -30,8 +30,9 @@ import asyncio
 import json
 import time
 from abc import ABC, abstractmethod
-from datetime import datetime
-from typing import Any, Final, Literal
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+from typing import Any, Final, Literal, NamedTuple
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, JsonValue, field_serializer
 
@@ -47,6 +48,7 @@ from .events import (
     TERMINAL_STATES,
     JobEvent,
     now,
+    now_rfc3339,
     rfc3339,
 )
 from .lifecycle_settings import DEFAULT_STATUS_TTL
@@ -54,6 +56,10 @@ from .lifecycle_settings import DEFAULT_STATUS_TTL
 StatusState = Literal["queued", "started", "retrying", "succeeded", "dead", "cancelled"]
 QUEUED: Final = "queued"
 DEFAULT_PREFIX: Final = "leveret:status:"
+# Where ``producers.dedup`` and ``producers.cancel`` keep their keys by default (they import
+# these): an ending write frees a dedup claim, a revive clears a cancel mark, in one script.
+DEFAULT_DEDUP_PREFIX: Final = "leveret:"
+DEFAULT_CANCEL_PREFIX: Final = "leveret:cancel:"
 _RANK: Final[dict[str, int]] = {QUEUED: 0, STARTED: 1, "retrying": 2}
 
 
@@ -103,7 +109,9 @@ class JobStatus(BaseModel):
 
     id: str
     job: str
-    queue: str
+    # Not known yet for a job published by a service that does not load the app: the first
+    # write of a worker (or of the HTTP API, which loads the app) fills it in.
+    queue: str | None
     state: StatusState
     attempt: int
     result: JsonValue = None
@@ -111,64 +119,160 @@ class JobStatus(BaseModel):
     progress: float | None = None
     message: str | None = None
     updated_at: AwareDatetime
+    created_at: AwareDatetime | None = None
+    started_at: AwareDatetime | None = None
+    ended_at: AwareDatetime | None = None
 
-    @field_serializer("updated_at")
-    def _serialize_updated_at(self, value: datetime) -> str:
-        return rfc3339(value)
+    @field_serializer("updated_at", "created_at", "started_at", "ended_at")
+    def _serialize_times(self, value: datetime | None) -> str | None:
+        return None if value is None else rfc3339(value)
 
     @property
     def ended(self) -> bool:
         return self.state in TERMINAL_STATES
 
 
-def queued_status(job_id: str, job: str, queue: str, at: datetime | None = None) -> JobStatus:
-    return JobStatus(
-        id=job_id, job=job, queue=queue, state=QUEUED, attempt=0, updated_at=at or now()
+QUEUED_KIND: Final = QUEUED
+REVIVE: Final = "revive"
+_NOT_RUN: Final = frozenset({QUEUED, REVIVE})
+
+
+class StatusWrite(NamedTuple):
+    """One status change, as the store's script takes it (build it with ``status_write``).
+
+    ``fields`` are the field/value pairs of the complete new status (absent fields left out);
+    the store decides under the ordering rule whether it applies and keeps what the new status
+    does not say (``created_at``, a run's ``started_at``, a ``queue`` known earlier, the
+    attempt's progress when ``inherit``). ``dedup_key`` is only read by ``revive``.
+    """
+
+    job_id: str
+    kind: str  # an event state, ``queued`` or ``revive``
+    attempt: int
+    at: str  # RFC 3339, fixed width: string order is time order
+    fields: tuple[str, ...]
+    inherit: bool = False
+    dedup_key: str | None = None
+
+
+def status_write(
+    kind: str,
+    job_id: str,
+    job: str,
+    queue: str | None,
+    attempt: int,
+    *,
+    at: datetime | str | None = None,
+    result: JsonValue = None,
+    error: str | None = None,
+    progress: float | None = None,
+    message: str | None = None,
+    started_at: datetime | str | None = None,
+    dedup_key: str | None = None,
+) -> StatusWrite:
+    """The write for ``kind`` (``queued``, ``revive``, or an event state); ``result`` is kept
+    on ``succeeded`` only, ``ended_at`` is ``at`` for an ending state, and ``started_at`` is
+    ``at`` for ``started``/``progress`` (else the run's start when one ran)."""
+    when = at if isinstance(at, str) else rfc3339(at) if at is not None else now_rfc3339()
+    state = STARTED if kind == PROGRESS else QUEUED if kind == REVIVE else kind
+    pairs: list[str] = ["id", job_id, "job", job, "state", state, "attempt", str(attempt)]
+    pairs += ["updated_at", when]
+    if queue:
+        pairs += ["queue", queue]
+    if kind in (STARTED, PROGRESS):
+        pairs += ["started_at", when]
+    elif started_at is not None and kind not in _NOT_RUN:
+        pairs += ["started_at", started_at if isinstance(started_at, str) else rfc3339(started_at)]
+    if kind in TERMINAL_STATES:
+        pairs += ["ended_at", when]
+    if kind == SUCCEEDED and result is not None:
+        pairs += ["result", json.dumps(result, separators=(",", ":"), ensure_ascii=False)]
+    if error is not None:
+        pairs += ["error", error]
+    if progress is not None:
+        pairs += ["progress", repr(float(progress))]
+    if message is not None:
+        pairs += ["message", message]
+    inherit = kind != PROGRESS and progress is None and message is None
+    return StatusWrite(job_id, kind, attempt, when, tuple(pairs), inherit, dedup_key)
+
+
+def write_from_event(event: JobEvent) -> StatusWrite:
+    """The write an event stands for (a run's ``started_at`` from its ``duration_s``)."""
+    started_at = None
+    if event.duration_s is not None:
+        started_at = event.at - timedelta(seconds=event.duration_s)
+    return status_write(
+        event.state,
+        event.job_id,
+        event.job,
+        event.queue,
+        event.attempt,
+        at=event.at,
+        result=event.result,
+        error=event.error,
+        progress=event.progress,
+        message=event.message,
+        started_at=started_at,
     )
 
 
-def _inherits_progress(event: JobEvent) -> bool:
-    """An event that says nothing about progress keeps what its attempt reported last."""
-    return event.state != PROGRESS and event.progress is None and event.message is None
+def queued_status(
+    job_id: str, job: str, queue: str | None, at: datetime | None = None
+) -> JobStatus:
+    moment = at or now()
+    return JobStatus(
+        id=job_id,
+        job=job,
+        queue=queue,
+        state=QUEUED,
+        attempt=0,
+        updated_at=moment,
+        created_at=moment,
+    )
 
 
-def next_status(current: JobStatus | None, event: JobEvent) -> JobStatus | None:
-    """The status after ``event``, or ``None`` when the event must not change it."""
-    state: StatusState = STARTED if event.state == PROGRESS else event.state
+def next_status(current: JobStatus | None, write: StatusWrite) -> JobStatus | None:
+    """The status after ``write``, or ``None`` when it must not change it (the rule of the
+    module docstring; ``_WRITE_LUA`` is the same rule for Redis)."""
+    new = _from_hash(dict(zip(write.fields[::2], write.fields[1::2], strict=True)))
+    assert new is not None
+    if write.kind == REVIVE:
+        return new.model_copy(
+            update={
+                "created_at": (current.created_at if current else None) or new.updated_at,
+                "queue": new.queue or (current.queue if current else None),
+            }
+        )
     if current is not None:
-        if current.ended:
+        if current.ended or write.kind == QUEUED:
             return None
-        if (
-            event.state == PROGRESS
-            and current.state == STARTED
-            and current.attempt == event.attempt
-        ):
-            if rfc3339(event.at) < rfc3339(current.updated_at):
+        if write.kind == PROGRESS and current.state == STARTED and current.attempt == write.attempt:
+            if write.at < rfc3339(current.updated_at):
                 return None  # an older progress report overtaken by a newer one
             return current.model_copy(
                 update={
-                    "progress": event.progress,
-                    "message": event.message,
-                    "updated_at": event.at,
+                    "progress": new.progress,
+                    "message": new.message,
+                    "updated_at": new.updated_at,
                 }
             )
-        if not event.terminal and (event.attempt, _RANK[state]) <= (
+        if write.kind not in TERMINAL_STATES and (write.attempt, _RANK[new.state]) <= (
             current.attempt,
             _RANK[current.state],
         ):
             return None
-    keep = current is not None and current.attempt == event.attempt and _inherits_progress(event)
-    return JobStatus(
-        id=event.job_id,
-        job=event.job,
-        queue=event.queue,
-        state=state,
-        attempt=event.attempt,
-        result=event.result if event.state == SUCCEEDED else None,
-        error=event.error,
-        progress=current.progress if keep and current else event.progress,
-        message=current.message if keep and current else event.message,
-        updated_at=event.at,
+    if current is None:
+        return new.model_copy(update={"created_at": new.updated_at})
+    keep = current.attempt == write.attempt and write.inherit
+    return new.model_copy(
+        update={
+            "created_at": current.created_at or new.updated_at,
+            "started_at": new.started_at or current.started_at,
+            "queue": new.queue or current.queue,
+            "progress": current.progress if keep else new.progress,
+            "message": current.message if keep else new.message,
+        }
     )
 
 
@@ -185,14 +289,35 @@ class StatusStore(ABC):
         """The job's status, or ``None`` for an unknown (or expired) id."""
 
     @abstractmethod
+    async def write_many(self, writes: Sequence[StatusWrite]) -> list[bool | str]:
+        """Apply each write under the ordering rule, all in one step (one round trip for
+        Redis): per write ``True`` if it changed the status, ``False`` if the rule discarded
+        it, or the store's refusal of that one write as text. An ending write also frees the
+        job's ``dedup_key``; a ``revive`` makes an ended job ``queued`` again. Raises
+        ``StatusStoreUnavailable`` when the store cannot be reached (nothing known written)."""
+
     async def apply(self, event: JobEvent) -> bool:
         """Apply one event under the ordering rule; ``True`` if the status changed."""
+        return await self._one(write_from_event(event))
 
-    @abstractmethod
     async def set_queued(
-        self, job_id: str, job: str, queue: str, at: datetime | None = None
+        self, job_id: str, job: str, queue: str | None, at: datetime | None = None
     ) -> bool:
         """Record ``queued`` unless the job already has a status; ``True`` if written."""
+        return await self._one(status_write(QUEUED, job_id, job, queue, 0, at=at))
+
+    async def revive(
+        self, job_id: str, job: str, queue: str | None, dedup_key: str | None = None
+    ) -> bool:
+        """A job replayed from the DLQ is live again: ``queued``, attempts reset, whatever it
+        read before; its ``dedup_key`` is held for it again if free, its cancel mark cleared."""
+        return await self._one(status_write(REVIVE, job_id, job, queue, 0, dedup_key=dedup_key))
+
+    async def _one(self, write: StatusWrite) -> bool:
+        (outcome,) = await self.write_many([write])
+        if isinstance(outcome, str):
+            raise StatusStoreError(f"status of {write.job_id}: {outcome}")
+        return outcome
 
     @abstractmethod
     async def ttl_remaining(self, job_id: str) -> float | None:
@@ -210,14 +335,14 @@ class MemoryStatusStore(StatusStore):
     """A process-local store with the same semantics, for tests and the test kit.
 
     ``available`` can be set to ``False`` to act out an outage: every call then raises
-    ``StatusStoreUnavailable`` like an unreachable Redis would.
+    ``StatusStoreUnavailable`` like an unreachable Redis would. It keeps no dedup claims or
+    cancel marks (those live beside it, in ``MemoryCancelMarks`` and the test kit).
     """
 
     def __init__(self, ttl: int = DEFAULT_STATUS_TTL) -> None:
         self.ttl = ttl
         self.available = True
         self._items: dict[str, tuple[JobStatus, float]] = {}
-        self._lock = asyncio.Lock()
 
     def _check(self) -> None:
         if not self.available:
@@ -232,31 +357,19 @@ class MemoryStatusStore(StatusStore):
             return None
         return item[0]
 
-    def _put(self, status: JobStatus) -> None:
-        self._items[status.id] = (status, time.monotonic() + self.ttl)
-
     async def get(self, job_id: str) -> JobStatus | None:
         self._check()
         return self._current(job_id)
 
-    async def apply(self, event: JobEvent) -> bool:
+    async def write_many(self, writes: Sequence[StatusWrite]) -> list[bool | str]:
         self._check()
-        async with self._lock:
-            new = next_status(self._current(event.job_id), event)
-            if new is None:
-                return False
-            self._put(new)
-            return True
-
-    async def set_queued(
-        self, job_id: str, job: str, queue: str, at: datetime | None = None
-    ) -> bool:
-        self._check()
-        async with self._lock:
-            if self._current(job_id) is not None:
-                return False
-            self._put(queued_status(job_id, job, queue, at))
-            return True
+        out: list[bool | str] = []
+        for write in writes:  # no await in between: atomic for this process
+            new = next_status(self._current(write.job_id), write)
+            if new is not None:
+                self._items[new.id] = (new, time.monotonic() + self.ttl)
+            out.append(new is not None)
+        return out
 
     async def ttl_remaining(self, job_id: str) -> float | None:
         self._check()
@@ -270,83 +383,114 @@ class MemoryStatusStore(StatusStore):
 
 # --- Redis ------------------------------------------------------------------------------------
 
-# One atomic read-compare-write per event; the rule is the module docstring's (``next_status``).
-# KEYS[1] the status hash. ARGV: ttl, kind (event state or 'queued'), attempt, at (RFC 3339,
-# fixed width, so string order is time order), inherit ('1': keep this attempt's progress),
-# then field/value pairs of the complete new status.
-_APPLY_LUA = """
-local key = KEYS[1]
+# Every write of a batch in one atomic script, each under the rule of ``next_status``, each in
+# its own ``pcall`` so that one refused key (WRONGTYPE) fails only its own write.
+# KEYS: the status hashes, one per write. ARGV: ttl, dedup prefix, cancel prefix, then a JSON
+# array of writes ``[job_id, kind, attempt, at, inherit (0/1), dedup_key or '', f1, v1, ...]``.
+_WRITE_LUA = """
 local ttl = tonumber(ARGV[1])
-local kind = ARGV[2]
-local attempt = tonumber(ARGV[3])
-local at = ARGV[4]
-local inherit = ARGV[5] == '1'
+local dedup, cancel = ARGV[2], ARGV[3]
+local items = cjson.decode(ARGV[4])
 local RANK = {queued = 0, started = 1, retrying = 2}
 local TERMINAL = {succeeded = true, dead = true, cancelled = true}
-local kept = nil
-local cur = redis.call('HMGET', key, 'state', 'attempt', 'updated_at')
-local cur_state = cur[1]
-if cur_state then
-  local cur_attempt = tonumber(cur[2])
-  if TERMINAL[cur_state] or kind == 'queued' then return 0 end
-  if kind == 'progress' and cur_state == 'started' and cur_attempt == attempt then
-    if cur[3] and at < cur[3] then return 0 end
-    local update = {'updated_at', at}
-    for i = 6, #ARGV, 2 do
-      if ARGV[i] == 'progress' or ARGV[i] == 'message' then
-        update[#update + 1] = ARGV[i]
-        update[#update + 1] = ARGV[i + 1]
+
+local function release(job_id)
+  local rev = dedup .. 'dedup-job:' .. job_id
+  local k = redis.call('GET', rev)
+  if not k then return end
+  redis.call('DEL', rev)
+  local claim = dedup .. 'dedup:' .. k
+  if redis.call('GET', claim) == job_id then redis.call('DEL', claim) end
+end
+
+local function keep(key, field, value)
+  if value and redis.call('HEXISTS', key, field) == 0 then
+    redis.call('HSET', key, field, value)
+  end
+end
+
+local function write(key, w)
+  local job_id, kind, attempt, at, inherit = w[1], w[2], tonumber(w[3]), w[4], w[5] == 1
+  local cur = redis.call('HMGET', key, 'state', 'attempt', 'updated_at', 'created_at',
+    'started_at', 'queue')
+  local cur_state, kept = cur[1], nil
+  if kind == 'revive' then
+    redis.call('DEL', key)
+    redis.call('HSET', key, unpack(w, 7))
+    keep(key, 'created_at', cur[4] or at)
+    keep(key, 'queue', cur[6])
+    redis.call('EXPIRE', key, ttl)
+    if w[6] ~= '' then
+      if redis.call('SET', dedup .. 'dedup:' .. w[6], job_id, 'NX', 'EX', ttl) then
+        redis.call('SET', dedup .. 'dedup-job:' .. job_id, w[6], 'EX', ttl)
       end
     end
-    redis.call('HDEL', key, 'progress', 'message')
-    redis.call('HSET', key, unpack(update))
-    redis.call('EXPIRE', key, ttl)
+    redis.call('DEL', cancel .. job_id)
     return 1
   end
-  if not TERMINAL[kind] then
-    local state = kind
-    if kind == 'progress' then state = 'started' end
-    local rank, cur_rank = RANK[state], RANK[cur_state]
-    if attempt < cur_attempt or (attempt == cur_attempt and rank <= cur_rank) then return 0 end
+  if cur_state then
+    local cur_attempt = tonumber(cur[2])
+    if TERMINAL[cur_state] or kind == 'queued' then
+      if TERMINAL[kind] then release(job_id) end
+      return 0
+    end
+    if kind == 'progress' and cur_state == 'started' and cur_attempt == attempt then
+      if cur[3] and at < cur[3] then return 0 end
+      local update = {'updated_at', at}
+      for i = 7, #w, 2 do
+        if w[i] == 'progress' or w[i] == 'message' then
+          update[#update + 1] = w[i]
+          update[#update + 1] = w[i + 1]
+        end
+      end
+      redis.call('HDEL', key, 'progress', 'message')
+      redis.call('HSET', key, unpack(update))
+      redis.call('EXPIRE', key, ttl)
+      return 1
+    end
+    if not TERMINAL[kind] then
+      local state = kind
+      if kind == 'progress' then state = 'started' end
+      local rank, cur_rank = RANK[state], RANK[cur_state]
+      if attempt < cur_attempt or (attempt == cur_attempt and rank <= cur_rank) then return 0 end
+    end
+    if inherit and cur_attempt == attempt then
+      kept = redis.call('HMGET', key, 'progress', 'message')
+    end
   end
-  if inherit and cur_attempt == attempt then
-    kept = redis.call('HMGET', key, 'progress', 'message')
+  redis.call('DEL', key)
+  redis.call('HSET', key, unpack(w, 7))
+  keep(key, 'created_at', cur[4] or at)
+  keep(key, 'queue', cur[6])
+  if cur_state then keep(key, 'started_at', cur[5]) end
+  if kept then
+    keep(key, 'progress', kept[1])
+    keep(key, 'message', kept[2])
   end
+  redis.call('EXPIRE', key, ttl)
+  if TERMINAL[kind] then release(job_id) end
+  return 1
 end
-redis.call('DEL', key)
-redis.call('HSET', key, unpack(ARGV, 6))
-if kept then
-  if kept[1] then redis.call('HSET', key, 'progress', kept[1]) end
-  if kept[2] then redis.call('HSET', key, 'message', kept[2]) end
+
+local out = {}
+for i, w in ipairs(items) do
+  local ok, res = pcall(write, KEYS[i], w)
+  if not ok then
+    if type(res) == 'table' then res = res.err end
+    res = tostring(res)
+  end
+  out[i] = res
 end
-redis.call('EXPIRE', key, ttl)
-return 1
+return out
 """
-
-
-def _fields(status: JobStatus) -> list[str]:
-    """The hash fields of a status; absent (``None``) fields are not stored at all."""
-    pairs: list[str] = [
-        "id", status.id,
-        "job", status.job,
-        "queue", status.queue,
-        "state", status.state,
-        "attempt", str(status.attempt),
-        "updated_at", rfc3339(status.updated_at),
-    ]  # fmt: skip
-    if status.result is not None:
-        pairs += ["result", json.dumps(status.result, separators=(",", ":"), ensure_ascii=False)]
-    if status.error is not None:
-        pairs += ["error", status.error]
-    if status.progress is not None:
-        pairs += ["progress", repr(float(status.progress))]
-    if status.message is not None:
-        pairs += ["message", status.message]
-    return pairs
 
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _time(value: str | None) -> datetime | None:
+    return None if value is None else datetime.fromisoformat(value)
 
 
 def _from_hash(raw: dict[Any, Any]) -> JobStatus | None:
@@ -356,7 +500,7 @@ def _from_hash(raw: dict[Any, Any]) -> JobStatus | None:
     return JobStatus(
         id=data["id"],
         job=data["job"],
-        queue=data["queue"],
+        queue=data.get("queue") or None,  # v2 stored "" for "not known yet"
         state=data["state"],  # validated by pydantic
         attempt=int(data["attempt"]),
         result=json.loads(data["result"]) if "result" in data else None,
@@ -364,13 +508,18 @@ def _from_hash(raw: dict[Any, Any]) -> JobStatus | None:
         progress=float(data["progress"]) if "progress" in data else None,
         message=data.get("message"),
         updated_at=datetime.fromisoformat(data["updated_at"]),
+        created_at=_time(data.get("created_at")),
+        started_at=_time(data.get("started_at")),
+        ended_at=_time(data.get("ended_at")),
     )
 
 
 class RedisStatusStore(StatusStore):
     """Statuses as Redis hashes under ``<prefix><job id>``, each expiring ``ttl`` s after its last
     change. Built on ``redis.asyncio``; imported lazily so that publishers that never ask for a
-    status do not need the ``redis`` package.
+    status do not need the ``redis`` package. An ending write frees the job's dedup claim
+    (``<dedup_prefix>dedup:<key>``, see ``producers.dedup``) in the same script; a revive clears
+    its cancel mark (``<cancel_prefix><id>``, see ``producers.cancel``).
     """
 
     def __init__(
@@ -382,12 +531,16 @@ class RedisStatusStore(StatusStore):
         ttl: int = DEFAULT_STATUS_TTL,
         prefix: str = DEFAULT_PREFIX,
         url: str = "redis",
+        dedup_prefix: str = DEFAULT_DEDUP_PREFIX,
+        cancel_prefix: str = DEFAULT_CANCEL_PREFIX,
     ) -> None:
         self.client = client
         self.ttl = ttl
         self.prefix = prefix
+        self.dedup_prefix = dedup_prefix
+        self.cancel_prefix = cancel_prefix
         self._where = mask_url(url)
-        self._script = client.register_script(_APPLY_LUA)
+        self._script = client.register_script(_WRITE_LUA)
 
     @classmethod
     def from_url(
@@ -399,7 +552,7 @@ class RedisStatusStore(StatusStore):
         timeout: float = 5.0,
     ) -> RedisStatusStore:
         """A store on its own client: bounded timeouts and one quick retry, so a call fails fast
-        while Redis is down instead of hanging the caller (the keeper does its own backoff)."""
+        while Redis is down instead of hanging the caller (the worker does its own backoff)."""
         try:
             import redis.asyncio as aioredis
             from redis.asyncio.retry import Retry
@@ -446,24 +599,17 @@ class RedisStatusStore(StatusStore):
         raw = await self._call("get", self.client.hgetall(self.key(job_id)))
         return _from_hash(raw)
 
-    async def _write(self, kind: str, attempt: int, new: JobStatus, inherit: bool) -> bool:
-        args = [self.ttl, kind, attempt, rfc3339(new.updated_at), "1" if inherit else "0"]
-        written = await self._call(
-            "apply", self._script(keys=[self.key(new.id)], args=[*args, *_fields(new)])
-        )
-        return bool(written)
-
-    async def apply(self, event: JobEvent) -> bool:
-        # The status this event would write over an empty key; the script decides whether it
-        # applies and, for an in-place progress update or an inherited progress, what to keep.
-        candidate = next_status(None, event)
-        assert candidate is not None  # an event always applies to an unknown job
-        return await self._write(event.state, event.attempt, candidate, _inherits_progress(event))
-
-    async def set_queued(
-        self, job_id: str, job: str, queue: str, at: datetime | None = None
-    ) -> bool:
-        return await self._write(QUEUED, 0, queued_status(job_id, job, queue, at), False)
+    async def write_many(self, writes: Sequence[StatusWrite]) -> list[bool | str]:
+        if not writes:
+            return []
+        items = [
+            [w.job_id, w.kind, w.attempt, w.at, 1 if w.inherit else 0, w.dedup_key or "", *w.fields]
+            for w in writes
+        ]
+        args = [self.ttl, self.dedup_prefix, self.cancel_prefix, _ENCODE(items)]
+        keys = [self.prefix + w.job_id for w in writes]
+        raw = await self._call("write", self._script(keys=keys, args=args))
+        return [r if isinstance(r, str) else bool(r) for r in raw]
 
     async def ttl_remaining(self, job_id: str) -> float | None:
         ms = await self._call("ttl", self.client.pttl(self.key(job_id)))
@@ -474,6 +620,9 @@ class RedisStatusStore(StatusStore):
 
     async def close(self) -> None:
         await self.client.aclose()
+
+
+_ENCODE: Final = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
 
 # --- waiting for a result ---------------------------------------------------------------------

@@ -103,7 +103,7 @@ class StatusOut(BaseModel):
 
     id: str
     job: str
-    queue: str
+    queue: str | None
     state: str
     attempt: int
     result: Any = None
@@ -111,6 +111,9 @@ class StatusOut(BaseModel):
     progress: float | None = None
     message: str | None = None
     updated_at: str
+    created_at: str | None = None
+    started_at: str | None = None
+    ended_at: str | None = None
 
 
 @dataclass
@@ -296,8 +299,10 @@ def create_app(
     registry = registry if registry is not None else worker.metrics.registry
     metrics = ApiMetrics.for_registry(registry)
     if publisher_factory is None:
+        # The API loads the app, so its jobs' ``queued`` statuses name their queue at once.
+        queues = {name: spec.queue for name, spec in worker.jobs.jobs.items()}
         publisher_factory = functools.partial(
-            Publisher, settings=worker.settings, registry=registry
+            Publisher, settings=worker.settings, registry=registry, queues=queues
         )
     state = ApiState(
         worker=worker,

@@ -56,6 +56,8 @@ from pamqp.commands import Basic
 
 from leveret.producers.confirm import publish_confirmed
 from leveret.producers.connection import CONNECTION_ERRORS, connect
+from leveret.producers.dedup import HEADER_DEDUP_KEY
+from leveret.producers.lifecycle_settings import LifecycleSettings
 from leveret.producers.message import (
     HEADER_ATTEMPTS,
     HEADER_DIED_AT,
@@ -66,6 +68,7 @@ from leveret.producers.message import (
     copy_properties,
 )
 from leveret.producers.settings import ConnectionSettings
+from leveret.producers.status import StatusStore, status_write
 from leveret.topology.declare import queue_depth
 from leveret.topology.errors import InvalidValueError, LeveretError
 from leveret.topology.model import dlq_name
@@ -334,7 +337,10 @@ class DeadLetters:
         page_size: int = PAGE_SIZE,
         idle_timeout_s: float = IDLE_TIMEOUT_S,
         in_flight: int = REPLAY_IN_FLIGHT,
+        status_store: StatusStore | None = None,
     ) -> None:
+        """``status_store`` (default: one on ``LEVERET_STATUS_URL`` when set): a replayed job
+        reads ``queued`` again before it moves (``revive``)."""
         self.settings = settings
         self.queue = queue
         self.dlq = dlq_name(queue)
@@ -343,8 +349,19 @@ class DeadLetters:
         self.in_flight = in_flight
         self._connection: AbstractConnection | None = None
         self._wrappers: dict[int, AbstractChannel] = {}
+        self.status_store = status_store
+        self._owns_store = False
 
     async def __aenter__(self) -> DeadLetters:
+        if self.status_store is None:
+            lifecycle = LifecycleSettings()
+            if lifecycle.status_url is not None:
+                from leveret.producers.status import RedisStatusStore
+
+                self.status_store = RedisStatusStore.from_url(
+                    lifecycle.status_url.get_secret_value(), ttl=lifecycle.status_ttl
+                )
+                self._owns_store = True
         self._connection = await connect(self.settings, robust=False)
         try:
             await self.depth()
@@ -354,6 +371,9 @@ class DeadLetters:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        if self._owns_store and self.status_store is not None:
+            with contextlib.suppress(Exception):
+                await self.status_store.close()
         if self._connection is not None:
             await self._connection.close()
 
@@ -507,6 +527,15 @@ class DeadLetters:
         return deleted
 
 
+async def _dead_again(store: StatusStore, dead: DeadJob, queue: str) -> None:
+    """A revived job whose move failed is still in the DLQ: say so again (best effort)."""
+    assert dead.id is not None and dead.job is not None
+    write = status_write("dead", dead.id, dead.job, queue, dead.attempts or 0, error=dead.error)
+    with contextlib.suppress(Exception):
+        # A revive holds the dedup key again; this ending frees it in the same write.
+        await store.write_many([write])
+
+
 class _Replay:
     """The in-flight part of a replay: at most ``in_flight`` confirmed publishes at once, each
     DLQ copy acked only once its copy in ``Q`` is confirmed.
@@ -543,8 +572,15 @@ class _Replay:
             del self._by_id[job_id]
 
     async def _move(self, scan: _Scan, delivery: _Delivery) -> None:
-        dlq = self.dlq
+        dlq, dead = self.dlq, delivery.dead
+        store = dlq.status_store if dead.id and dead.job else None
         try:
+            if store is not None:
+                # Live again before it can run: after the move a worker may end it at once,
+                # and a later revive would overwrite that ending.
+                assert dead.id is not None and dead.job is not None
+                key = _text(dead.headers.get(HEADER_DEDUP_KEY))
+                await store.revive(dead.id, dead.job, dlq.queue, key)
             await publish_confirmed(
                 self.channel,
                 delivery.message.body,
@@ -558,6 +594,8 @@ class _Replay:
             self.moved += 1
         except Exception as exc:  # left unacked: it stays in the DLQ
             self.failures.append(f"{delivery.dead.id}: {type(exc).__name__}: {exc}")
+            if store is not None:
+                await _dead_again(store, dead, dlq.queue)
         finally:
             self._gate.release()
 

@@ -42,21 +42,25 @@ def test_modes() -> None:
     assert publishes("outcomes", "progress") and publishes("outcomes", "dead")
     assert not publishes("outcomes", "started")
     assert publishes("all", "started") and publishes("all", "succeeded")
-    assert default_events_mode("redis://x") == "all"
-    assert default_events_mode(None) == "outcomes"
+    # v3: off by default; outcomes where a job history is kept (it reads them).
+    assert default_events_mode(None) == "off"
+    assert default_events_mode("postgresql://x") == "outcomes"
 
 
 def test_settings(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("EVENTS", "STATUS_URL", "STATUS_TTL", "RESULT_MAX_BYTES"):
+    for name in ("EVENTS", "STATUS_URL", "STATUS_TTL", "RESULT_MAX_BYTES", "HISTORY_URL"):
         monkeypatch.delenv(f"LEVERET_{name}", raising=False)
     default = LifecycleSettings()
-    assert (default.events_mode, default.status_ttl, default.result_max_bytes) == (
-        "outcomes",
-        604800,
-        65536,
-    )
+    assert (
+        default.events_mode,
+        default.status_ttl,
+        default.result_max_bytes,
+        default.status_timeout,
+    ) == ("off", 604800, 65536, 10.0)
     monkeypatch.setenv("LEVERET_STATUS_URL", "redis://localhost/0")
-    assert LifecycleSettings().events_mode == "all"
+    assert LifecycleSettings().events_mode == "off"  # the status store needs no events
+    monkeypatch.setenv("LEVERET_HISTORY_URL", "postgresql://localhost/jobs")
+    assert LifecycleSettings().events_mode == "outcomes"
     monkeypatch.setenv("LEVERET_EVENTS", "off")
     assert LifecycleSettings().events_mode == "off"
 

@@ -75,6 +75,9 @@ async def test_a_normal_life(store: StatusStore) -> None:
         "progress": None,
         "message": None,
         "updated_at": "2026-03-01T12:00:00.000Z",
+        "created_at": "2026-03-01T12:00:00.000Z",
+        "started_at": None,
+        "ended_at": None,
     }
     assert await store.apply(ev("started", 1, 1))
     assert await store.apply(ev("progress", 1, 2, progress=0.4, message="4 of 10"))
@@ -106,6 +109,9 @@ async def test_a_normal_life(store: StatusStore) -> None:
         "progress": 1.0,  # the run's last progress report stays visible
         "message": "done",
         "updated_at": "2026-03-01T12:00:12.000Z",
+        "created_at": "2026-03-01T12:00:00.000Z",  # kept from the first write
+        "started_at": "2026-03-01T12:00:10.000Z",  # the last run's start (12 s - 2 s)
+        "ended_at": "2026-03-01T12:00:12.000Z",
     }
 
 

@@ -1,4 +1,4 @@
-"""Job status end to end: worker events → durable queue → status keeper → Redis → readers.
+"""Job status end to end: the worker writes each job's status to Redis before its ack; readers.
 
 On the real broker and Redis. The shared Redis is used through database 13, and every key a
 test created is deleted afterwards; tests that stop Redis use a private ``redis-server``.
@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import redis
 from prometheus_client import CollectorRegistry
@@ -25,7 +26,7 @@ from leveret.producers.status import DEFAULT_PREFIX, JobFailed, JobStatus
 from tests.faults.plumbing import WorkerProcess, reaped
 from tests.support import Broker, leveret_cli, running, unique, wait_for
 
-from .conftest import PrivateRedis
+from .conftest import PrivateRedis, _free_port
 
 STATUS_URL = "redis://127.0.0.1:6379/13"
 
@@ -58,7 +59,7 @@ async def test_status_through_every_reader_within_one_second(
 ) -> None:
     exchange, queue = unique("ex"), unique("q")
     worker = Worker(broker.settings(exchange=exchange, status_url=STATUS_URL), registry=registry)
-    assert worker.settings.events_mode == "all"  # the default with a status store
+    assert worker.settings.events_mode == "off"  # v3: the status store needs no events
     release = asyncio.Event()
     returned: dict[str, float] = {}
 
@@ -151,13 +152,18 @@ async def _progress_of(pub: Publisher, job_id: str) -> tuple[float | None, str |
     return status.progress, status.message
 
 
-async def test_redis_down_jobs_still_run_and_the_status_catches_up(
+async def test_redis_down_jobs_run_acks_wait_not_ready_then_every_job_recorded_once(
     broker: Broker, registry: CollectorRegistry, private_redis: PrivateRedis
 ) -> None:
+    """Contract v3: while Redis cannot be reached, jobs still run but their acks wait;
+    ``/readyz`` turns 503 after ``LEVERET_STATUS_TIMEOUT``; once Redis answers every status is
+    written and the acks go out: each job ran once and reads ``succeeded``."""
     exchange, queue = unique("ex"), unique("q")
-    worker = Worker(
-        broker.settings(exchange=exchange, status_url=private_redis.url), registry=registry
+    port = _free_port()
+    settings = broker.settings(
+        exchange=exchange, status_url=private_redis.url, status_timeout=1.0, metrics_port=port
     )
+    worker = Worker(settings, registry=registry)
     ran: list[str] = []
 
     @worker.job(f"{queue}-job", queue=queue)
@@ -165,25 +171,40 @@ async def test_redis_down_jobs_still_run_and_the_status_catches_up(
         ran.append(ctx.job_id)
         return int(payload["n"])
 
-    async with running(worker), publisher(broker, exchange, private_redis.url) as pub:
-        private_redis.stop()
-        started = time.monotonic()
-        # The publish stands though the queued write fails (logged).
-        ids = [await pub.publish(f"{queue}-job", {"n": n}) for n in range(5)]
-        await wait_for(lambda: set(ids) <= set(ran), 10, "every job to run without Redis")
-        assert time.monotonic() - started < 10
-        await asyncio.sleep(1.0)  # the keeper meets the outage and holds the events
-        private_redis.start()
+    async with running(worker):
+        await wait_for(lambda: worker.ready, 10, "the worker to be ready")
+        async with publisher(broker, exchange, private_redis.url) as pub:
+            private_redis.stop()
+            # The publish stands though the queued write fails (logged).
+            ids = [await pub.publish(f"{queue}-job", {"n": n}) for n in range(5)]
+            await wait_for(lambda: set(ids) <= set(ran), 10, "every job to run without Redis")
+            await wait_for(lambda: not worker.ready, 5, "not ready after the status timeout")
+            async with httpx.AsyncClient() as http:
+                readyz = await http.get(f"http://127.0.0.1:{port}/readyz")
+            assert readyz.status_code == 503
+            await wait_for(  # the broker's figures refresh every few seconds
+                lambda: broker.queue(queue).get("messages_unacknowledged", 0) == 5,
+                15,
+                "the five acks to be held",
+            )
+            private_redis.start()
 
-        async def all_succeeded() -> bool:
-            try:
-                states = [await pub.status(i) for i in ids]
-            except Exception:
-                return False
-            return all(s is not None and s.state == "succeeded" for s in states)
+            async def all_succeeded() -> bool:
+                try:
+                    states = [await pub.status(i) for i in ids]
+                except Exception:
+                    return False
+                return all(s is not None and s.state == "succeeded" for s in states)
 
-        await wait_for(all_succeeded, 30, "statuses to catch up once Redis is back")
-        assert [await pub.result(i, timeout=1) for i in ids] == list(range(5))
+            await wait_for(all_succeeded, 30, "statuses written once Redis is back")
+            assert [await pub.result(i, timeout=1) for i in ids] == list(range(5))
+            await wait_for(lambda: worker.ready, 10, "ready again")
+            await wait_for(
+                lambda: broker.queue(queue).get("messages_unacknowledged", 0) == 0,
+                15,
+                "the acks to go out",
+            )
+    assert sorted(ran) == sorted(ids)  # each ran once: nothing was given back or redelivered
 
 
 # -- a worker process killed mid-job, and between success and ack ---------------------------
