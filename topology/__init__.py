@@ -1,4 +1,4 @@
-"""The broker layout as data: exchanges, work queues, retry queues, DLQs."""
+"""The broker layout as data: exchanges, work queues, DLQs and the shared delay chain."""
 
 from .declare import declare, declare_url
 from .definitions import to_definitions
@@ -7,6 +7,8 @@ from .delay import (
     DELAY_UNIT_S,
     MAX_DELAY_S,
     delay_levels,
+    delay_queue_name,
+    delay_queue_names,
     delayed_job_route,
     retry_queue_name,
     retry_route,
@@ -37,6 +39,8 @@ __all__ = [
     "declare",
     "declare_url",
     "delay_levels",
+    "delay_queue_name",
+    "delay_queue_names",
     "delayed_job_route",
     "dlq_name",
     "retry_queue_name",

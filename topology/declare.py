@@ -5,6 +5,12 @@ nothing. A redeclaration with *different* arguments closes the channel with a ba
 ``PRECONDITION_FAILED``; that is turned into a ``QueueMismatchError`` naming the queue and the
 argument, because "inequivalent arg" on a shared channel is the kind of message that costs an
 operator an hour.
+
+Declaring also finishes an upgrade from the v2 layout (per-queue ``Q.retry.<ttl>`` queues, see
+``topology.delay``): it removes the v2 bindings that would copy a delayed message into both
+chains, after the ``#`` forwards from the v2 exchanges to the v3 chain are in place (a copy
+too many for a moment rather than a message lost). The v2 queues themselves are left alone:
+what waits there keeps flowing to its work queue; ``leveret doctor`` says when each is empty.
 """
 
 from __future__ import annotations
@@ -17,8 +23,9 @@ import aiormq
 import aiormq.abc
 from aio_pika.abc import AbstractConnection, ExchangeType
 
+from .delay import DELAY_BITS
 from .errors import QueueMismatchError, TopologyError
-from .model import Topology
+from .model import QueueType, Topology
 
 _INEQUIVALENT = re.compile(
     r"inequivalent arg '(?P<arg>[^']+)' for (?P<kind>queue|exchange) '(?P<name>[^']+)'"
@@ -57,22 +64,90 @@ async def declare(connection: AbstractConnection, topology: Topology) -> None:
             except aiormq.exceptions.ChannelPreconditionFailed as exc:
                 raise _mismatch(exc, ex.name) from None
         queues = {}
-        for q in topology.queue_decls():
+        delay = {d.name for d in topology.delay_queues()}
+        other: QueueType = "classic" if topology.delay_queue_type == "quorum" else "quorum"
+        fallback = {d.name: d for d in topology.delay_queues(other)}
+        use_fallback = False
+        for wanted in topology.queue_decls():
+            q = fallback[wanted.name] if use_fallback and wanted.name in delay else wanted
             try:
                 queues[q.name] = await channel.declare_queue(
                     q.name, durable=q.durable, arguments=q.arguments
                 )
             except aiormq.exceptions.ChannelPreconditionFailed as exc:
-                raise _mismatch(exc, q.name) from None
-        for b in topology.bindings():
+                if q.name not in delay or use_fallback:
+                    raise _mismatch(exc, q.name) from None
+                # The vhost's delay chain exists as the other queue type (another app, or
+                # this one before LEVERET_QUEUE_TYPE changed): it serves every work queue
+                # alike, so use it as it is; ``leveret doctor`` says so.
+                channel = await connection.channel(publisher_confirms=False)
+                exchanges = {
+                    name: await channel.get_exchange(name, ensure=False) for name in exchanges
+                }
+                queues = {name: await channel.get_queue(name, ensure=False) for name in queues}
+                use_fallback = True
+                q = fallback[wanted.name]
+                try:
+                    queues[q.name] = await channel.declare_queue(
+                        q.name, durable=q.durable, arguments=q.arguments
+                    )
+                except aiormq.exceptions.ChannelPreconditionFailed:
+                    raise _mismatch(exc, q.name) from None
+        for b in topology.core_bindings():
             source = exchanges[b.source]
             if b.destination_type == "queue":
                 await queues[b.destination].bind(source, routing_key=b.routing_key)
             else:
                 await exchanges[b.destination].bind(source, routing_key=b.routing_key)
+        await _upgrade_v2(connection, await channel.get_underlay_channel(), topology)
     finally:
         if not channel.is_closed:
             await channel.close()
+
+
+async def _v2_queues_present(connection: AbstractConnection, topology: Topology) -> set[str]:
+    """The v2 ``Q.retry.<ttl>`` queues of the topology's work queues that still exist."""
+    present: set[str] = set()
+    probe = await (await connection.channel(publisher_confirms=False)).get_underlay_channel()
+    try:
+        for q in topology.queues:
+            names = q.v2_retry_queues
+            # v2 declared all 27 together: if neither end is there, none of them is.
+            for name in (names[0], names[-1], *names[1:-1]):
+                if await probe_queue(probe, name) is None:
+                    probe = await (
+                        await connection.channel(publisher_confirms=False)
+                    ).get_underlay_channel()
+                    if name == names[-1] and names[0] not in present:
+                        break
+                else:
+                    present.add(name)
+    finally:
+        if not probe.is_closed:
+            await probe.close()
+    return present
+
+
+async def _upgrade_v2(
+    connection: AbstractConnection, channel: aiormq.abc.AbstractChannel, topology: Topology
+) -> None:
+    """Forward each v2 exchange into the v3 chain, and remove its v2 bindings, bit by bit.
+
+    AMQP cannot swap bindings atomically. The forward comes first, so for the round trip
+    between it and the unbinds a message passing that v2 exchange may be copied into both
+    chains (a duplicate, which at-least-once delivery allows), never routed nowhere (a loss).
+    Unbinding from a missing queue would close the channel, hence the probes.
+    """
+    present = await _v2_queues_present(connection, topology)
+    for level in range(DELAY_BITS - 1, -1, -1):
+        forward = topology.v2_forward(level)
+        await channel.exchange_bind(forward.destination, forward.source, forward.routing_key)
+        skip = topology.v2_skip_binding(level)
+        await channel.exchange_unbind(skip.destination, skip.source, routing_key=skip.routing_key)
+        for q in topology.queues:
+            for b in topology.v2_retry_bindings(q, level):
+                if b.destination in present:
+                    await channel.queue_unbind(b.destination, b.source, routing_key=b.routing_key)
 
 
 async def declare_url(url: str, topology: Topology) -> None:

@@ -13,6 +13,11 @@ against the same list.
 
 No policies are exported: RabbitMQ applies at most one policy to a queue, so a Leveret policy
 would silently replace whatever policy an operator already applies (HA, max-length, ...).
+
+Definitions only add. Imported over a vhost that still has the v2 delay layout (per-queue
+``Q.retry.<ttl>`` queues and their bindings), the v2 bindings stay next to the new ones and a
+delayed message passing a v2 exchange would be copied into both chains: upgrade such a vhost
+with ``leveret topology declare APP`` (or a worker), which removes them (``topology.declare``).
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import os
 import re
 from typing import Any
 
-from .delay import delay_exchange_name
+from .delay import delay_queue_prefix
 from .model import Topology, cancel_exchange_name, dlq_name, events_exchange_name
 
 DEFAULT_EXCHANGE_RESOURCE = "amq.default"
@@ -49,7 +54,9 @@ def required_permissions(topology: Topology) -> dict[str, list[str]]:
 def permission_regexes(topology: Topology) -> dict[str, str]:
     """Anchored regular expressions granting exactly ``required_permissions``."""
     ex = re.escape(topology.exchange)
-    chain = re.escape(delay_exchange_name(topology.exchange, -1).rsplit(".", 1)[0])
+    # The delay chain's exchanges (v3 ``….delay.chain.<ttl>``, ``….delay.done``, the v2
+    # ``….delay.<ttl>``) and its shared queues (``….delay.<ttl>``) all start with this.
+    chain = re.escape(delay_queue_prefix(topology.exchange).rstrip("."))
     # ``<exchange>.events`` and the status keeper's queue on it, ``<exchange>.events.status``
     # (configure, read and write: the keeper declares, binds and consumes it).
     events = re.escape(events_exchange_name(topology.exchange))
@@ -59,10 +66,12 @@ def permission_regexes(topology: Topology) -> dict[str, str]:
         f"{re.escape(q.name)}({re.escape(dlq_name(q.name)[len(q.name) :])})?"
         for q in topology.queues
     )
+    # ``Q.retry.…``: the v2 retry queues a declare over an upgraded vhost unbinds.
     all_queues = "|".join(
         f"{re.escape(q.name)}(\\.retry\\..+|{re.escape(dlq_name(q.name)[len(q.name) :])})?"
         for q in topology.queues
     )
+    all_queues = f"{all_queues}|{chain}\\..+" if all_queues else f"{chain}\\..+"
     # The scheduler's token queue, ``<exchange>.scheduler.<app>`` (leveret.consumer.scheduler):
     # declared, published to (default exchange) and consumed by every worker with schedules;
     # and the status keeper's queue, ``<exchange>.events.status``, which it declares and reads.

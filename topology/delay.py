@@ -1,26 +1,30 @@
 """The delay chain: delayed retries and delayed jobs at any horizon, without broker plugins.
 
 A message with a *per-message* TTL only expires when it reaches the head of its queue, so one
-TTL queue holding mixed delays lets a 1 s retry wait behind a 1 h one. Every retry queue here
+TTL queue holding mixed delays lets a 1 s retry wait behind a 1 h one. Every delay queue here
 therefore has a *queue-level* ``x-message-ttl``: everything in it waits exactly as long, and the
-head is always the first to expire.
+head is always the first to expire, whatever its destination.
 
 Delays are counted in units of ``DELAY_UNIT_S`` (250 ms) and written in binary. For each bit ``n``
-of ``DELAY_BITS`` (27) there is one retry queue per work queue, ``Q.retry.<ttl>``, whose TTL is
-``2**n`` units (``Q.retry.250ms``, ``Q.retry.500ms``, ``Q.retry.1s`` … ``Q.retry.16777216s``). A
-delayed message carries its delay in its routing key, most significant bit first, one word per
-bit (``+`` for 1, ``=`` for 0), followed by an address: ``=.=.….+.=.+.q.<queue>`` (a retry back
-to one work queue) or ``….j.<job>`` (a delayed publish, routed like the ``jobs`` exchange routes
-the job name).
+of ``DELAY_BITS`` (27) there is **one delay queue per exchange**, shared by every work queue of
+the vhost: ``<exchange>.delay.<ttl>`` with a TTL of ``2**n`` units (``jobs.delay.250ms``,
+``jobs.delay.500ms``, ``jobs.delay.1s`` … ``jobs.delay.16777216s``). 27 queues, whether the vhost
+has 1 work queue or 500, and whatever the delays. A delayed message carries its delay in its
+routing key, most significant bit first, one word per bit (``+`` for 1, ``=`` for 0), followed
+by its destination: ``=.=.….+.=.+.q.<queue>`` (a retry: back to the work queue it left, and
+only to it) or ``….j.<job>`` (a delayed publish, routed like the ``jobs`` exchange routes the
+job name).
 
-It travels down a chain of topic exchanges, one per bit, shared by all work queues of a vhost
-(``jobs.delay.16777216s`` … ``jobs.delay.250ms``, then ``jobs.delay.done``), entering at the
-exchange of its highest set bit. The exchange for bit
-``n`` sends the message into ``Q.retry.<2**n units>`` when that bit is 1, and straight on to the
-next exchange when it is 0. A retry queue dead-letters expired messages to the next exchange down
+It travels down a chain of topic exchanges, one per bit (``jobs.delay.chain.16777216s`` …
+``jobs.delay.chain.250ms``, then ``jobs.delay.done``), entering at the exchange of its highest
+set bit. The exchange for bit ``n`` sends the message into the delay queue of ``2**n`` units
+when that bit is 1 (binding ``<bit n is +>.#``: any destination), and straight on to the next
+exchange when it is 0. A delay queue dead-letters expired messages to the next exchange down
 the chain, keeping the routing key, so the message visits exactly the queues of its set bits and
 waits the sum of their TTLs: its delay, rounded *up* to the next 250 ms. ``jobs.delay.done``
-finally routes it to its work queue by address.
+finally routes it by the destination its key carries: ``<27 words>.q.<queue>`` is bound to that
+one work queue, so a retry comes back to the queue it left even when two work queues serve the
+same job name.
 
 The bound, for any delay from 0 up to ``MAX_DELAY_S`` (2**27 − 1 units, about 388 days, past
 the 366 the contract asks for): the TTLs a message waits sum to a value in
@@ -29,27 +33,29 @@ route for every power-of-two boundary, 0, the maximum and random samples, not by
 top of that each set bit costs one dead-letter hop; a message visits at most ``DELAY_BITS``
 queues, so with ``HOP_ALLOWANCE_S`` (25 ms, measured at a few ms on an idle 3.10 broker) per hop
 the lateness is at most 250 ms + 27 × 25 ms = 925 ms: no earlier than due, at most 1 s late at
-normal load. Each work queue has exactly 27 retry queues, whatever its backoff, and a delay of 0
-(a DLQ replay) takes the same road without waiting anywhere.
+normal load. A delay of 0 (a DLQ replay) takes the same road without waiting anywhere.
+
+The v2 layout, and upgrading from it. Until v3 every work queue ``Q`` had 27 queues of its own,
+``Q.retry.<ttl>`` (``retry_queue_name``), fed by the chain exchanges of that time, which had the
+names ``<exchange>.delay.<ttl>`` (``v2_exchange_name``; the same names as today's delay
+*queues*, in the exchanges' namespace) and ended at the same ``<exchange>.delay.done``. A
+``Q.retry.<ttl>`` dead-letters to the v2 exchange one bit down (its ``x-dead-letter-exchange``
+cannot change). So the v2 exchanges stay declared, and each is bound with ``#`` to the v3
+chain exchange of its bit: whatever still waits in a v2 queue (or is published by a v2
+publisher) continues in the shared chain and reaches ``Q``. ``declare`` also removes the v2
+bindings that would copy a message twice (each v2 exchange's skip binding to the next v2
+exchange, and its bindings into ``Q.retry.<ttl>`` for the topology's queues), so no message
+enters a v2 queue any more and each one, once empty, can be deleted on its own
+(``leveret doctor`` lists them). ``tests/topology/test_upgrade.py`` declares a v2 vhost with
+jobs waiting at several levels, upgrades it and counts every job arriving once.
 
 Why ``+``/``=`` and not ``1``/``0``, and why names stop at 199 characters. The first layout's
-chain had 19 bits (36.4 h) written ``1``/``0``. Redeclaring an existing vhost with more levels
-only *adds* queues, exchanges and bindings; the 19-level bindings stay. Their skip pattern
-(``*.…0…*.#``) would match a 27-word key whose word happens to be ``0`` at that position and
-copy the message down the chain a second time. Bit words that are not ``0``/``1`` and not a
-possible name word (names use ``[A-Za-z0-9_:-]``) can match no old binding, and no old key can
-match a new one, so both formats coexist on one broker: a message already in flight in the old
-format finishes its trip through the old bindings (same queue and exchange names, same
-arguments) and arrives; a new one is never copied (``tests/topology/test_legacy_keys.py``). A
-routing key is at most 255 bytes: 27 × 2 bytes of bits, ``j.`` and the name leave 199 bytes for
-a queue or job name (``_MAX_NAME``). ``delay_address`` reads the address back from a key of
-either format.
-
-One constraint follows: a job name should be served by one work queue per vhost. Retries are
-addressed to a queue and are unaffected, but a delayed *publish* is addressed to a job name,
-and if two queues serve that name, every hop of the chain copies it into both (as the ``jobs``
-exchange itself would, once per hop). ``Worker`` cannot register a name twice; two applications
-sharing a vhost must not reuse each other's job names; ``leveret doctor`` flags it.
+chain had 19 bits (36.4 h) written ``1``/``0``; its bindings may still sit on the v2 exchanges.
+Bit words that are not ``0``/``1`` and not a possible name word (names use ``[A-Za-z0-9_:-]``)
+can match none of them, and no old key can match a new binding, so no message is ever copied
+by a leftover binding. A routing key is at most 255 bytes: 27 × 2 bytes of bits, ``j.`` and the
+name leave 199 bytes for a queue or job name (``_MAX_NAME``). ``delay_address`` reads the
+address back from a key of either format.
 """
 
 from __future__ import annotations
@@ -77,8 +83,19 @@ def _ttl_label(level: int) -> str:
     return f"{ms}ms" if ms < 1000 else f"{ms // 1000}s"
 
 
-def retry_queue_name(queue: str, level: int) -> str:
-    return f"{queue}.retry.{_ttl_label(level)}"
+def delay_queue_name(exchange: str, level: int) -> str:
+    """The shared delay queue of bit ``level``: ``<exchange>.delay.<ttl>``."""
+    return f"{exchange}.delay.{_ttl_label(level)}"
+
+
+def delay_queue_names(exchange: str) -> list[str]:
+    """Every delay queue of ``exchange``: ``DELAY_BITS`` of them, shortest TTL first."""
+    return [delay_queue_name(exchange, n) for n in range(DELAY_BITS)]
+
+
+def delay_queue_prefix(exchange: str) -> str:
+    """What every delay queue (and chain exchange) name of ``exchange`` starts with."""
+    return f"{exchange}.delay."
 
 
 def retry_ttl_ms(level: int) -> int:
@@ -87,6 +104,19 @@ def retry_ttl_ms(level: int) -> int:
 
 def delay_exchange_name(exchange: str, level: int) -> str:
     """The chain exchange that decides bit ``level``; ``-1`` is the final ``….delay.done``."""
+    if level < 0:
+        return f"{exchange}.delay.done"
+    return f"{exchange}.delay.chain.{_ttl_label(level)}"
+
+
+def retry_queue_name(queue: str, level: int) -> str:
+    """A v2 per-queue retry queue, ``Q.retry.<ttl>``: no longer declared, only drained."""
+    return f"{queue}.retry.{_ttl_label(level)}"
+
+
+def v2_exchange_name(exchange: str, level: int) -> str:
+    """The v2 chain exchange of bit ``level`` (``<exchange>.delay.<ttl>``); ``-1`` is
+    ``….delay.done``, which v3 still routes through. Kept declared as an entry to the v3 chain."""
     return f"{exchange}.delay.done" if level < 0 else f"{exchange}.delay.{_ttl_label(level)}"
 
 

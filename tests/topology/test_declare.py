@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from urllib.parse import quote
+
 import aio_pika
 import pytest
 
 from leveret.producers import Publisher
+from leveret.producers.settings import ConnectionSettings
 from leveret.topology import (
     DELAY_BITS,
     QueueMismatchError,
@@ -13,7 +16,8 @@ from leveret.topology import (
     WorkQueue,
     declare,
     delay_levels,
-    retry_queue_name,
+    delay_queue_name,
+    delay_queue_names,
 )
 from tests.support import Broker, unique, wait_for
 
@@ -45,8 +49,28 @@ async def test_declaring_twice_changes_nothing(broker: Broker) -> None:
     finally:
         await connection.close()
     assert first == second
-    assert len(first[0]) == 2 + DELAY_BITS == 29
+    assert len(first[0]) == 2  # Q and Q.dlq: the delay queues are the exchange's
     assert (("jobs", name, f"{name}-a")) in first[1]
+    assert all(broker.queue_exists(n) for n in delay_queue_names("jobs"))
+    assert len(delay_queue_names("jobs")) == DELAY_BITS
+
+
+async def test_a_chain_of_the_other_queue_type_is_used_as_it_is(broker: Broker) -> None:
+    """A classic app on an exchange whose delay chain is quorum (or the reverse) declares."""
+    ex = unique("mix")
+    names = [unique("mixq"), unique("mixq")]
+    connection = await aio_pika.connect(broker.url)
+    try:
+        await declare(
+            connection,
+            Topology(exchange=ex, queues=(WorkQueue(name=names[0], queue_type="quorum"),)),
+        )
+        await declare(connection, Topology(exchange=ex, queues=(WorkQueue(name=names[1]),)))
+        assert broker.queue(delay_queue_names(ex)[0])["type"] == "quorum"
+    finally:
+        await connection.close()
+        for n in [*names, *(f"{q}.dlq" for q in names), *delay_queue_names(ex)]:
+            broker.api("DELETE", f"/queues/{broker.qvhost}/{quote(n, safe='')}")
 
 
 async def test_a_queue_with_other_arguments_is_named_in_the_error(broker: Broker) -> None:
@@ -69,19 +93,21 @@ async def test_a_queue_with_other_arguments_is_named_in_the_error(broker: Broker
 async def test_a_long_delay_enters_the_chain_at_its_highest_bit(broker: Broker) -> None:
     """A 24 h retry sits in the queue of its largest set bit; the bits sum to the delay."""
     name = unique("long")
-    topo = Topology(queues=(WorkQueue(name=name, jobs=(f"{name}-job",)),))
+    ex = unique("longx")  # a chain of its own: the shared one holds other tests' messages
+    topo = Topology(exchange=ex, queues=(WorkQueue(name=name, jobs=(f"{name}-job",)),))
     connection = await aio_pika.connect(broker.url)
     try:
         await declare(connection, topo)
     finally:
         await connection.close()
-    async with Publisher(broker.url) as pub:
+    settings = ConnectionSettings(amqp_url=broker.url, exchange=ex)
+    async with Publisher(settings=settings) as pub:
         await pub.publish(f"{name}-job", {"n": 1}, delay=86_400)
     levels = delay_levels(86_400)
-    first_stop = retry_queue_name(name, max(levels))
+    first_stop = delay_queue_name(ex, max(levels))
     await wait_for(lambda: broker.depth(first_stop), 10, "the message in the first retry queue")
     assert await broker.depth(name) == 0
     ttl_sum = sum(
-        broker.queue(retry_queue_name(name, n))["arguments"]["x-message-ttl"] for n in levels
+        broker.queue(delay_queue_name(ex, n))["arguments"]["x-message-ttl"] for n in levels
     )
     assert 86_400_000 <= ttl_sum < 86_400_000 + 8_640_000

@@ -21,6 +21,7 @@ from leveret.topology.delay import (
     delay_address,
     delayed_job_route,
     retry_route,
+    v2_exchange_name,
 )
 
 LONG = "n" * 199  # the longest name check_name allows
@@ -144,3 +145,34 @@ def test_the_address_reads_back_from_both_key_formats() -> None:
     assert delay_address(legacy) == ("j", "send_email")
     assert delay_address("send_email") is None
     assert delay_address("1.q.x") is None
+
+
+def test_a_retry_returns_to_the_queue_it_left_when_two_queues_serve_one_job() -> None:
+    """The shared chain routes back by the queue named in the key, never by the job name."""
+    global QUEUES, BINDINGS
+    both = Topology(
+        queues=(WorkQueue(name="a", jobs=("same",)), WorkQueue(name="b", jobs=("same",)))
+    )
+    saved = QUEUES, BINDINGS
+    QUEUES, BINDINGS = {q.name: q.arguments for q in both.queue_decls()}, both.bindings()
+    try:
+        for delay in (0, 0.25, 1.0, 7.77, 3600.0, 366 * 86_400.0):
+            for queue in ("a", "b"):
+                assert [q for q, _ in _deliver(*retry_route("jobs", delay, queue))] == [queue]
+            # A delayed publish goes where the jobs exchange sends the name: both, once each.
+            arrivals = _deliver(*delayed_job_route("jobs", delay, "same"))
+            assert sorted(q for q, _ in arrivals) == ["a", "b"], (delay, arrivals)
+    finally:
+        QUEUES, BINDINGS = saved
+
+
+def test_a_v2_exchange_forwards_into_the_shared_chain() -> None:
+    """What a v2 retry queue dead-letters (to the v2 exchange one bit down), or a v2 publisher
+    sends, continues in the v3 chain and waits the rest of its delay, once."""
+    units = (1 << 10) + (1 << 3) + 1
+    _, key = retry_route("jobs", units * DELAY_UNIT_S, "email")
+    # As if it had waited out bit 10 in email.retry.256s: dead-lettered to the v2 exchange of 8.
+    arrivals = _deliver(v2_exchange_name("jobs", 9), key)
+    assert arrivals == [("email", [2000, 250])]
+    arrivals = _deliver(v2_exchange_name("jobs", 10), key)  # a v2 publisher's entry
+    assert arrivals == [("email", [256_000, 2000, 250])]

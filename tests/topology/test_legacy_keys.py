@@ -1,8 +1,9 @@
 """A vhost upgraded from the 19-level chain: old in-flight keys arrive, new keys are not copied.
 
-Redeclaring only adds; the first layout's bindings (19 words of ``1``/``0``) stay on the chain
-exchanges. The test recreates them next to the current layout, as an upgraded broker has them,
-then sends one message in each format and counts arrivals.
+Redeclaring only adds; the first layout's bindings (19 words of ``1``/``0``) stay on the v2
+chain exchanges (the first layout used the same names) and still lead into the v2
+``Q.retry.<ttl>`` queues. The test recreates them on a v2 vhost, as an upgraded broker has
+them, upgrades it to v3, then sends one message in each format and counts arrivals.
 """
 
 from __future__ import annotations
@@ -16,11 +17,12 @@ from aio_pika.abc import AbstractChannel
 from leveret.topology import Topology, WorkQueue, declare
 from leveret.topology.delay import (
     LEGACY_DELAY_BITS,
-    delay_exchange_name,
     delayed_job_route,
     retry_queue_name,
 )
+from leveret.topology.delay import v2_exchange_name as delay_exchange_name
 from tests.support import Broker, unique
+from tests.topology.v2 import declare_v2
 
 
 def _legacy_pattern(level: int, bit: str, tail: str) -> str:
@@ -52,9 +54,10 @@ async def test_old_and_new_keys_each_arrive_exactly_once_on_an_upgraded_vhost(
     topo = Topology(exchange=unique("lx"), queues=(WorkQueue(name=name, jobs=(job,)),))
     connection = await aio_pika.connect(broker.url)
     try:
-        await declare(connection, topo)
+        await declare_v2(connection, topo)
         channel = await connection.channel()
         await _add_legacy_bindings(channel, topo)
+        await declare(connection, topo)
         # Old format, 3 units (0.75 s), entering at its highest bit like the old publisher did.
         legacy_key = ".".join(["0"] * 17 + ["1", "1"]) + f".j.{job}"
         old = await channel.get_exchange(delay_exchange_name(topo.exchange, 1))
