@@ -324,8 +324,11 @@ async def test_a_frozen_leader_is_replaced_within_5_s_and_steps_down_when_it_tha
         await _until(
             lambda: any(t.timestamp() > frozen_at for t in rig.ticks()), 5, "a tick after freeze"
         )
-        first = min(a for i, a in rig.arrivals
-                    if i.startswith("tick@") and parse_tick(i[5:]).timestamp() > frozen_at)  # fmt: skip
+        first = min(
+            a
+            for i, a in rig.arrivals
+            if i.startswith("tick@") and parse_tick(i[5:]).timestamp() > frozen_at
+        )
         new = rig.current_leader()
         assert new is not None and new is not frozen
         print(f"takeover: leader after {(new.leading_since() or 0) - frozen_at:.2f} s, "
