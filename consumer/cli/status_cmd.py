@@ -62,8 +62,11 @@ Examples:
   leveret status                      every queue with a Q.dlq beside it
   leveret status myapp.tasks:worker   the queues of one app
   leveret status --watch --interval 2
-READY waits for a worker, UNACKED is being worked on, RETRYING waits out a
-backoff in Q.retry.*, DEAD sits in Q.dlq (see `leveret dlq list Q`).""",
+READY waits for a worker, UNACKED is being worked on, DEAD sits in Q.dlq (see
+`leveret dlq list Q`). Retries and delayed jobs wait out their delay in the
+exchange's shared delay chain: its total is RETRYING on the line
+`<exchange>.delay.*`. A work queue's own RETRYING counts only what still waits
+in its queues of the old per-queue chains (Q.retry.*; `-` once they are gone).""",
 )
 @click.argument("app", required=False)
 @click.option("--watch", is_flag=True, help="Refresh until interrupted.")

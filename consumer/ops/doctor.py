@@ -26,7 +26,7 @@ import re
 import shutil
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import aiormq
 import structlog
@@ -37,7 +37,8 @@ from leveret.producers.connection import connect
 from leveret.producers.errors import BrokerUnavailable
 from leveret.topology.declare import probe_queue
 from leveret.topology.definitions import permission_regexes, required_permissions
-from leveret.topology.model import Topology
+from leveret.topology.delay import DELAY_BITS, delay_queue_names, retry_queue_name, retry_ttl_ms
+from leveret.topology.model import QueueDecl, QueueType, Topology
 
 from ..registry import Registry
 from ..settings import WorkerSettings
@@ -125,6 +126,7 @@ class Doctor:
             if facts.api is not None:
                 await self._queue_arguments_api(facts.api)
                 await self._shared_job_names(facts.api)
+                await self._delay_chain(facts.api)
                 await self._quorum_limits(facts, facts.api)
                 await self._permissions(facts.api)
             elif connection is not None:
@@ -354,25 +356,15 @@ class Doctor:
             return
         missing = []
         bad = 0
+        other = self._other_delay_decls()
         for decl in self.topology.queue_decls():
             queue = existing.get(decl.name)
             if queue is None:
                 missing.append(decl.name)
                 continue
-            wanted = {k: v for k, v in decl.arguments.items() if k != "x-queue-type"}
-            actual = {
-                k: v for k, v in (queue.get("arguments") or {}).items() if k != "x-queue-type"
-            }
-            wanted_type = decl.arguments.get("x-queue-type", "classic")
-            diffs = [
-                f"{key}={actual.get(key)!r} (the app wants {wanted.get(key)!r})"
-                for key in sorted(set(wanted) | set(actual))
-                if actual.get(key) != wanted.get(key)
-            ]
-            if queue.get("type", "classic") != wanted_type:
-                diffs.insert(0, f"type {queue.get('type')!r} (the app wants {wanted_type!r})")
-            if queue.get("durable") is not True:
-                diffs.append("durable=False (the app wants durable=True)")
+            diffs = _differences(decl, queue)
+            if diffs and decl.name in other and not _differences(other[decl.name], queue):
+                continue  # the chain exists as the other queue type: see the delay_chain check
             if diffs:
                 bad += 1
                 self._mismatch(decl.name, "; ".join(diffs))
@@ -385,6 +377,108 @@ class Doctor:
             )
         if not bad:
             self.add("ok", "queue_arguments", "existing queues match the topology")
+
+    def _other_delay_decls(self) -> dict[str, QueueDecl]:
+        """The delay queues as the other queue type declares them: ``declare`` accepts a chain
+        that exists that way (the first app to declare it on the exchange chose)."""
+        other: QueueType = "classic" if self.topology.delay_queue_type == "quorum" else "quorum"
+        return {d.name: d for d in self.topology.delay_queues(other)}
+
+    # -- the delay chain and the v2 leftovers ----------------------------------------------
+
+    async def _delay_chain(self, api: Management) -> None:
+        """The shared chain's type and load; the v2 per-queue chains still on the vhost.
+
+        A v2 queue ``Q.retry.<ttl>`` is a leftover from before the shared chain: declare
+        removed the bindings into it, so nothing enters it and what waits there dead-letters
+        into the shared chain and reaches ``Q``. Once empty it can be deleted on its own. While a
+        binding still leads into it (a v2 worker redeclared its layout) it is not a leftover
+        but a second chain, and a job passing a v2 exchange is copied into both.
+        """
+        topo = self.topology
+        try:
+            existing = {q["name"]: q for q in await api.queues()}
+            bindings = list(await api.get(f"/bindings/{api.qvhost}") or [])
+        except ManagementError as exc:
+            self.add("warning", "delay_chain", f"could not list queues and bindings: {exc}")
+            return
+        names = delay_queue_names(topo.exchange)
+        chain = [existing[n] for n in names if n in existing]
+        if chain:
+            waiting = sum(int(c.get("messages") or 0) for c in chain)
+            types = sorted({str(c.get("type") or "classic") for c in chain})
+            self.add(
+                "info",
+                "delay_chain",
+                f"delay chain of exchange {topo.exchange!r}: {len(chain)} of {len(names)} queues "
+                f"({names[0]} … {names[-1]}, {'/'.join(types)}), {waiting} delayed job(s) "
+                f"waiting, shared by every work queue of the vhost",
+            )
+            if types != [topo.delay_queue_type]:
+                self.add(
+                    "warning",
+                    "delay_chain",
+                    f"the delay chain of exchange {topo.exchange!r} is {'/'.join(types)} while "
+                    f"this app's work queues want {topo.delay_queue_type}: the worker uses it "
+                    f"as it is (the first app to declare it chose). To change it, stop "
+                    f"publishing delays on {topo.exchange!r}, let its queues empty, delete them "
+                    f"and start a worker",
+                )
+        bound: dict[str, list[str]] = {}
+        for b in bindings:
+            if b.get("destination_type") == "queue" and b.get("source"):
+                bound.setdefault(str(b["destination"]), []).append(str(b["source"]))
+        labels = {retry_queue_name("", n)[len(".retry.") :]: n for n in range(DELAY_BITS)}
+        by_queue: dict[str, list[tuple[int, str]]] = {}
+        for name in existing:
+            base, sep, label = name.rpartition(".retry.")
+            if sep and label in labels and base:
+                by_queue.setdefault(base, []).append((labels[label], name))
+        ours = {q.name for q in topo.queues}
+        for base, found in sorted(by_queue.items()):
+            found.sort()
+            still_bound = [n for _, n in found if bound.get(n)]
+            full = [(lvl, n) for lvl, n in found if int(existing[n].get("messages") or 0)]
+            empty = [n for lvl, n in found if n not in still_bound and (lvl, n) not in full]
+            if still_bound and base in ours:
+                self.add(
+                    "error",
+                    "v2_leftovers",
+                    f"{len(still_bound)} v2 retry queue(s) of {base!r} are still bound into the "
+                    f"delay chain (e.g. {still_bound[0]!r} from {bound[still_bound[0]][0]!r}): "
+                    f"a worker of a Leveret before the shared chain redeclared them, and a "
+                    f"delayed job passing that exchange is copied into both chains. Stop the old "
+                    f"workers, then run `leveret topology declare APP` (it removes the bindings)",
+                )
+                continue
+            if still_bound:
+                self.add(
+                    "info",
+                    "v2_leftovers",
+                    f"{base!r} still has a v2 retry chain in use ({len(still_bound)} bound "
+                    f"queue(s) {base}.retry.*): another app on this vhost runs a Leveret from "
+                    f"before the shared delay chain; leave them until it is upgraded",
+                )
+                continue
+            if full:
+                jobs = sum(int(existing[n].get("messages") or 0) for _, n in full)
+                self.add(
+                    "info",
+                    "v2_leftovers",
+                    f"{len(full)} v2 retry queue(s) of {base!r} still hold {jobs} delayed "
+                    f"job(s) ({_sample(n for _, n in full)}); nothing enters them any more, and "
+                    f"each job continues through the shared chain to {base!r} (the last within "
+                    f"{_human_s(retry_ttl_ms(full[-1][0]) / 1000)}). Delete each when it is empty",
+                )
+            if empty:
+                self.add(
+                    "warning",
+                    "v2_leftovers",
+                    f"{len(empty)} empty v2 retry queue(s) of {base!r} can be deleted "
+                    f"({_sample(empty)}): nothing routes into them any more. E.g. "
+                    f"`rabbitmqctl delete_queue -p {api.target.vhost} --if-empty {empty[0]}` "
+                    f"for each (--if-empty: the broker refuses if a job arrived since)",
+                )
 
     async def _shared_job_names(self, api: Management) -> None:
         """A job name bound to a queue of another app multiplies its delayed publishes.
@@ -424,6 +518,7 @@ class Doctor:
         """Without the API: redeclare existing queues with the app's arguments on a throwaway
         channel; the broker refuses a difference and changes nothing either way."""
         bad = 0
+        other = self._other_delay_decls()
         for decl in self.topology.queue_decls():
             channel = await (await connection.channel()).get_underlay_channel()
             if await probe_queue(channel, decl.name) is None:
@@ -433,6 +528,8 @@ class Doctor:
                     decl.name, durable=decl.durable, arguments=decl.arguments
                 )
             except aiormq.exceptions.ChannelPreconditionFailed as exc:
+                if decl.name in other and await _declares(connection, other[decl.name]):
+                    continue  # the chain exists as the other queue type: declare accepts it
                 bad += 1
                 text = str(exc)
                 found = re.search(r"inequivalent arg[^\"]*", text)
@@ -484,6 +581,36 @@ class Doctor:
             )
         else:
             self.add("ok", "permissions", f"user {amqp_user!r} may do all the app needs")
+
+
+def _differences(decl: QueueDecl, queue: dict[str, Any]) -> list[str]:
+    """How an existing queue (``/api/queues``) differs from a declaration, plainly."""
+    wanted = {k: v for k, v in decl.arguments.items() if k != "x-queue-type"}
+    actual = {k: v for k, v in (queue.get("arguments") or {}).items() if k != "x-queue-type"}
+    wanted_type = decl.arguments.get("x-queue-type", "classic")
+    diffs = [
+        f"{key}={actual.get(key)!r} (the app wants {wanted.get(key)!r})"
+        for key in sorted(set(wanted) | set(actual))
+        if actual.get(key) != wanted.get(key)
+    ]
+    if queue.get("type", "classic") != wanted_type:
+        diffs.insert(0, f"type {queue.get('type')!r} (the app wants {wanted_type!r})")
+    if queue.get("durable") is not True:
+        diffs.append("durable=False (the app wants durable=True)")
+    return diffs
+
+
+async def _declares(connection: AbstractConnection, decl: QueueDecl) -> bool:
+    """Whether the broker accepts ``decl`` as an equivalent redeclaration (changes nothing)."""
+    channel = await (await connection.channel()).get_underlay_channel()
+    try:
+        await channel.queue_declare(decl.name, durable=decl.durable, arguments=decl.arguments)
+        return True
+    except aiormq.exceptions.ChannelPreconditionFailed:
+        return False
+    finally:
+        with contextlib.suppress(Exception):
+            await channel.close()
 
 
 def _quorum_priorities(text: str, version: tuple[int, ...]) -> str:

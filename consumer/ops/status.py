@@ -1,5 +1,11 @@
 """What ``leveret status`` shows: per work queue, how much waits, runs, retries and died.
 
+Delayed jobs and retries wait in the exchange's shared delay chain (``<exchange>.delay.<ttl>``,
+``leveret.topology.delay``), which does not say which work queue a message will return to; its
+total is a row of its own, ``<exchange>.delay.*`` (only ``retrying`` filled in). A work queue's
+own ``retrying`` counts what still waits in its v2 queues (``Q.retry.*``, left from before the
+shared chain), and is unknown (``None``) once those are gone.
+
 Figures come from the management API when it answers (ready, unacked, consumers and message
 rates, as the broker's statistics have them, a few seconds old at most) and from passive
 declares otherwise (ready and consumers are exact and current, unacked and rates unknown). The
@@ -14,7 +20,7 @@ from typing import Any
 from leveret.producers.connection import connect
 from leveret.producers.settings import ConnectionSettings
 from leveret.topology.declare import QueueCounts, probe_queue
-from leveret.topology.delay import DELAY_BITS, retry_queue_name
+from leveret.topology.delay import DELAY_BITS, delay_queue_names, retry_queue_name
 from leveret.topology.errors import LeveretError
 from leveret.topology.model import dlq_name
 
@@ -46,6 +52,15 @@ def _rate(queue: dict[str, Any] | None, key: str) -> float | None:
     return float(details["rate"]) if details and "rate" in details else None
 
 
+def chain_row_name(exchange: str) -> str:
+    """The row that stands for the whole delay chain of ``exchange``."""
+    return f"{exchange}.delay.*"
+
+
+def _chain_row(exchange: str, total: int | None) -> QueueStatus:
+    return QueueStatus(chain_row_name(exchange), None, None, None, total, None, None, None)
+
+
 def _looks_like_work_queues(names: set[str]) -> list[str]:
     """Leveret work queues are the ones with a ``Q.dlq`` beside them."""
     return sorted(
@@ -53,7 +68,9 @@ def _looks_like_work_queues(names: set[str]) -> list[str]:
     )
 
 
-async def from_management(api: Management, queues: list[str] | None) -> list[QueueStatus]:
+async def from_management(
+    api: Management, queues: list[str] | None, exchange: str = "jobs"
+) -> list[QueueStatus]:
     by_name = {q["name"]: q for q in await api.queues()}
     wanted = queues if queues is not None else _looks_like_work_queues(set(by_name))
     out = []
@@ -74,11 +91,15 @@ async def from_management(api: Management, queues: list[str] | None) -> list[Que
                 deliver_rate=_rate(q, "deliver_get"),
             )
         )
+    chain = [by_name[n] for n in delay_queue_names(exchange) if n in by_name]
+    if chain:
+        out.append(_chain_row(exchange, sum(c.get("messages", 0) or 0 for c in chain)))
     return out
 
 
 async def from_passive(settings: ConnectionSettings, queues: list[str]) -> list[QueueStatus]:
     """Exact ready counts and consumers by passive declares; one new channel per missing queue."""
+    exchange = settings.exchange
     connection = await connect(settings, robust=False)
     try:
         channel = await (await connection.channel()).get_underlay_channel()
@@ -93,7 +114,11 @@ async def from_passive(settings: ConnectionSettings, queues: list[str]) -> list[
         out = []
         for name in queues:
             work = await probe(name)
-            retry = [await probe(retry_queue_name(name, n)) for n in range(DELAY_BITS)]
+            # v2 leftovers: all 27 existed together, so both ends missing means none is left.
+            ends = [await probe(retry_queue_name(name, n)) for n in (0, DELAY_BITS - 1)]
+            retry = ends
+            if any(e is not None for e in ends):
+                retry += [await probe(retry_queue_name(name, n)) for n in range(1, DELAY_BITS - 1)]
             dead = await probe(dlq_name(name))
             present = [r.messages for r in retry if r is not None]
             out.append(
@@ -108,6 +133,10 @@ async def from_passive(settings: ConnectionSettings, queues: list[str]) -> list[
                     deliver_rate=None,
                 )
             )
+        chain = [await probe(n) for n in delay_queue_names(exchange)]
+        present = [c.messages for c in chain if c is not None]
+        if present:
+            out.append(_chain_row(exchange, sum(present)))
         return out
     finally:
         await connection.close()
@@ -124,7 +153,7 @@ async def collect(
     api = Management.from_settings(settings)
     try:
         return (
-            await from_management(api, queues),
+            await from_management(api, queues, settings.exchange),
             SOURCE_API,
             f"source: management API at {api.target.display}, vhost {api.target.vhost!r} "
             f"(the broker's statistics, up to ~5 s old)",

@@ -7,8 +7,10 @@ from urllib.parse import quote
 
 import aio_pika
 
-from tests.ops.helpers import app_module, declare_queue, fill_dlq
+from leveret.topology import Topology, WorkQueue, declare
+from tests.ops.helpers import app_module, fill_dlq
 from tests.support import leveret_cli, unique, wait_for
+from tests.topology.v2 import declare_v2
 
 
 async def _publish(channel: aio_pika.abc.AbstractChannel, queue: str, count: int) -> None:
@@ -18,14 +20,23 @@ async def _publish(channel: aio_pika.abc.AbstractChannel, queue: str, count: int
         )
 
 
+def _exchange(queue: str) -> str:
+    """A delay chain of the test's own: the vhost's shared ``jobs`` one holds other tests'."""
+    return f"{queue}-x"
+
+
 async def _loaded_queue(broker, queue: str) -> aio_pika.abc.AbstractConnection:
-    """Q with 5 ready and 3 unacked (held by a consumer), 4 retrying, 6 dead."""
-    await declare_queue(broker.url, queue)
-    await fill_dlq(broker.url, queue, 6)
+    """Q with 5 ready and 3 unacked (held by a consumer), 6 dead; 4 waiting in the shared delay
+    chain and 2 in a v2 queue ``Q.retry.65536s`` left from before the upgrade."""
+    topo = Topology(exchange=_exchange(queue), queues=(WorkQueue(name=queue, jobs=("job_a",)),))
     connection = await aio_pika.connect(broker.url)
+    await declare_v2(connection, topo)
+    await declare(connection, topo)
+    await fill_dlq(broker.url, queue, 6)
     channel = await connection.channel()
     await _publish(channel, queue, 8)
-    await _publish(channel, f"{queue}.retry.65536s", 4)
+    await _publish(channel, f"{_exchange(queue)}.delay.65536s", 4)
+    await _publish(channel, f"{queue}.retry.65536s", 2)
     holder = await connection.channel()
     await holder.set_qos(prefetch_count=3)
     held: list[aio_pika.abc.AbstractIncomingMessage] = []
@@ -53,10 +64,12 @@ async def test_status_numbers_equal_the_management_api(broker):
             and _api_queue(broker, queue).get("consumers") == 1
             and _api_queue(broker, queue).get("messages_ready") == 5
             and _api_queue(broker, f"{queue}.dlq").get("messages") == 6
-            and _api_queue(broker, f"{queue}.retry.65536s").get("messages") == 4,
+            and _api_queue(broker, f"{queue}.retry.65536s").get("messages") == 2
+            and _api_queue(broker, f"{_exchange(queue)}.delay.65536s").get("messages") == 4,
             30, "the management statistics to catch up",
         )  # fmt: skip
-        result = leveret_cli("status", "--json", env={"LEVERET_AMQP_URL": broker.url})
+        env = {"LEVERET_AMQP_URL": broker.url, "LEVERET_EXCHANGE": _exchange(queue)}
+        result = leveret_cli("status", "--json", env=env)
         assert result.returncode == 0, result.stderr
         assert "source: management API" in result.stderr
         assert "guest:guest" not in result.stderr
@@ -71,14 +84,19 @@ async def test_status_numbers_equal_the_management_api(broker):
         assert row["ready"] == api["messages_ready"] == 5
         assert row["unacked"] == api["messages_unacknowledged"] == 3
         assert row["consumers"] == api["consumers"] == 1
-        assert row["retrying"] == retry_total == 4
+        assert row["retrying"] == retry_total == 2  # its v2 leftovers
         assert row["dead"] == _api_queue(broker, f"{queue}.dlq")["messages"] == 6
-        # Neither a retry queue nor a DLQ is mistaken for a work queue.
+        chain = rows[f"{_exchange(queue)}.delay.*"]
+        assert chain["retrying"] == 4 and chain["ready"] is None
+        # Neither a retry queue, a delay queue nor a DLQ is mistaken for a work queue.
         assert not any(".retry." in name or name.endswith(".dlq") for name in rows)
+        assert not [n for n in rows if ".delay." in n and not n.endswith(".delay.*")]
 
-        table = leveret_cli("status", env={"LEVERET_AMQP_URL": broker.url})
+        table = leveret_cli("status", env=env)
         line = next(x for x in table.stdout.splitlines() if x.startswith(queue + " "))
-        assert line.split()[1:6] == ["5", "3", "1", "4", "6"]
+        assert line.split()[1:6] == ["5", "3", "1", "2", "6"]
+        line = next(x for x in table.stdout.splitlines() if x.startswith(f"{_exchange(queue)}."))
+        assert line.split()[1:] == ["-", "-", "-", "4", "-", "-", "-"]
     finally:
         await connection.close()
 
@@ -105,14 +123,20 @@ async def test_status_falls_back_to_passive_declares_and_says_so(broker, tmp_pat
             result = leveret_cli(
                 "status", app, "--json", cwd=tmp_path,
                 env={"LEVERET_AMQP_URL": broker.url,
-                     "LEVERET_MANAGEMENT_URL": "http://127.0.0.1:1"},
+                     "LEVERET_MANAGEMENT_URL": "http://127.0.0.1:1",
+                     "LEVERET_EXCHANGE": _exchange(queue)},
             )  # fmt: skip
         assert result.returncode == 0, result.stderr
         assert "source: passive declares" in result.stderr
-        (row,) = map(json.loads, result.stdout.splitlines())
+        row, chain = map(json.loads, result.stdout.splitlines())
         assert row == {
-            "queue": queue, "ready": 5, "unacked": None, "consumers": 1, "retrying": 4,
+            "queue": queue, "ready": 5, "unacked": None, "consumers": 1, "retrying": 2,
             "dead": 6, "publish_rate": None, "deliver_rate": None,
+        }  # fmt: skip
+        assert chain == {
+            "queue": f"{_exchange(queue)}.delay.*", "ready": None, "unacked": None,
+            "consumers": None, "retrying": 4, "dead": None, "publish_rate": None,
+            "deliver_rate": None,
         }  # fmt: skip
         no_api = {"LEVERET_AMQP_URL": broker.url, "LEVERET_MANAGEMENT_URL": "http://127.0.0.1:1"}
         no_app = leveret_cli("status", env=no_api)
