@@ -107,8 +107,8 @@ async def test_202_only_after_the_broker_has_the_job_and_the_job_runs(
 async def test_get_reads_queued_then_succeeded_with_the_result(
     broker: Broker, redis_parts: RedisParts
 ) -> None:
-    """The worker does not publish events yet: the ``succeeded`` event is applied the way the
-    status keeper will apply it; what is under test is that GET serves what the store holds."""
+    """No worker runs: the ``succeeded`` status is written the way a worker's settle writes it;
+    what is under test is that GET serves what the store holds."""
     app = build(broker, redis_parts, CollectorRegistry())
     store = redis_parts.test_store()
     try:
@@ -126,7 +126,9 @@ async def test_get_reads_queued_then_succeeded_with_the_result(
                 assert body["state"] == "succeeded"
                 assert body["result"] == {"sent": True}
                 assert set(body) == {"id", "job", "queue", "state", "attempt", "result",
-                                     "error", "progress", "message", "updated_at"}  # fmt: skip
+                                     "error", "progress", "message", "updated_at",
+                                     "created_at", "started_at", "ended_at"}  # fmt: skip
+                assert body["created_at"] is not None and body["ended_at"] is not None
                 assert client.get("/jobs/no-such-id").status_code == 404
     finally:
         await store.close()
