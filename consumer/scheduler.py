@@ -193,6 +193,7 @@ class Scheduler:
         # When this process last led (wall clock), to carry into its next session's first token.
         self._led_until: float | None = None
         self._warned_heartbeat = False
+        self._reconsumed_at = -1e9
         # Session state.
         self._held: list[AbstractIncomingMessage] = []
         # Tokens this session wrote and has not received back yet: what "mine" means on arrival.
@@ -225,7 +226,9 @@ class Scheduler:
                 # The queue went away under us (an unroutable token says the same): everyone is
                 # sent back into the election, so go back at once, carrying the state.
                 log.warning("scheduler_consumer_cancelled", scheduler=self.app, error=repr(exc))
-                pause = RECONSUME_S
+                if time.monotonic() - self._reconsumed_at > 5 * self.reconnect_s:
+                    pause = RECONSUME_S  # at once, but not in a loop if it keeps happening
+                    self._reconsumed_at = time.monotonic()
             except (
                 aiormq.exceptions.AMQPError,
                 PublishError,
