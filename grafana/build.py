@@ -31,7 +31,13 @@ DS = {"type": "prometheus", "uid": "${datasource}"}
 # filtered by vhost and queue name, never by the workers' namespace.
 LEV = 'namespace=~"$namespace", queue=~"$queue"'
 LEV_JOB = LEV + ', job_name=~"$job_name"'
-WORK_QUEUES = 'vhost=~"$vhost", queue=~"$queue", queue!~".+\\\\.(retry\\\\..+|dlq)"'
+# The shared delay chain's queues, ``<exchange>.delay.<ttl>`` (leveret.topology.delay).
+DELAY_QUEUE = ".+\\\\.delay\\\\.[0-9]+m?s"
+WORK_QUEUES = (
+    f'vhost=~"$vhost", queue=~"$queue", queue!~".+\\\\.(retry\\\\..+|dlq)", queue!~"{DELAY_QUEUE}"'
+)
+DELAY_QUEUES = f'vhost=~"$vhost", queue=~"{DELAY_QUEUE}"'
+# v2 per-queue retry queues, ``Q.retry.<ttl>``: leftovers draining after the upgrade.
 RETRY_QUEUES = 'vhost=~"$vhost", queue=~"($queue)\\\\.retry\\\\..+"'
 DLQS = 'vhost=~"$vhost", queue=~"($queue)\\\\.dlq"'
 RATE = "[$__rate_interval]"
@@ -448,15 +454,21 @@ def panels() -> list[dict[str, Any]]:
     )
     lay.add(
         timeseries(
-            "Waiting for retry (RabbitMQ)",
-            "Jobs in the delayed-retry queues (Q.retry.*), waiting "
-            "for their backoff to end. A pile that keeps growing means jobs fail faster than they "
-            "age out: look at the retry ratio.",
+            "Waiting in the delay chain (RabbitMQ)",
+            "Retries and delayed jobs waiting out their delay in the shared delay chain "
+            "(<exchange>.delay.*, one chain per exchange for every work queue), and what still "
+            "drains from v2 per-queue retry queues (Q.retry.*) after an upgrade. A pile that keeps "
+            "growing means jobs fail faster than they age out: look at the retry ratio.",
             _targets(
                 (
+                    "sum by (vhost, exchange) (label_replace(rabbitmq_detailed_queue_messages"
+                    f'{{{DELAY_QUEUES}}}, "exchange", "$1", "queue", "(.+)\\\\.delay\\\\..+"))',
+                    "{{exchange}} delay chain ({{vhost}})",
+                ),
+                (
                     f"sum by (queue) (rabbitmq_detailed_queue_messages{{{RETRY_QUEUES}}})",
-                    "{{queue}}",
-                )
+                    "{{queue}} (v2, draining)",
+                ),
             ),
             "short",
         ),

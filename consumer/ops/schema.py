@@ -16,6 +16,13 @@ from typing import Any
 from pydantic import TypeAdapter
 from yarl import URL
 
+from leveret.topology.delay import (
+    DELAY_BITS,
+    DELAY_UNIT_S,
+    MAX_DELAY_S,
+    delay_exchange_name,
+    delayed_job_route,
+)
 from leveret.topology.model import Topology
 
 from ..registry import JobSpec, Registry
@@ -89,8 +96,9 @@ def _channel(spec: JobSpec, exchange_name: str, exchange: dict[str, Any]) -> dic
     return {
         "description": (
             f"Routing key {spec.name!r} on exchange {exchange_name!r}, bound to work "
-            f"queue {spec.queue!r} (retries in {spec.queue}.retry.*, dead jobs in "
-            f"{spec.queue}.dlq). " + description
+            f"queue {spec.queue!r} (retries and delayed jobs wait in the exchange's shared "
+            f"delay chain, {exchange_name}.delay.*, and come back to {spec.queue!r}; dead jobs "
+            f"in {spec.queue}.dlq). " + description
         ).strip(),
         "bindings": {
             "amqp": {
@@ -116,6 +124,42 @@ def _channel(spec: JobSpec, exchange_name: str, exchange: dict[str, Any]) -> dic
     }
 
 
+def _delay_channel(topology: Topology, vhost: str, jobs: list[str]) -> dict[str, Any]:
+    """The shared delay chain: how ``Publisher.publish(..., delay=...)`` sends a delayed job."""
+    ex = topology.exchange
+    return {
+        "description": (
+            f"Delayed jobs (leveret.topology.delay). Publish the same message to the chain "
+            f"exchange of the delay's highest set bit ({delay_exchange_name(ex, 0)} … "
+            f"{delay_exchange_name(ex, DELAY_BITS - 1)}, topic; {delay_exchange_name(ex, -1)} "
+            f"for no delay) with routing key: the delay in {DELAY_UNIT_S * 1000:g} ms units as "
+            f"{DELAY_BITS} words, most significant first, '+' for 1 and '=' for 0, then 'j' and "
+            f"the job name (e.g. 1 s: "
+            f"{delayed_job_route(ex, 1.0, 'JOB')[1]}). It waits in the shared delay queues "
+            f"({ex}.delay.<ttl>, {DELAY_BITS} for the exchange) and is then routed like a job "
+            f"published to {ex!r}. Up to {MAX_DELAY_S / 86_400:.0f} days."
+        ),
+        "bindings": {
+            "amqp": {
+                "is": "routingKey",
+                "exchange": {
+                    "name": delay_exchange_name(ex, 0).rsplit(".", 1)[0] + ".<ttl>",
+                    "type": "topic",
+                    "durable": True,
+                    "autoDelete": False,
+                    "vhost": vhost,
+                },
+                "bindingVersion": AMQP_BINDING_VERSION,
+            }
+        },
+        "publish": {
+            "operationId": "submit_delayed",
+            "summary": "Submit a delayed job; the broker confirms it.",
+            "message": {"oneOf": [{"$ref": f"#/components/messages/{j}"} for j in jobs]},
+        },
+    }
+
+
 def asyncapi(
     registry: Registry, topology: Topology, *, amqp_url: str | None = None, vhost: str = "/"
 ) -> dict[str, Any]:
@@ -137,6 +181,10 @@ def asyncapi(
     for spec in specs:
         messages[spec.name] = _message(spec, keys[(spec.name, "validation")])
         channels[spec.name] = _channel(spec, topology.exchange, exchange)
+    if specs:
+        channels[delay_exchange_name(topology.exchange, 0).rsplit(".", 1)[0] + ".*"] = (
+            _delay_channel(topology, vhost, [s.name for s in specs])
+        )
     return {
         "asyncapi": ASYNCAPI_VERSION,
         "id": f"urn:leveret:{topology.exchange}",
