@@ -128,7 +128,9 @@ def test_asyncapi_document_is_valid_and_its_payloads_validate(generated):
     document = json.loads((folder / "out" / "asyncapi.json").read_text())
     official = json.loads((DATA / "asyncapi-2.6.0.schema.json").read_text())
     jsonschema.Draft7Validator(official).validate(document)
-    assert set(document["channels"]) == {"send_email", "resize", "raw"}
+    assert set(document["channels"]) == {"send_email", "resize", "raw", "jobs.delay.chain.*"}
+    delayed = document["channels"]["jobs.delay.chain.*"]["description"]
+    assert "jobs.delay.<ttl>" in delayed and "'+' for 1" in delayed
     binding = document["channels"]["send_email"]["bindings"]["amqp"]
     assert binding["exchange"]["name"] == "jobs" and binding["is"] == "routingKey"
     for job, good in GOOD.items():
