@@ -1,4 +1,4 @@
-"""``python -m bench [--quick] [--rounds N] [--libs a,b] [--only w1,w2] [--profile]``."""
+"""``python -m bench [--quick] [--rounds N] [--libs a,b] [--only w1,w2] [--jobs N] [--profile]``."""
 
 from __future__ import annotations
 
@@ -27,6 +27,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, help="rounds (default 3, or 1 with --quick)")
     parser.add_argument("--libs", help="comma-separated libraries to run (default: all)")
     parser.add_argument("--only", help="comma-separated workloads to run (default: all)")
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        help="jobs per run for every workload run (a smoke run's size; default: the workload's)",
+    )
     parser.add_argument("--out", type=Path, default=HERE / "RESULTS.md")
     parser.add_argument(
         "--report-only",
@@ -73,6 +78,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.only:
             wanted = set(args.only.split(","))
             workloads = [w for w in workloads if w.name in wanted]
+        if args.jobs:
+            for w in workloads:
+                w.params["n"] = args.jobs
         meta = {
             "machine": report.machine_line(),
             "rabbitmq": broker.rabbitmq_version(),

@@ -19,6 +19,7 @@ Method, so that figures from a noisy shared machine still mean something:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import os
@@ -43,19 +44,34 @@ RUNNERS: dict[str, tuple[str, dict[str, Any]]] = {
     "leveret": ("bench.runners.leveret_runner", {}),
     "leveret-uvloop": ("bench.runners.leveret_runner", {"uvloop": True}),
     "leveret-blocking": ("bench.runners.leveret_runner", {"blocking": True}),
-    # Feature rows of consume_noop (issues 12, 14, 16): the same worker and handler as "leveret",
-    # same loop (asyncio) and same prefetch (the workload's), one setting changed each; see
-    # FEATURE_SETTINGS. Lifecycle events (issue 12): LEVERET_EVENTS off / outcomes (the default
-    # without a status store, so also what "leveret" and "leveret-uvloop" run, said explicitly
-    # here) / all with the Redis status store and its keeper.
-    "leveret-events-off": ("bench.runners.leveret_runner", {"events": "off"}),
+    # Feature rows of consume_noop (issues 12, 14, 16, 20): the same worker and handler as
+    # "leveret", same loop (asyncio) and same prefetch (the workload's), one setting changed each;
+    # see FEATURE_SETTINGS. "leveret" itself runs the defaults: events off, no status store
+    # (issue 20). Lifecycle rows: outcome events on, or the worker writing each job's status to
+    # Redis itself (events off). A row with ``results`` set is counted by the harness only once
+    # every job's final status (or result) is readable in Redis (``ResultWatch``).
     "leveret-outcomes": ("bench.runners.leveret_runner", {"events": "outcomes"}),
     "leveret-status": (
         "bench.runners.leveret_runner",
-        {"events": "all", "status_url": "redis://127.0.0.1:6379/14", "status_ttl": 600},
+        {"events": "off", "status_ttl": 600, "results": "leveret"},
+    ),
+    # The same two under uvloop (what ``--loop auto`` picks): issue 20's budget holds them
+    # against bare aio-pika on uvloop, like for like.
+    "leveret-outcomes-uvloop": (
+        "bench.runners.leveret_runner",
+        {"events": "outcomes", "uvloop": True},
+    ),
+    "leveret-status-uvloop": (
+        "bench.runners.leveret_runner",
+        {"events": "off", "status_ttl": 600, "results": "leveret", "uvloop": True},
     ),
     "dramatiq": ("bench.runners.dramatiq_runner", {}),
     "celery": ("bench.runners.celery_runner", {}),
+    # Issue 20's peers with results kept, each at its best settings otherwise (the rows above):
+    # Dramatiq with its Results middleware on Redis, Celery with a Redis result backend,
+    # task_track_started and task events (-E). Counted once every result is readable.
+    "dramatiq-results": ("bench.runners.dramatiq_runner", {"results": "dramatiq"}),
+    "celery-results": ("bench.runners.celery_runner", {"results": "celery"}),
     "faststream": ("bench.runners.faststream_runner", {}),
     "faststream-uvloop": ("bench.runners.faststream_runner", {"uvloop": True}),
     "taskiq": ("bench.runners.taskiq_runner", {}),
@@ -65,7 +81,7 @@ RUNNERS: dict[str, tuple[str, dict[str, Any]]] = {
     "leveret-resource": ("bench.runners.leveret_runner", {"job_resource": True}),
     # Issue 10: the worker before the reshaping, run from a snapshot of that commit with that
     # commit's own runner (``_tree``: see ``snapshot``). No lifecycle events existed then, so
-    # its like-for-like row today is "leveret-events-off".
+    # its like-for-like row today is "leveret" (events off by default since issue 20).
     "leveret-before": ("bench.runners.leveret_runner", {"_tree": "b86b806"}),
 }
 # Peers at their best configuration: the asyncio ones on uvloop (they can use it; a user who
@@ -75,24 +91,36 @@ PIPELINING_PEERS = ["faststream-uvloop", "taskiq-uvloop"]
 # One full run shows every feature row beside bare aio-pika (issue 16's last target row). Each is
 # the plain "leveret" row with one setting changed, nothing else tuned: what the report prints.
 FEATURES = [
-    "leveret-events-off",
     "leveret-outcomes",
     "leveret-status",
     "leveret-resource",
     "leveret-before",
 ]
+# The lifecycle rows again under uvloop, and the peers with results kept (issue 20's budget).
+FEATURES_UVLOOP = ["leveret-outcomes-uvloop", "leveret-status-uvloop"]
+RESULT_PEERS = ["dramatiq-results", "celery-results"]
 FEATURE_SETTINGS = {
-    "leveret": "defaults: `LEVERET_EVENTS` unset, so `outcomes` (no status store)",
+    "leveret": "defaults: `LEVERET_EVENTS` unset, so `off`; no status store",
     "leveret-uvloop": "as `leveret`, under `uvloop.run`",
-    "leveret-events-off": "`events=off`: no lifecycle events",
     "leveret-outcomes": "`events=outcomes`: one outcome event per job, confirmed before its ack",
-    "leveret-status": "`events=all` (`started` too) + Redis status store (`status_url`, "
-    "TTL 600 s) and its keeper consuming the events queue in the same process",
+    "leveret-status": "`LEVERET_STATUS_URL` set (Redis, TTL 600 s), events `off`: the worker "
+    "writes each status itself (one script per batch, before the acks); counted once every "
+    "job reads `succeeded` in Redis",
+    "leveret-outcomes-uvloop": "as `leveret-outcomes`, under `uvloop.run`",
+    "leveret-status-uvloop": "as `leveret-status`, under `uvloop.run`",
     "leveret-resource": "as `leveret`, handler takes one job-scoped async-generator resource",
     "leveret-before": "the worker at b86b806, before the reshaping (issue 10); it had no "
-    "events: compare with `leveret-events-off`",
+    "events: compare with `leveret`",
+    "dramatiq-results": "`dramatiq` + `Results` middleware on a Redis backend, "
+    "`store_results=True`; counted once every result is readable",
+    "celery-results": "`celery` + Redis result backend, `task_track_started=True`, task events "
+    "(`-E`); counted once every SUCCESS result is readable",
 }
-THREADED = {"dramatiq", "celery"}  # concurrency is threads (or Celery's solo pool at 1)
+# Concurrency is threads (or Celery's solo pool at 1).
+THREADED = {"dramatiq", "celery", "dramatiq-results", "celery-results"}
+# Where the rows with ``results`` keep them: the bench's own Redis database (the tests use 0
+# and 13); each run's keys are its own (fresh ids, a per-run namespace) and deleted after it.
+REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/14")
 
 
 def loop_of(lib: str) -> str:
@@ -149,7 +177,16 @@ def plan(quick: bool, libs: list[str] | None) -> list[Workload]:
         Workload(
             "consume_noop",
             "Consume no-op jobs, one worker process (prefetch 1,000)",
-            ["aiopika", "aiopika-uvloop", "leveret", "leveret-uvloop", *ALL_PEERS, *FEATURES],
+            [
+                "aiopika",
+                "aiopika-uvloop",
+                "leveret",
+                "leveret-uvloop",
+                *ALL_PEERS,
+                *FEATURES,
+                *FEATURES_UVLOOP,
+                *RESULT_PEERS,
+            ],
             {"n": 500 if q else 20000, "prefetch": 1000, "concurrency": 1},
         ),
         Workload(
@@ -223,7 +260,9 @@ class Harness:
         extra = dict(extra)
         tree = extra.pop("_tree", None)
         log = open(self.logdir / f"{tag}.log", "wb")  # noqa: SIM115, ASYNC230 - for the child
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        # A row's settings are its own: none inherited from LEVERET_* in the caller's shell.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("LEVERET_")}
+        env["PYTHONUNBUFFERED"] = "1"
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
@@ -267,12 +306,20 @@ class Harness:
         }
         if lib in THREADED and wl.name == "io":
             spec["prefetch"] = 100
+        watch: ResultWatch | None = None
+        kind = RUNNERS[lib][1].get("results")
+        if kind and not wl.name.startswith("publish") and wl.name != "latency":
+            spec["results_url"] = REDIS_URL
+            spec["results_ns"] = f"bench-{key}"
+            if kind == "leveret":
+                spec["status_url"] = REDIS_URL
+            watch = ResultWatch(REDIS_URL, kind, spec)
         procs: list[asyncio.subprocess.Process] = []
         try:
             for p in range(wl.processes):
                 procs.append(await self._spawn(lib, spec, f"{wl.name}-{lib}-r{rnd}-p{p}"))
             figures = await asyncio.wait_for(
-                self._drive(wl, lib, spec, procs, profile), self.timeout_s
+                self._drive(wl, lib, spec, procs, profile, watch), self.timeout_s
             )
             run = Run(wl.name, lib, rnd, True, figures=figures)
         except Exception as exc:
@@ -283,6 +330,8 @@ class Harness:
                     proc.kill()
                     await proc.wait()
             await asyncio.to_thread(self.broker.delete_queues, queue)
+            if watch is not None:
+                await watch.close()
         self.runs.append(run)
         return run
 
@@ -293,6 +342,7 @@ class Harness:
         spec: dict[str, Any],
         procs: list[asyncio.subprocess.Process],
         profile: Path | None,
+        watch: ResultWatch | None = None,
     ) -> dict[str, float]:
         for proc in procs:
             await self._expect(proc, "READY", 60)
@@ -307,8 +357,10 @@ class Harness:
                 raise RuntimeError(f"queue holds {got} jobs after publishing {n}")
             return {"rate": n / result["elapsed"]}
         if wl.name != "latency":
-            wires = (encode(lib, spec["queue"], spec["job"], payload(i)) for i in range(n))
-            await self.broker.fill(wires)
+            wires = [encode(lib, spec["queue"], spec["job"], payload(i)) for i in range(n)]
+            if watch is not None:
+                await watch.open([w.id for w in wires])
+            await self.broker.fill(iter(wires))
         spy = None
         if profile is not None:
             spy = await asyncio.create_subprocess_exec(
@@ -329,8 +381,29 @@ class Harness:
             await asyncio.sleep(1.5)
         for proc in procs:
             self._go(proc)
-        for proc in procs:
-            await self._expect(proc, "CONSUMING", 60)
+        watching = asyncio.create_task(watch.watch()) if watch is not None else None
+        try:
+            for proc in procs:
+                await self._expect(proc, "CONSUMING", 60)
+            figures = await self._consumed(wl, lib, spec, procs, spy, watch, watching)
+        finally:
+            if watching is not None and not watching.done():
+                watching.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watching
+        return figures
+
+    async def _consumed(
+        self,
+        wl: Workload,
+        lib: str,
+        spec: dict[str, Any],
+        procs: list[asyncio.subprocess.Process],
+        spy: asyncio.subprocess.Process | None,
+        watch: ResultWatch | None,
+        watching: asyncio.Task[float] | None,
+    ) -> dict[str, float]:
+        n = spec["n"]
         figures: dict[str, float] = {}
         if wl.name == "latency":
             await asyncio.sleep(0.5)
@@ -347,6 +420,19 @@ class Harness:
             raise RuntimeError(f"handled {handled} of {n} jobs; {left} left in the queue")
         t_first = min(r["t_first"] for r in results)
         t_last = max(r["t_last"] for r in results)
+        if watching is not None:
+            # A job counts once its final status (result) is readable: the run ends then.
+            try:
+                readable = await asyncio.wait_for(watching, ResultWatch.GRACE_S)
+            except TimeoutError:
+                assert watch is not None
+                unread = await watch.unread()
+                raise RuntimeError(
+                    f"{unread} of {n} jobs' outcomes not readable in Redis "
+                    f"{ResultWatch.GRACE_S:.0f} s after the runner ended"
+                ) from None
+            figures["readable_lag_ms"] = max(0.0, readable - t_last) * 1000
+            t_last = max(t_last, readable)
         span = t_last - t_first
         if wl.name in ("consume_noop", "consume_2proc"):
             figures["rate"] = n / span
@@ -380,6 +466,97 @@ class Harness:
             task.add_done_callback(pending.discard)
         if pending:
             await asyncio.gather(*pending)
+
+
+class ResultWatch:
+    """When every job of a run has its final status (or result) readable in Redis.
+
+    The rows with ``results`` (``leveret-status*``, ``dramatiq-results``, ``celery-results``)
+    count a job only once a client could read its outcome: Leveret's status hash reads
+    ``state=succeeded``, Dramatiq's result key exists, Celery's result reads ``SUCCESS``. The
+    harness reads them itself, as such a client would, from its own connection while the run
+    goes on: each poll probes the oldest job still unread (one command every ``POLL_S``), and
+    once that one reads done, the ``WINDOW`` oldest unread ones in one pipeline, dropping those
+    done; a job not yet done stays for a later poll. So the reads cost about two commands per
+    job, the same for the three rows, and the end time is the poll that saw the last one (late
+    by at most one poll and one pipeline: a few ms). The run fails if some job's outcome is
+    still unreadable ``GRACE_S`` after the runner reported.
+    """
+
+    POLL_S = 0.005
+    WINDOW = 500
+    GRACE_S = 30.0
+
+    def __init__(self, url: str, kind: str, spec: dict[str, Any]) -> None:
+        self.url = url
+        self.kind = kind
+        self.spec = spec
+        self.keys: list[str] = []
+        self._client: Any = None
+
+    def key(self, job_id: str) -> str:
+        if self.kind == "leveret":
+            return "leveret:status:" + job_id  # producers.status.DEFAULT_PREFIX
+        if self.kind == "dramatiq":  # RedisBackend(use_namespace_prefix_keys=True)
+            return f"{self.spec['results_ns']}:{self.spec['queue']}:{self.spec['job']}:{job_id}"
+        if self.kind == "celery":
+            return "celery-task-meta-" + job_id
+        raise ValueError(f"no results kind {self.kind!r}")
+
+    async def open(self, ids: list[str]) -> None:
+        import redis.asyncio as aioredis
+
+        self.keys = [self.key(i) for i in ids]
+        self._client = aioredis.Redis.from_url(self.url)
+        await self._client.delete(*self.keys[:1])  # reachable, and a clean slate (fresh ids)
+
+    async def _done(self, keys: list[str]) -> list[bool]:
+        pipe = self._client.pipeline(transaction=False)
+        for key in keys:
+            if self.kind == "leveret":
+                pipe.hget(key, "state")
+            elif self.kind == "dramatiq":
+                pipe.exists(key)
+            else:
+                pipe.get(key)
+        values = await pipe.execute()
+        if self.kind == "leveret":
+            return [v == b"succeeded" for v in values]
+        if self.kind == "dramatiq":
+            return [bool(v) for v in values]
+        return [v is not None and b'"SUCCESS"' in v for v in values]
+
+    async def watch(self) -> float:
+        """``time.time()`` of the poll that found the last job's outcome readable."""
+        pending = list(self.keys)
+        last = 0.0
+        while pending:
+            (head,) = await self._done(pending[:1])
+            if not head:
+                await asyncio.sleep(self.POLL_S)
+                continue
+            window = pending[: self.WINDOW]
+            done = await self._done(window)
+            last = time.time()
+            pending = [k for k, ok in zip(window, done, strict=True) if not ok] + pending[
+                self.WINDOW :
+            ]
+        return last
+
+    async def unread(self) -> int:
+        done = await self._done(self.keys)
+        return done.count(False)
+
+    async def close(self) -> None:
+        """Delete the run's keys (only its own: fresh ids, its own namespace)."""
+        if self._client is None:
+            return
+        with contextlib.suppress(Exception):
+            for first in range(0, len(self.keys), 1000):
+                await self._client.delete(*self.keys[first : first + 1000])
+        with contextlib.suppress(Exception):
+            await self._client.aclose()
+        self._client = None
 
 
 def _pct(values: list[float], p: float) -> float:
@@ -451,12 +628,20 @@ def summarise(runs: list[Run]) -> dict[tuple[str, str, str], dict[str, float]]:
         entry = {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs)}
         out[(wl, lib, name)] = entry
     for (wl, lib, name), entry in out.items():
+        # A feature row's cost: against the plain row of the same round, same loop (a uvloop
+        # feature row against "leveret-uvloop"; "leveret-uvloop" itself against "leveret").
+        plain = (
+            "leveret-uvloop"
+            if lib.endswith("-uvloop") and lib.startswith("leveret-") and lib != "leveret-uvloop"
+            else "leveret"
+        )
         for ref_lib, label in (
             ("aiopika", "x_aiopika"),
             ("aiopika-uvloop", "x_aiopika_uvloop"),
             ("dramatiq", "x_dramatiq"),
-            # A feature row's cost: against the plain row of the same round, same loop.
-            ("leveret", "x_leveret"),
+            ("dramatiq-results", "x_dramatiq_results"),
+            ("celery-results", "x_celery_results"),
+            (plain, "x_leveret"),
         ):
             # The batch API is held against bare aio-pika publishing without confirms.
             ref_wl = "publish_noconfirm" if wl == "publish_batch" else wl

@@ -22,6 +22,7 @@ class Wire:
     body: bytes
     headers: dict[str, Any] | None = None
     props: dict[str, Any] = field(default_factory=dict)
+    id: str = ""  # the job's id in the library's own terms (where its status or result is kept)
 
 
 PAD = "x" * 470  # with the other fields, a body of about 512 bytes
@@ -38,31 +39,38 @@ def _json(obj: Any) -> bytes:
 def encode(lib: str, queue: str, job: str, data: dict[str, Any]) -> Wire:
     """The message ``lib``'s own publisher would send for job ``job`` with argument ``data``."""
     lib = lib.removesuffix("-uvloop")  # the loop a runner uses does not change its wire format
+    # A row with results kept (``celery-results``, ``dramatiq-results``) sends the same format
+    # as its library's plain row, except that Celery's message asks for its result.
+    keep_result = lib.endswith("-results")
+    lib = lib.removesuffix("-results")
     if lib == "leveret" or lib.startswith("leveret-"):  # -blocking and the lifecycle rows
         # Wire format v1 from the contract: exchange `jobs`, routing key = job name.
+        job_id = str(uuid.uuid4())
         return Wire(
             "jobs",
             job,
             _json(data),
             props={
                 "content_type": "application/json",
-                "message_id": str(uuid.uuid4()),
+                "message_id": job_id,
                 "type": job,
             },
+            id=job_id,
         )
     if lib in ("aiopika", "faststream"):
         return Wire("", queue, _json(data), props={"content_type": "application/json"})
     if lib == "dramatiq":
+        message_id = str(uuid.uuid4())
         message = {
             "queue_name": queue,
             "actor_name": job,
             "args": [data],
             "kwargs": {},
             "options": {},
-            "message_id": str(uuid.uuid4()),
+            "message_id": message_id,
             "message_timestamp": int(time.time() * 1000),
         }
-        return Wire("", queue, _json(message))
+        return Wire("", queue, _json(message), id=message_id)
     if lib == "celery":
         # Celery task message protocol 2 (what apply_async sends with the json serializer).
         task_id = str(uuid.uuid4())
@@ -82,7 +90,7 @@ def encode(lib: str, queue: str, job: str, data: dict[str, Any]) -> Wire:
             "argsrepr": "(...)",
             "kwargsrepr": "{}",
             "origin": "bench",
-            "ignore_result": True,
+            "ignore_result": not keep_result,
         }
         body = [[data], {}, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}]
         return Wire(
@@ -95,6 +103,7 @@ def encode(lib: str, queue: str, job: str, data: dict[str, Any]) -> Wire:
                 "content_encoding": "utf-8",
                 "correlation_id": task_id,
             },
+            id=task_id,
         )
     if lib == "taskiq":
         task_id = uuid.uuid4().hex
@@ -106,5 +115,7 @@ def encode(lib: str, queue: str, job: str, data: dict[str, Any]) -> Wire:
             "args": [data],
             "kwargs": {},
         }
-        return Wire("", queue, _json(message), headers={"task_id": task_id, "task_name": job})
+        return Wire(
+            "", queue, _json(message), headers={"task_id": task_id, "task_name": job}, id=task_id
+        )
     raise ValueError(f"no wire format for {lib!r}")

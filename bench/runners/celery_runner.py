@@ -4,6 +4,12 @@ Best documented settings: ``acks_late`` (ack after the task), results ignored, t
 ``worker_prefetch_multiplier=1000`` for no-op throughput, the threads pool with concurrency 100
 for I/O-bound jobs, ``--without-gossip --without-mingle --without-heartbeat``, and
 ``confirm_publish`` for publishing. Retries use ``self.retry(countdown=1)``.
+
+The ``celery-results`` row (``results_url`` in the spec): the same best settings, plus a Redis
+result backend (results stored, ``task_track_started=True`` so a STARTED state is written before
+the task runs) and task events (``worker_send_task_events``, what ``-E`` sets: task-received,
+-started and -succeeded events published to RabbitMQ). The harness counts a job once its
+SUCCESS result is readable in Redis.
 """
 
 from __future__ import annotations
@@ -27,15 +33,21 @@ def main() -> None:
     concurrency = spec.get("concurrency", 1)
     prefetch = spec.get("prefetch", 1000)
     app = Celery("bench", broker=spec["url"].replace("amqp://", "pyamqp://", 1))
+    results = bool(spec.get("results_url"))
     app.conf.update(
         task_acks_late=True,
-        task_ignore_result=True,
+        task_ignore_result=not results,
         task_serializer="json",
         accept_content=["json"],
-        broker_transport_options={"confirm_publish": True},
+        # Confirms are for publishing jobs (and retries). The results row's worker publishes only
+        # its task events, which Celery sends fire-and-forget: waiting for a confirm per event
+        # is not its best configuration, so that row runs without.
+        broker_transport_options={"confirm_publish": not results},
         worker_prefetch_multiplier=max(1, prefetch // concurrency),
         worker_hijack_root_logger=False,
-        worker_send_task_events=False,
+        worker_send_task_events=results,
+        task_track_started=results,
+        **({"result_backend": spec["results_url"], "result_expires": 600} if results else {}),
         broker_connection_retry_on_startup=True,
         task_default_queue=spec["queue"],
     )
@@ -76,6 +88,7 @@ def main() -> None:
         without_gossip=True,
         without_mingle=True,
         without_heartbeat=True,
+        task_events=results,
         loglevel="WARNING",
         quiet=True,
     )

@@ -6,6 +6,12 @@ documented concurrency model). Acks come after the actor returns (Dramatiq alway
 way); ``confirm_delivery=True`` for publishing. Its Retries middleware always adds jitter: with
 ``min_backoff=500, max_backoff=2000`` the first retry waits 1–2 s, the closest it gets to a
 1 s backoff that never runs early.
+
+The ``dramatiq-results`` row (``results_url`` in the spec): the same, plus the ``Results``
+middleware on a ``RedisBackend`` and ``store_results=True`` on the actor, so every job's return
+value is stored in Redis before its ack; the harness counts a job once its result is readable.
+Keys are namespaced per run (``use_namespace_prefix_keys``: ``<namespace>:<queue>:<actor>:<id>``
+rather than an md5 of it) so the harness can read and delete them.
 """
 
 from __future__ import annotations
@@ -27,6 +33,17 @@ def main() -> None:
     from dramatiq.brokers.rabbitmq import RabbitmqBroker
 
     broker = RabbitmqBroker(url=spec["url"], confirm_delivery=True)
+    results = bool(spec.get("results_url"))
+    if results:
+        from dramatiq.results import Results
+        from dramatiq.results.backends import RedisBackend
+
+        backend = RedisBackend(
+            url=spec["results_url"],
+            namespace=spec["results_ns"],
+            use_namespace_prefix_keys=True,
+        )
+        broker.add_middleware(Results(backend=backend, result_ttl=600_000))
     dramatiq.set_broker(broker)
     finished = threading.Event()
     tally = Tally(spec, finished.set) if not spec["workload"].startswith("publish") else None
@@ -38,6 +55,7 @@ def main() -> None:
         max_retries=3,
         min_backoff=500,
         max_backoff=2000,
+        **({"store_results": True} if results else {}),
     )
     def handle(data: dict[str, Any]) -> None:
         assert tally is not None
