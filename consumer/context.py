@@ -14,6 +14,9 @@ class _FollowUp(Protocol):
     @property
     def job_id(self) -> str: ...
 
+    @property
+    def copy(self) -> object | None: ...
+
 
 class Lifecycle(Protocol):
     """What the worker plugs into a context (its ``Settler``): kept abstract so a context can be
@@ -23,7 +26,7 @@ class Lifecycle(Protocol):
         self, d: Any, job: str, attempt: int, fraction: float, message: str | None
     ) -> None: ...
 
-    def follow_up(self, job: str, payload: Any, options: dict[str, Any]) -> _FollowUp: ...
+    async def follow_up(self, job: str, payload: Any, options: dict[str, Any]) -> _FollowUp: ...
 
     # Whether ``started`` is recorded (a status store, or ``LEVERET_EVENTS=all``), and how.
     records_started: bool
@@ -67,20 +70,23 @@ class JobContext:
                 self.delivery, self.job, self.attempt, float(fraction), message
             )
 
-    def enqueue(self, job: str, payload: Any, **options: Any) -> str:
-        """Enqueue a follow-up job and return its id at once. It is published only if this run
-        succeeds, confirmed before this job is acked (a crash in between can publish it twice,
-        never lose it); if the run fails, nothing is published. ``options`` are ``publish``'s:
-        ``priority``, ``delay``, ``eta``, ``job_id``, ``headers``, ``max_attempts``."""
+    async def enqueue(self, job: str, payload: Any, **options: Any) -> str:
+        """``await ctx.enqueue(job, payload, **options)``: enqueue a follow-up job, return its
+        id. It is published only if this run succeeds, confirmed before this job is acked (a
+        crash in between can publish it twice, never lose it); if the run fails, nothing is
+        published. ``options`` are ``publish``'s: ``priority``, ``delay``, ``eta``,
+        ``job_id``, ``headers``, ``max_attempts``, ``dedup_key`` (needs the status store: a
+        key a live job holds returns that job's id and enqueues nothing)."""
         if self.lifecycle is None:
             raise RuntimeError("ctx.enqueue works inside a worker's run only")
         trace = {k: self.headers[k] for k in TRACE_HEADERS if k in self.headers}
         if trace:  # the follow-up continues this job's trace unless told otherwise
             options["headers"] = {**trace, **(options.get("headers") or {})}
-        follow_up = self.lifecycle.follow_up(job, payload, options)
-        if self.follow_ups is None:
-            self.follow_ups = []
-        self.follow_ups.append(follow_up)
+        follow_up = await self.lifecycle.follow_up(job, payload, options)
+        if follow_up.copy is not None:
+            if self.follow_ups is None:
+                self.follow_ups = []
+            self.follow_ups.append(follow_up)
         return follow_up.job_id
 
     @property

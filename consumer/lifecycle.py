@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 import structlog
 from pamqp.commands import Basic
 
+from leveret.producers.dedup import HEADER_DEDUP_KEY, check_dedup_key
 from leveret.producers.events import (
     EVENTS_CONTENT_TYPE,
     PROGRESS,
@@ -35,14 +36,20 @@ from .outbox import Copy
 
 log = structlog.get_logger("leveret.worker")
 
-_FOLLOW_UP_OPTIONS = frozenset({"priority", "delay", "eta", "job_id", "headers", "max_attempts"})
+_FOLLOW_UP_OPTIONS = frozenset(
+    {"priority", "delay", "eta", "job_id", "headers", "max_attempts", "dedup_key"}
+)
 
 
 class FollowUp(NamedTuple):
-    """A job a handler enqueued (``ctx.enqueue``): published with the success outcome."""
+    """A job a handler enqueued (``ctx.enqueue``): published with the success outcome.
+
+    With a ``dedup_key`` held by a live job, ``copy`` is ``None`` and ``job_id`` that job's:
+    nothing is published (see ``Settler.follow_up``)."""
 
     job_id: str
-    copy: Copy
+    copy: Copy | None
+    dedup_key: str | None = None
 
 
 class EventCopies:
@@ -122,6 +129,10 @@ class EventCopies:
         if unknown:
             raise TypeError(f"ctx.enqueue got unexpected option(s): {', '.join(sorted(unknown))}")
         delay_s = delay_seconds(options.get("delay"), options.get("eta"))
+        headers = options.get("headers")
+        key = options.get("dedup_key")
+        if key is not None:  # carried like a publish's, so the job's ending can free it
+            headers = {**(headers or {}), HEADER_DEDUP_KEY: check_dedup_key(key)}
         p = prepare_job(
             self._jobs_exchange,
             job,
@@ -129,7 +140,7 @@ class EventCopies:
             options.get("priority"),
             delay_s,
             options.get("job_id"),
-            options.get("headers"),
+            headers,
             options.get("max_attempts"),
         )
-        return FollowUp(p.job_id, Copy(p.body, p.exchange, p.routing_key, p.properties))
+        return FollowUp(p.job_id, Copy(p.body, p.exchange, p.routing_key, p.properties), key)

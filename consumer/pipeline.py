@@ -229,6 +229,8 @@ class Pipeline:
             return await settler.succeeded(
                 d, spec.name, duration, result, ctx.attempt, ctx.follow_ups
             )
+        if ctx.follow_ups:  # never published: free the keys they claimed
+            settler.release_follow_ups(ctx.follow_ups)
         if type(error) is Postponed:  # its rate limit: back later, same attempt, nothing ran
             return await settler.postpone(d, error.delay_s)
         return await settler.failed(d, spec, ctx.attempt, error, duration)

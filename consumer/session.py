@@ -29,6 +29,7 @@ from tenacity.wait import wait_exponential_jitter
 
 from leveret.producers.cancel import CancelMarks, CancelWatch
 from leveret.producers.connection import CONNECTION_ERRORS, connect, mask_secrets
+from leveret.producers.dedup import DedupStore
 from leveret.producers.errors import BrokerUnavailable
 from leveret.producers.message import one_line
 from leveret.topology.declare import declare
@@ -71,8 +72,10 @@ class Plan:
     # With LEVERET_STATUS_URL: the writer every session's settle records statuses with (one
     # per worker process; an ending write also frees the job's dedup key) ...
     status: StatusWriter | None = None
-    # ... and the cancellation marks (each session runs a CancelWatch on them).
+    # ... the cancellation marks (each session runs a CancelWatch on them), and the claims of
+    # ``ctx.enqueue(..., dedup_key=…)``, on the same Redis.
     cancel_marks: CancelMarks | None = None
+    dedup: DedupStore | None = None
 
 
 class Session:
@@ -126,6 +129,7 @@ class Session:
             result_max_bytes=settings.result_max_bytes,
             status=plan.status,
             queue_of={name: spec.queue for name, spec in plan.pipeline.jobs.items()},
+            dedup=plan.dedup,
         )
         await self._start_cancel_watch()
         self.consume.on_consumer_cancel_callbacks.add(self._on_cancel)

@@ -39,6 +39,7 @@ import aiormq
 import structlog
 from prometheus_client import Counter
 
+from leveret.producers.dedup import DedupUnavailableError
 from leveret.producers.events import CANCELLED as EVENT_CANCELLED
 from leveret.producers.events import DEAD, PROGRESS, RETRYING, STARTED, EventsMode
 from leveret.producers.events import SUCCEEDED as EVENT_SUCCEEDED
@@ -67,6 +68,8 @@ from .outbox import Copy, Outbox, SettleFailed
 from .registry import JobSpec
 
 if TYPE_CHECKING:
+    from leveret.producers.dedup import DedupStore
+
     from .status_writer import StatusWriter
 
 __all__ = ["Copy", "FollowUp", "SettleFailed", "Settler"]
@@ -105,6 +108,7 @@ class Settler:
         result_max_bytes: int = 65536,
         status: StatusWriter | None = None,
         queue_of: Mapping[str, str] | None = None,
+        dedup: DedupStore | None = None,
     ) -> None:
         self.acker = acker
         self.outcomes = outcomes
@@ -125,6 +129,9 @@ class Settler:
         self.status = status
         # job name -> its queue, for the jobs this worker knows (a follow-up's ``queued``).
         self._queue_of: Mapping[str, str] = queue_of or {}
+        # ``ctx.enqueue(..., dedup_key=…)`` claims on the status store's Redis.
+        self._dedup = dedup
+        self._releases: set[asyncio.Task[bool]] = set()
         self.records_started = self.publishes_started or status is not None
 
     # -- outcomes ---------------------------------------------------------------------------------
@@ -142,7 +149,7 @@ class Settler:
         ``LEVERET_RESULT_MAX_BYTES``), the run's follow-up jobs go out beside it."""
         children = self.outcomes.children(d.queue, job)
         children.duration.observe(duration)
-        copies: tuple[Copy, ...] = tuple(f.copy for f in follow_ups) if follow_ups else ()
+        copies = tuple(f.copy for f in follow_ups or () if f.copy is not None)
         events: tuple[Copy, ...] = ()
         value = self.events.result_value(result) if result is not None else None
         if self._publishes_outcomes:
@@ -321,8 +328,13 @@ class Settler:
         )
 
     def _queued(self, f: FollowUp) -> StatusWrite:
-        """A follow-up reads ``queued`` once confirmed (its queue where this worker knows it)."""
-        return status_write("queued", f.job_id, f.copy.job, self._queue_of.get(f.copy.job), 0)
+        """A follow-up reads ``queued`` once confirmed (its queue where this worker knows it);
+        the same write keeps its dedup claim for the job's life."""
+        assert f.copy is not None
+        job = f.copy.job
+        return status_write(
+            "queued", f.job_id, job, self._queue_of.get(job), 0, dedup_key=f.dedup_key
+        )
 
     def started(self, d: Delivery, job: str, attempt: int) -> None:
         """Best effort ``started``: the status (with a store) and the event (``LEVERET_EVENTS=
@@ -346,9 +358,31 @@ class Settler:
             copy = self._event(d, job, PROGRESS, attempt, progress=fraction, message=message)
             self.outbox.send_best_effort(copy, d.job_id)
 
-    def follow_up(self, job: str, payload: Any, options: dict[str, Any]) -> FollowUp:
-        """A handler's ``ctx.enqueue``, built now and published by ``succeeded``."""
-        return self.events.follow_up(job, payload, options)
+    async def follow_up(self, job: str, payload: Any, options: dict[str, Any]) -> FollowUp:
+        """A handler's ``ctx.enqueue``, built now and published by ``succeeded``. With a
+        ``dedup_key`` the key is claimed now (held for the pending TTL until the run's success
+        writes the follow-up's ``queued``, which keeps it for the job's life); a key a live job
+        holds gives that job's id and nothing to publish."""
+        f = self.events.follow_up(job, payload, options)
+        if f.dedup_key is None:
+            return f
+        if self._dedup is None:
+            raise DedupUnavailableError()
+        holder = await self._dedup.claim(f.dedup_key, f.job_id)
+        return f if holder is None else FollowUp(holder, None)
+
+    def release_follow_ups(self, follow_ups: list[FollowUp]) -> None:
+        """The run failed: its follow-ups are never published, so their keys are free again
+        (best effort: an unreleased claim lapses after the pending TTL)."""
+        if self._dedup is None:
+            return
+        for f in follow_ups:
+            if f.dedup_key is not None:
+                task = asyncio.get_running_loop().create_task(
+                    self._dedup.release(f.dedup_key, f.job_id)
+                )
+                self._releases.add(task)
+                task.add_done_callback(self._releases.discard)
 
     def _copy(
         self, d: Delivery, job: str, headers: dict[str, Any], exchange: str, routing_key: str

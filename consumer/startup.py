@@ -22,9 +22,10 @@ import asyncio
 import contextlib
 import signal
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import structlog
+from pydantic import SecretStr
 
 from leveret.producers.connection import connect, mask_url
 
@@ -33,12 +34,11 @@ from .health import HealthServer
 from .limited import RateLimited
 from .pipeline import Pipeline
 from .ratelimit import GlobalLimiters, LocalLimiter
-from .scheduler import Scheduler
+from .scheduler import Scheduler, with_heartbeat
 from .session import Plan
 from .status_writer import StatusWriter
 
 if TYPE_CHECKING:
-    from leveret.producers.cancel import CancelMarks
     from leveret.producers.status import StatusStore
 
     from .metrics import Outcomes, WorkerMetrics
@@ -101,7 +101,7 @@ def session_plan(
         pipeline,
         on_lost,
         status=status,
-        cancel_marks=cancel_marks(status_store),
+        **cancel_and_dedup(status_store),
     )
 
 
@@ -130,16 +130,20 @@ def open_status_store(settings: WorkerSettings) -> StatusStore | None:
     return RedisStatusStore.from_url(url, ttl=settings.status_ttl)
 
 
-def cancel_marks(store: StatusStore | None) -> CancelMarks | None:
-    """Cancel marks on the status store's Redis client (one client per worker process);
-    nothing without a Redis status store."""
+def cancel_and_dedup(store: StatusStore | None) -> dict[str, Any]:
+    """Cancel marks and de-duplication claims on the status store's Redis client (one client
+    per worker process); nothing without a Redis status store."""
     from leveret.producers.status import RedisStatusStore
 
     if not isinstance(store, RedisStatusStore):
-        return None
+        return {}
     from leveret.producers.cancel import RedisCancelMarks
+    from leveret.producers.dedup import DedupStore
 
-    return RedisCancelMarks(store.client, ttl=store.ttl)
+    return {
+        "cancel_marks": RedisCancelMarks(store.client, ttl=store.ttl),
+        "dedup": DedupStore(store.client, ttl=store.ttl),
+    }
 
 
 def global_limiters(settings: WorkerSettings) -> GlobalLimiters:
@@ -220,7 +224,11 @@ def start_scheduler(
     """
     if not worker.schedules:
         return
-    settings = worker.settings
+    # A short AMQP heartbeat on every node's URL: a leader whose host vanishes without closing
+    # its socket is noticed by the broker in ~2 s, so a standby takes over within 5 s.
+    urls = worker.settings.amqp_url.get_secret_value().split(",")
+    beating = ",".join(with_heartbeat(u.strip()) for u in urls if u.strip())
+    settings = worker.settings.model_copy(update={"amqp_url": SecretStr(beating)})
     scheduler = Scheduler(
         lambda: connect(settings, robust=False),
         worker.schedules,

@@ -143,7 +143,9 @@ class StatusWrite(NamedTuple):
     ``fields`` are the field/value pairs of the complete new status (absent fields left out);
     the store decides under the ordering rule whether it applies and keeps what the new status
     does not say (``created_at``, a run's ``started_at``, a ``queue`` known earlier, the
-    attempt's progress when ``inherit``). ``dedup_key`` is only read by ``revive``.
+    attempt's progress when ``inherit``). ``dedup_key``: a ``revive`` holds it again when it
+    is free; a ``queued`` keeps the job's pending claim for the status TTL (a follow-up
+    enqueued with a key, once confirmed).
     """
 
     job_id: str
@@ -427,6 +429,13 @@ local function write(key, w)
     end
     redis.call('DEL', cancel .. job_id)
     return 1
+  end
+  if kind == 'queued' and w[6] ~= '' then
+    local claim = dedup .. 'dedup:' .. w[6]
+    if redis.call('GET', claim) == job_id then
+      redis.call('EXPIRE', claim, ttl)
+      redis.call('EXPIRE', dedup .. 'dedup-job:' .. job_id, ttl)
+    end
   end
   if cur_state then
     local cur_attempt = tonumber(cur[2])

@@ -35,10 +35,17 @@ from yarl import URL
 
 from leveret.producers.connection import connect
 from leveret.producers.errors import BrokerUnavailable
-from leveret.topology.declare import probe_queue
+from leveret.topology.declare import declaration_variants, probe_queue
 from leveret.topology.definitions import permission_regexes, required_permissions
 from leveret.topology.delay import DELAY_BITS, delay_queue_names, retry_queue_name, retry_ttl_ms
-from leveret.topology.model import QueueDecl, QueueType, Topology
+from leveret.topology.model import QueueDecl, Topology
+from leveret.topology.versions import (
+    Features,
+    Version,
+    parse_version,
+    quorum_default_delivery_limit,
+    quorum_priorities_text,
+)
 
 from ..registry import Registry
 from ..settings import WorkerSettings
@@ -61,10 +68,7 @@ class Finding:
 
 
 def _version(text: str | None) -> tuple[int, ...] | None:
-    if not text:
-        return None
-    match = re.match(r"(\d+)\.(\d+)(?:\.(\d+))?", text)
-    return tuple(int(p) for p in match.groups() if p is not None) if match else None
+    return parse_version(text)
 
 
 def _human_s(seconds: float) -> str:
@@ -124,13 +128,13 @@ class Doctor:
             await self._consumer_timeout(facts)
             self._job_timeouts(facts)
             if facts.api is not None:
-                await self._queue_arguments_api(facts.api)
+                await self._queue_arguments_api(facts.api, _version(facts.version))
                 await self._shared_job_names(facts.api)
                 await self._delay_chain(facts.api)
                 await self._quorum_limits(facts, facts.api)
                 await self._permissions(facts.api)
             elif connection is not None:
-                await self._queue_arguments_amqp(connection)
+                await self._queue_arguments_amqp(connection, _version(facts.version))
         finally:
             if connection is not None:
                 await connection.close()
@@ -165,14 +169,7 @@ class Doctor:
             self.add("info", "version", "broker version unknown (no AMQP or management access)")
             return
         quorum = any(q.queue_type == "quorum" for q in self.topology.queues)
-        features = ["consumer_timeout enforced" if version >= (3, 8, 15) else "no consumer_timeout"]
-        features.append("quorum delivery-limit" if version >= (3, 8) else "no quorum queues")
-        features.append(
-            "at-least-once dead-lettering" if version >= (3, 10) else "no at-least-once DLX"
-        )
-        features.append(
-            "priorities on quorum queues" if version >= (4, 0) else "no priorities on quorum queues"
-        )
+        features = Features.of(version).summary()
         self.add("info", "version", f"RabbitMQ {facts.version}: {', '.join(features)}")
         if version < (3, 8):
             self.add(
@@ -188,7 +185,7 @@ class Doctor:
                 f"{facts.version} lacks: upgrade to 3.10+ or set LEVERET_QUEUE_TYPE=classic",
             )
         if quorum:
-            self.add("info", "priorities", _quorum_priorities(facts.version or "", version))
+            self.add("info", "priorities", quorum_priorities_text(facts.version or "", version))
 
     # -- quorum delivery limits -------------------------------------------------------------
 
@@ -206,7 +203,7 @@ class Doctor:
         if not work:
             return
         version = _version(facts.version)
-        default = 20 if version is not None and version >= (4, 0) else None
+        default = quorum_default_delivery_limit(version)
         try:
             existing = {q["name"]: q for q in await api.queues()}
         except ManagementError as exc:
@@ -348,7 +345,7 @@ class Doctor:
             f"APP`, or change the app to match",
         )
 
-    async def _queue_arguments_api(self, api: Management) -> None:
+    async def _queue_arguments_api(self, api: Management, version: Version | None) -> None:
         try:
             existing = {q["name"]: q for q in await api.queues()}
         except ManagementError as exc:
@@ -356,15 +353,17 @@ class Doctor:
             return
         missing = []
         bad = 0
-        other = self._other_delay_decls()
+        variants = declaration_variants(self.topology, version)
         for decl in self.topology.queue_decls():
             queue = existing.get(decl.name)
             if queue is None:
                 missing.append(decl.name)
                 continue
-            diffs = _differences(decl, queue)
-            if diffs and decl.name in other and not _differences(other[decl.name], queue):
-                continue  # the chain exists as the other queue type: see the delay_chain check
+            # What the worker would ask for first; the alternatives it accepts (the delay chain
+            # as the other queue type, a quorum DLQ from before the broker's upgrade) pass too.
+            diffs = _differences(variants[decl.name][0], queue)
+            if any(not _differences(v, queue) for v in variants[decl.name]):
+                continue
             if diffs:
                 bad += 1
                 self._mismatch(decl.name, "; ".join(diffs))
@@ -377,12 +376,6 @@ class Doctor:
             )
         if not bad:
             self.add("ok", "queue_arguments", "existing queues match the topology")
-
-    def _other_delay_decls(self) -> dict[str, QueueDecl]:
-        """The delay queues as the other queue type declares them: ``declare`` accepts a chain
-        that exists that way (the first app to declare it on the exchange chose)."""
-        other: QueueType = "classic" if self.topology.delay_queue_type == "quorum" else "quorum"
-        return {d.name: d for d in self.topology.delay_queues(other)}
 
     # -- the delay chain and the v2 leftovers ----------------------------------------------
 
@@ -514,11 +507,13 @@ class Doctor:
         if not shared:
             self.add("ok", "job_names", "every job name of the app is served by one queue")
 
-    async def _queue_arguments_amqp(self, connection: AbstractConnection) -> None:
+    async def _queue_arguments_amqp(
+        self, connection: AbstractConnection, version: Version | None
+    ) -> None:
         """Without the API: redeclare existing queues with the app's arguments on a throwaway
         channel; the broker refuses a difference and changes nothing either way."""
         bad = 0
-        other = self._other_delay_decls()
+        variants = declaration_variants(self.topology, version)
         for decl in self.topology.queue_decls():
             channel = await (await connection.channel()).get_underlay_channel()
             if await probe_queue(channel, decl.name) is None:
@@ -528,8 +523,9 @@ class Doctor:
                     decl.name, durable=decl.durable, arguments=decl.arguments
                 )
             except aiormq.exceptions.ChannelPreconditionFailed as exc:
-                if decl.name in other and await _declares(connection, other[decl.name]):
-                    continue  # the chain exists as the other queue type: declare accepts it
+                others = [v for v in variants[decl.name] if v != decl]
+                if any([await _declares(connection, v) for v in others]):
+                    continue  # an alternative declare accepts (see declaration_variants)
                 bad += 1
                 text = str(exc)
                 found = re.search(r"inequivalent arg[^\"]*", text)
@@ -611,21 +607,6 @@ async def _declares(connection: AbstractConnection, decl: QueueDecl) -> bool:
     finally:
         with contextlib.suppress(Exception):
             await channel.close()
-
-
-def _quorum_priorities(text: str, version: tuple[int, ...]) -> str:
-    """What this broker version does with a job's priority on a quorum queue, plainly."""
-    if version >= (4, 0):
-        return (
-            f"RabbitMQ {text}: quorum queues know two priorities, normal (0-4) and high (5 and "
-            f"above); high jobs go first but not strictly (about 2 high to 1 normal), and 0-9 "
-            f"are not ordered within a level. Use LEVERET_QUEUE_TYPE=classic for full ordering"
-        )
-    return (
-        f"RabbitMQ {text}: quorum queues have no priorities; `priority` is accepted and "
-        f"ignored, and jobs run in arrival order (FIFO). Use LEVERET_QUEUE_TYPE=classic where "
-        f"priorities matter, or RabbitMQ 4.0+ for two levels"
-    )
 
 
 def _delivery_limit(queue: dict[str, object], default: int | None) -> tuple[int | None, str]:

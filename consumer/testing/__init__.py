@@ -70,6 +70,11 @@ class Enqueued:
     headers: dict[str, str]
     options: dict[str, Any]
 
+    @property
+    def copy(self) -> Enqueued:
+        """What ``ctx.enqueue`` keeps as the run's follow-up: this record itself."""
+        return self
+
 
 @dataclass(frozen=True)
 class DeadJob:
@@ -119,7 +124,7 @@ class _Collect:
     ) -> None:
         self.progress_reports.append((job, fraction, message))
 
-    def follow_up(self, job: str, payload: Any, options: dict[str, Any]) -> Enqueued:
+    async def follow_up(self, job: str, payload: Any, options: dict[str, Any]) -> Enqueued:
         options = dict(options)
         headers = {str(k): str(v) for k, v in (options.pop("headers", None) or {}).items()}
         job_id = options.pop("job_id", None) or new_job_id()

@@ -49,7 +49,7 @@ async def test_spans_continue_the_published_trace_across_retries_and_chains(
         seen.append((ctx.job, ctx.attempt, ctx.headers["traceparent"]))
         if ctx.attempt == 1:
             raise ConnectionError("flaky")
-        ctx.enqueue(f"{queue}-second", {"n": p.n + 1})
+        await ctx.enqueue(f"{queue}-second", {"n": p.n + 1})
 
     @worker.job(f"{queue}-second", queue=queue)
     async def second(p: P, ctx: JobContext) -> None:

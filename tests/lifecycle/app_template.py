@@ -50,7 +50,7 @@ async def slow(payload: dict[str, Any], ctx: JobContext) -> dict[str, Any]:
 
 @worker.job(f"{QUEUE}-parent", queue=QUEUE, max_attempts=3, backoff=0)
 async def parent(payload: dict[str, Any], ctx: JobContext) -> None:
-    child = ctx.enqueue(f"{QUEUE}-child", {"parent": ctx.job_id})
+    child = await ctx.enqueue(f"{QUEUE}-child", {"parent": ctx.job_id})
     os.write(_LOG, f"enqueue parent {ctx.job_id} {child}\n".encode())
 
 

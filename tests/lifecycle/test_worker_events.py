@@ -249,7 +249,7 @@ async def test_chained_jobs_are_published_only_after_success(
 
     @worker.job(f"{queue}-parent", queue=queue, max_attempts=1)
     async def parent(payload: dict[str, Any], ctx: JobContext) -> None:
-        child = ctx.enqueue(f"{queue}-child", {"from": ctx.job_id}, priority=1)
+        child = await ctx.enqueue(f"{queue}-child", {"from": ctx.job_id}, priority=1)
         returned[ctx.job_id] = child
         if payload.get("fail"):
             raise RuntimeError("no follow-ups for me")

@@ -126,7 +126,7 @@ async def test_a_follow_up_job_reads_queued_once_its_parent_succeeded(
 
     @worker.job(f"{queue}-parent", queue=queue)
     async def parent(payload: dict[str, Any], ctx: JobContext) -> None:
-        children.append(ctx.enqueue(f"{idle}-child", {"from": ctx.job_id}))
+        children.append(await ctx.enqueue(f"{idle}-child", {"from": ctx.job_id}))
 
     @worker.job(f"{idle}-child", queue=idle)  # declared, never consumed here
     async def child(payload: dict[str, Any]) -> None:

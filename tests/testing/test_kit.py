@@ -63,7 +63,7 @@ def _app() -> tuple[Worker, list[str]]:
             raise ConnectionError("gateway down")
         session.charged.append(order.id)
         if order.amount > 100:
-            ctx.enqueue("receipt", {"id": order.id, "amount": order.amount})
+            await ctx.enqueue("receipt", {"id": order.id, "amount": order.amount})
         return f"{session.name}:{order.id}"
 
     @worker.job("receipt", queue="billing")
