@@ -17,15 +17,23 @@ say() { printf '\033[1m==>\033[0m floors: %s\n' "$*" >&2; }
 # The subset: the tests that exercise the runtime dependencies' APIs (aio-pika/aiormq/pamqp in
 # the worker and publisher, tenacity in retries and reconnects, pydantic(-settings) in validation
 # and settings, prometheus-client and structlog in the worker, click in the CLI, rich and httpx in
-# the operator commands, cronsim in schedules), against the real broker. The slow fault-injection
+# the operator commands, cronsim in schedules), against the real broker; and those of the
+# extras' floors: redis (the status store, its worker and API use), fastapi/starlette/uvicorn
+# (the HTTP API, served for real), opentelemetry-api (the run's span). The slow fault-injection
 # and multi-process tests (tests/faults, tests/time's scheduler runs, tests/cluster), the
-# benchmarks, the deploy checks and tests/topology (its declarations are exercised by every
-# worker test) add minutes and no dependency API of their own, so they run only in the main
-# pass. About 4 minutes on a busy 2-core machine, plus a one-time install of about 2.
+# benchmarks, the deploy checks, tests/api's schemathesis run (schemathesis needs a newer rich
+# than our floor) and tests/topology (its declarations are exercised by every worker test) add
+# minutes and no dependency API of their own, so they run only in the main pass. Needs Redis on
+# localhost:6379 as the main pass does. About 5 minutes on a busy 2-core machine, plus a
+# one-time install of about 2.
 SUBSET=(
   tests/consumer tests/producers tests/e2e tests/cli
   tests/ops/test_status.py tests/ops/test_dlq_cli_tables.py tests/ops/test_schema.py
   tests/time/test_schedules.py
+  tests/lifecycle/test_status_store.py tests/lifecycle/test_worker_status.py
+  tests/api/test_api.py tests/api/test_api_cmd.py tests/api/test_cancel.py
+  tests/api/test_dedup.py tests/api/test_end_to_end.py
+  tests/handlers/test_tracing.py
 )
 
 stamp="$VENV/.leveret-floors"
