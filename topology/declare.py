@@ -25,7 +25,8 @@ from aio_pika.abc import AbstractConnection, ExchangeType
 
 from .delay import DELAY_BITS
 from .errors import QueueMismatchError, TopologyError
-from .model import QueueType, Topology
+from .model import QueueDecl, QueueType, Topology
+from .versions import Version, quorum_dlq_arguments, version_from_server_properties
 
 _INEQUIVALENT = re.compile(
     r"inequivalent arg '(?P<arg>[^']+)' for (?P<kind>queue|exchange) '(?P<name>[^']+)'"
@@ -47,6 +48,30 @@ def _mismatch(exc: Exception, fallback_name: str) -> TopologyError:
     )
 
 
+def declaration_variants(topology: Topology, version: Version | None) -> dict[str, list[QueueDecl]]:
+    """Per queue, the declarations ``declare`` accepts, the one it asks for first.
+
+    * A delay queue: the chain as this app would have it, else as the other queue type (the
+      chain is shared by every app on the exchange; the first to declare it chose).
+    * A quorum DLQ on a broker that accepts it (``versions.quorum_dlq_arguments``, 4.0+): with
+      ``x-delivery-limit: -1``, else as it exists (a DLQ declared before the broker upgrade;
+      ``leveret doctor`` reports its limit).
+    """
+    other: QueueType = "classic" if topology.delay_queue_type == "quorum" else "quorum"
+    delay_other = {d.name: d for d in topology.delay_queues(other)}
+    dlqs = {q.dlq for q in topology.queues if q.queue_type == "quorum"}
+    extra = quorum_dlq_arguments(version)
+    out: dict[str, list[QueueDecl]] = {}
+    for d in topology.queue_decls():
+        if d.name in delay_other:
+            out[d.name] = [d, delay_other[d.name]]
+        elif d.name in dlqs and extra:
+            out[d.name] = [QueueDecl(d.name, {**d.arguments, **extra}, d.durable), d]
+        else:
+            out[d.name] = [d]
+    return out
+
+
 async def declare(connection: AbstractConnection, topology: Topology) -> None:
     """Declare exchanges, queues and bindings on a channel of their own.
 
@@ -63,36 +88,37 @@ async def declare(connection: AbstractConnection, topology: Topology) -> None:
                 )
             except aiormq.exceptions.ChannelPreconditionFailed as exc:
                 raise _mismatch(exc, ex.name) from None
-        queues = {}
+        version = None
+        if connection.transport is not None:
+            version = version_from_server_properties(
+                connection.transport.connection.server_properties
+            )
+        variants = declaration_variants(topology, version)
         delay = {d.name for d in topology.delay_queues()}
-        other: QueueType = "classic" if topology.delay_queue_type == "quorum" else "quorum"
-        fallback = {d.name: d for d in topology.delay_queues(other)}
-        use_fallback = False
+        queues = {}
+        delay_fell_back = False
         for wanted in topology.queue_decls():
-            q = fallback[wanted.name] if use_fallback and wanted.name in delay else wanted
-            try:
-                queues[q.name] = await channel.declare_queue(
-                    q.name, durable=q.durable, arguments=q.arguments
-                )
-            except aiormq.exceptions.ChannelPreconditionFailed as exc:
-                if q.name not in delay or use_fallback:
-                    raise _mismatch(exc, q.name) from None
-                # The vhost's delay chain exists as the other queue type (another app, or
-                # this one before LEVERET_QUEUE_TYPE changed): it serves every work queue
-                # alike, so use it as it is; ``leveret doctor`` says so.
-                channel = await connection.channel(publisher_confirms=False)
-                exchanges = {
-                    name: await channel.get_exchange(name, ensure=False) for name in exchanges
-                }
-                queues = {name: await channel.get_queue(name, ensure=False) for name in queues}
-                use_fallback = True
-                q = fallback[wanted.name]
+            tries = variants[wanted.name]
+            if delay_fell_back and wanted.name in delay:
+                tries = tries[::-1]  # the chain exists as the other type: ask for that first
+            first_error: Exception | None = None
+            for i, q in enumerate(tries):
                 try:
                     queues[q.name] = await channel.declare_queue(
                         q.name, durable=q.durable, arguments=q.arguments
                     )
-                except aiormq.exceptions.ChannelPreconditionFailed:
-                    raise _mismatch(exc, q.name) from None
+                except aiormq.exceptions.ChannelPreconditionFailed as exc:
+                    first_error = first_error or exc
+                    # The refusal closed the channel: go on with a new one.
+                    channel = await connection.channel(publisher_confirms=False)
+                    exchanges = {n: await channel.get_exchange(n, ensure=False) for n in exchanges}
+                    queues = {n: await channel.get_queue(n, ensure=False) for n in queues}
+                    continue
+                delay_fell_back = delay_fell_back or (wanted.name in delay and i > 0)
+                break
+            else:
+                assert first_error is not None
+                raise _mismatch(first_error, wanted.name) from None
         for b in topology.core_bindings():
             source = exchanges[b.source]
             if b.destination_type == "queue":
