@@ -10,6 +10,8 @@ Tree::
     │   ├── producers.InvalidMaxAttemptsError   a per-publish max_attempts below 1
     │   ├── producers.InvalidPayloadError (TypeError)   a payload that is not a dict or model
     │   ├── producers.DuplicateJobIdError    one id twice in a publish_many batch
+    │   ├── producers.InvalidMessageError (also PublishError)   a property or header AMQP
+    │   │                                    cannot carry (too long, no AMQP type)
     │   ├── producers.events.InvalidEvent    a lifecycle event body this version cannot read
     │   ├── producers.dedup.InvalidDedupKeyError   an empty, too long or non-text dedup_key
     │   └── consumer.ops.dlq.InvalidDurationError   a --older-than that is not a duration
