@@ -5,7 +5,7 @@ attached (sampling at 250 Hz, idle time excluded, so the figures are shares of C
 writes ``PROFILE.md`` beside ``--out``: shares by component (a sample counts for a component
 when any frame of its stack is in it) and the functions that are on CPU themselves.
 
-``--libs leveret-events-off,leveret-outcomes --rounds 3`` profiles several rows in the same
+``--libs leveret,leveret-outcomes --rounds 3`` profiles several rows in the same
 conditions (rounds interleaved, rotated order, each round's samples merged per row) and adds a
 table of worker CPU per job by component in µs (share × measured CPU per job), so the cost of a
 feature shows up as the difference between two columns.

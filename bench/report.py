@@ -7,7 +7,15 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from bench.harness import FEATURE_SETTINGS, FEATURES, Run, Workload, loop_of
+from bench.harness import (
+    FEATURE_SETTINGS,
+    FEATURES,
+    FEATURES_UVLOOP,
+    RESULT_PEERS,
+    Run,
+    Workload,
+    loop_of,
+)
 
 Summary = dict[tuple[str, str, str], dict[str, float]]
 
@@ -21,6 +29,7 @@ UNITS = {
     "rss_idle_mib": ("MiB idle", 1),
     "late_p50_ms": ("ms late p50", 0),
     "late_max_ms": ("ms late max", 0),
+    "readable_lag_ms": ("ms last outcome readable after last handler", 0),
 }
 HIGHER_IS_BETTER = {"rate"}
 PACKAGES = [
@@ -38,6 +47,7 @@ PACKAGES = [
     "taskiq",
     "taskiq-aio-pika",
     "uvloop",
+    "redis",
 ]
 SETTINGS = """\
 | library | how it runs here |
@@ -47,9 +57,13 @@ SETTINGS = """\
 | aio-pika-uvloop | the same code under `uvloop.run` (the reference the targets name) |
 | leveret-uvloop | the same worker and publisher under `uvloop.run` |
 | leveret-blocking | `producers.BlockingPublisher` |
-| leveret-events-off, -outcomes, -status, -resource | the `leveret` worker with one setting changed (table "Feature rows" above); asyncio's loop, the workload's prefetch |
+| leveret-outcomes, -status, -resource | the `leveret` worker with one setting changed (table "Feature rows" above); asyncio's loop, the workload's prefetch; `leveret` itself runs the defaults (events off, no status store) |
+| leveret-outcomes-uvloop, leveret-status-uvloop | the same two rows under `uvloop.run` |
+| leveret-status, -status-uvloop | `LEVERET_STATUS_URL` = the bench's Redis database (14, or `BENCH_REDIS_URL`), events `off`: the worker writes each job's status itself before its ack; the run ends when the harness reads `state=succeeded` for every job (`ResultWatch` in `bench/harness.py`) |
 | dramatiq | `RabbitmqBroker(confirm_delivery=True)`, `Worker(worker_threads=1)` with `dramatiq_queue_prefetch` = prefetch (100 threads for I/O, 4 for retries); `min_backoff=500, max_backoff=2000` (its jitter is not optional: the first retry waits 1–2 s), `actor.send` |
 | celery | py-amqp, `task_acks_late`, results ignored, `confirm_publish`, solo pool with `worker_prefetch_multiplier` = prefetch (threads pool: ×100 for I/O, ×4 for retries, where the solo pool ran the 500 ETA retries ~10/s, 50 s in all), without gossip/mingle/heartbeat; `apply_async`; `self.retry(countdown=1)` |
+| dramatiq-results | `dramatiq` as above + `Results` middleware on a `RedisBackend` (same Redis database), `store_results=True`; the run ends when the harness reads every job's result key |
+| celery-results | `celery` as above (solo pool, prefetch ×1000) + Redis result backend (`task_ignore_result=False`), `task_track_started=True`, task events on (`worker_send_task_events`, `-E`; sent without publisher confirms, fire-and-forget as Celery sends them); the run ends when the harness reads `SUCCESS` for every job |
 | faststream-uvloop | `RabbitBroker`, subscriber on a `Channel(prefetch_count=…)`, default ack policy (ack after the handler), `publish(persist=True)` with its default confirms |
 | taskiq-uvloop | `AioPikaBroker(qos=…)` on a classic queue, receiver with `max_async_tasks`, `ack_time=WHEN_EXECUTED`, `SmartRetryMiddleware(delay=1 s, no jitter)`, `task.kiq` with confirms |
 """  # noqa: E501 - a Markdown table
@@ -220,11 +234,11 @@ NOISE = 0.15
 
 
 def feature_targets(summary: Summary) -> list[tuple[str, str, str, str]]:
-    """The feature rows' budgets (issues 12 and 14), each from the same run's rounds.
+    """The feature rows' budgets (issues 12, 14 and 20), each from the same run's rounds.
 
     Feature rows run on asyncio's loop like ``leveret``; they are held against bare aio-pika on
     asyncio (same loop, ``x_aiopika``) or against ``leveret`` itself (``x_leveret``, the same
-    worker without the feature, same round).
+    worker without the feature, same round). Issue 20's budget: ``budget_targets``.
     """
     rows: list[tuple[str, str, str, str]] = []
 
@@ -244,28 +258,18 @@ def feature_targets(summary: Summary) -> list[tuple[str, str, str, str]]:
                 at_least(out["x_aiopika"], 1.0),
             )
         )
-    off = rate("leveret-events-off")
+    off = rate("leveret")
     if off and "x_aiopika" in off:
         floor = EVENTS_OFF_TODAY * (1 - NOISE)
         rows.append(
             (
-                "consume no-op, `LEVERET_EVENTS=off` (asyncio; issue 12)",
+                "consume no-op, defaults = events off (asyncio; issue 12)",
                 f"within noise of {EVENTS_OFF_TODAY:.2f}× bare aio-pika (≥ {floor:.2f}×)",
                 _ratio(off),
                 at_least(off["x_aiopika"], floor),
             )
         )
-    status = rate("leveret-status")
-    if status and "x_aiopika" in status:
-        cost = f"; {_ratio(status, 'x_leveret')} of `leveret`" if "x_leveret" in status else ""
-        rows.append(
-            (
-                "consume no-op, events `all` + Redis status store (asyncio; issue 12)",
-                "measure and report",
-                _ratio(status) + cost,
-                "reported",
-            )
-        )
+    rows.extend(budget_targets(summary))
     res = rate("leveret-resource")
     if res and "x_leveret" in res:
         rows.append(
@@ -279,27 +283,70 @@ def feature_targets(summary: Summary) -> list[tuple[str, str, str, str]]:
     return rows
 
 
+# Issue 20's performance budget: (row, reference label, reference name, goal).
+BUDGET = [
+    ("leveret-status", "x_aiopika_uvloop", "bare aio-pika on uvloop", 1.0),
+    ("leveret-status", "x_dramatiq_results", "Dramatiq + `Results` (Redis)", 3.0),
+    ("leveret-status", "x_celery_results", "Celery + Redis backend + events", 6.0),
+    ("leveret-outcomes", "x_aiopika_uvloop", "bare aio-pika on uvloop", 0.8),
+]
+
+
+def budget_targets(summary: Summary) -> list[tuple[str, str, str, str]]:
+    """Issue 20's budget, same-round ratios of consume_noop, in one run.
+
+    Each Leveret row the run has: its uvloop variant (what ``--loop auto`` picks, against
+    aio-pika on uvloop like for like) and the asyncio feature row (the same worker as plain
+    ``leveret``); the row's name says which. The peers are threaded (no loop). Status and
+    result rows count a job once its outcome is readable in Redis.
+    """
+    rows: list[tuple[str, str, str, str]] = []
+    for base, label, name, goal in BUDGET:
+        for lib in (base + "-uvloop", base):
+            entry = summary.get(("consume_noop", lib, "rate"))
+            if entry and label in entry:
+                rows.append(
+                    (
+                        f"consume no-op, `{lib}` ({loop_of(lib)}; issue 20)",
+                        f"≥ {goal:.1f}× {name}, same run",
+                        _ratio(entry, label),
+                        "**met**"
+                        if entry[label] >= goal
+                        else f"missed by {(goal - entry[label]) / goal:.1%}",
+                    )
+                )
+    return rows
+
+
 def feature_table(summary: Summary, workloads: list[Workload]) -> list[str]:
     """Every feature row of consume_noop with its settings, loop and same-round ratios."""
     noop = next((w for w in workloads if w.name == "consume_noop"), None)
     if noop is None:
         return []
-    libs = [lib for lib in ("leveret", "leveret-uvloop", *FEATURES) if lib in noop.libs]
-    if not any(lib in FEATURES for lib in libs):
+    libs = [
+        lib
+        for lib in ("leveret", "leveret-uvloop", *FEATURES, *FEATURES_UVLOOP, *RESULT_PEERS)
+        if lib in noop.libs
+    ]
+    if not any(lib in FEATURES or lib in FEATURES_UVLOOP for lib in libs):
         return []
     prefetch = noop.params.get("prefetch")
     out = [
-        "## Feature rows (issues 12, 14, 16): consume no-op, beside bare aio-pika\n",
-        f"Every row is the `leveret` worker and handler with one setting changed; all use the "
-        f"workload's prefetch ({prefetch}) and nothing else tuned per row. Ratios are same-round "
-        "medians (min–max); `× leveret` is against the plain row of the same round.\n",
+        "## Feature rows (issues 12, 14, 16, 20): consume no-op, beside bare aio-pika\n",
+        f"Every `leveret-*` row is the `leveret` worker and handler with one setting changed; all "
+        f"use the workload's prefetch ({prefetch}) and nothing else tuned per row. The peers "
+        "with results kept run their best settings otherwise. Rows that keep a status or "
+        "result are counted only once every job's outcome is readable in Redis. Ratios are "
+        "same-round medians (min–max); `× leveret` is against the plain row of the same round "
+        "and loop (`leveret-uvloop` for a uvloop feature row).\n",
         "| library | loop | prefetch | setting | jobs/s | µs CPU/job | × aio-pika (asyncio) "
-        "| × aio-pika (uvloop) | × leveret |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| × aio-pika (uvloop) | × leveret | × dramatiq-results | × celery-results |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for lib in libs:
         entry = summary.get(("consume_noop", lib, "rate"))
         cpu = summary.get(("consume_noop", lib, "cpu_us_per_job"))
+        peer = lib in RESULT_PEERS
         cells = [
             lib,
             loop_of(lib),
@@ -309,7 +356,9 @@ def feature_table(summary: Summary, workloads: list[Workload]) -> list[str]:
             _cell(cpu, 0),
             _ratio(entry),
             _ratio(entry, "x_aiopika_uvloop"),
-            _ratio(entry, "x_leveret") if lib != "leveret" else "1.00×",
+            "1.00×" if lib == "leveret" else "—" if peer else _ratio(entry, "x_leveret"),
+            "—" if peer else _ratio(entry, "x_dramatiq_results"),
+            "—" if peer else _ratio(entry, "x_celery_results"),
         ]
         out.append("| " + " | ".join(cells) + " |")
     out.append("")
@@ -412,7 +461,11 @@ def write(
         "documented concurrency option, and there is no delayed retry: not in the I/O "
         "and retry workloads. Bare aio-pika has no retry either."
     )
-    out.append("- Two processes: Leveret beside bare aio-pika and Dramatiq (the fastest peer).\n")
+    out.append("- Two processes: Leveret beside bare aio-pika and Dramatiq (the fastest peer).")
+    out.append(
+        "- Rows that keep a status or result (`leveret-status*`, `dramatiq-results`, "
+        "`celery-results`): consume no-op only, the workload issue 20's budget names.\n"
+    )
     if failed:
         out.append("## Failed runs\n")
         for r in failed:

@@ -54,8 +54,8 @@ def make_worker(spec: dict[str, Any], tally: Tally | None) -> Worker:
         metrics_port=free_port(),
         metrics_host="127.0.0.1",
         shutdown_grace=10,
-        # Lifecycle options of the leveret-events-off/-outcomes/-status rows (bench/harness.py);
-        # without them the settings' own defaults (LEVERET_EVENTS / LEVERET_STATUS_URL).
+        # Lifecycle options of the leveret-outcomes/-status rows (bench/harness.py; the status URL
+        # comes from the harness); without them the defaults: events off, no status store.
         **{k: spec[k] for k in ("events", "status_url", "status_ttl") if k in spec},
     )
     worker = Worker(settings)
