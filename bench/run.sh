@@ -6,9 +6,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
-if ! "$PY" -c "import dramatiq, celery, faststream, taskiq_aio_pika, uvloop" 2>/dev/null; then
-  # Dependency groups need pip >= 25.1 (`--group`).
+if ! "$PY" -c "import dramatiq, celery, faststream, taskiq_aio_pika, uvloop, redis" 2>/dev/null; then
+  # Dependency groups need pip >= 25.1 (`--group`). The `status` extra brings redis, which the
+  # status row and the peers' Redis result backends (dramatiq-results, celery-results) use.
   "$PY" -m pip install -q --upgrade "pip>=25.1"
-  "$PY" -m pip install -q -e . --group pyproject.toml:bench
+  "$PY" -m pip install -q -e ".[status]" --group pyproject.toml:bench
 fi
 exec "$PY" -m bench "$@"
