@@ -12,7 +12,7 @@ import random
 import time
 from typing import TYPE_CHECKING, Any, Protocol
 
-from .ratelimit import LocalLimiter, Rate
+from .ratelimit import LimiterUnavailable, LocalLimiter, Rate
 
 if TYPE_CHECKING:
     from .context import JobContext
@@ -27,8 +27,8 @@ class Postponed(Exception):
     chain, confirmed before the ack. Not a failure: no attempt burns, nothing is counted as run.
     """
 
-    def __init__(self, delay_s: float, limit: Rate) -> None:
-        super().__init__(f"rate limit {limit} reached; back in {delay_s:.3f} s")
+    def __init__(self, delay_s: float, limit: Rate, why: str = "reached") -> None:
+        super().__init__(f"rate limit {limit} {why}; back in {delay_s:.3f} s")
         self.delay_s = delay_s
 
 
@@ -51,6 +51,10 @@ class RateLimited:
     every prefetch slot and other jobs on the queue keep running. Postponed jobs are spread one
     start interval apart (``_spread``) so a backlog comes back at the rate it can start, not all
     at once to be given back again.
+
+    The global limiter's store failing (``LimiterUnavailable``: Redis down or hanging, the
+    broker limiter's connection lost) is not the run's outcome: the job is postponed like one
+    over its limit, same attempt, nothing ran; ``StoreOutage`` logs the outage once.
     """
 
     __slots__ = (
@@ -90,14 +94,20 @@ class RateLimited:
                 await self._wait_or_postpone(local, wait)
         limiter = self._global
         if limiter is not None:
-            blocked = self._blocked_until - time.monotonic()
-            if blocked > 0 and (blocked > self._max_hold or self._waiting >= self._max_waiting):
-                raise Postponed(self._spread(blocked, limiter.rate), limiter.rate)
-            wait = await limiter.try_acquire()
-            if wait:
-                self._blocked_until = time.monotonic() + wait
-                await self._wait_or_postpone(limiter, wait)
+            try:
+                await self._admit_global(limiter)
+            except LimiterUnavailable as exc:
+                raise Postponed(exc.retry_in, limiter.rate, "unavailable") from None
         return await call_next(ctx)
+
+    async def _admit_global(self, limiter: GlobalLimiter) -> None:
+        blocked = self._blocked_until - time.monotonic()
+        if blocked > 0 and (blocked > self._max_hold or self._waiting >= self._max_waiting):
+            raise Postponed(self._spread(blocked, limiter.rate), limiter.rate)
+        wait = await limiter.try_acquire()
+        if wait:
+            self._blocked_until = time.monotonic() + wait
+            await self._wait_or_postpone(limiter, wait)
 
     async def _wait_or_postpone(self, limiter: _Limiter, wait: float) -> None:
         if wait > self._max_hold or self._waiting >= self._max_waiting:

@@ -60,11 +60,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import re
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -406,9 +407,118 @@ _TURN_ARGS: dict[str, Any] = {"x-single-active-consumer": True, "x-max-length": 
 _MINT_AFTER_S = 5.0
 
 
+class LimiterUnavailable(Exception):
+    """The global limiter's store (Redis, or the broker for the broker-only limiter) could not
+    be asked. Not the job's failure: the job waits (``RateLimited`` postpones it for
+    ``retry_in`` seconds) and no attempt burns."""
+
+    def __init__(self, retry_in: float, cause: BaseException | None = None) -> None:
+        super().__init__(
+            f"global rate limit store unavailable ({cause!r}); back in {retry_in:.1f} s"
+        )
+        self.retry_in = retry_in
+
+
+class StoreOutage:
+    """One outage of the global limiters' store at a time: one log line when it starts and one
+    when it ends (not one per job), a background probe (``probe``, with backoff) that ends it,
+    and stalled (``on_stalled(True)``: not ready) once it has lasted ``status_timeout`` seconds.
+    While it lasts the limiters are not asked: every limited delivery is postponed at once."""
+
+    def __init__(
+        self,
+        probe: Callable[[], Awaitable[Any]],
+        backend: str,
+        status_timeout: float = 10.0,
+        on_stalled: Callable[[bool], None] | None = None,
+        probe_timeout: float = 2.0,
+    ) -> None:
+        self._probe_store = probe
+        self._backend = backend
+        self.status_timeout = status_timeout
+        self.on_stalled = on_stalled
+        self._probe_timeout = probe_timeout
+        self.down_since: float | None = None  # monotonic time the outage began
+        self.stalled = False
+        self.outages = 0
+        self._timer: asyncio.TimerHandle | None = None
+        self._prober: asyncio.Task[None] | None = None
+
+    @property
+    def down(self) -> bool:
+        return self.down_since is not None
+
+    def retry_in(self) -> float:
+        """When to ask a postponed job back: about as long as the outage has lasted (1 s to
+        10 s), jittered so a backlog does not come back at one moment."""
+        lasted = 0.0 if self.down_since is None else time.monotonic() - self.down_since
+        return min(max(lasted, 1.0), 10.0) * random.uniform(1.0, 1.5)
+
+    def failed(self, exc: BaseException) -> LimiterUnavailable:
+        """A store call failed: start the outage (if none is on) and say when to come back."""
+        if self.down_since is None:
+            self.down_since = time.monotonic()
+            self.outages += 1
+            log.warning(
+                "global_rate_limit_store_unavailable",
+                backend=self._backend,
+                error=f"{type(exc).__name__}: {exc}",
+                action="limited jobs wait (postponed, no attempt burns) until it is back",
+            )
+            loop = asyncio.get_running_loop()
+            self._timer = loop.call_later(self.status_timeout, self._stall, True)
+            self._prober = asyncio.create_task(self._probe(), name="leveret-ratelimit-probe")
+        return LimiterUnavailable(self.retry_in(), exc)
+
+    def _stall(self, stalled: bool) -> None:
+        self.stalled = stalled
+        if stalled:
+            log.error(
+                "global_rate_limit_store_unavailable_not_ready",
+                backend=self._backend,
+                down_s=round(self.status_timeout, 1),
+            )
+        if self.on_stalled is not None:
+            self.on_stalled(stalled)
+
+    async def _probe(self) -> None:
+        delay = 0.25
+        while True:
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+            try:
+                await asyncio.wait_for(self._probe_store(), self._probe_timeout)
+            except Exception:  # still out: the outage was logged once
+                continue
+            self._back()
+            return
+
+    def _back(self) -> None:
+        assert self.down_since is not None
+        log.info(
+            "global_rate_limit_store_back",
+            backend=self._backend,
+            down_s=round(time.monotonic() - self.down_since, 1),
+        )
+        self.down_since = None
+        self._prober = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self.stalled:
+            self._stall(False)
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._prober is not None:
+            self._prober.cancel()
+
+
 class _Lazy:
     """A global limiter made on first use, so a worker with no limited job opens nothing and one
-    whose limited jobs never run opens nothing either."""
+    whose limited jobs never run opens nothing either. Any error of the limiter or its store is
+    a ``LimiterUnavailable`` (see ``StoreOutage``), never the job's outcome."""
 
     def __init__(self, owner: GlobalLimiters, job: str, rate: Rate) -> None:
         self.rate = rate
@@ -425,30 +535,61 @@ class _Lazy:
         return self._limiter
 
     async def try_acquire(self) -> float:
-        return await (await self._get()).try_acquire()
+        outage = self._owner.outage
+        if outage.down:
+            raise LimiterUnavailable(outage.retry_in())
+        try:
+            return await (await self._get()).try_acquire()
+        except Exception as exc:
+            raise outage.failed(exc) from exc
 
     async def acquire(self) -> None:
-        await (await self._get()).acquire()
+        outage = self._owner.outage
+        if outage.down:
+            raise LimiterUnavailable(outage.retry_in())
+        try:
+            await (await self._get()).acquire()
+        except Exception as exc:
+            raise outage.failed(exc) from exc
 
 
 class GlobalLimiters:
     """The ``global_rate_limit=`` limiters of one worker: Redis when ``LEVERET_STATUS_URL`` is
-    set (one client for all jobs), else the broker (one connection of their own, so a slow
-    limiter never delays the consume or outcome channels). Every worker limiting job ``j`` of
-    exchange ``e`` shares the key/queue ``e.ratelimit.j``: they must agree on its rate."""
+    set (one client for all jobs, with connect and socket timeouts of ``timeout``), else the
+    broker (one connection of their own, so a slow limiter never delays the consume or outcome
+    channels). Every worker limiting job ``j`` of exchange ``e`` shares the key/queue
+    ``e.ratelimit.j``: they must agree on its rate.
+
+    ``outage`` follows the store: when it fails, limited jobs wait (postponed, no attempt
+    burns), and after ``status_timeout`` seconds ``on_stalled(True)`` says the worker is not
+    ready (``False`` once the store is back): ``Readiness.stall`` bound to a name."""
 
     def __init__(
         self,
         exchange: str,
         redis_url: str | None,
         connect: Callable[[], Any],  # async () -> aio-pika connection
+        *,
+        status_timeout: float = 10.0,
+        on_stalled: Callable[[bool], None] | None = None,
+        timeout: float = 2.0,
     ) -> None:
         self._exchange = exchange
         self._redis_url = redis_url
         self._connect = connect
+        self._timeout = timeout
         self._redis: Any = None
         self._connection: AbstractConnection | None = None
         self._limiters: list[RedisLimiter | BrokerLimiter] = []
+        self.outage = StoreOutage(self._probe, self.backend, status_timeout, on_stalled)
+
+    @property
+    def on_stalled(self) -> Callable[[bool], None] | None:
+        return self.outage.on_stalled
+
+    @on_stalled.setter
+    def on_stalled(self, callback: Callable[[bool], None] | None) -> None:
+        self.outage.on_stalled = callback
 
     @property
     def backend(self) -> str:
@@ -457,15 +598,36 @@ class GlobalLimiters:
     def for_job(self, job: str, rate: Rate) -> _Lazy:
         return _Lazy(self, job, rate)
 
+    async def _probe(self) -> None:
+        """Is the store back? Redis answers a PING; the broker opens (and closes) a channel."""
+        if self._redis_url:
+            await self._client().ping()
+            return
+        if self._connection is None:
+            self._connection = await self._connect()
+        channel = await self._connection.channel()
+        await channel.close()
+
+    def _client(self) -> Any:
+        if self._redis is None:
+            import redis.asyncio
+            from redis.asyncio.retry import Retry
+            from redis.backoff import ExponentialBackoff
+
+            assert self._redis_url is not None
+            self._redis = redis.asyncio.from_url(
+                self._redis_url,
+                socket_timeout=self._timeout,
+                socket_connect_timeout=self._timeout,
+                retry=Retry(ExponentialBackoff(cap=0.2, base=0.05), 1),
+            )
+        return self._redis
+
     async def _make(self, job: str, rate: Rate) -> RedisLimiter | BrokerLimiter:
         limiter: RedisLimiter | BrokerLimiter
         if self._redis_url:
-            if self._redis is None:
-                import redis.asyncio
-
-                self._redis = redis.asyncio.from_url(self._redis_url)
             limiter = RedisLimiter(
-                self._redis, job, rate, prefix=f"leveret:ratelimit:{self._exchange}:"
+                self._client(), job, rate, prefix=f"leveret:ratelimit:{self._exchange}:"
             )
         else:
             if self._connection is None:
@@ -476,6 +638,7 @@ class GlobalLimiters:
         return limiter
 
     async def close(self) -> None:
+        self.outage.close()
         for limiter in self._limiters:
             if isinstance(limiter, BrokerLimiter):
                 with contextlib.suppress(Exception):
