@@ -13,8 +13,9 @@ Leveret runs on RabbitMQ 3.10 and later. Where the 3.x and 4.x lines differ for 
   two levels, normal (0-4) and high (5 and above), high served about 2:1, not strictly
   (``quorum_priority_levels``, ``quorum_priority_level``).
 * **Global QoS** (``basic.qos`` with ``global=true``, one prefetch for the whole channel): quorum
-  queues never supported it (a consume is refused); classic queues do, and the feature is a
-  deprecated one from 3.13 (``global_qos``, permitted by default, so a broker may deny it).
+  queues never supported it (a consume is refused); classic queues do, the feature is a
+  deprecated one from 3.13 (``global_qos``, permitted by default, so a broker may deny it), and
+  4.3 refuses it (docs/reliability.md, "Prefetch with several queues").
   Leveret only ever sets per-consumer prefetch; ``global_qos_allowed`` says whether a channel
   could use it.
 * Older limits doctor reports: ``consumer_timeout`` enforced from 3.8.15 (30 min default),
@@ -87,7 +88,7 @@ def quorum_priority_level(version: Version | None, priority: int | None) -> int:
 
 def global_qos_allowed(version: Version | None, queue_type: str) -> bool:
     """Whether a channel consuming ``queue_type`` queues may set a channel-wide prefetch."""
-    return queue_type == "classic" and version is not None
+    return queue_type == "classic" and version is not None and version < (4, 3)
 
 
 def global_qos_deprecated(version: Version | None) -> bool:

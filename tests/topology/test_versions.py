@@ -52,6 +52,7 @@ def test_each_rule_follows_the_broker_line(name: str) -> None:
     assert quorum_priority_levels(version) == levels
     assert global_qos_deprecated(version) is deprecated
     assert global_qos_allowed(version, "classic") and not global_qos_allowed(version, "quorum")
+    assert not global_qos_allowed((4, 3, 0), "classic")
     features = Features.of(version) if version else None
     assert features is not None and features.at_least_once_dlx and features.consumer_timeout
     assert ("priorities on quorum queues" in features.summary()) is (levels == 2)
