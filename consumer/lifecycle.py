@@ -10,6 +10,7 @@ published only with a successful outcome.
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any, NamedTuple
 
 import structlog
@@ -50,6 +51,16 @@ class FollowUp(NamedTuple):
     job_id: str
     copy: Copy | None
     dedup_key: str | None = None
+
+
+def event_id(job_id: str, state: str, attempt: int) -> str:
+    """``<job id>.<state>.<attempt>``, unique per event in flight; for a job id so long that
+    this would pass AMQP's 255 bytes, a digest of the id stands in for it (the body carries
+    the full ``job_id``)."""
+    mid = f"{job_id}.{state}.{attempt}"
+    if len(mid) > 63 and len(mid.encode()) > 255:  # the length check first: ids are short
+        mid = f"{hashlib.sha256(job_id.encode()).hexdigest()}.{state}.{attempt}"
+    return mid
 
 
 class EventCopies:
@@ -98,7 +109,7 @@ class EventCopies:
         props = Basic.Properties(
             content_type=EVENTS_CONTENT_TYPE,
             delivery_mode=PERSISTENT,
-            message_id=f"{d.job_id}.{state}.{attempt}",
+            message_id=event_id(d.job_id, state, attempt),
             message_type=job,
         )
         return Copy(body, self.exchange, f"{job}.{state}", props, False)

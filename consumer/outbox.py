@@ -21,13 +21,18 @@ import structlog
 from pamqp.commands import Basic
 
 from leveret.producers.batch import BatchPublishError, publish_batch
-from leveret.producers.errors import PublishError, PublishTimeout
+from leveret.producers.errors import InvalidMessageError, PublishError, PublishTimeout
 
 log = structlog.get_logger("leveret.worker")
 
 
 class SettleFailed(Exception):
     """The outcome copy was not confirmed; the original must stay unacked."""
+
+
+class CopyInvalid(SettleFailed):
+    """A copy AMQP cannot carry (``InvalidMessageError``): sending it again cannot help, so
+    the job is dead-lettered ``invalid`` with a copy stripped to what can be carried."""
 
 
 class Copy(NamedTuple):
@@ -126,6 +131,8 @@ def _log_lost_event(copy: Copy, job_id: str, waiter: asyncio.Future[None]) -> No
 
 
 def _settle_failed(error: BaseException) -> SettleFailed:
+    if isinstance(error, InvalidMessageError):
+        return CopyInvalid(str(error))
     if isinstance(error, PublishTimeout):
         return SettleFailed(
             f"outcome copy not confirmed within {error.timeout_s:g} s "

@@ -50,6 +50,7 @@ from .delivery import Delivery
 from .limited import Postponed, RateLimited
 from .metrics import UNKNOWN_JOB, WorkerMetrics
 from .middleware import CallNext, JobMetrics, Middleware
+from .outbox import CopyInvalid
 from .redelivery import RedeliveryGuard
 from .registry import JobSpec, Registry
 from .resources import Plan, Resources
@@ -119,6 +120,13 @@ class Pipeline:
     # cancel was asked for (``cancel_running``), until their task has handled it.
     _running: dict[str, _Running] = field(default_factory=dict)
     _cancelling: dict[str, _Running] = field(default_factory=dict)
+    # With several queues, at most this many deliveries are processed at once (the worker's
+    # prefetch; each queue's consumer may hold that many): ``limit_running``.
+    _slots: asyncio.Semaphore | None = None
+
+    def limit_running(self, most: int) -> None:
+        """Run at most ``most`` deliveries at once, whichever queues they come from."""
+        self._slots = asyncio.Semaphore(most)
 
     @property
     def jobs(self) -> Mapping[str, JobSpec]:
@@ -177,7 +185,11 @@ class Pipeline:
         self.tasks.add(task)
         try:
             try:
-                await self._process(d, settler)
+                if self._slots is None:
+                    await self._process(d, settler)
+                else:
+                    async with self._slots:
+                        await self._process(d, settler)
             except asyncio.CancelledError:
                 run = self._cancelling.pop(d.job_id, None)
                 if run is not None and run.task is task and task.uncancel() == 0:
@@ -309,6 +321,13 @@ class Pipeline:
     ) -> None:
         """SettleFailed, or anything unexpected on the way (a log call, a metric): the job
         still gets exactly one outcome. If it was settled already there is nothing to do."""
+        if isinstance(exc, CopyInvalid) and not lost.is_set():
+            # Sending the same copy again cannot help: dead-letter it, stripped to what AMQP
+            # can carry (a failure there gives it back after the backoff, as below).
+            try:
+                return await settler.dead_uncopyable(d, exc)
+            except Exception as again:
+                exc = again
         if not settler.acker.settled(d.tag):
             await settler.give_back_later(d, exc, self._sleep, lost)
         else:

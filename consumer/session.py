@@ -9,7 +9,8 @@ its node went away), the session is over (``lost``): in-flight jobs are abandone
 declaring the topology again), ``/readyz`` answering 503 meanwhile.
 
 Prefetch is set per consumer (``global`` QoS is refused by quorum queues and by RabbitMQ 4.3
-for every queue type): ``share`` deliveries per queue (see ``Worker.run``).
+for every queue type): ``share`` (the worker's prefetch) deliveries per queue; with several
+queues the pipeline keeps the jobs running at once within the prefetch (see ``Worker.run``).
 """
 
 from __future__ import annotations

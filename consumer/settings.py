@@ -17,8 +17,9 @@ class WorkerSettings(ConnectionSettings, LifecycleSettings):
 
     model_config = SettingsConfigDict(env_prefix="LEVERET_", frozen=True, extra="ignore")
 
-    # The most jobs one worker holds unacknowledged at once: its concurrency. Set per consumer
-    # (never global QoS); with several queues each gets max(1, prefetch // queues).
+    # The worker's concurrency: the most jobs it runs at once, whichever queues they come from.
+    # Set per consumer (never global QoS): each queue's consumer may hold this many
+    # unacknowledged, and with several queues the pipeline runs at most this many at once.
     prefetch: int = Field(default=50, ge=1, le=65535)
     metrics_port: int = Field(default=9808, ge=0, le=65535)
     metrics_host: str = "0.0.0.0"

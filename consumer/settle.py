@@ -31,12 +31,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import aiormq
 import structlog
+from pamqp.commands import Basic
 from prometheus_client import Counter
 
 from leveret.producers.dedup import DedupUnavailableError
@@ -51,6 +53,7 @@ from leveret.producers.message import (
     HEADER_QUEUE,
     HEADER_REASON,
     HEADER_REDELIVERIES,
+    PERSISTENT,
     carried_headers,
     copy_properties,
     one_line,
@@ -63,8 +66,8 @@ from .acker import Acker
 from .delivery import Delivery
 from .errors import Reject
 from .lifecycle import EventCopies, FollowUp
-from .metrics import CANCELLED, DEAD_LETTERED, RETRIED, SUCCEEDED, Outcomes
-from .outbox import Copy, Outbox, SettleFailed
+from .metrics import CANCELLED, DEAD_LETTERED, RETRIED, SUCCEEDED, UNKNOWN_JOB, Outcomes
+from .outbox import Copy, CopyInvalid, Outbox, SettleFailed
 from .registry import JobSpec
 
 if TYPE_CHECKING:
@@ -398,6 +401,36 @@ class Settler:
         headers[HEADER_DIED_AT] = datetime.now(UTC).isoformat(timespec="milliseconds")
         headers[HEADER_QUEUE] = d.queue
         return self._copy(d, job, headers, "", dlq_name(d.queue))
+
+    async def dead_uncopyable(self, d: Delivery, error: CopyInvalid) -> None:
+        """A copy of this job cannot be carried (its headers or properties break AMQP's
+        limits): dead-letter it ``invalid`` with a copy that keeps only the body, the content
+        type and Leveret's own headers; the id stands in ``x-error`` if it cannot."""
+        job_id, name = d.job_id, d.name
+        if len(job_id.encode()) > 255:
+            job_id = hashlib.sha256(d.job_id.encode()).hexdigest()
+        if len(name.encode()) > 255:
+            name = UNKNOWN_JOB
+        described = one_line(f"message {d.job_id!r} cannot be copied: {error}")
+        headers: dict[str, Any] = {
+            HEADER_REASON: "invalid",
+            HEADER_ERROR: described,
+            HEADER_ATTEMPTS: d.attempts,
+            HEADER_DIED_AT: datetime.now(UTC).isoformat(timespec="milliseconds"),
+            HEADER_QUEUE: d.queue,
+        }
+        props = Basic.Properties(
+            content_type=d.properties.content_type,
+            delivery_mode=PERSISTENT,
+            message_id=job_id,
+            message_type=name,
+            headers=headers,
+        )
+        copy = Copy(d.message.body, "", dlq_name(d.queue), props)
+        events, writes = self._ending(d, name, DEAD, d.attempts, None, described)
+        counter = self.outcomes.children(d.queue, UNKNOWN_JOB).dead_lettered
+        await self._finish(d, DEAD_LETTERED, counter, (copy,), events, writes)
+        log.error("job_dead_lettered", job_id=d.job_id, reason="invalid", error=str(error))
 
     # -- no outcome: the job goes back ------------------------------------------------------------
 

@@ -27,10 +27,11 @@ reports.
 
 The loop talks to aiormq's channels directly: aiormq already runs each delivery as its own
 task, and skipping aio-pika's per-message wrapper is a large share of the per-job CPU. Prefetch
-bounds the deliveries held at once, so it *is* the concurrency; nothing else limits it. With
-several queues the worker's ``prefetch`` is divided between them, each consumer getting
-``max(1, prefetch // len(queues))``, so the total held stays at most ``prefetch`` (or one per
-queue when there are more queues than that).
+is the worker's concurrency: with one queue, the consumer's prefetch bounds the jobs held and
+run at once, and nothing else limits it. With several queues each consumer may hold
+``prefetch`` unacknowledged (any one queue can use all of it: a busy queue is not held to a
+fraction while the others are empty), and the pipeline's worker-wide limit keeps at most
+``prefetch`` running at once; a delivery beyond it waits for a free slot.
 """
 
 from __future__ import annotations
@@ -216,16 +217,18 @@ class Worker:
         queues = self.jobs.select(queues)
         self.check()
         prefetch = prefetch or self.settings.prefetch
-        share = max(1, prefetch // len(queues))  # per consumer (see the module docstring)
+        share = prefetch  # per consumer; the pipeline bounds the total (module docstring)
         self._stopping = stopping = asyncio.Event()
         # Plain `def` handlers run here; as many threads as jobs may be held at once, never more
         # (a hung handler keeps its thread: see JobThreads).
-        threads = JobThreads(share * len(queues))
+        threads = JobThreads(prefetch)
         self._readiness.watch(threads)
         limiters = startup.global_limiters(self.settings)
         limits = startup.rate_limits(self.jobs, limiters, share)
         sleep = self._sleep_unless_stopped
         self._pipeline = startup.pipeline(self, threads, limits, sleep, stopping)
+        if len(queues) > 1:
+            self._pipeline.limit_running(prefetch)
         not_ready = functools.partial(self._readiness.set_connected, False)
         stalled = functools.partial(self._readiness.stall, "status_store")
         plan = startup.session_plan(
