@@ -85,13 +85,13 @@ async def test_shutdown_waits_for_a_settling_jobs_copies_instead_of_giving_it_ba
     async def sink_job(payload: dict[str, Any]) -> None:
         pass
 
-    async with Publisher(
-        settings=ConnectionSettings(amqp_url=broker.url, exchange=exchange)
-    ) as pub:
-        async with running(worker, queues=[queue]):  # the sink is declared, not consumed
-            await wait_for(lambda: worker.ready, 10, "ready")
-            job_id = await pub.publish(f"{queue}-job", {})
-            await returned.wait()
+    async with (
+        Publisher(settings=ConnectionSettings(amqp_url=broker.url, exchange=exchange)) as pub,
+        running(worker, queues=[queue]),
+    ):  # the sink is declared, not consumed
+        await wait_for(lambda: worker.ready, 10, "ready")
+        job_id = await pub.publish(f"{queue}-job", {})
+        await returned.wait()
         # Leaving ``running`` stops the worker with grace 0 while the copies are in flight.
     assert runs == 1
     assert await broker.depth(queue) == 0, "the job was given back after its copies went out"
