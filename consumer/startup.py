@@ -149,7 +149,12 @@ def cancel_and_dedup(store: StatusStore | None) -> dict[str, Any]:
 def global_limiters(settings: WorkerSettings) -> GlobalLimiters:
     """Global rate limits live on Redis when there is a status store, else on the broker."""
     status = settings.status_url.get_secret_value() if settings.status_url else None
-    return GlobalLimiters(settings.exchange, status, lambda: connect(settings))
+    return GlobalLimiters(
+        settings.exchange,
+        status,
+        lambda: connect(settings),
+        status_timeout=settings.status_timeout,
+    )
 
 
 def rate_limits(jobs: Registry, limiters: GlobalLimiters, share: int) -> dict[str, RateLimited]:

@@ -224,6 +224,7 @@ class Worker:
         threads = JobThreads(prefetch)
         self._readiness.watch(threads)
         limiters = startup.global_limiters(self.settings)
+        limiters.on_stalled = functools.partial(self._readiness.stall, "rate_limit_store")
         limits = startup.rate_limits(self.jobs, limiters, share)
         sleep = self._sleep_unless_stopped
         self._pipeline = startup.pipeline(self, threads, limits, sleep, stopping)

@@ -313,3 +313,36 @@ def test_a_dropped_connection_answers_503_or_202_never_500_and_recovers(broker: 
         assert set(seen) <= {202, 503}, seen
         assert seen[-1] == 202, f"never recovered: {seen}"
         print(f"answers after the drop: {seen}")
+
+
+def test_a_job_posted_with_the_status_url_in_the_environment_names_its_queue_at_once(
+    broker: Broker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``LEVERET_STATUS_URL`` set: the API's publisher writes ``queued`` itself, and it knows
+    the app, so the queue is there from the first write (it read ``""`` when the library's
+    write, which does not know the queue, came first)."""
+    url = "redis://127.0.0.1:6379/13"
+    monkeypatch.setenv("LEVERET_STATUS_URL", url)
+    worker = make_worker(broker.settings(status_url=url))
+    app = create_app(
+        worker, ApiSettings(api_token=TOKEN), registry=CollectorRegistry(), metrics_port=0
+    )
+    ids: list[str] = []
+    try:
+        with serve(app) as served:
+            wait_connected(served)
+            with served.client() as client:
+                job_id = client.post("/jobs/send_email", json=EMAIL).json()["id"]
+                ids.append(job_id)
+                body = client.get(f"/jobs/{job_id}").json()
+        assert (body["state"], body["queue"]) == ("queued", "api_email")
+        assert body["created_at"] is not None
+        assert body["started_at"] is None and body["ended_at"] is None
+    finally:
+        import redis
+
+        client_ = redis.Redis.from_url(url)
+        for i in ids:
+            client_.delete(f"leveret:status:{i}")
+        client_.close()
+        purge(broker, "api_email")

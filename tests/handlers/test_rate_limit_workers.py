@@ -92,8 +92,9 @@ async def test_per_worker_and_global_limits_with_three_workers(
     ]
     try:
         await wait_for(
-            lambda: broker.queue_exists(queue)
-            and broker.queue(queue).get("consumers", 0) == WORKERS,
+            lambda: (
+                broker.queue_exists(queue) and broker.queue(queue).get("consumers", 0) == WORKERS
+            ),
             60,
             "3 workers consuming",
             interval=0.5,

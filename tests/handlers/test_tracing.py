@@ -65,7 +65,11 @@ async def test_spans_continue_the_published_trace_across_retries_and_chains(
         (f"{queue}-first", 2, traceparent),
         (f"{queue}-second", 1, traceparent),  # the chained job inherited it
     ]
-    spans = [s for s in exporter.get_finished_spans() if s.attributes["messaging.destination.name"] == queue]  # type: ignore[index]  # noqa: E501
+    spans = [
+        s
+        for s in exporter.get_finished_spans()
+        if s.attributes["messaging.destination.name"] == queue
+    ]  # type: ignore[index]  # noqa: E501
     assert len(spans) == 3
     for span in spans:
         assert span.name == f"{queue} process"

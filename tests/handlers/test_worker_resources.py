@@ -163,10 +163,16 @@ async def test_a_failing_close_is_logged_and_counted_and_the_outcome_stands(
                 lambda: registry.get_sample_value("leveret_jobs_completed_total", labels), 10, "ok"
             )
     assert ran == [1]
-    assert registry.get_sample_value(
-        "leveret_resource_close_failures_total", {"resource": "test_a_failing_close_is_logged_and_"
-        "counted_and_the_outcome_stands.<locals>.session"}
-    ) == 1
+    assert (
+        registry.get_sample_value(
+            "leveret_resource_close_failures_total",
+            {
+                "resource": "test_a_failing_close_is_logged_and_"
+                "counted_and_the_outcome_stands.<locals>.session"
+            },
+        )
+        == 1
+    )
     assert any("connection reset while closing" in str(e) for e in logs if "close" in e["event"])
     retried = {"queue": queue, "job_name": f"{queue}-j", "outcome": "retried"}
     assert not registry.get_sample_value("leveret_jobs_completed_total", retried)

@@ -181,3 +181,47 @@ async def test_a_dedup_key_is_free_once_the_job_ends_without_any_events(
         assert second != first
         assert await pub.result(second, timeout=10) == 1
     await asyncio.sleep(0)
+
+
+async def test_ctx_enqueue_is_awaited_and_takes_a_dedup_key(
+    broker: Broker, exchange: str, registry: CollectorRegistry, job_ids: list[str]
+) -> None:
+    """``await ctx.enqueue(..., dedup_key=K)``: a second parent enqueueing K while the first
+    child is live gets the first child's id and enqueues nothing; a failed run frees its
+    claim at once (its follow-up is never published)."""
+    queue, idle = unique("q"), unique("idle")
+    worker = Worker(broker.settings(exchange=exchange, status_url=STATUS_URL), registry=registry)
+    got: dict[str, str] = {}
+
+    @worker.job(f"{queue}-parent", queue=queue, max_attempts=1)
+    async def parent(payload: dict[str, Any], ctx: JobContext) -> None:
+        got[ctx.job_id] = await ctx.enqueue(f"{idle}-child", {}, dedup_key=payload["key"])
+        if payload.get("fail"):
+            raise Reject("after enqueueing")
+
+    @worker.job(f"{idle}-child", queue=idle)
+    async def child(payload: dict[str, Any]) -> None:
+        pass
+
+    key, freed = unique("key"), unique("key")
+    async with running(worker, queues=[queue]), publisher(broker, exchange) as pub:
+        a = await pub.publish(f"{queue}-parent", {"key": key})
+        b = await pub.publish(f"{queue}-parent", {"key": key})
+        failing = await pub.publish(f"{queue}-parent", {"key": freed, "fail": True})
+        job_ids.extend([a, b, failing])
+        for parent_id in (a, b, failing):
+            await wait_for(lambda p=parent_id: _ended(pub, p), 10, "the parents to end")
+        job_ids.extend(got.values())
+        assert got[a] == got[b]  # the live child's id, once
+        await wait_for(lambda: broker.queue(idle).get("messages", 0) == 1, 15, "one child")
+        child_status = await pub.status(got[a])
+        assert child_status is not None and child_status.state == "queued"
+        # The failed parent's claim is free: a publish with that key enqueues a new job.
+        again = await pub.publish(f"{idle}-child", {}, dedup_key=freed)
+        job_ids.append(again)
+        assert again != got[failing]
+
+
+async def _ended(pub: Publisher, job_id: str) -> bool:
+    status = await pub.status(job_id)
+    return status is not None and status.ended
