@@ -1,7 +1,12 @@
 """What the per-queue retry chain weighs on a 3-node quorum cluster, against a shared chain.
 
 ``python -m bench.chain_weight [--queues 20] [--json PATH]`` (about 5 minutes, two fresh
-3-node clusters on ports 5711-5713 / 15711-15713; see ``tests/cluster/cluster.py``).
+3-node clusters on ports 5711-5713 / 15711-15713; see ``tests/cluster/cluster.py``), or
+``python -m bench.chain_weight --single amqp://guest:guest@127.0.0.1:5672/ [--counts 1,20,100]``
+(a minute: classic queues in a fresh vhost of a running broker per design and count).
+
+Since v3 the shared chain is what Leveret ships (``declare``); the per-queue design is the v2
+layout, declared as the v2 code did (``tests/topology/v2.py``).
 
 Today (``leveret.topology``) every work queue ``Q`` brings ``Q``, ``Q.dlq`` and ``DELAY_BITS``
 ``Q.retry.<ttl>`` queues (27 since the horizon became 388 days; 19 before); with
@@ -34,98 +39,49 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import aio_pika
-from aio_pika.abc import AbstractConnection, ExchangeType
+import httpx
+from aio_pika.abc import AbstractConnection
+from yarl import URL
 
-from leveret.topology import (
-    DELAY_BITS,
-    Topology,
-    WorkQueue,
-    declare,
-    retry_queue_name,
-    retry_route,
-    retry_ttl_ms,
-)
+from leveret.topology import Topology, WorkQueue, declare, delay_levels, retry_route
+from leveret.topology.delay import v2_exchange_name
 from tests.cluster.cluster import Cluster
+from tests.topology.v2 import declare_v2
 
 EXCHANGE = "jobs"
 STATS_CONFIG = "collect_statistics_interval = 1000\n"
 
 
-def _ttl_label(level: int) -> str:
-    ms = retry_ttl_ms(level)
-    return f"{ms}ms" if ms < 1000 else f"{ms // 1000}s"
-
-
-def shared_retry_queue(level: int) -> str:
-    """A vhost-wide delay queue. ``<exchange>.retry.<ttl>`` would collide with the retry
-    queues of a work queue named like the exchange, so the shared ones carry a prefix."""
-    return f"{EXCHANGE}.shared-retry.{_ttl_label(level)}"
-
-
-def work_queues(count: int) -> list[WorkQueue]:
+def work_queues(count: int, queue_type: str = "quorum") -> list[WorkQueue]:
     return [
-        WorkQueue(name=f"wq-{i:02d}", jobs=(f"job-{i:02d}",), queue_type="quorum")
+        WorkQueue(name=f"wq-{i:02d}", jobs=(f"job-{i:02d}",), queue_type=queue_type)
         for i in range(count)
     ]
 
 
 async def declare_per_queue(conn: AbstractConnection, queues: list[WorkQueue]) -> None:
-    """Leveret's own declaration, as an application would run it."""
-    await declare(conn, Topology(exchange=EXCHANGE, queues=tuple(queues)))
+    """The v2 layout (27 ``Q.retry.<ttl>`` per work queue), as the v2 code declared it."""
+    await declare_v2(conn, Topology(exchange=EXCHANGE, queues=tuple(queues)))
 
 
 async def declare_shared(conn: AbstractConnection, queues: list[WorkQueue]) -> None:
-    """The shared chain: the same exchanges, work queues and DLQs, one delay queue per bit
-    for the whole vhost.
-
-    Derived from the topology code's own declarations, so it follows whatever bit words and
-    level count ``leveret.topology`` uses: every binding into ``Q.retry.<ttl>`` becomes one
-    binding into the shared queue of that TTL with the address replaced by ``#`` (any
-    destination); exchange-to-exchange bindings and the bindings into work queues are kept;
-    the shared queue gets the same arguments a per-queue retry queue of that level has.
-    """
-    topo = Topology(exchange=EXCHANGE, queues=tuple(queues))
-    retry_level = {retry_queue_name(q.name, n): n for q in topo.queues for n in range(DELAY_BITS)}
-    ch = await conn.channel(publisher_confirms=False)
-    exchanges = {
-        ex.name: await ch.declare_exchange(ex.name, ExchangeType(ex.type), durable=True)
-        for ex in topo.exchanges()
-    }
-    declared = {}
-    for d in topo.queue_decls():
-        if d.name not in retry_level:
-            declared[d.name] = await ch.declare_queue(d.name, durable=True, arguments=d.arguments)
-    for n in range(DELAY_BITS):
-        args = topo.queues[0].retry_arguments(EXCHANGE, n)  # the same for every work queue
-        declared[shared_retry_queue(n)] = await ch.declare_queue(
-            shared_retry_queue(n), durable=True, arguments=args
-        )
-    seen: set[tuple[str, str, str]] = set()
-    for b in topo.bindings():
-        dest, key = b.destination, b.routing_key
-        if b.destination_type == "queue" and dest in retry_level:
-            dest = shared_retry_queue(retry_level[dest])
-            key = ".".join([*key.split(".")[:DELAY_BITS], "#"])
-        if (b.source, dest, key) in seen:
-            continue
-        seen.add((b.source, dest, key))
-        if b.destination_type == "exchange":
-            await exchanges[dest].bind(exchanges[b.source], routing_key=key)
-        else:
-            await declared[dest].bind(exchanges[b.source], routing_key=key)
-    await ch.close()
+    """The shipped layout: one shared chain of ``DELAY_BITS`` queues for the exchange."""
+    await declare(conn, Topology(exchange=EXCHANGE, queues=tuple(queues)))
 
 
-async def route_check(url: str, queues: list[WorkQueue]) -> float:
-    """Publish one retry for the 4th work queue with a 0.5 s delay (two set bits: it visits
-    two delay queues) and time its arrival; fail if it lands anywhere else."""
-    target = queues[3].name
+async def route_check(url: str, queues: list[WorkQueue], design: str = "shared") -> float:
+    """Publish one retry for the 4th work queue (the last if fewer) with a 0.75 s delay (two
+    set bits: it visits two delay queues) and time its arrival; fail if it lands elsewhere."""
+    target = queues[min(3, len(queues) - 1)].name
     conn = await aio_pika.connect(url)
     try:
         ch = await conn.channel(publisher_confirms=True)
         ex_name, key = retry_route(EXCHANGE, 0.75, target)
+        if design == "per-queue":  # the v2 chain's entry: its exchange of the highest bit
+            ex_name = v2_exchange_name(EXCHANGE, max(delay_levels(0.75)))
         ex = await ch.get_exchange(ex_name, ensure=False)
         t0 = time.monotonic()
         await ex.publish(aio_pika.Message(b"probe", delivery_mode=2), routing_key=key)
@@ -251,7 +207,7 @@ def measure(design: str, n_queues: int, baseline_restart: bool) -> dict[str, Any
                 await conn.close()
 
         out["declare_s"] = asyncio.run(run())
-        out["route_check_s"] = asyncio.run(route_check(cluster.amqp_urls[1], queues))
+        out["route_check_s"] = asyncio.run(route_check(cluster.amqp_urls[1], queues, design))
         time.sleep(5)
         loaded = {**node_memory(cluster), **counts(cluster), "disk_kib": disk_kib(cluster)}
         loaded["restart"] = restart(cluster, loaded["queues"])
@@ -324,12 +280,105 @@ def table(results: list[dict[str, Any]]) -> str:
     return "\n".join(rows)
 
 
+def _api(mgmt: str, method: str, path: str, body: Any = None) -> Any:
+    response = httpx.request(
+        method, f"{mgmt}/api{path}", auth=("guest", "guest"), timeout=180, json=body
+    )
+    response.raise_for_status()
+    return response.json() if response.content else None
+
+
+def measure_single(amqp: str, mgmt: str, n_queues: int, design: str) -> dict[str, Any]:
+    """One design with ``n_queues`` classic work queues in a fresh vhost of a running broker:
+    queue and binding counts, declaration time, the queues' own memory (``/api/queues``
+    ``memory``, summed) and the node's ``mem_used`` before and after (noisy on a shared broker).
+    The vhost is deleted afterwards."""
+    vhost = f"chainweight-{design}-{n_queues}-{int(time.time())}"
+    qv = quote(vhost, safe="")
+    _api(mgmt, "PUT", f"/vhosts/{qv}")
+    try:
+        _api(
+            mgmt,
+            "PUT",
+            f"/permissions/{qv}/guest",
+            {"configure": ".*", "write": ".*", "read": ".*"},
+        )
+        time.sleep(2)
+        before = sum(n["mem_used"] for n in _api(mgmt, "GET", "/nodes"))
+        queues = work_queues(n_queues, "classic")
+        fn = declare_per_queue if design == "per-queue" else declare_shared
+        url = f"{amqp.rstrip('/')}/{qv}"
+
+        async def run() -> float:
+            conn = await aio_pika.connect(url)
+            try:
+                t = time.monotonic()
+                await fn(conn, queues)
+                return time.monotonic() - t
+            finally:
+                await conn.close()
+
+        declare_s = asyncio.run(run())
+        route_s = asyncio.run(route_check(url, queues, design))
+        time.sleep(6)  # statistics interval: queue memory figures refresh every 5 s
+        listed = _api(mgmt, "GET", f"/queues/{qv}?columns=name,memory")
+        after = sum(n["mem_used"] for n in _api(mgmt, "GET", "/nodes"))
+        return {
+            "design": design,
+            "work_queues": n_queues,
+            "queues": len(listed),
+            "delay_queues": sum(".retry." in q["name"] or ".delay." in q["name"] for q in listed),
+            "bindings": len(_api(mgmt, "GET", f"/bindings/{qv}")),
+            "declare_s": declare_s,
+            "route_check_s": route_s,
+            "queue_memory": sum(int(q.get("memory") or 0) for q in listed),
+            "mem_used_delta": after - before,
+        }
+    finally:
+        _api(mgmt, "DELETE", f"/vhosts/{qv}")
+
+
+def single_table(results: list[dict[str, Any]]) -> str:
+    rows = [
+        "| work queues | design | queues (delay) | bindings | declare, s | queue memory, MiB "
+        "| node mem_used delta, MiB | probe retry 0.75 s, s |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        rows.append(
+            f"| {r['work_queues']} | {r['design']} | {r['queues']} ({r['delay_queues']}) "
+            f"| {r['bindings']} | {r['declare_s']:.2f} | {mib(r['queue_memory'])} "
+            f"| {mib(r['mem_used_delta'])} | {r['route_check_s']:.2f} |"
+        )
+    return "\n".join(rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.chain_weight", description=__doc__)
     parser.add_argument("--queues", type=int, default=20)
     parser.add_argument("--json", type=Path, help="also write the raw figures here")
+    parser.add_argument(
+        "--single",
+        metavar="AMQP_URL",
+        help="quick mode: classic queues on this running broker (management on 15672), "
+        "for each of --counts work queues, no cluster",
+    )
+    parser.add_argument("--counts", default="1,20,100", help="work queue counts for --single")
     args = parser.parse_args(argv)
     t0 = time.monotonic()
+    if args.single:
+        host = URL(args.single).host or "127.0.0.1"
+        mgmt = f"http://{host}:15672"
+        single = [
+            measure_single(args.single, mgmt, int(n), design)
+            for n in args.counts.split(",")
+            for design in ("per-queue", "shared")
+        ]
+        if args.json:
+            args.json.write_text(json.dumps(single, indent=2))
+        print(single_table(single))
+        print(f"\n(total {time.monotonic() - t0:.0f} s)", file=sys.stderr)
+        return 0
     results = [
         measure("per-queue", args.queues, baseline_restart=True),
         measure("shared", args.queues, baseline_restart=False),
