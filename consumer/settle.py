@@ -32,8 +32,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import time
 from collections.abc import Awaitable, Callable, Mapping
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import aiormq
@@ -43,7 +44,7 @@ from prometheus_client import Counter
 
 from leveret.producers.dedup import DedupUnavailableError
 from leveret.producers.events import CANCELLED as EVENT_CANCELLED
-from leveret.producers.events import DEAD, PROGRESS, RETRYING, STARTED, EventsMode
+from leveret.producers.events import DEAD, PROGRESS, RETRYING, STARTED, EventsMode, rfc3339_ns
 from leveret.producers.events import SUCCEEDED as EVENT_SUCCEEDED
 from leveret.producers.message import (
     HEADER_ATTEMPTS,
@@ -56,6 +57,7 @@ from leveret.producers.message import (
     PERSISTENT,
     carried_headers,
     copy_properties,
+    header_count,
     one_line,
 )
 from leveret.producers.status import StatusWrite, status_write
@@ -198,6 +200,8 @@ class Settler:
         delay = _retry_delay(spec, attempt, error, described)
         headers = carried_headers(d.properties)
         headers[HEADER_ATTEMPTS] = attempt
+        if crashes := header_count(d.properties.headers, HEADER_REDELIVERIES):
+            headers[HEADER_REDELIVERIES] = crashes  # runs it did not survive stay counted
         route = retry_route(self._exchange, delay, d.queue)
         copies = (self._copy(d, spec.name, headers, *route),)
         await self._finish(
@@ -316,15 +320,15 @@ class Settler:
         result: Any = None,
         error: str | None = None,
     ) -> StatusWrite:
-        at = datetime.now(UTC)
-        started_at = at - timedelta(seconds=duration) if duration is not None else None
+        now_ns = time.time_ns()
+        started_at = None if duration is None else rfc3339_ns(now_ns - int(duration * 1e9))
         return status_write(
             state,
             d.job_id,
             job,
             d.queue,
             attempt,
-            at=at,
+            at=rfc3339_ns(now_ns),
             result=result,
             error=error,
             started_at=started_at,

@@ -60,6 +60,12 @@ class StatusWriter:
     async def record(self, writes: Sequence[StatusWrite]) -> None:
         """Write with the others of this loop turn; return once stored (or refused for good)."""
         loop = asyncio.get_running_loop()
+        if len(writes) == 1:  # the common case: one outcome, one future, no gather
+            waiter = loop.create_future()
+            self._pending.append((writes[0], waiter))
+            self._schedule(loop)
+            await waiter
+            return
         waiters = []
         for w in writes:
             waiter = loop.create_future()
@@ -81,6 +87,8 @@ class StatusWriter:
     def _flush(self) -> None:
         self._flush_scheduled = False
         batch, self._pending = self._pending, []
+        if len(batch) > 1:
+            batch = _without_overtaken(batch)
         # A context of its own: the log lines of a batch carry no one job's fields.
         task = asyncio.get_running_loop().create_task(
             self._send(batch), context=contextvars.Context()
@@ -104,12 +112,15 @@ class StatusWriter:
 
     async def _write(self, batch: _Batch, *, once: bool) -> list[bool | str]:
         writes = [w for w, _ in batch]
-        if once:
+        try:  # the common case, without building a retry loop
             return await self.store.write_many(writes)
+        except StatusStoreUnavailable as exc:
+            if once:
+                raise
+            self._down(exc)
         retrying = AsyncRetrying(
             retry=retry_if_exception_type(StatusStoreUnavailable),
             wait=wait_exponential_jitter(multiplier=0.1, max=5.0),
-            before_sleep=lambda state: self._down(state.outcome),
             reraise=True,
         )
         async for attempt in retrying:
@@ -118,12 +129,11 @@ class StatusWriter:
         self._up()
         return outcomes
 
-    def _down(self, outcome: object) -> None:
+    def _down(self, error: BaseException) -> None:
         """A failed outcome write: the first of an outage is logged, and the timer started."""
         if self._down_since is not None:
             return
         self._down_since = time.monotonic()
-        error = getattr(outcome, "exception", lambda: None)()
         with contextlib.suppress(Exception):
             log.warning(
                 "status_store_unavailable",
@@ -162,6 +172,15 @@ class StatusWriter:
         """Let writes in flight finish (a shutdown's last acks wait for them)."""
         if self._sending:
             await asyncio.gather(*self._sending, return_exceptions=True)
+
+
+def _without_overtaken(batch: _Batch) -> _Batch:
+    """A best-effort ``started`` or ``progress`` whose job's outcome is in the same batch says
+    nothing the outcome does not: a job that ended within one loop turn costs one write."""
+    ended = {w.job_id for w, waiter in batch if waiter is not None}
+    if not ended:
+        return batch
+    return [(w, waiter) for w, waiter in batch if waiter is not None or w.job_id not in ended]
 
 
 def _described(exc: BaseException) -> str:

@@ -106,7 +106,12 @@ def now_rfc3339() -> str:
 
     Milliseconds are truncated as ``isoformat(timespec="milliseconds")`` truncates them.
     """
-    second, nanos = divmod(time.time_ns(), 1_000_000_000)
+    return rfc3339_ns(time.time_ns())
+
+
+def rfc3339_ns(epoch_ns: int) -> str:
+    """``rfc3339`` of a ``time.time_ns()`` value, the second's text cached (see above)."""
+    second, nanos = divmod(epoch_ns, 1_000_000_000)
     if second != _stamp[0]:
         _stamp[1] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
         _stamp[0] = second

@@ -273,10 +273,12 @@ def _floors_file() -> dict[str, str]:
 
 
 def test_the_floors_file_pins_every_runtime_dependency_at_its_floor() -> None:
-    """.ci/floors.txt is exactly pyproject's `>=` floors: a raised floor that is not tested, or
-    a new dependency without a floor, fails here."""
+    """.ci/floors.txt is exactly pyproject's `>=` floors, the extras' included: a raised floor
+    that is not tested, or a new dependency without a floor, fails here."""
+    project = _pyproject()["project"]
+    extras = [r for reqs in project["optional-dependencies"].values() for r in reqs]
     floors = {}
-    for requirement in _pyproject()["project"]["dependencies"]:
+    for requirement in [*project["dependencies"], *extras]:
         match = re.fullmatch(
             r"([A-Za-z0-9_.-]+)>=([0-9][0-9.]*)(?:,<[0-9][0-9.]*)?(?:; .*)?", requirement
         )
