@@ -221,7 +221,8 @@ async def main(keep: bool) -> int:
         _say(
             f"\nsee it in the management UI: http://{host}:15672/#/queues (guest/guest):\n"
             "  email, images           work queues (x-max-priority 10; Bindings: the job names)\n"
-            "  email.retry.1s          a retry waits here for its backoff (TTL 1 s)\n"
+            "  jobs.delay.1s           a retry waits here for its backoff (TTL 1 s; one chain\n"
+            "                          of delay queues for every work queue of the exchange)\n"
             "  email.dlq, images.dlq   dead jobs; click one, 'Get messages' shows x-reason\n"
             "try: leveret dlq list email   |   leveret status demo_app:worker (from examples/)"
         )

@@ -246,7 +246,7 @@ def assert_queue_types(broker: Broker, queue: str, queue_type: str) -> None:
     A test parametrised over queue types calls it once its worker runs, so a setting that never
     reached the declare fails the test instead of running the classic case twice.
     """
-    for name in (queue, f"{queue}.retry.250ms", f"{queue}.dlq"):
+    for name in (queue, f"{queue}.dlq"):
         found = broker.queue(name)["type"]
         assert found == queue_type, f"{name} is {found}, the test runs on {queue_type}"
 
