@@ -9,7 +9,6 @@ every key a test made is deleted afterwards, by id.
 from __future__ import annotations
 
 import asyncio
-import timeit
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -25,7 +24,7 @@ from leveret.producers.cancel import JobAlreadyEnded
 from leveret.producers.lifecycle_settings import LifecycleSettings
 from leveret.producers.settings import ConnectionSettings
 from leveret.producers.status import RedisStatusStore
-from tests.support import Broker, running, unique, wait_for
+from tests.support import Broker, assert_queue_types, running, unique, wait_for
 
 from .conftest import TOKEN, serve, wait_connected
 
@@ -139,7 +138,7 @@ async def http(fn: Any, *args: Any, **kwargs: Any) -> Any:
 
 
 async def test_get_reads_queued_then_succeeded_with_the_result(
-    broker: Broker, store: RedisStatusStore, cleanup: list[str]
+    broker: Broker, store: RedisStatusStore, cleanup: list[str], queue_type: str
 ) -> None:
     app = App(broker)
     with serve(api(app)) as served, served.client() as client:
@@ -149,6 +148,7 @@ async def test_get_reads_queued_then_succeeded_with_the_result(
         first = (await http(client.get, f"/jobs/{job_id}")).json()
         assert first["state"] == "queued"
         async with running(app.worker):
+            assert_queue_types(broker, app.queue, queue_type)
             await wait_for(lambda: state_of(store, job_id), 10, "a status")
 
             async def succeeded() -> Any:
@@ -193,12 +193,13 @@ async def _both_ended(store: RedisStatusStore, *ids: str) -> bool:
 
 
 async def test_delete_during_a_cancellable_run_ends_it_cancelled(
-    broker: Broker, store: RedisStatusStore, cleanup: list[str]
+    broker: Broker, store: RedisStatusStore, cleanup: list[str], queue_type: str
 ) -> None:
     app = App(broker)
     with serve(api(app)) as served, served.client() as client:
         await asyncio.to_thread(wait_connected, served)
         async with running(app.worker):
+            assert_queue_types(broker, app.queue, queue_type)
             job_id = (await http(client.post, "/jobs/long", json={"n": 1})).json()["id"]
             cleanup.append(job_id)
             await asyncio.wait_for(app.started.wait(), 10)
@@ -247,10 +248,11 @@ async def test_a_running_job_not_cancellable_finishes_and_is_not_retried(
 
 
 async def test_a_job_cancelled_in_the_retry_chain_never_runs_again(
-    broker: Broker, store: RedisStatusStore, cleanup: list[str]
+    broker: Broker, store: RedisStatusStore, cleanup: list[str], queue_type: str
 ) -> None:
     app = App(broker)
     async with publisher(app) as pub, running(app.worker):
+        assert_queue_types(broker, app.queue, queue_type)
         job_id = await pub.publish("flaky", {"n": 1})
         cleanup.append(job_id)
         await wait_for(lambda: _is(store, job_id, "retrying"), 10, "the first run to fail")
@@ -263,7 +265,7 @@ async def test_a_job_cancelled_in_the_retry_chain_never_runs_again(
 
 
 async def test_a_dedup_key_is_freed_when_its_job_ends(
-    broker: Broker, store: RedisStatusStore, cleanup: list[str]
+    broker: Broker, store: RedisStatusStore, cleanup: list[str], queue_type: str
 ) -> None:
     app = App(broker)
     key = unique("invoice")
@@ -276,6 +278,7 @@ async def test_a_dedup_key_is_freed_when_its_job_ends(
         async with publisher(app) as pub:
             assert await pub.publish("charge", {"n": 3}, dedup_key=key) == first["id"]
             async with running(app.worker):
+                assert_queue_types(broker, app.queue, queue_type)
                 await wait_for(lambda: _is(store, first["id"], "succeeded"), 15, "succeeded")
 
                 async def freed() -> str | None:
@@ -288,19 +291,22 @@ async def test_a_dedup_key_is_freed_when_its_job_ends(
     assert [r[0] for r in app.ran] == [first["id"], second]  # n=2 and n=3 never enqueued
 
 
-def test_cancel_check_costs_nothing_measurable() -> None:
-    """The per-delivery check with no cancel pending: one dict lookup on the pipeline's bound
-    mapping, against the same code without it. Measured, printed; bounded loosely (a shared
-    2-core machine) at 200 ns, next to a delivery's tens of microseconds."""
-    from leveret.consumer.pipeline import Pipeline
+async def test_without_a_status_store_the_chain_has_no_cancellation_layer(
+    broker: Broker,
+) -> None:
+    """Cancellation lives where its marks do: a worker without ``LEVERET_STATUS_URL`` builds no
+    cancellation layer, so its jobs pay nothing for the feature; with one, it has the layer."""
+    from prometheus_client import CollectorRegistry
 
-    ids: dict[str, float] = {}
-    pipeline = Pipeline.__new__(Pipeline)
-    pipeline.cancelled_ids = ids
-    job_id = "3f2c1a9e-6d1b-4c3e-9a4f-0b8e7d6c5a41"
-    n = 1_000_000
-    with_check = min(timeit.repeat(lambda: job_id in pipeline.cancelled_ids, number=n, repeat=5))
-    without = min(timeit.repeat(lambda: None, number=n, repeat=5))
-    cost_ns = (with_check - without) / n * 1e9
-    print(f"cancel check, none pending: {cost_ns:.1f} ns per delivery")
-    assert cost_ns < 200
+    from leveret.consumer import Worker
+
+    for status_url, expected in ((None, False), ("redis://127.0.0.1:6379/13", True)):
+        worker = Worker(broker.settings(status_url=status_url), registry=CollectorRegistry())
+
+        @worker.job("noop", queue=unique("q"))
+        async def noop(payload: dict[str, Any]) -> None:
+            pass
+
+        async with running(worker):
+            assert worker._pipeline is not None
+            assert (worker._pipeline.cancellation is not None) is expected

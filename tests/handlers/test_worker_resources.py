@@ -12,7 +12,7 @@ from pydantic import BaseModel
 from leveret.consumer import JobContext, Reject, Worker
 from leveret.consumer.middleware import CallNext
 from leveret.producers import Publisher
-from tests.support import Broker, running, unique, wait_for
+from tests.support import Broker, assert_queue_types, running, unique, wait_for
 
 
 async def _depth_is(broker: Broker, queue: str, n: int) -> bool:
@@ -39,7 +39,9 @@ class Tx:
         self.session = session
 
 
-async def test_scope_lifetimes_and_reverse_close_order(broker: Broker, registry) -> None:
+async def test_scope_lifetimes_and_reverse_close_order(
+    broker: Broker, registry, queue_type: str
+) -> None:
     """The process resource lives from start to stop; job resources per job, closed in
     reverse order of opening, after the handler, with the handler's exception thrown in."""
     worker = Worker(broker.settings(), registry=registry)
@@ -83,6 +85,7 @@ async def test_scope_lifetimes_and_reverse_close_order(broker: Broker, registry)
 
     async with running(worker):
         assert events == ["pool open"]  # eagerly, at start
+        assert_queue_types(broker, queue, queue_type)
         async with Publisher(broker.url) as pub:
             await pub.publish(f"{queue}-j", {"n": 0}, job_id="ok")
             await wait_for(lambda: "session close ok" in events, 10, "first job")

@@ -19,7 +19,7 @@ from leveret.producers import Publisher
 from leveret.producers.settings import ConnectionSettings
 from leveret.producers.status import DEFAULT_PREFIX, RedisStatusStore
 from leveret.topology.model import dlq_name
-from tests.support import Broker, running, unique, wait_for
+from tests.support import Broker, assert_queue_types, running, unique, wait_for
 
 from .test_worker_events import Listener, listener  # noqa: F401 - the fixture
 
@@ -108,7 +108,11 @@ async def test_a_refused_dlq_copy_leaves_no_dead_status_or_event(
 
 
 async def test_a_replayed_job_reads_queued_and_can_be_cancelled(
-    broker: Broker, exchange: str, registry: CollectorRegistry, job_ids: list[str]
+    broker: Broker,
+    exchange: str,
+    registry: CollectorRegistry,
+    job_ids: list[str],
+    queue_type: str,
 ) -> None:
     """Replay revives: ``queued`` with attempts reset, so ``cancel`` takes it (the API's
     ``DELETE`` answers 202 through the same ``request_cancel``) and a worker then acks it
@@ -132,6 +136,7 @@ async def test_a_replayed_job_reads_queued_and_can_be_cancelled(
             job_id = await pub.publish(f"{queue}-job", {})
             job_ids.append(job_id)
             await wait_for(lambda: _state(pub, job_id, "dead"), 10, "the job to die")
+            assert_queue_types(broker, queue, queue_type)
         store = RedisStatusStore.from_url(STATUS_URL)
         try:
             async with DeadLetters(
@@ -159,7 +164,11 @@ async def _state(pub: Publisher, job_id: str, wanted: str) -> bool:
 
 
 async def test_a_dedup_key_is_free_once_the_job_ends_without_any_events(
-    broker: Broker, exchange: str, registry: CollectorRegistry, job_ids: list[str]
+    broker: Broker,
+    exchange: str,
+    registry: CollectorRegistry,
+    job_ids: list[str],
+    queue_type: str,
 ) -> None:
     """``LEVERET_EVENTS=off`` (the default) with a status store: statuses end and the ending
     write frees the dedup key (the keeper that did it before needed events)."""
@@ -173,6 +182,7 @@ async def test_a_dedup_key_is_free_once_the_job_ends_without_any_events(
 
     key = unique("key")
     async with running(worker), publisher(broker, exchange) as pub:
+        assert_queue_types(broker, queue, queue_type)
         first = await pub.publish(f"{queue}-job", {}, dedup_key=key)
         job_ids.append(first)
         assert await pub.result(first, timeout=10) == 1

@@ -22,7 +22,7 @@ from leveret.producers import Publisher
 from leveret.producers.events import events_exchange
 from leveret.producers.settings import ConnectionSettings
 from leveret.topology.errors import InvalidValueError
-from tests.support import Broker, running, unique, wait_for
+from tests.support import Broker, assert_queue_types, running, unique, wait_for
 
 
 class Listener:
@@ -79,7 +79,11 @@ class Thumb(BaseModel):
 
 
 async def test_each_state_reaches_the_events_exchange_with_the_contract_fields(
-    broker: Broker, exchange: str, listener: Listener, registry: CollectorRegistry
+    broker: Broker,
+    exchange: str,
+    listener: Listener,
+    registry: CollectorRegistry,
+    queue_type: str,
 ) -> None:
     queue = unique("q")
     worker = Worker(broker.settings(exchange=exchange, events="all"), registry=registry)
@@ -94,6 +98,7 @@ async def test_each_state_reaches_the_events_exchange_with_the_contract_fields(
         raise ValueError("boom\nsecond line")
 
     async with running(worker), publisher(broker, exchange) as pub:
+        assert_queue_types(broker, queue, queue_type)
         ok_id = await pub.publish(f"{queue}-ok", {})
         bad_id = await pub.publish(f"{queue}-bad", {})
         # A message no handler can run: wrong content type; dead with attempt 0.

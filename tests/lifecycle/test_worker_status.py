@@ -24,7 +24,7 @@ from leveret.producers import Publisher
 from leveret.producers.settings import ConnectionSettings
 from leveret.producers.status import DEFAULT_PREFIX, JobFailed, JobStatus
 from tests.faults.plumbing import WorkerProcess, reaped
-from tests.support import Broker, leveret_cli, running, unique, wait_for
+from tests.support import Broker, assert_queue_types, leveret_cli, running, unique, wait_for
 
 from .conftest import PrivateRedis, _free_port
 
@@ -55,7 +55,7 @@ async def state(pub: Publisher, job_id: str) -> str | None:
 
 
 async def test_status_through_every_reader_within_one_second(
-    broker: Broker, registry: CollectorRegistry, job_ids: list[str]
+    broker: Broker, registry: CollectorRegistry, job_ids: list[str], queue_type: str
 ) -> None:
     exchange, queue = unique("ex"), unique("q")
     worker = Worker(broker.settings(exchange=exchange, status_url=STATUS_URL), registry=registry)
@@ -73,6 +73,7 @@ async def test_status_through_every_reader_within_one_second(
         return {"echo": payload["n"]}
 
     async with running(worker), publisher(broker, exchange) as pub:
+        assert_queue_types(broker, queue, queue_type)
         # Publish before any worker consumes? The worker runs: the status is queued at once.
         job_id = await pub.publish(f"{queue}-job", {"n": 7})
         job_ids.append(job_id)
