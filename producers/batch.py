@@ -1,4 +1,6 @@
-"""``publish_batch``: a batch of jobs in one socket write, its confirms tracked by delivery tag.
+"""``publish_batch``: the one confirmed publish. A batch goes out in one socket write, its
+confirms tracked by delivery tag; a single publish (``confirm.publish_confirmed``) is a batch of
+one, with the same error mapping.
 
 Why this goes below aiormq's ``basic_publish``: per message, that call validates and marshals
 three frames through pamqp (the content header alone ~25 µs: every property is checked and
@@ -14,24 +16,16 @@ publisher's CPU. Here, per batch:
   group per job): a template can only ever be a cheaper way to the same bytes. Templates are
   kept per channel across batches (a worker settling a few jobs per loop turn sends many small
   batches, and building a template costs three pamqp marshals), a bounded number of them.
-* The whole batch goes to aiormq's writer as one ``ChannelFrame``: one queue entry, one
-  ``transport.write``.
-* Confirms are tracked without a future per job. Delivery tags are allocated exactly as
-  aiormq allocates them (``channel.delivery_tag`` under the channel lock, so a concurrent
-  ``publish`` on the same channel gets the next tags), and each tag's entry in
-  ``channel.confirmations`` is a small ``_Slot`` that speaks the part of the future API aiormq's
-  reader uses (``done``, ``cancelled``, ``set_result``, ``set_exception``). So aiormq's own
-  bookkeeping stays what it expects: a ``basic.ack`` with ``multiple`` settles the range of tags
-  it covers, a ``basic.nack`` the tags it names, and a ``basic.return`` (which RabbitMQ sends
-  before the ack of that tag) is mapped by ``message_id`` to its tag through
-  ``channel.message_id_delivery_tag``, as for aiormq's own publishes. One future per *batch*
-  (made by the channel, so a closing channel rejects it) wakes the caller.
+* The whole batch goes to aiormq's writer as one write, its delivery tags taken as aiormq takes
+  them, and one future per *batch* wakes the caller instead of one per job. How that is done
+  with aiormq's channel (its internals) is ``producers.amqp``'s business and no one else's; when
+  the installed aiormq lacks what it relies on, each job goes through the public
+  ``basic_publish`` instead, slower, with the same outcomes.
 
-The guarantee is ``publish_confirmed``'s, per job: every job is confirmed, or
-``BatchPublishError`` names it, with the typed error of each job that was not confirmed
-(``UnroutableError``, ``RefusedError``, ``PublishTimeout``, ``ConnectionLost``, and
-``InvalidMessageError`` for a message AMQP cannot carry, which fails only itself) and the ids
-that did land.
+The guarantee, per job: every job is confirmed, or ``BatchPublishError`` names it, with the typed
+error of each job that was not confirmed (``UnroutableError``, ``RefusedError``,
+``PublishTimeout``, ``ConnectionLost``, and ``InvalidMessageError`` for a message AMQP cannot
+carry, which fails only itself) and the ids that did land.
 """
 
 from __future__ import annotations
@@ -43,12 +37,13 @@ from collections.abc import Hashable, Sequence
 from typing import Any, Protocol
 
 import aiormq
+import aiormq.abc
 import aiormq.exceptions
-from aiormq.abc import ChannelFrame
 from pamqp import frame as pamqp_frame
 from pamqp.commands import Basic
 from pamqp.header import ContentHeader
 
+from . import amqp
 from .connection import CONNECTION_ERRORS
 from .errors import (
     ConnectionLost,
@@ -64,7 +59,6 @@ _FRAME_END = b"\xce"
 _BODY_FRAME = struct.Struct(">BHI")  # type 3, channel, size
 _BODY_SIZE = struct.Struct(">Q")
 _HEADER_SIZE_AT = 11  # frame type 1 + channel 2 + size 4 + class id 2 + weight 2
-_ACK = "ack"
 # Per channel, at most this many routes and header templates are kept (then forgotten at once and
 # rebuilt as needed): a worker's copies have a few routes and property sets per queue and job.
 _KEPT = 512
@@ -113,54 +107,6 @@ class BatchPublishError(PublishError):
         )
 
 
-class _Tracker:
-    """The outcome of each job of one batch, and the one future its caller waits on."""
-
-    __slots__ = ("abandoned", "future", "outcome", "pending")
-
-    def __init__(self, size: int, future: asyncio.Future[None]) -> None:
-        self.outcome: list[Any] = [None] * size  # None, _ACK, or the aiormq error / frame
-        self.pending = size
-        self.future = future
-        self.abandoned = False
-
-    def settle(self, index: int, result: Any) -> None:
-        if self.outcome[index] is not None:
-            return
-        self.outcome[index] = result
-        self.pending -= 1
-        if not self.pending and not self.future.done():
-            self.future.set_result(None)
-
-
-class _Slot:
-    """One job's entry in ``channel.confirmations``: the future API aiormq's reader calls.
-
-    aiormq's reader calls ``done``/``cancelled`` (a confirm for a publish nobody waits for any
-    more is logged at debug level when ``cancelled``), ``set_result`` with the ack frame (or,
-    on a channel without ``on_return_raises``, the returned message) and ``set_exception`` with
-    ``DeliveryError`` (nack) or ``PublishError`` (returned).
-    """
-
-    __slots__ = ("index", "tracker")
-
-    def __init__(self, tracker: _Tracker, index: int) -> None:
-        self.tracker = tracker
-        self.index = index
-
-    def done(self) -> bool:
-        return self.tracker.abandoned or self.tracker.outcome[self.index] is not None
-
-    def cancelled(self) -> bool:
-        return self.tracker.abandoned
-
-    def set_result(self, result: Any) -> None:
-        self.tracker.settle(self.index, _ACK if isinstance(result, Basic.Ack) else result)
-
-    def set_exception(self, exc: BaseException) -> None:
-        self.tracker.settle(self.index, exc)
-
-
 class _Marshaller:
     """The batch's frames as bytes, from per-batch templates (see the module docstring)."""
 
@@ -172,10 +118,10 @@ class _Marshaller:
         self.templates: dict[Hashable, tuple[bytes, bytes, bytes] | None] = {}
 
     @classmethod
-    def of(cls, channel: aiormq.Channel) -> _Marshaller:
+    def of(cls, channel: aiormq.abc.AbstractChannel) -> _Marshaller:
         """The channel's marshaller, kept across batches (its templates are the point)."""
         found = _MARSHALLERS.get(channel)
-        number, size = channel.number, channel.max_content_size
+        number, size = channel.number, amqp.content_size(channel)
         if found is None or found.channel_number != number or found.max_content_size != size:
             found = _MARSHALLERS[channel] = cls(number, size)
         return found
@@ -248,7 +194,9 @@ class _Marshaller:
         )
 
 
-_MARSHALLERS: weakref.WeakKeyDictionary[aiormq.Channel, _Marshaller] = weakref.WeakKeyDictionary()
+_MARSHALLERS: weakref.WeakKeyDictionary[aiormq.abc.AbstractChannel, _Marshaller] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def _fill(template: tuple[bytes, bytes, bytes], body_size: int, id_bytes: bytes) -> bytes:
@@ -309,24 +257,28 @@ def _template_key(props: Basic.Properties, id_len: int) -> Hashable | None:
 
 
 async def publish_batch(
-    channel: aiormq.Channel, items: Sequence[Outgoing], *, timeout: float | None
+    channel: aiormq.abc.AbstractChannel, items: Sequence[Outgoing], *, timeout: float | None
 ) -> None:
     """Send ``items`` in one write on ``channel`` and return once every one is confirmed.
 
-    ``channel`` is an aiormq channel with publisher confirms on. Every item needs a
-    ``message_id`` unique within the batch and among other publishes in flight on the channel
-    (a ``basic.return`` is matched to its job by it). Raises ``BatchPublishError`` naming each
-    job that was not confirmed (see the module docstring); ``timeout`` bounds the wait for the
-    whole batch. An item AMQP cannot carry (no ``message_id``, a string property over 255
-    bytes, a header value with no AMQP type) is not sent and is named with an
-    ``InvalidMessageError``; the rest of the batch goes out as usual.
+    ``channel`` is an aiormq channel with publisher confirms on (``on_return_raises`` too, or a
+    returned job is still reported, as unroutable). Every item needs a ``message_id`` unique
+    within the batch and among other publishes in flight on the channel (a ``basic.return`` is
+    matched to its job by it). Raises ``BatchPublishError`` naming each job that was not
+    confirmed (see the module docstring); ``timeout`` bounds the wait for the whole batch. An
+    item AMQP cannot carry (no ``message_id``, a string property over 255 bytes, a header value
+    with no AMQP type) is not sent and is named with an ``InvalidMessageError``; the rest of
+    the batch goes out as usual. On a channel without confirms nothing is sent: each job is a
+    ``RefusedError`` (success could only be guessed).
     """
     if not items:
         return
-    if not channel.publisher_confirms:
-        raise ValueError("publish_batch needs a channel with publisher confirms")
+    if not amqp.confirming(channel):
+        raise BatchPublishError([], {item.job_id: _no_confirms(item) for item in items})
     # Each item is marshalled on its own: one AMQP cannot carry (an id over 255 bytes, a
-    # header value with no AMQP type) fails only itself, and the others still go out.
+    # header value with no AMQP type) fails only itself, and the others still go out. The
+    # public path marshals again (its own way): the check is the same either way.
+    fast = channel if amqp.frames_supported(channel) else None  # else the public path
     marshaller = _Marshaller.of(channel)
     parts: list[bytes] = []
     sent: list[Outgoing] = []
@@ -347,37 +299,54 @@ async def publish_batch(
         ids.append(message_id)
     if not sent:
         raise BatchPublishError([], {items[i].job_id: e for i, e in refused.items()})
-    payload = b"".join(parts)
     loop = asyncio.get_running_loop()
     deadline = None if timeout is None else loop.time() + timeout
-    tracker = _Tracker(len(sent), channel.create_future())
-    confirmations: dict[int, Any] = channel.confirmations
+    confirms = amqp.Confirms(channel, len(sent))
     first_tag = 0
+    each: list[asyncio.Task[None]] = []
     failure: BaseException | None = None
     try:
         # One timeout (one timer) over handing the batch to the writer and its confirms.
         async with asyncio.timeout_at(deadline):
-            frame = ChannelFrame(payload=payload, should_close=False)
-            first_tag = _queue_now(channel, frame, ids, tracker, confirmations)
-            if not first_tag:
-                first_tag = await _queue_locked(channel, frame, ids, tracker, confirmations)
-            await tracker.future
+            if fast is not None:
+                payload = b"".join(parts)
+                first_tag = amqp.send_now(fast, payload, ids, confirms)
+                if not first_tag:
+                    first_tag = await amqp.send(fast, payload, ids, confirms)
+            else:
+                each = amqp.publish_each(channel, [_message(i) for i in sent], confirms)
+            await confirms.future
     except TimeoutError:
         failure = TimeoutError()
     except _FAILURES as exc:
         failure = exc
     except asyncio.CancelledError:
         task = asyncio.current_task()
-        if not tracker.future.cancelled() or (task is not None and task.cancelling()):
+        if not confirms.future.cancelled() or (task is not None and task.cancelling()):
             raise  # our caller is cancelled: not ours to turn into an error
         failure = ConnectionResetError("the channel closed")  # it cancelled its futures
     finally:
-        tracker.abandoned = tracker.pending > 0
-        if first_tag:
-            _forget(channel, ids, first_tag, confirmations_too=False)
-    if not refused and tracker.pending == 0 and all(o is _ACK for o in tracker.outcome):
+        confirms.abandoned = confirms.pending > 0
+        if fast is not None and first_tag:
+            amqp.release(fast, ids, first_tag)
+        for task in each:
+            task.cancel()
+    if not refused and confirms.all_acked():
         return
-    raise _unconfirmed(items, sent, refused, tracker, failure, timeout)
+    raise _unconfirmed(items, sent, refused, confirms, failure, timeout)
+
+
+def _message(item: Outgoing) -> tuple[bytes, str, str, Basic.Properties, bool]:
+    mandatory: bool = getattr(item, "mandatory", True)
+    return item.body, item.exchange, item.routing_key, item.properties, mandatory
+
+
+def _no_confirms(item: Outgoing) -> PublishError:
+    return RefusedError(
+        item.job,
+        "not sent: the channel has no publisher confirms (open it with "
+        "publisher_confirms=True, on_return_raises=True)",
+    )
 
 
 def _unencodable(item: Outgoing, exc: Exception) -> PublishError:
@@ -396,58 +365,11 @@ def _unencodable(item: Outgoing, exc: Exception) -> PublishError:
     )
 
 
-def _queue_now(
-    channel: aiormq.Channel,
-    frame: ChannelFrame,
-    ids: list[str],
-    tracker: _Tracker,
-    confirmations: dict[int, Any],
-) -> int:
-    """Allocate tags and queue the batch without the channel lock when that is safe; 0 if not.
-
-    What the lock guarantees (no other publish's tags or frames between ours) holds without it
-    when nobody holds it and the hand-over cannot wait: tags allocated and frames queued with
-    no await in between. The common case in the worker, which sends a small batch every loop
-    turn; the lock costs a coroutine a batch.
-    """
-    queue = channel.write_queue
-    # aiormq's `channel.lock` is its asyncio.Lock plus a closed-channel check.
-    bare_lock: asyncio.Lock | None = getattr(channel, "_Channel__lock", None)
-    if bare_lock is None or bare_lock.locked() or queue.full():
-        return 0
-    if channel.is_closed:  # as `channel.lock` refuses a closed channel
-        raise aiormq.exceptions.ChannelInvalidStateError(f"{channel!r} closed")
-    first_tag = _allocate(channel, ids, tracker, confirmations)
-    queue.put_nowait(frame)
-    return first_tag
-
-
-async def _queue_locked(
-    channel: aiormq.Channel,
-    frame: ChannelFrame,
-    ids: list[str],
-    tracker: _Tracker,
-    confirmations: dict[int, Any],
-) -> int:
-    """Allocate tags and queue the batch under the channel lock, as aiormq's publish does."""
-    async with channel.lock:
-        first_tag = _allocate(channel, ids, tracker, confirmations)
-        try:
-            await channel.write_queue.put(frame)
-        except BaseException:
-            # Not handed to the writer: the broker never saw these tags; give them back
-            # while still holding the lock, as aiormq does for its publishes.
-            channel.delivery_tag -= len(ids)
-            _forget(channel, ids, first_tag)
-            raise
-    return first_tag
-
-
 def _unconfirmed(
     items: Sequence[Outgoing],
     sent: Sequence[Outgoing],
     refused: dict[int, PublishError],
-    tracker: _Tracker,
+    confirms: amqp.Confirms,
     failure: BaseException | None,
     timeout: float | None,
 ) -> BatchPublishError:
@@ -455,50 +377,17 @@ def _unconfirmed(
     marshalled included), and the ids that landed, in batch order."""
     landed: list[str] = []
     errors: dict[str, PublishError] = {}
-    outcomes = iter(zip(sent, tracker.outcome, strict=True))
+    outcomes = iter(zip(sent, confirms.outcome, strict=True))
     for index, item in enumerate(items):
         if index in refused:
             errors[item.job_id] = refused[index]
             continue
         _, outcome = next(outcomes)
-        if outcome is _ACK:
+        if outcome is amqp.ACK:
             landed.append(item.job_id)
         else:
             errors[item.job_id] = _job_error(item, outcome, failure, timeout)
     return BatchPublishError(landed, errors)
-
-
-def _allocate(
-    channel: aiormq.Channel, ids: list[str], tracker: _Tracker, confirmations: dict[int, Any]
-) -> int:
-    """Take the batch's delivery tags as aiormq would and register a slot per tag; the first.
-
-    The caller holds ``channel.lock`` or does not yield before its frames are queued.
-    """
-    first_tag: int = channel.delivery_tag + 1
-    by_id = channel.message_id_delivery_tag
-    for index, message_id in enumerate(ids):
-        confirmations[first_tag + index] = _Slot(tracker, index)
-        by_id[message_id] = first_tag + index
-    channel.delivery_tag += len(ids)
-    return first_tag
-
-
-def _forget(
-    channel: aiormq.Channel, ids: list[str], first_tag: int, confirmations_too: bool = True
-) -> None:
-    """Drop the batch's entries from aiormq's maps (those still pointing at our tags).
-
-    Confirmations stay when the batch was sent: a late ack pops its own entry, and an entry
-    must be there for aiormq to accept an ack (it logs an error for an unknown tag).
-    """
-    by_id = channel.message_id_delivery_tag
-    for index, message_id in enumerate(ids):
-        tag = first_tag + index
-        if by_id.get(message_id) == tag:
-            del by_id[message_id]
-        if confirmations_too:
-            channel.confirmations.pop(tag, None)
 
 
 def _job_error(

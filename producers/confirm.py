@@ -1,9 +1,9 @@
-"""``publish_confirmed``: the one way Leveret hands a message to the broker and knows it landed.
+"""``publish_confirmed``: one message handed to the broker, known to have landed.
 
-The publisher, the worker's outcome copies (retry, dead-letter, give back), DLQ replay and the
-scheduler all need the same guarantee: the message is in a queue, or the caller gets a typed
-error and must assume it is not. Each used to carry its own copy of this with its own timeout
-and its own idea of which exceptions mean what; this is the single copy.
+The publisher, the worker's outcome copies, DLQ replay, the scheduler and cancel broadcasts all
+need the same guarantee: the message is in a queue, or the caller gets a typed error and must
+assume it is not. A single publish is a batch of one (``producers.batch.publish_batch``): one
+implementation, one error mapping; this only unwraps the batch's error into the job's own.
 
 The channel must be an aiormq channel opened with ``publisher_confirms=True`` and
 ``on_return_raises=True`` (aio-pika: ``connection.channel(publisher_confirms=True,
@@ -13,14 +13,26 @@ no queue takes comes back as an error instead of a silent ack.
 
 from __future__ import annotations
 
-import asyncio
+import copy
+import uuid
+from typing import NamedTuple
 
-import aiormq
 import aiormq.abc
 from pamqp.commands import Basic
 
-from .connection import CONNECTION_ERRORS
-from .errors import ConnectionLost, PublishError, PublishTimeout, RefusedError, UnroutableError
+from .batch import BatchPublishError, publish_batch
+
+
+class _One(NamedTuple):
+    """The one item of the batch (what ``publish_batch`` reads of an item)."""
+
+    job: str
+    job_id: str
+    body: bytes
+    properties: Basic.Properties
+    exchange: str
+    routing_key: str
+    mandatory: bool
 
 
 async def publish_confirmed(
@@ -39,40 +51,22 @@ async def publish_confirmed(
     ``job`` names the message in errors (default: its ``type`` property, else the routing key).
     ``timeout`` bounds the whole wait for the confirm (``None``: wait forever); a broker blocked
     by a memory or disk alarm never confirms, and the caller must not hold its work forever.
+    A message without a ``message_id`` is sent with a random one (a return is matched by it).
 
-    Raises ``UnroutableError`` (returned: no queue took it), ``RefusedError`` (nacked),
-    ``PublishTimeout`` (no confirm in time: it may or may not be queued), ``ConnectionLost``
-    (the connection failed mid-publish; also a ``ConnectionError``, so reconnect loops treat it
-    as one) and ``PublishError`` (the exchange does not exist).
+    Raises ``UnroutableError`` (returned: no queue took it), ``RefusedError`` (nacked, or a
+    channel without confirms), ``PublishTimeout`` (no confirm in time: it may or may not be
+    queued), ``ConnectionLost`` (the connection failed mid-publish; also a ``ConnectionError``,
+    so reconnect loops treat it as one), ``InvalidMessageError`` (AMQP cannot carry it) and
+    ``PublishError`` (the exchange does not exist).
     """
     name = job if job is not None else (properties.message_type or routing_key)
+    message_id = properties.message_id
+    if not message_id:  # a copy: the caller's properties may be reused for another message
+        message_id = uuid.uuid4().hex
+        properties = copy.copy(properties)
+        properties.message_id = message_id
+    item = _One(name, message_id, body, properties, exchange, routing_key, mandatory)
     try:
-        async with asyncio.timeout(timeout):
-            confirmation = await channel.basic_publish(
-                body,
-                exchange=exchange,
-                routing_key=routing_key,
-                properties=properties,
-                mandatory=mandatory,
-                # Don't wait for the frame to reach the socket: the confirm comes after it
-                # anyway, and waiting holds aiormq's channel lock through every drain, which
-                # serialises concurrent publishers on one channel.
-                wait=False,
-            )  # type: ignore[call-arg]  # aiormq's AbstractChannel omits the Channel's `wait`
-    except TimeoutError:
-        raise PublishTimeout(name, timeout if timeout is not None else 0.0) from None
-    except aiormq.exceptions.PublishError:
-        raise UnroutableError(name, exchange, routing_key) from None
-    except aiormq.exceptions.ChannelNotFoundEntity:
-        raise PublishError(
-            name,
-            f"exchange {exchange!r} does not exist; run `leveret topology declare APP` "
-            f"or start a worker first",
-        ) from None
-    except aiormq.exceptions.DeliveryError as exc:
-        raise RefusedError(name, str(exc.frame) if exc.frame else "") from None
-    except CONNECTION_ERRORS as exc:
-        raise ConnectionLost(name, type(exc).__name__) from None
-    if not isinstance(confirmation, Basic.Ack):
-        # A nack, a reject or no frame at all (a channel without confirms) is never success.
-        raise RefusedError(name, type(confirmation).__name__)
+        await publish_batch(channel, (item,), timeout=timeout)
+    except BatchPublishError as exc:
+        raise exc.errors[message_id] from None

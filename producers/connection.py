@@ -18,7 +18,6 @@ import asyncio
 import contextlib
 import random
 import ssl
-from collections.abc import Awaitable, Callable
 from typing import Literal, overload
 from urllib.parse import quote
 
@@ -27,9 +26,9 @@ import aiormq
 import structlog
 from aio_pika.abc import AbstractConnection, AbstractRobustConnection
 from aio_pika.connection import make_url
-from aio_pika.robust_connection import RobustConnection
 from yarl import URL
 
+from .amqp import ReconnectHook
 from .errors import BrokerUnavailable
 from .settings import ConnectionSettings
 
@@ -252,17 +251,15 @@ def _vhost_and_user(url: str) -> tuple[str, str]:
     return parsed.path[1:] or "/", parsed.user or "guest"
 
 
-class FailoverRobustConnection(RobustConnection):
+class FailoverRobustConnection(ReconnectHook):
     """aio-pika's robust connection, reconnecting to the next node of a list each attempt.
 
     aio-pika reconnects to the one URL it was given (its issue #141; a multi-host class was
     proposed in its PR #680 and not merged), so a publisher whose node is stopped would retry
     that node until it came back. Here every transport attempt after the first moves ``url`` on
-    to the next node, round robin: after a drop the first retry already goes elsewhere.
-
-    The hook is aio-pika's private ``__connect_transport`` (name-mangled), the one place every
-    attempt, first or reconnect, passes through; ``tests/producers/test_multi_url.py`` fails if
-    a new aio-pika renames it.
+    to the next node, round robin: after a drop the first retry already goes elsewhere. The
+    per-attempt hook reaches into aio-pika, so it lives in ``producers.amqp``;
+    ``tests/producers/test_multi_url.py`` fails if a new aio-pika loses it.
     """
 
     def __init__(self, urls: list[str], start: int, key: str, **kwargs: object) -> None:
@@ -272,24 +269,16 @@ class FailoverRobustConnection(RobustConnection):
         self._key = key
         self._attempts = 0
 
-    async def _RobustConnection__connect_transport(self) -> None:
+    def before_attempt(self) -> None:
         if self._attempts:
             self._index = (self._index + 1) % len(self._urls)
             self.url = make_url(self._urls[self._index])
         self._attempts += 1
-        await _connect_transport(self)
+
+    def after_attempt(self) -> None:
         _connected[self._key] = self._urls[self._index]
         if self._attempts > 1:
             log.info("broker_reconnected", node=mask_url(self._urls[self._index]))
-
-
-# aio-pika's own attempt, which the override above wraps (only ever called when it exists).
-_connect_transport: Callable[[RobustConnection], Awaitable[None]] = getattr(
-    RobustConnection, "_RobustConnection__connect_transport", aio_pika.Connection.connect
-)
-# aio-pika >= 10.2 has the hook (pyproject's floor); tests/producers/test_multi_url.py fails if a
-# later release renames it. Nothing is logged at import: a module-level line would reach stdout
-# before the CLI configures logging and corrupt `topology export`'s JSON.
 
 
 def _order(count: int) -> list[int]:
