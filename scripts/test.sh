@@ -19,10 +19,17 @@ say "ruff"
 say "mypy --strict"
 .venv/bin/mypy -p leveret
 
-# 2. The dependency floors: part of the suite against the lowest versions pyproject allows.
+# 2. The documentation site (mkdocs.yml; the `docs` dependency group): docs/ built with
+#    --strict, so a link to a missing page or anchor fails the run. Never with -q: mkdocs' quiet
+#    mode hides the warnings from --strict's count and lets a broken link through.
+ensure_venv docs
+say "mkdocs build --strict (the docs site, into build/site)"
+NO_MKDOCS_2_WARNING=1 .venv/bin/mkdocs build --strict
+
+# 3. The dependency floors: part of the suite against the lowest versions pyproject allows.
 say "pytest on the dependency floors (.ci/floors.txt)"
 bash "$ROOT/scripts/floors.sh" -q
 
-# 3. The whole suite on the current dependencies (last: its exit code is the run's).
+# 4. The whole suite on the current dependencies (last: its exit code is the run's).
 say "pytest"
 exec .venv/bin/python -m pytest "$@"
