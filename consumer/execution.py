@@ -21,6 +21,7 @@ import inspect
 from collections.abc import Sequence
 from typing import Any
 
+from .cancellation import Cancellation
 from .context import JobContext
 from .jobscope import RESOLVED, JobScope
 from .limited import RateLimited
@@ -101,6 +102,7 @@ def build_chain(
     resources: Resources | None = None,
     rate_limited: RateLimited | None = None,
     tracing: Middleware | None = None,
+    cancellation: Cancellation | None = None,
 ) -> CallNext:
     """The chain of one job, in the order the ``middleware`` module docstring shows.
 
@@ -111,6 +113,8 @@ def build_chain(
     """
     plan = plan if plan is not None else (resources or Resources()).plan(spec.fn, spec.name)
     layers: list[Middleware] = [log_context]
+    if cancellation is not None:
+        layers.append(cancellation.layer(spec))
     if rate_limited is not None:
         layers.append(rate_limited)
     if tracing is not None:

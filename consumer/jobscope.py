@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextvars
 from typing import TYPE_CHECKING, Any
 
-from .resources import Plan, Resources, _close_all, open_job
+from .resources import Plan, Resources
 
 if TYPE_CHECKING:
     from .context import JobContext
@@ -29,9 +29,8 @@ class JobScope:
     they are closed in reverse order, the run's exception thrown into generator resources (so a
     transaction rolls back), a failing close logged and counted without changing the outcome.
 
-    Without test overrides the layer drives ``resources.open_job`` (the steps ``job_scope``
-    takes) directly, with no scope object and no ``__aenter__``/``__aexit__`` frames, at about
-    half the scope's cost per job; with overrides it goes through ``job_scope``.
+    It drives ``Resources.open_for_job``, the resources' public way to open one run's
+    job-scoped resources and close them after.
     """
 
     __slots__ = ("_plan", "_resources")
@@ -41,31 +40,14 @@ class JobScope:
         self._plan = plan
 
     async def __call__(self, ctx: JobContext, call_next: CallNext) -> Any:
-        r = self._resources
-        if r._overrides:
-            async with r.job_scope(self._plan, ctx) as kwargs:
-                token = RESOLVED.set(kwargs)
-                try:
-                    return await call_next(ctx)
-                finally:
-                    RESOLVED.reset(token)
-        exits: list[tuple[str, tuple[str, Any]]] = []
-        try:
-            kwargs = await open_job(r, self._plan, ctx, exits)
-        except BaseException as failure:
-            await _close_all(
-                exits, type(failure), failure, failure.__traceback__, r._close_failures, "job"
-            )
-            raise
-        token = RESOLVED.set(kwargs)
+        opened = await self._resources.open_for_job(self._plan, ctx)
+        token = RESOLVED.set(opened.kwargs)
         try:
             result = await call_next(ctx)
         except BaseException as failure:
             RESOLVED.reset(token)
-            await _close_all(
-                exits, type(failure), failure, failure.__traceback__, r._close_failures, "job"
-            )
+            await opened.close(failure)
             raise
         RESOLVED.reset(token)
-        await _close_all(exits, None, None, None, r._close_failures, "job")
+        await opened.close(None)
         return result

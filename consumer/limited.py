@@ -12,24 +12,12 @@ import random
 import time
 from typing import TYPE_CHECKING, Any, Protocol
 
+from .outcomes import Postponed
 from .ratelimit import LimiterUnavailable, LocalLimiter, Rate
 
 if TYPE_CHECKING:
     from .context import JobContext
     from .middleware import CallNext
-
-
-class Postponed(Exception):
-    """The job may not start before its rate limit allows: give it back for ``delay_s``.
-
-    Raised by ``RateLimited`` before anything ran; the pipeline hands it to settle
-    (``Settler.postpone``), which puts a copy with the *same* attempt count into the delay
-    chain, confirmed before the ack. Not a failure: no attempt burns, nothing is counted as run.
-    """
-
-    def __init__(self, delay_s: float, limit: Rate, why: str = "reached") -> None:
-        super().__init__(f"rate limit {limit} {why}; back in {delay_s:.3f} s")
-        self.delay_s = delay_s
 
 
 class _Limiter(Protocol):
@@ -97,13 +85,15 @@ class RateLimited:
             try:
                 await self._admit_global(limiter)
             except LimiterUnavailable as exc:
-                raise Postponed(exc.retry_in, limiter.rate, "unavailable") from None
+                raise Postponed(exc.retry_in, f"rate limit {limiter.rate} unavailable") from None
         return await call_next(ctx)
 
     async def _admit_global(self, limiter: GlobalLimiter) -> None:
         blocked = self._blocked_until - time.monotonic()
         if blocked > 0 and (blocked > self._max_hold or self._waiting >= self._max_waiting):
-            raise Postponed(self._spread(blocked, limiter.rate), limiter.rate)
+            raise Postponed(
+                self._spread(blocked, limiter.rate), f"rate limit {limiter.rate} reached"
+            )
         wait = await limiter.try_acquire()
         if wait:
             self._blocked_until = time.monotonic() + wait
@@ -111,7 +101,7 @@ class RateLimited:
 
     async def _wait_or_postpone(self, limiter: _Limiter, wait: float) -> None:
         if wait > self._max_hold or self._waiting >= self._max_waiting:
-            raise Postponed(self._spread(wait, limiter.rate), limiter.rate)
+            raise Postponed(self._spread(wait, limiter.rate), f"rate limit {limiter.rate} reached")
         self._waiting += 1
         try:
             await limiter.acquire()

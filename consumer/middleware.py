@@ -10,6 +10,9 @@ middleware raises or lets through is the run's outcome, exactly as if the handle
 The chain of one job, outermost first (layers in brackets exist only for jobs that need them)::
 
     log_context        binds job_id/job/queue/attempt for every log line of the delivery
+    [Cancellation]     with a status store: a cancelled job is not run, a running
+                       ``cancellable=True`` one is cancelled, a cancelled job's failure is not
+                       retried (``Cancelled``; ``leveret.consumer.cancellation``)
     [RateLimited]      ``rate_limit=``/``global_rate_limit=``: waits for a start, or gives the
                        job back (``Postponed``) before anything started, so no attempt burns
                        (``leveret.consumer.limited``)
@@ -27,7 +30,9 @@ The chain is composed once per job when the worker starts (``build_chain``), nev
 each layer is the middleware with its ``call_next`` already bound (``functools.partial``), so a
 run costs one coroutine per layer and no closures.
 
-Built-in layers are ordered in one place, ``execution.build_chain``. Seams:
+Built-in layers are ordered in one place, ``execution.build_chain``. A layer that decides the
+run's outcome itself raises a ``DecidedOutcome`` (``Postponed``, ``Cancelled``: ``outcomes``),
+which settle carries out; a user's middleware may raise them too. Seams:
 
 * results: the handler's return value already comes back through every layer to the pipeline,
   which hands it to settle (``Settler.succeeded(..., result)``) for a ``succeeded`` event;

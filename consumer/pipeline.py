@@ -16,15 +16,9 @@ Whatever escapes that (a copy not confirmed, a failing log sink) still leaves th
 exactly one outcome: it is given back after a backoff (``Settler.give_back_later``). A
 cancellation (shutdown grace over, or the session lost) gives it back unburnt.
 
-Cancelled jobs (``producers.cancel``): with a status store the session binds ``cancelled_ids``
-(``CancelWatch.ids``) and every delivery is checked against it before anything else is done
-with it, so a job cancelled while queued, delayed or waiting for a retry is acked with its
-``cancelled`` event and never runs, on this worker or one started later. The check is one dict
-lookup, and the only cost on the hot path when nothing is cancelled (see
-``tests/api/test_worker_cancel.py::test_cancel_check_costs_nothing_measurable``). A running
-job registered ``cancellable=True`` is kept in ``_running`` while its chain runs, and a broadcast
-cancel (``cancel_running``) cancels its task: the handler sees ``CancelledError`` and the job
-ends ``cancelled``, neither retried nor given back.
+Features that decide a run's outcome themselves (cancellation, rate limits) are layers of the
+chain and raise a ``DecidedOutcome`` (``outcomes``), which this module hands to its ``settle``
+like any other outcome: the delivery path has no special case per feature.
 """
 
 from __future__ import annotations
@@ -45,12 +39,14 @@ from pydantic import ValidationError
 from leveret.producers.message import HEADER_PUBLISHED_AT, OWN_HEADERS, one_line
 
 from . import execution
+from .cancellation import Cancellation
 from .context import JobContext
 from .delivery import Delivery
-from .limited import Postponed, RateLimited
+from .limited import RateLimited
 from .metrics import UNKNOWN_JOB, WorkerMetrics
 from .middleware import CallNext, JobMetrics, Middleware
 from .outbox import CopyInvalid
+from .outcomes import DecidedOutcome
 from .redelivery import RedeliveryGuard
 from .registry import JobSpec, Registry
 from .resources import Plan, Resources
@@ -114,12 +110,8 @@ class Pipeline:
     settling: set[asyncio.Task[Any]] = field(default_factory=set)
     # job name -> its queue-wait histogram child, resolved once.
     _waits: dict[str, Histogram] = field(default_factory=dict)
-    # Cancelled job ids (``CancelWatch.ids``; bound by the session with a status store).
-    cancelled_ids: Mapping[str, object] = field(default_factory=dict)
-    # job id -> the run of a ``cancellable=True`` job now in its chain; and those whose
-    # cancel was asked for (``cancel_running``), until their task has handled it.
-    _running: dict[str, _Running] = field(default_factory=dict)
-    _cancelling: dict[str, _Running] = field(default_factory=dict)
+    # The chain's cancellation layer (with a status store): its ids, its cancel callback.
+    cancellation: Cancellation | None = None
     # With several queues, at most this many deliveries are processed at once (the worker's
     # prefetch; each queue's consumer may hold that many): ``limit_running``.
     _slots: asyncio.Semaphore | None = None
@@ -147,6 +139,7 @@ class Pipeline:
         plans: dict[str, Plan] | None = None,
         limits: dict[str, RateLimited] | None = None,
         tracing: Middleware | None = None,
+        cancellation: Cancellation | None = None,
     ) -> Pipeline:
         """One chain per job, composed now so no message pays for it."""
         chains = {}
@@ -165,10 +158,18 @@ class Pipeline:
                 resources=resources,
                 rate_limited=limits.get(spec.name),
                 tracing=tracing,
+                cancellation=cancellation,
             )
         guard = RedeliveryGuard(settings.max_redeliveries)
         return cls(
-            registry.jobs, chains, guard, settings.max_body_bytes, sleep, stopping, _waits=waits
+            registry.jobs,
+            chains,
+            guard,
+            settings.max_body_bytes,
+            sleep,
+            stopping,
+            _waits=waits,
+            cancellation=cancellation,
         )
 
     async def on_message(
@@ -191,14 +192,6 @@ class Pipeline:
                     async with self._slots:
                         await self._process(d, settler)
             except asyncio.CancelledError:
-                run = self._cancelling.pop(d.job_id, None)
-                if run is not None and run.task is task and task.uncancel() == 0:
-                    # Cancelled by a user (cancel_running), not by a shutdown.
-                    if not lost.is_set() and not settler.acker.closed:
-                        duration = time.perf_counter() - run.started
-                        error = "CancelledError: cancelled by request"
-                        await settler.cancelled(d, d.name, run.attempt, duration, error)
-                    return
                 await self._cancelled(d, settler, lost)
             except Exception as exc:
                 await self._escaped(d, settler, lost, exc)
@@ -216,8 +209,6 @@ class Pipeline:
         if spec is None:
             why = f"no handler for job {d.name!r} on queue {d.queue!r}"
             return await settler.dead_without_run(d, UNKNOWN_JOB, "unknown_job", why, d.attempts)
-        if d.job_id in self.cancelled_ids:  # cancelled before this delivery: never runs
-            return await settler.cancelled(d, spec.name, d.attempts)
         await self._guard.wait_if_counting(d.job_id)
         if d.redelivered:  # counted and put back, or dead-lettered: it runs from its copy
             return await self._guard.settle(d, settler, spec.name)
@@ -229,12 +220,7 @@ class Pipeline:
             )
         ctx = self._context(d, spec, payload, settler)
         started = time.perf_counter()
-        if not spec.cancellable:
-            result, error = await execution.run(self._chains[spec.name], ctx)
-        elif d.job_id in self.cancelled_ids:  # cancelled during the awaits above
-            return await settler.cancelled(d, spec.name, d.attempts)
-        else:
-            result, error = await self._run_cancellable(spec, ctx, started)
+        result, error = await execution.run(self._chains[spec.name], ctx)
         duration = time.perf_counter() - started
         self.settling.add(asyncio.current_task())  # type: ignore[arg-type]
         if error is None:
@@ -243,8 +229,8 @@ class Pipeline:
             )
         if ctx.follow_ups:  # never published: free the keys they claimed
             settler.release_follow_ups(ctx.follow_ups)
-        if type(error) is Postponed:  # its rate limit: back later, same attempt, nothing ran
-            return await settler.postpone(d, error.delay_s)
+        if isinstance(error, DecidedOutcome):  # a layer decided it (outcomes)
+            return await error.settle(settler, d, spec.name, ctx.attempt, duration)
         return await settler.failed(d, spec, ctx.attempt, error, duration)
 
     def _context(self, d: Delivery, spec: JobSpec, payload: Any, settler: Settler) -> JobContext:
@@ -269,27 +255,6 @@ class Pipeline:
             if wait is not None:
                 self._waits[spec.name].observe(wait)
         return ctx
-
-    async def _run_cancellable(
-        self, spec: JobSpec, ctx: JobContext, started: float
-    ) -> tuple[Any, BaseException | None]:
-        """Run the chain with the task findable by ``cancel_running`` while it runs."""
-        task = asyncio.current_task()
-        assert task is not None
-        self._running[ctx.job_id] = _Running(task, started, ctx.attempt)
-        try:
-            return await execution.run(self._chains[spec.name], ctx)
-        finally:
-            self._running.pop(ctx.job_id, None)
-
-    def cancel_running(self, job_id: str) -> None:
-        """``CancelWatch.on_cancel``: cancel the task of a running ``cancellable=True`` job
-        (a job not running here, or not cancellable, is left alone: the id is in
-        ``cancelled_ids`` and its next delivery, if any, is refused)."""
-        run = self._running.pop(job_id, None)
-        if run is not None:
-            self._cancelling[job_id] = run
-            run.task.cancel()
 
     async def _cancelled(self, d: Delivery, settler: Settler, lost: asyncio.Event) -> None:
         """Shutdown grace ran out: give the job back unburnt. Cancelled because the channel
@@ -350,12 +315,3 @@ def _log_assigned_id(d: Delivery) -> None:
             queue=d.queue,
             reason="message arrived without message_id",
         )
-
-
-@dataclass(frozen=True, slots=True)
-class _Running:
-    """A ``cancellable=True`` run: its task, when it started, which attempt it is."""
-
-    task: asyncio.Task[Any]
-    started: float
-    attempt: int

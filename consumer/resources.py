@@ -373,6 +373,24 @@ class Resources:
 
     # -- job scope ---------------------------------------------------------------------------
 
+    async def open_for_job(self, plan: Plan, ctx: JobContext) -> OpenJob:
+        """Open ``plan``'s job-scoped resources for one run: the handler's arguments and how to
+        close what opened (``OpenJob.close``), what the chain's ``JobScope`` layer drives. With
+        test overrides it resolves on demand (``job_scope``); otherwise it runs the opening
+        steps directly, with no scope object and no context-manager frames."""
+        if self._overrides:
+            scope = self.job_scope(plan, ctx)
+            return OpenJob(await scope.__aenter__(), scope=scope)
+        exits: list[tuple[str, tuple[str, Any]]] = []
+        try:
+            kwargs = await open_job(self, plan, ctx, exits)
+        except BaseException as failure:
+            await _close_all(
+                exits, type(failure), failure, failure.__traceback__, self._close_failures, "job"
+            )
+            raise
+        return OpenJob(kwargs, exits=exits, failures=self._close_failures)
+
     def job_scope(
         self, plan: Plan, ctx: JobContext, overrides: Mapping[Any, Any] | None = None
     ) -> _JobScope:
@@ -523,6 +541,36 @@ class _ProcessScope:
     ) -> None:
         await self._r._close_process()
         self._r._overrides = {}
+
+
+class OpenJob:
+    """One run's opened job resources: ``kwargs`` for the handler, ``close(failure)`` after it
+    (in reverse order, the run's exception thrown into generators, failures logged and counted
+    without changing the outcome)."""
+
+    __slots__ = ("_exits", "_failures", "_scope", "kwargs")
+
+    def __init__(
+        self,
+        kwargs: dict[str, Any],
+        *,
+        exits: list[tuple[str, tuple[str, Any]]] | None = None,
+        failures: Counter | None = None,
+        scope: _JobScope | None = None,
+    ) -> None:
+        self.kwargs = kwargs
+        self._exits = exits
+        self._failures = failures
+        self._scope = scope
+
+    async def close(self, failure: BaseException | None) -> None:
+        exc_type = type(failure) if failure is not None else None
+        tb = failure.__traceback__ if failure is not None else None
+        if self._scope is not None:
+            await self._scope.__aexit__(exc_type, failure, tb)
+        elif self._exits:
+            assert self._failures is not None
+            await _close_all(self._exits, exc_type, failure, tb, self._failures, "job")
 
 
 class _JobScope:

@@ -37,6 +37,7 @@ from leveret.topology.declare import declare
 from leveret.topology.model import Topology
 
 from .acker import Acker
+from .cancellation import Cancellation
 from .metrics import Outcomes
 from .pipeline import Pipeline
 from .settings import WorkerSettings
@@ -77,6 +78,8 @@ class Plan:
     # ``ctx.enqueue(..., dedup_key=…)``, on the same Redis.
     cancel_marks: CancelMarks | None = None
     dedup: DedupStore | None = None
+    # The chain's cancellation layer (with a status store), whose ids each CancelWatch fills.
+    cancellation: Cancellation | None = None
 
 
 class Session:
@@ -142,18 +145,19 @@ class Session:
     async def _start_cancel_watch(self) -> None:
         """With a status store: the cancel watch."""
         plan, settings = self.plan, self.plan.settings
-        if plan.cancel_marks is not None:
+        if plan.cancel_marks is not None and plan.cancellation is not None:
             # Before consuming: the marks are loaded, so a job cancelled while no worker ran
             # is refused from the first delivery.
+            # It fills the chain's cancellation layer's ids (the worker's, outliving sessions).
             self.watch = CancelWatch(
                 self.connection,
                 plan.cancel_marks,
                 exchange=settings.exchange,
                 ttl=settings.status_ttl,
-                on_cancel=plan.pipeline.cancel_running,
+                on_cancel=plan.cancellation.cancel,
+                ids=plan.cancellation.ids,
             )
             await self.watch.start()
-            plan.pipeline.cancelled_ids = self.settler.cancelled_ids = self.watch.ids
 
     async def serve(self, stopping: asyncio.Event) -> None:
         """Wait until the session is lost or a stop is asked for, then wind it down."""

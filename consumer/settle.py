@@ -119,9 +119,6 @@ class Settler:
         self.outcomes = outcomes
         self._failures = failures
         self._exchange = exchange
-        # The ids cancelled (``CancelWatch.ids``, bound by the session when the worker has a
-        # status store): a failed run of one of these ends ``cancelled`` instead of retrying.
-        self.cancelled_ids: Mapping[str, object] = {}
         self.outbox = Outbox(publish_channel, timeout_s)
         self._confirm = self.outbox.confirm
         # Which events this worker publishes, decided once (LEVERET_EVENTS), not per message.
@@ -193,9 +190,6 @@ class Settler:
             )
             if not rejected:
                 log.debug("job_traceback", exc_info=error)
-            return
-        if d.job_id in self.cancelled_ids:  # cancelled while it ran: not run again
-            await self.cancelled(d, spec.name, attempt, duration, described)
             return
         delay = _retry_delay(spec, attempt, error, described)
         headers = carried_headers(d.properties)

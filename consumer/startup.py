@@ -29,6 +29,7 @@ from pydantic import SecretStr
 
 from leveret.producers.connection import connect, mask_url
 
+from .cancellation import Cancellation
 from .dlq_depth import DlqDepthRefresher
 from .health import HealthServer
 from .limited import RateLimited
@@ -56,6 +57,7 @@ def pipeline(
     limits: dict[str, RateLimited],
     sleep: Callable[[float], Awaitable[None]],
     stopping: asyncio.Event,
+    cancellation: Cancellation | None,
 ) -> Pipeline:
     """The worker's pipeline: one chain per job, composed now so no message pays for it."""
     from .tracing import tracing_layer
@@ -72,6 +74,7 @@ def pipeline(
         plans=worker.plans,
         limits=limits,
         tracing=tracing_layer(),
+        cancellation=cancellation,
     )
 
 
@@ -101,6 +104,7 @@ def session_plan(
         pipeline,
         on_lost,
         status=status,
+        cancellation=pipeline.cancellation,
         **cancel_and_dedup(status_store),
     )
 
@@ -132,18 +136,13 @@ def open_status_store(settings: WorkerSettings) -> StatusStore | None:
 
 def cancel_and_dedup(store: StatusStore | None) -> dict[str, Any]:
     """Cancel marks and de-duplication claims on the status store's Redis client (one client
-    per worker process); nothing without a Redis status store."""
-    from leveret.producers.status import RedisStatusStore
+    per worker process, ``Stores``); nothing without a Redis status store."""
+    from leveret.producers.stores import Stores
 
-    if not isinstance(store, RedisStatusStore):
+    stores = Stores.of(store)
+    if stores is None:
         return {}
-    from leveret.producers.cancel import RedisCancelMarks
-    from leveret.producers.dedup import DedupStore
-
-    return {
-        "cancel_marks": RedisCancelMarks(store.client, ttl=store.ttl),
-        "dedup": DedupStore(store.client, ttl=store.ttl),
-    }
+    return {"cancel_marks": stores.marks, "dedup": stores.dedup}
 
 
 def global_limiters(settings: WorkerSettings) -> GlobalLimiters:

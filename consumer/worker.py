@@ -49,6 +49,7 @@ from prometheus_client import CollectorRegistry
 from leveret.topology.model import Topology
 
 from . import startup
+from .cancellation import Cancellation
 from .metrics import Outcomes, WorkerMetrics
 from .middleware import Middleware, check_middleware
 from .pipeline import Pipeline
@@ -227,7 +228,9 @@ class Worker:
         limiters.on_stalled = functools.partial(self._readiness.stall, "rate_limit_store")
         limits = startup.rate_limits(self.jobs, limiters, share)
         sleep = self._sleep_unless_stopped
-        self._pipeline = startup.pipeline(self, threads, limits, sleep, stopping)
+        # Cancellation exists where the status store does (its marks live there).
+        cancellation = Cancellation() if self.settings.status_url is not None else None
+        self._pipeline = startup.pipeline(self, threads, limits, sleep, stopping, cancellation)
         if len(queues) > 1:
             self._pipeline.limit_running(prefetch)
         not_ready = functools.partial(self._readiness.set_connected, False)

@@ -54,11 +54,19 @@ from leveret.topology.model import cancel_exchange_name
 from .confirm import publish_confirmed
 from .connection import mask_url
 from .lifecycle_settings import DEFAULT_STATUS_TTL
-from .status import JobStatus, StatusStore, StatusStoreUnavailable
+from .redis import (
+    DEFAULT_CANCEL_PREFIX,
+    DEFAULT_TIMEOUT_S,
+    StatusStoreUnavailable,
+    redis_client,
+    redis_errors,
+)
+from .status import JobStatus, StatusStore
 
 log = structlog.get_logger("leveret.cancel")
 
-DEFAULT_PREFIX: Final = "leveret:cancel:"
+# The status store's script clears marks under this prefix (a revive): one constant for both.
+DEFAULT_PREFIX: Final = DEFAULT_CANCEL_PREFIX
 DEFAULT_MAX_IDS: Final = 100_000
 
 
@@ -136,39 +144,30 @@ class RedisCancelMarks(CancelMarks):
         self.client = client
         self.ttl = ttl
         self.prefix = prefix
-        self._where = mask_url(url)
+        self._where = f"cancel marks at {mask_url(url)}"
 
     @classmethod
     def from_url(
-        cls, url: str, *, ttl: int = DEFAULT_STATUS_TTL, prefix: str = DEFAULT_PREFIX
+        cls,
+        url: str,
+        *,
+        ttl: int = DEFAULT_STATUS_TTL,
+        prefix: str = DEFAULT_PREFIX,
+        timeout: float = DEFAULT_TIMEOUT_S,
     ) -> RedisCancelMarks:
-        from .status import RedisStatusStore
-
-        return cls(RedisStatusStore.from_url(url, ttl=ttl).client, ttl=ttl, prefix=prefix, url=url)
-
-    def _unavailable(self, what: str, exc: BaseException) -> StatusStoreUnavailable:
-        return StatusStoreUnavailable(
-            f"cancel marks at {self._where}: {what} failed: {type(exc).__name__}: {exc}"
-        )
+        """Marks on their own client (``redis_client``: bounded timeouts, one quick retry)."""
+        return cls(redis_client(url, timeout=timeout), ttl=ttl, prefix=prefix, url=url)
 
     async def mark(self, job_id: str) -> None:
-        from redis.exceptions import RedisError
-
-        try:
+        with redis_errors(self._where, "mark"):
             await self.client.set(self.prefix + job_id, "1", ex=self.ttl)
-        except (RedisError, OSError) as exc:
-            raise self._unavailable("mark", exc) from None
 
     async def pending(self) -> AsyncIterator[str]:
-        from redis.exceptions import RedisError
-
         cut = len(self.prefix)
-        try:
+        with redis_errors(self._where, "scan"):
             async for key in self.client.scan_iter(match=self.prefix + "*", count=1000):
                 text = key.decode() if isinstance(key, bytes) else str(key)
                 yield text[cut:]
-        except (RedisError, OSError) as exc:
-            raise self._unavailable("scan", exc) from None
 
     async def close(self) -> None:
         await self.client.aclose()
@@ -255,7 +254,10 @@ class CancelWatch:
         ttl: float | None = None,
         max_ids: int = DEFAULT_MAX_IDS,
         on_cancel: Callable[[str], None] | None = None,
+        ids: OrderedDict[str, float] | None = None,
     ) -> None:
+        """``ids``: the mapping to keep the cancelled ids in (the worker's chain layer reads
+        it; it outlives this watch across reconnects), else a new one."""
         self.connection = connection
         self.marks = marks
         self.exchange = exchange
@@ -263,7 +265,7 @@ class CancelWatch:
         self.max_ids = max_ids
         self.on_cancel = on_cancel
         # id -> monotonic time added; insertion order is age order (one TTL for all).
-        self._ids: OrderedDict[str, float] = OrderedDict()
+        self._ids: OrderedDict[str, float] = ids if ids is not None else OrderedDict()
         self.dropped = 0  # ids dropped to stay under max_ids (each is logged)
         self._channel: AbstractChannel | None = None
         self._queue: AbstractQueue | None = None

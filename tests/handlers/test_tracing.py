@@ -69,7 +69,7 @@ async def test_spans_continue_the_published_trace_across_retries_and_chains(
         s
         for s in exporter.get_finished_spans()
         if s.attributes["messaging.destination.name"] == queue
-    ]  # type: ignore[index]  # noqa: E501
+    ]  # type: ignore[index]
     assert len(spans) == 3
     for span in spans:
         assert span.name == f"{queue} process"
