@@ -75,6 +75,7 @@ from aio_pika.abc import AbstractChannel, AbstractConnection
 from pamqp.commands import Basic
 
 from leveret.consumer.errors import ConfigError
+from leveret.producers.redis import DEFAULT_RATELIMIT_PREFIX, redis_client
 
 log = structlog.get_logger("leveret.ratelimit")
 
@@ -186,7 +187,7 @@ class RedisLimiter:
         redis: Any,  # redis.asyncio.Redis
         key: str,
         rate: Rate | str,
-        prefix: str = "leveret:ratelimit:",
+        prefix: str = DEFAULT_RATELIMIT_PREFIX,
     ) -> None:
         self.rate = parse_rate(rate) if isinstance(rate, str) else rate
         self.key = f"{prefix}{key}"
@@ -610,24 +611,15 @@ class GlobalLimiters:
 
     def _client(self) -> Any:
         if self._redis is None:
-            import redis.asyncio
-            from redis.asyncio.retry import Retry
-            from redis.backoff import ExponentialBackoff
-
             assert self._redis_url is not None
-            self._redis = redis.asyncio.from_url(
-                self._redis_url,
-                socket_timeout=self._timeout,
-                socket_connect_timeout=self._timeout,
-                retry=Retry(ExponentialBackoff(cap=0.2, base=0.05), 1),
-            )
+            self._redis = redis_client(self._redis_url, timeout=self._timeout)
         return self._redis
 
     async def _make(self, job: str, rate: Rate) -> RedisLimiter | BrokerLimiter:
         limiter: RedisLimiter | BrokerLimiter
         if self._redis_url:
             limiter = RedisLimiter(
-                self._client(), job, rate, prefix=f"leveret:ratelimit:{self._exchange}:"
+                self._client(), job, rate, prefix=f"{DEFAULT_RATELIMIT_PREFIX}{self._exchange}:"
             )
         else:
             if self._connection is None:

@@ -57,12 +57,19 @@ from leveret.topology.errors import InvalidValueError
 from .connection import mask_url
 from .errors import PublishError
 from .lifecycle_settings import DEFAULT_STATUS_TTL
-from .status import StatusStoreError, StatusStoreUnavailable
+from .redis import (
+    DEFAULT_DEDUP_PREFIX,
+    DEFAULT_TIMEOUT_S,
+    StatusStoreError,
+    redis_call,
+    redis_client,
+)
 
 log = structlog.get_logger("leveret.dedup")
 
 HEADER_DEDUP_KEY: Final = "x-dedup-key"
-DEFAULT_PREFIX: Final = "leveret:"
+# The status store's script frees claims under this prefix: one constant for both.
+DEFAULT_PREFIX: Final = DEFAULT_DEDUP_PREFIX
 # Covers a publish (default timeout 30 s) with room to spare; see the module docstring.
 PENDING_TTL: Final = 60
 MAX_KEY_LENGTH: Final = 512
@@ -154,7 +161,7 @@ class DedupStore:
         self.ttl = ttl
         self.prefix = prefix
         self.pending_ttl = pending_ttl
-        self._where = mask_url(url)
+        self._where = f"de-duplication store at {mask_url(url)}"
         self._claim = client.register_script(_CLAIM_LUA)
         self._extend = client.register_script(_EXTEND_LUA)
         self._release = client.register_script(_RELEASE_LUA)
@@ -162,13 +169,15 @@ class DedupStore:
 
     @classmethod
     def from_url(
-        cls, url: str, *, ttl: int = DEFAULT_STATUS_TTL, prefix: str = DEFAULT_PREFIX
+        cls,
+        url: str,
+        *,
+        ttl: int = DEFAULT_STATUS_TTL,
+        prefix: str = DEFAULT_PREFIX,
+        timeout: float = DEFAULT_TIMEOUT_S,
     ) -> DedupStore:
-        from .status import RedisStatusStore
-
-        # The same bounded-timeout client the status store builds.
-        client = RedisStatusStore.from_url(url, ttl=ttl).client
-        return cls(client, ttl=ttl, prefix=prefix, url=url)
+        """Claims on their own client (``redis_client``: bounded timeouts, one quick retry)."""
+        return cls(redis_client(url, timeout=timeout), ttl=ttl, prefix=prefix, url=url)
 
     def claim_key(self, key: str) -> str:
         return f"{self.prefix}dedup:{key}"
@@ -177,14 +186,7 @@ class DedupStore:
         return f"{self.prefix}dedup-job:{job_id}"
 
     async def _call(self, what: str, coro: Awaitable[Any]) -> Any:
-        from redis.exceptions import RedisError
-
-        try:
-            return await coro
-        except (RedisError, OSError) as exc:
-            raise StatusStoreUnavailable(
-                f"de-duplication store at {self._where}: {what} failed: {type(exc).__name__}: {exc}"
-            ) from None
+        return await redis_call(self._where, what, coro)
 
     async def claim(self, key: str, job_id: str) -> str | None:
         """Claim ``key`` for ``job_id``: ``None`` if won, else the id of the job holding it."""

@@ -55,7 +55,7 @@ from leveret.topology.errors import InvalidDelayError
 from leveret.topology.model import check_name
 
 from .batch import BatchPublishError, publish_batch
-from .cancel import CancelMarks, RedisCancelMarks, broadcast_cancel, cancel_exchange, request_cancel
+from .cancel import CancelMarks, broadcast_cancel, cancel_exchange, request_cancel
 from .confirm import publish_confirmed
 from .connection import connect, mask_url
 from .dedup import (
@@ -77,6 +77,7 @@ from .message import (
 from .metrics import published_counter
 from .settings import ConnectionSettings
 from .status import JobStatus, StatusStore, StatusStoreError, StatusStoreUnavailable, wait_result
+from .stores import Stores
 
 log = structlog.get_logger("leveret.publisher")
 
@@ -306,12 +307,10 @@ class Publisher:
 
     def _dedup_store(self) -> DedupStore:
         if self._dedup is None:
-            from .status import RedisStatusStore
-
-            store = self._status_store
-            if not isinstance(store, RedisStatusStore):
+            stores = Stores.of(self._status_store)
+            if stores is None:
                 raise DedupUnavailableError()
-            self._dedup = DedupStore(store.client, ttl=store.ttl)
+            self._dedup = stores.dedup
         return self._dedup
 
     async def cancel(self, job_id: str) -> JobStatus:
@@ -324,11 +323,10 @@ class Publisher:
         """
         store = self._store()
         if self._marks is None:
-            from .status import RedisStatusStore
-
-            if not isinstance(store, RedisStatusStore):
+            stores = Stores.of(store)
+            if stores is None:
                 raise StatusStoreError("cancel needs a Redis status store (LEVERET_STATUS_URL)")
-            self._marks = RedisCancelMarks(store.client, ttl=store.ttl)
+            self._marks = stores.marks
         return await request_cancel(store, self._marks, job_id, self._broadcast_cancel)
 
     async def _broadcast_cancel(self, job_id: str) -> None:

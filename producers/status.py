@@ -52,26 +52,52 @@ from .events import (
     rfc3339,
 )
 from .lifecycle_settings import DEFAULT_STATUS_TTL
+from .redis import (
+    DEFAULT_CANCEL_PREFIX,
+    DEFAULT_DEDUP_PREFIX,
+    DEFAULT_STATUS_PREFIX,
+    DEFAULT_TIMEOUT_S,
+    StatusStoreError,
+    StatusStoreUnavailable,
+    redis_call,
+    redis_client,
+)
+
+# The store's errors and the key prefixes live in ``producers.redis`` (every Redis user shares
+# them) and are re-exported here, where the store's callers have always imported them from.
+__all__ = [
+    "DEFAULT_CANCEL_PREFIX",
+    "DEFAULT_DEDUP_PREFIX",
+    "DEFAULT_PREFIX",
+    "QUEUED",
+    "REVIVE",
+    "JobCancelled",
+    "JobFailed",
+    "JobStatus",
+    "MemoryStatusStore",
+    "RedisStatusStore",
+    "StatusState",
+    "StatusStore",
+    "StatusStoreError",
+    "StatusStoreUnavailable",
+    "StatusWrite",
+    "next_status",
+    "queued_status",
+    "status_write",
+    "wait_result",
+    "write_from_event",
+]
 
 StatusState = Literal["queued", "started", "retrying", "succeeded", "dead", "cancelled"]
 QUEUED: Final = "queued"
-DEFAULT_PREFIX: Final = "leveret:status:"
-# Where ``producers.dedup`` and ``producers.cancel`` keep their keys by default (they import
-# these): an ending write frees a dedup claim, a revive clears a cancel mark, in one script.
-DEFAULT_DEDUP_PREFIX: Final = "leveret:"
-DEFAULT_CANCEL_PREFIX: Final = "leveret:cancel:"
+DEFAULT_PREFIX: Final = DEFAULT_STATUS_PREFIX
+# ``DEFAULT_DEDUP_PREFIX``/``DEFAULT_CANCEL_PREFIX`` (from ``producers.redis``, where
+# ``producers.dedup`` and ``producers.cancel`` take theirs): an ending write frees a dedup
+# claim, a revive clears a cancel mark, in one script.
 _RANK: Final[dict[str, int]] = {QUEUED: 0, STARTED: 1, "retrying": 2}
 
 
-# --- errors -----------------------------------------------------------------------------------
-
-
-class StatusStoreError(LeveretError):
-    """The status store refused an operation for good (e.g. a foreign value under our key)."""
-
-
-class StatusStoreUnavailable(StatusStoreError, ConnectionError):
-    """The status store cannot be reached right now; the same call may succeed later."""
+# --- errors (``StatusStoreError``/``StatusStoreUnavailable``: ``producers.redis``) ---------------
 
 
 class JobFailed(LeveretError):
@@ -548,7 +574,8 @@ class RedisStatusStore(StatusStore):
         self.prefix = prefix
         self.dedup_prefix = dedup_prefix
         self.cancel_prefix = cancel_prefix
-        self._where = mask_url(url)
+        self.url = mask_url(url)  # masked: safe to log, and what its neighbours name
+        self._where = f"status store at {self.url} (prefix {prefix!r})"
         self._script = client.register_script(_WRITE_LUA)
 
     @classmethod
@@ -558,51 +585,17 @@ class RedisStatusStore(StatusStore):
         *,
         ttl: int = DEFAULT_STATUS_TTL,
         prefix: str = DEFAULT_PREFIX,
-        timeout: float = 5.0,
+        timeout: float = DEFAULT_TIMEOUT_S,
     ) -> RedisStatusStore:
-        """A store on its own client: bounded timeouts and one quick retry, so a call fails fast
-        while Redis is down instead of hanging the caller (the worker does its own backoff)."""
-        try:
-            import redis.asyncio as aioredis
-            from redis.asyncio.retry import Retry
-            from redis.backoff import ExponentialBackoff
-        except ImportError as exc:  # pragma: no cover - depends on the installation
-            raise StatusStoreError(
-                "the status store needs the redis package: pip install 'leveret[status]'"
-            ) from exc
-        client = aioredis.Redis.from_url(
-            url,
-            decode_responses=True,
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-            retry=Retry(ExponentialBackoff(cap=0.2, base=0.05), 1),
-        )
-        return cls(client, ttl=ttl, prefix=prefix, url=url)
+        """A store on its own client (``redis_client``: bounded timeouts, one quick retry)."""
+        return cls(redis_client(url, timeout=timeout), ttl=ttl, prefix=prefix, url=url)
 
     def key(self, job_id: str) -> str:
         return self.prefix + job_id
 
     async def _call(self, what: str, coro: Any) -> Any:
-        """Run one Redis call, translating its errors into the store's two kinds."""
-        from redis.exceptions import RedisError, ResponseError
-
-        try:
-            return await coro
-        except ResponseError as exc:
-            if str(exc).startswith("WRONGTYPE"):
-                raise StatusStoreError(
-                    f"status store at {self._where}: {what}: a key under prefix "
-                    f"{self.prefix!r} holds a value that is not a status ({exc})"
-                ) from None
-            # READONLY (failover in progress), OOM, LOADING ...: worth trying again later.
-            raise StatusStoreUnavailable(
-                f"status store at {self._where}: {what} failed: {exc}"
-            ) from None
-        except (RedisError, OSError) as exc:
-            raise StatusStoreUnavailable(
-                f"status store at {self._where} is unreachable ({what}): "
-                f"{type(exc).__name__}: {exc}"
-            ) from None
+        """Run one Redis call, its errors translated (``redis_errors``)."""
+        return await redis_call(self._where, what, coro)
 
     async def get(self, job_id: str) -> JobStatus | None:
         raw = await self._call("get", self.client.hgetall(self.key(job_id)))

@@ -43,7 +43,6 @@ from pydantic import BaseModel, ValidationError
 from leveret.producers.cancel import (
     CancelMarks,
     JobAlreadyEnded,
-    RedisCancelMarks,
     UnknownJob,
     broadcast_cancel,
     declare_cancel_exchange,
@@ -56,6 +55,7 @@ from leveret.producers.lifecycle_settings import LifecycleSettings
 from leveret.producers.message import new_job_id
 from leveret.producers.publisher import Publisher
 from leveret.producers.status import RedisStatusStore, StatusStore, StatusStoreUnavailable
+from leveret.producers.stores import Stores
 from leveret.topology.declare import declare
 from leveret.topology.delay import MAX_DELAY_S
 from leveret.topology.errors import InvalidValueError, LeveretError
@@ -247,12 +247,10 @@ def _stores(
                 lifecycle.status_url.get_secret_value(), ttl=lifecycle.status_ttl
             )
             owned.append(status_store.close)
-    if isinstance(status_store, RedisStatusStore):
-        client = status_store.client
-        if cancel_marks is None:
-            cancel_marks = RedisCancelMarks(client, ttl=status_store.ttl)
-        if dedup_store is None:
-            dedup_store = DedupStore(client, ttl=status_store.ttl)
+    stores = Stores.of(status_store)
+    if stores is not None:
+        cancel_marks = cancel_marks if cancel_marks is not None else stores.marks
+        dedup_store = dedup_store if dedup_store is not None else stores.dedup
     return status_store, cancel_marks, dedup_store
 
 
