@@ -249,6 +249,34 @@ def test_the_reference_names_the_job_label_job_name() -> None:
         assert "`job_name`" in row
 
 
+# Issue 22: the docs as a site.
+
+
+def _nav_pages(node: object) -> list[str]:
+    if isinstance(node, str):
+        return [node]
+    if isinstance(node, dict):
+        return [p for v in node.values() for p in _nav_pages(v)]
+    if isinstance(node, list):
+        return [p for v in node for p in _nav_pages(v)]
+    return []
+
+
+def test_the_docs_site_lists_every_page_and_ci_builds_it_strictly() -> None:
+    """mkdocs.yml's nav has every page of docs/ (a page left out is unreachable on the site),
+    link and anchor checks are warnings, and scripts/test.sh builds with --strict (never -q,
+    which hides the warnings from --strict's count)."""
+    config = yaml.safe_load((ROOT / "mkdocs.yml").read_text())
+    pages = {p.name for p in (ROOT / "docs").glob("*.md")}
+    assert sorted(_nav_pages(config["nav"])) == sorted(pages)
+    links = config["validation"]["links"]
+    assert links["not_found"] == "warn" and links["anchors"] == "warn"
+    test_sh = (ROOT / "scripts" / "test.sh").read_text()
+    (build,) = [line for line in test_sh.splitlines() if "bin/mkdocs build" in line]
+    assert "--strict" in build and " -q" not in build
+    assert re.search(r"^ensure_venv .*\bdocs\b", test_sh, re.M)
+
+
 # Item 12: dependency floors.
 
 
