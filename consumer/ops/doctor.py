@@ -35,6 +35,7 @@ from yarl import URL
 
 from leveret.producers.connection import connect
 from leveret.producers.errors import BrokerUnavailable
+from leveret.producers.events import events_exchange
 from leveret.topology.declare import declaration_variants, probe_queue
 from leveret.topology.definitions import permission_regexes, required_permissions
 from leveret.topology.delay import DELAY_BITS, delay_queue_names, retry_queue_name, retry_ttl_ms
@@ -395,6 +396,7 @@ class Doctor:
         except ManagementError as exc:
             self.add("warning", "delay_chain", f"could not list queues and bindings: {exc}")
             return
+        self._status_keeper_queue(existing, api.target.vhost)
         names = delay_queue_names(topo.exchange)
         chain = [existing[n] for n in names if n in existing]
         if chain:
@@ -472,6 +474,24 @@ class Doctor:
                     f"`rabbitmqctl delete_queue -p {api.target.vhost} --if-empty {empty[0]}` "
                     f"for each (--if-empty: the broker refuses if a job arrived since)",
                 )
+
+    def _status_keeper_queue(self, existing: dict[str, dict[str, Any]], vhost: str) -> None:
+        """``<exchange>.events.status``: the v2 status keeper's queue. The worker writes each
+        job's status itself now, so nothing reads it; while it stays bound it keeps a copy of
+        every event (where events are on) that no one will ever take."""
+        name = f"{events_exchange(self.topology.exchange)}.status"
+        queue = existing.get(name)
+        if queue is None:
+            return
+        held = int(queue.get("messages") or 0)
+        self.add(
+            "warning",
+            "v2_leftovers",
+            f"queue {name!r} is the v2 status keeper's, which no worker reads any more (the "
+            f"worker writes statuses to Redis itself); it holds {held} event(s) and collects "
+            f"one per event while it exists: delete it (`rabbitmqctl delete_queue -p "
+            f"{vhost} {name}`)",
+        )
 
     async def _shared_job_names(self, api: Management) -> None:
         """A job name bound to a queue of another app multiplies its delayed publishes.

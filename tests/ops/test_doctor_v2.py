@@ -73,3 +73,24 @@ async def test_doctor_lists_v2_leftovers_and_which_can_be_deleted(broker, tmp_pa
         for n in range(DELAY_BITS):
             name = quote(retry_queue_name(queue, n), safe="")
             broker.api("DELETE", f"/queues/{broker.qvhost}/{name}")
+
+
+async def test_doctor_lists_the_v2_status_keepers_queue_as_a_leftover(broker, tmp_path):
+    """The worker writes statuses itself (v3): ``<exchange>.events.status``, the keeper's
+    queue, is no longer declared, and doctor says an upgraded vhost's copy can go."""
+    ex, queue = unique("dks"), unique("dksq")
+    topo = Topology(exchange=ex, queues=(WorkQueue(name=queue, jobs=(f"{queue}-job",)),))
+    leftover = f"{ex}.events.status"
+    connection = await aio_pika.connect(broker.url)
+    try:
+        await declare(connection, topo)
+        assert not broker.queue_exists(leftover)  # no longer declared
+        channel = await connection.channel()
+        await channel.declare_queue(leftover, durable=True)
+        seen = _doctor(broker, tmp_path, APP.format(job=f"{queue}-job", queue=queue), ex)
+        found = [f for f in seen if f["check"] == "v2_leftovers" and leftover in f["message"]]
+        assert found and found[0]["severity"] == "warning", seen
+        assert "delete it" in found[0]["message"]
+    finally:
+        await connection.close()
+        broker.api("DELETE", f"/queues/{broker.qvhost}/{quote(leftover, safe='')}")
