@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from leveret.producers import Publisher
-from tests.support import ROOT, Broker, unique, wait_for
+from tests.support import ROOT, Broker, assert_queue_types, unique, wait_for
 
 LOCAL, GLOBAL, WORKERS = 20, 15, 3
 N_LOCAL, N_GLOBAL, N_FREE = 720, 200, 200
@@ -65,7 +65,7 @@ def _tightest(times: list[float], n: int) -> float:
 
 @pytest.mark.timeout(180)
 async def test_per_worker_and_global_limits_with_three_workers(
-    broker: Broker, tmp_path: Path
+    broker: Broker, tmp_path: Path, queue_type: str
 ) -> None:
     queue = unique("rl")
     env = {
@@ -99,6 +99,7 @@ async def test_per_worker_and_global_limits_with_three_workers(
             "3 workers consuming",
             interval=0.5,
         )
+        assert_queue_types(broker, queue, queue_type)  # the workers inherit LEVERET_QUEUE_TYPE
 
         def ran(kind: str) -> int:
             return sum(1 for f in files if f.exists() for s in _starts(f) if s[0] == kind)

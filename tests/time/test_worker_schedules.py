@@ -28,7 +28,7 @@ import httpx
 import pytest
 
 from leveret.consumer.schedules import parse_tick
-from tests.support import Broker, unique
+from tests.support import Broker, assert_queue_types, unique
 from tests.time.test_scheduler import _consecutive
 from tests.time.test_scheduler import _until as _until_bare
 
@@ -152,18 +152,22 @@ def _ids(runs: list[tuple[str, float]]) -> list[str]:
 
 
 async def test_three_workers_run_each_tick_once_and_survive_a_sigkilled_leader(
-    broker: Broker, tmp_path: Path
+    broker: Broker, tmp_path: Path, queue_type: str
 ) -> None:
+    """On both queue types: the tick job's queue is ``LEVERET_QUEUE_TYPE``'s (the workers inherit
+    it); the election queue is the scheduler's own."""
     records = tmp_path / "records"
     records.mkdir()
-    job = unique("tickjob")
+    job, queue = unique("tickjob"), unique("ticks")
     (tmp_path / "schedapp.py").write_text(
-        textwrap.dedent(APP).format(job=job, queue=unique("ticks"), records=records)
+        textwrap.dedent(APP).format(job=job, queue=queue, records=records)
     )
     fleet = Fleet(broker, tmp_path, records, unique("wsx"))
     fleet.start(3)
     try:
         await _until(fleet, lambda: fleet.leader() is not None, 30, "a leader")
+        await _until(fleet, lambda: broker.queue_exists(f"{queue}.dlq"), 30, "the tick queue")
+        assert_queue_types(broker, queue, queue_type)
         # Phase 1: ~20 ticks with three replicas, each run exactly once.
         await _until(fleet, lambda: len(fleet.runs()) >= 20, 40, "20 ticks")
         leader = fleet.leader()
