@@ -47,7 +47,7 @@ class HealthServer:
 
     def _node(self) -> str | None:
         """The broker node a worker on this registry consumes from (masked), if it is one."""
-        metrics = WorkerMetrics._by_registry.get(id(self.registry))
+        metrics = WorkerMetrics.built_on(self.registry)
         return metrics.node if metrics is not None else None
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
-from leveret.producers.metrics import published_counter
+from leveret.producers.metrics import built_on, per_registry, published_counter
 
 # Jobs range from milliseconds to hours.
 DURATION_BUCKETS = (
@@ -32,15 +32,14 @@ UNKNOWN_JOB = "unknown"
 class WorkerMetrics:
     """One set per registry; ``for_registry`` shares it between workers of one process."""
 
-    _by_registry: dict[int, WorkerMetrics] = {}  # noqa: RUF012
-
     @classmethod
     def for_registry(cls, registry: CollectorRegistry | None = None) -> WorkerMetrics:
-        registry = registry or REGISTRY
-        metrics = cls._by_registry.get(id(registry))
-        if metrics is None:
-            metrics = cls._by_registry[id(registry)] = cls(registry)
-        return metrics
+        return per_registry(registry or REGISTRY, cls)
+
+    @classmethod
+    def built_on(cls, registry: CollectorRegistry) -> WorkerMetrics | None:
+        """The set ``for_registry`` built on ``registry``, if any (builds none)."""
+        return built_on(registry, cls)
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         # Gauges say how to combine the processes of ``leveret worker --processes N`` (see

@@ -49,6 +49,7 @@ from prometheus_client import CollectorRegistry, Counter
 
 from leveret.consumer.context import JobContext
 from leveret.consumer.errors import ConfigError
+from leveret.producers.metrics import per_registry
 
 log = structlog.get_logger("leveret.resources")
 
@@ -158,24 +159,21 @@ class Plan:
         return tuple(name for name, _, _ in self.kwargs)
 
 
-_COUNTERS: dict[int, Counter] = {}
+def _close_failures_counter(registry: CollectorRegistry | None) -> Counter:
+    return Counter(
+        "leveret_resource_close_failures",
+        "Resources whose close (generator finalizer, __aexit__) raised; the job's outcome stood",
+        ["resource"],
+        registry=registry,
+    )
 
 
 def _close_failures(registry: CollectorRegistry | None) -> Counter:
-    """One counter per metrics registry: several apps (or tests) may share the default one."""
-    key = id(registry)
-    counter = _COUNTERS.get(key) if registry is not None else None
-    if counter is None:
-        counter = Counter(
-            "leveret_resource_close_failures",
-            "Resources whose close (generator finalizer, __aexit__) raised; the job's outcome "
-            "stood",
-            ["resource"],
-            registry=registry,
-        )
-        if registry is not None:
-            _COUNTERS[key] = counter
-    return counter
+    """One counter per metrics registry (several apps or tests may share the default one);
+    without a registry, an unregistered counter of this ``Resources`` alone."""
+    if registry is None:
+        return _close_failures_counter(None)
+    return per_registry(registry, _close_failures_counter)
 
 
 class Resources:

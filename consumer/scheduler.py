@@ -78,6 +78,7 @@ from leveret.producers.message import (
     encode_payload,
     job_properties,
 )
+from leveret.producers.metrics import per_registry
 from leveret.producers.settings import DEFAULT_PUBLISH_TIMEOUT
 from leveret.topology.delay import MAX_ROUTING_KEY
 from leveret.topology.model import check_name
@@ -122,15 +123,9 @@ class SchedulerMetrics:
     """One set per registry, shared by every ``Scheduler`` on it: a worker run twice in one
     process (tests, an embedding app) must not register the gauge twice."""
 
-    _by_registry: dict[int, SchedulerMetrics] = {}  # noqa: RUF012
-
     @classmethod
     def for_registry(cls, registry: CollectorRegistry | None) -> SchedulerMetrics:
-        registry = registry if registry is not None else REGISTRY
-        metrics = cls._by_registry.get(id(registry))
-        if metrics is None:
-            metrics = cls._by_registry[id(registry)] = cls(registry)
-        return metrics
+        return per_registry(registry if registry is not None else REGISTRY, cls)
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.leader = Gauge(

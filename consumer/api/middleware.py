@@ -19,6 +19,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from leveret.producers.metrics import per_registry
+
 # Requests answer in milliseconds; a slow broker confirm can take seconds.
 REQUEST_BUCKETS = (
     0.001,
@@ -43,14 +45,9 @@ OPEN_PATHS = frozenset({"/healthz"})
 class ApiMetrics:
     """``leveret_api_requests_total{route,method,status}`` and the duration histogram."""
 
-    _by_registry: dict[int, ApiMetrics] = {}  # noqa: RUF012
-
     @classmethod
     def for_registry(cls, registry: CollectorRegistry) -> ApiMetrics:
-        metrics = cls._by_registry.get(id(registry))
-        if metrics is None:
-            metrics = cls._by_registry[id(registry)] = cls(registry)
-        return metrics
+        return per_registry(registry, cls)
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
