@@ -42,7 +42,7 @@ import structlog
 from pamqp.commands import Basic
 from prometheus_client import Counter
 
-from leveret.producers.dedup import DedupUnavailableError
+from leveret.producers.dedup import HEADER_DEDUP_KEY, DedupUnavailableError
 from leveret.producers.events import CANCELLED as EVENT_CANCELLED
 from leveret.producers.events import DEAD, PROGRESS, RETRYING, STARTED, EventsMode, rfc3339_ns
 from leveret.producers.events import SUCCEEDED as EVENT_SUCCEEDED
@@ -316,6 +316,10 @@ class Settler:
     ) -> StatusWrite:
         now_ns = time.time_ns()
         started_at = None if duration is None else rfc3339_ns(now_ns - int(duration * 1e9))
+        headers = d.properties.headers
+        key = headers.get(HEADER_DEDUP_KEY) if headers else None  # freed as the job ends
+        if isinstance(key, bytes):
+            key = key.decode("utf-8", "replace")
         return status_write(
             state,
             d.job_id,
@@ -326,6 +330,7 @@ class Settler:
             result=result,
             error=error,
             started_at=started_at,
+            dedup_key=key if isinstance(key, str) else None,
         )
 
     def _queued(self, f: FollowUp) -> StatusWrite:

@@ -169,9 +169,10 @@ class StatusWrite(NamedTuple):
     ``fields`` are the field/value pairs of the complete new status (absent fields left out);
     the store decides under the ordering rule whether it applies and keeps what the new status
     does not say (``created_at``, a run's ``started_at``, a ``queue`` known earlier, the
-    attempt's progress when ``inherit``). ``dedup_key``: a ``revive`` holds it again when it
-    is free; a ``queued`` keeps the job's pending claim for the status TTL (a follow-up
-    enqueued with a key, once confirmed).
+    attempt's progress when ``inherit``). ``dedup_key``, the key the job carries (its
+    ``x-dedup-key`` header): an ending frees the claim if this job holds it; a ``revive`` holds
+    it again when it is free; a ``queued`` keeps the job's pending claim for the status TTL (a
+    follow-up enqueued with a key, once confirmed).
     """
 
     job_id: str
@@ -422,19 +423,44 @@ local items = cjson.decode(ARGV[4])
 local RANK = {queued = 0, started = 1, retrying = 2}
 local TERMINAL = {succeeded = true, dead = true, cancelled = true}
 
-local function release(job_id)
-  local rev = dedup .. 'dedup-job:' .. job_id
-  local k = redis.call('GET', rev)
-  if not k then return end
-  redis.call('DEL', rev)
-  local claim = dedup .. 'dedup:' .. k
-  if redis.call('GET', claim) == job_id then redis.call('DEL', claim) end
+-- Free the job's dedup claim: the key the write names (the job's header), else the one its
+-- reverse entry names.
+local function release(job_id, key)
+  if key == '' then
+    key = redis.call('GET', dedup .. 'dedup-job:' .. job_id)
+    if not key then return end
+  end
+  local claim = dedup .. 'dedup:' .. key
+  if redis.call('GET', claim) == job_id then
+    redis.call('DEL', claim)
+  end
+  redis.call('DEL', dedup .. 'dedup-job:' .. job_id)
 end
 
-local function keep(key, field, value)
-  if value and redis.call('HEXISTS', key, field) == 0 then
-    redis.call('HSET', key, field, value)
+-- DEL, then one HSET of the new fields plus what the new status keeps of the current one.
+local function put(key, w, cur, keep_started, kept)
+  local fields, has = {}, {}
+  for i = 7, #w, 2 do
+    fields[#fields + 1] = w[i]
+    fields[#fields + 1] = w[i + 1]
+    has[w[i]] = true
   end
+  local function keep(field, value)
+    if value and not has[field] then
+      fields[#fields + 1] = field
+      fields[#fields + 1] = value
+    end
+  end
+  keep('created_at', cur[4] or w[4])
+  keep('queue', cur[6])
+  if keep_started then keep('started_at', cur[5]) end
+  if kept then
+    keep('progress', kept[1])
+    keep('message', kept[2])
+  end
+  redis.call('DEL', key)
+  redis.call('HSET', key, unpack(fields))
+  redis.call('EXPIRE', key, ttl)
 end
 
 local function write(key, w)
@@ -443,11 +469,7 @@ local function write(key, w)
     'started_at', 'queue')
   local cur_state, kept = cur[1], nil
   if kind == 'revive' then
-    redis.call('DEL', key)
-    redis.call('HSET', key, unpack(w, 7))
-    keep(key, 'created_at', cur[4] or at)
-    keep(key, 'queue', cur[6])
-    redis.call('EXPIRE', key, ttl)
+    put(key, w, cur, false, nil)
     if w[6] ~= '' then
       if redis.call('SET', dedup .. 'dedup:' .. w[6], job_id, 'NX', 'EX', ttl) then
         redis.call('SET', dedup .. 'dedup-job:' .. job_id, w[6], 'EX', ttl)
@@ -466,7 +488,7 @@ local function write(key, w)
   if cur_state then
     local cur_attempt = tonumber(cur[2])
     if TERMINAL[cur_state] or kind == 'queued' then
-      if TERMINAL[kind] then release(job_id) end
+      if TERMINAL[kind] then release(job_id, w[6]) end
       return 0
     end
     if kind == 'progress' and cur_state == 'started' and cur_attempt == attempt then
@@ -493,17 +515,8 @@ local function write(key, w)
       kept = redis.call('HMGET', key, 'progress', 'message')
     end
   end
-  redis.call('DEL', key)
-  redis.call('HSET', key, unpack(w, 7))
-  keep(key, 'created_at', cur[4] or at)
-  keep(key, 'queue', cur[6])
-  if cur_state then keep(key, 'started_at', cur[5]) end
-  if kept then
-    keep(key, 'progress', kept[1])
-    keep(key, 'message', kept[2])
-  end
-  redis.call('EXPIRE', key, ttl)
-  if TERMINAL[kind] then release(job_id) end
+  put(key, w, cur, cur_state ~= nil, kept)
+  if TERMINAL[kind] then release(job_id, w[6]) end
   return 1
 end
 

@@ -530,7 +530,10 @@ class DeadLetters:
 async def _dead_again(store: StatusStore, dead: DeadJob, queue: str) -> None:
     """A revived job whose move failed is still in the DLQ: say so again (best effort)."""
     assert dead.id is not None and dead.job is not None
-    write = status_write("dead", dead.id, dead.job, queue, dead.attempts or 0, error=dead.error)
+    key = _text(dead.headers.get(HEADER_DEDUP_KEY))
+    write = status_write(
+        "dead", dead.id, dead.job, queue, dead.attempts or 0, error=dead.error, dedup_key=key
+    )
     with contextlib.suppress(Exception):
         # A revive holds the dedup key again; this ending frees it in the same write.
         await store.write_many([write])
