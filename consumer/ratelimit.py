@@ -73,6 +73,7 @@ import aiormq
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractConnection
 from pamqp.commands import Basic
+from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential
 
 from leveret.consumer.errors import ConfigError
 from leveret.producers.redis import DEFAULT_RATELIMIT_PREFIX, redis_client
@@ -483,16 +484,17 @@ class StoreOutage:
             self.on_stalled(stalled)
 
     async def _probe(self) -> None:
-        delay = 0.25
-        while True:
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)
-            try:
+        """Ask the store after 0.25 s, then after each failure twice as long, up to 5 s. No line
+        per failure: the outage was logged once when it began, and ``_back`` ends it."""
+        await asyncio.sleep(0.25)
+        retrying = AsyncRetrying(
+            wait=wait_exponential(multiplier=0.5, max=5.0),
+            retry=retry_if_exception_type(Exception),  # still out; a cancel ends the probe
+        )
+        async for attempt in retrying:
+            with attempt:
                 await asyncio.wait_for(self._probe_store(), self._probe_timeout)
-            except Exception:  # still out: the outage was logged once
-                continue
-            self._back()
-            return
+        self._back()
 
     def _back(self) -> None:
         assert self.down_since is not None

@@ -47,6 +47,7 @@ from aio_pika.abc import (
     AbstractQueue,
 )
 from pamqp.commands import Basic
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential
 
 from leveret.topology.errors import LeveretError
 from leveret.topology.model import cancel_exchange_name
@@ -345,15 +346,29 @@ class CancelWatch:
         return count
 
     async def _reload_until_loaded(self, delay: float = 0.5, max_delay: float = 30.0) -> None:
-        while True:
-            await asyncio.sleep(delay)
-            try:
+        """Load the marks once the store is back: first after ``delay`` (the load at start just
+        failed), then after each failure twice as long, up to ``max_delay``."""
+
+        def log_failure(retry: RetryCallState) -> None:
+            exc = retry.outcome.exception() if retry.outcome is not None else None
+            log.warning(
+                "cancel.reload_failed",
+                error=str(exc),
+                attempt=retry.attempt_number,
+                retry_in=round(retry.upcoming_sleep, 2),
+            )
+
+        await asyncio.sleep(delay)
+        retrying = AsyncRetrying(
+            wait=wait_exponential(multiplier=2 * delay, max=max_delay),
+            retry=retry_if_exception_type(StatusStoreUnavailable),
+            before_sleep=log_failure,
+            reraise=True,
+        )
+        async for attempt in retrying:
+            with attempt:
                 count = await self.reload()
-            except StatusStoreUnavailable:
-                delay = min(delay * 2, max_delay)
-                continue
-            log.info("cancel.reloaded", marks=count)
-            return
+        log.info("cancel.reloaded", marks=count)
 
     def _on_reconnect(self, *_: Any) -> None:
         if self._reload_task is None or self._reload_task.done():

@@ -39,6 +39,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from prometheus_client import CollectorRegistry
 from pydantic import BaseModel, ValidationError
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential
 
 from leveret.producers.cancel import (
     CancelMarks,
@@ -336,46 +337,59 @@ def create_app(
 
 
 async def _connect_loop(state: ApiState) -> None:
-    """Connect, declare the topology, open the publisher; retry with backoff until it works."""
+    """Connect, declare the topology, open the publisher; retry with backoff until it works
+    (``api_connect_backoff`` doubling up to ``api_connect_backoff_max``), one line per failure."""
     settings = state.worker.settings
-    delay = state.settings.api_connect_backoff
-    while True:
-        connection = publisher = None
-        try:
-            connection = await connect(settings)
-            await declare(connection, state.worker.topology)
-            channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
-            await declare_cancel_exchange(channel, settings.exchange)
-            publisher = state.publisher_factory()
-            await publisher.connect()
-        except asyncio.CancelledError:
-            for closing in (publisher, connection):
-                if closing is not None:
-                    with contextlib.suppress(Exception):
-                        await closing.close()
-            raise
-        except Exception as exc:
-            state.connect_failures += 1
-            log.warning(
-                "api.broker_unavailable",
-                broker=mask_url(settings.amqp_url.get_secret_value()),
-                error=str(exc) if isinstance(exc, LeveretError) else type(exc).__name__,
-                failures=state.connect_failures,
-                retry_in=round(delay, 2),
-            )
-            for closing in (publisher, connection):
-                if closing is not None:
-                    with contextlib.suppress(Exception):
-                        await closing.close()
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, state.settings.api_connect_backoff_max)
-            continue
-        state._connection = connection
-        state.cancel_channel = await channel.get_underlay_channel()
-        state.publisher = publisher
-        state.connected = True
-        log.info("api.broker_connected", failures=state.connect_failures)
-        return
+
+    def log_failure(retry: RetryCallState) -> None:
+        exc = retry.outcome.exception() if retry.outcome is not None else None
+        state.connect_failures += 1
+        log.warning(
+            "api.broker_unavailable",
+            broker=mask_url(settings.amqp_url.get_secret_value()),
+            error=str(exc) if isinstance(exc, LeveretError) else type(exc).__name__,
+            failures=state.connect_failures,
+            retry_in=round(retry.upcoming_sleep, 2),
+        )
+
+    retrying = AsyncRetrying(
+        wait=wait_exponential(
+            multiplier=state.settings.api_connect_backoff,
+            max=state.settings.api_connect_backoff_max,
+        ),
+        retry=retry_if_exception_type(Exception),  # a cancel (BaseException) ends the loop
+        before_sleep=log_failure,
+        reraise=True,
+    )
+    async for attempt in retrying:
+        with attempt:
+            connection, channel, publisher = await _open_broker(state)
+    state._connection = connection
+    state.cancel_channel = await channel.get_underlay_channel()
+    state.publisher = publisher
+    state.connected = True
+    log.info("api.broker_connected", failures=state.connect_failures)
+
+
+async def _open_broker(state: ApiState) -> tuple[Any, Any, Publisher]:
+    """One try: the connection, its confirming channel and the publisher; what was opened is
+    closed again when a step fails or the try is cancelled."""
+    settings = state.worker.settings
+    connection = publisher = None
+    try:
+        connection = await connect(settings)
+        await declare(connection, state.worker.topology)
+        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        await declare_cancel_exchange(channel, settings.exchange)
+        publisher = state.publisher_factory()
+        await publisher.connect()
+    except BaseException:
+        for closing in (publisher, connection):
+            if closing is not None:
+                with contextlib.suppress(Exception):
+                    await closing.close()
+        raise
+    return connection, channel, publisher
 
 
 async def _disconnect(state: ApiState) -> None:
