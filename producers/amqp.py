@@ -62,6 +62,13 @@ def _warn_once(event: str, **fields: object) -> None:
         log.warning(event, **fields)
 
 
+def _version(distribution: str) -> str:
+    try:
+        return version(distribution)
+    except PackageNotFoundError:  # pragma: no cover - a vendored copy
+        return "unknown"
+
+
 # -- confirms ------------------------------------------------------------------------------------
 
 
@@ -303,13 +310,6 @@ class ReconnectHook(RobustConnection):
         self.before_attempt()
         await _connect_transport(self)
         self.after_attempt()
-
-
-def _version(distribution: str) -> str:
-    try:
-        return version(distribution)
-    except PackageNotFoundError:  # pragma: no cover - a vendored copy
-        return "unknown"
 
 
 async def _no_hook(connection: RobustConnection) -> None:  # pragma: no cover - never called

@@ -23,6 +23,7 @@ from structlog.testing import capture_logs
 from leveret.producers import amqp
 from leveret.producers.batch import BatchPublishError, publish_batch
 from leveret.producers.confirm import publish_confirmed
+from leveret.producers.connection import FailoverRobustConnection
 from leveret.producers.errors import InvalidMessageError, RefusedError, UnroutableError
 from leveret.producers.message import job_properties
 from tests.support import Broker, unique
@@ -166,6 +167,26 @@ async def test_without_the_internals_a_single_publish_keeps_its_errors(
     assert caught.value.job == "resize"
     assert public_path == ["one-1", "one-2"]
     assert await broker.depth(queue) == 1
+
+
+async def test_without_the_reconnect_hook_a_failover_connection_still_connects(
+    broker: Broker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An aio-pika without the per-attempt hook: the connection still opens (to the first
+    node), and a warning says reconnects stay on that node, once."""
+    monkeypatch.setattr(amqp, "transport_hook_supported", lambda: False)
+    monkeypatch.setattr(amqp, "_warned", set())
+    with capture_logs() as logs:
+        for _ in range(2):
+            conn = FailoverRobustConnection([broker.url], 0, unique("key"))
+            try:
+                await conn.connect(timeout=5)
+                assert not conn.is_closed
+            finally:
+                await conn.close()
+    assert [e["event"] for e in logs if e["log_level"] == "warning"] == [
+        "amqp_reconnect_hook_unavailable"
+    ]
 
 
 # The private names of aiormq and aio-pika the adapter owns; a use anywhere else is a bug.
