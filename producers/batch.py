@@ -393,7 +393,7 @@ def _unconfirmed(
 def _job_error(
     item: Outgoing, outcome: Any, failure: BaseException | None, timeout: float | None
 ) -> PublishError:
-    """One job's typed error, the same ``publish_confirmed`` gives for a single publish."""
+    """One job's typed error: the one mapping, for a batch and a single publish alike."""
     if isinstance(outcome, aiormq.exceptions.PublishError) or (
         outcome is not None and not isinstance(outcome, BaseException)
     ):  # returned (an exception, or the message itself without on_return_raises)
