@@ -36,7 +36,10 @@ GROUPS = [
             "producers/events.py",
         ),
     ),
-    ("— `publish_batch` (producers/batch.py: frames, tag bookkeeping)", ("producers/batch.py",)),
+    (
+        "— `publish_batch` (producers/batch.py: frames, tag bookkeeping)",
+        ("producers/batch.py", "producers/amqp.py"),
+    ),
     ("aiormq (frames, channel, delivery tasks)", ("aiormq/",)),
     (
         "— aiormq confirm handling (`_on_confirm_frame`, `_confirm_delivery`)",

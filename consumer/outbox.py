@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-from typing import NamedTuple, cast
+from typing import NamedTuple
 
 import aiormq
 import structlog
@@ -94,7 +94,7 @@ class Outbox:
         failed: dict[str, PublishError] = {}
         everything: BaseException | None = None
         try:
-            await publish_batch(cast(aiormq.Channel, self.channel), items, timeout=self._timeout_s)
+            await publish_batch(self.channel, items, timeout=self._timeout_s)
         except BatchPublishError as exc:
             failed = exc.errors
         except Exception as exc:  # the channel is gone, or a bug: nothing is known confirmed

@@ -1,6 +1,7 @@
 """``Publisher``: a submitted job is either confirmed in a queue, or the caller gets an error.
 
-Every publish goes through ``confirm.publish_confirmed`` (confirms and ``mandatory``): a nack
+Every publish goes through ``batch.publish_batch`` (a single ``publish`` is a batch of one, via
+``confirm.publish_confirmed``; confirms and ``mandatory``): a nack
 raises ``RefusedError``, a job no queue is bound for comes back from the broker and raises
 ``UnroutableError``, and no confirm within ``publish_timeout`` raises ``PublishTimeout``. An id is
 only ever returned for a job the broker confirmed.
@@ -43,7 +44,6 @@ from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import Any, NamedTuple, Self
 
-import aiormq
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 from pamqp.commands import Basic
@@ -460,17 +460,6 @@ class Publisher:
                 [], {p.job_id: PublishTimeout(p.job, self._timeout, sent=False) for p in batch}
             )
             return [timed_out.errors[p.job_id] for p in batch], timed_out
-        if not isinstance(channel, aiormq.Channel):  # not aiormq's: one publish per job
-            sent = await asyncio.gather(*(self._send(p) for p in batch), return_exceptions=True)
-            failed = {
-                p.job_id: _as_publish_error(p.job, r)
-                for p, r in zip(batch, sent, strict=True)
-                if r is not None
-            }
-            if not failed:
-                return [None] * len(batch), None
-            landed = [p.job_id for p, r in zip(batch, sent, strict=True) if r is None]
-            return [failed.get(p.job_id) for p in batch], BatchPublishError(landed, failed)
         for p in batch:
             while (earlier := self._in_flight.get(p.job_id)) is not None:
                 await earlier.wait()

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import collections
 
-import aiormq
 import pytest
 
+from leveret.consumer.ops import dlq as dlq_module
 from leveret.consumer.ops.dlq import DeadLetters
 from tests.ops.helpers import declare_queue, drain, fill_dlq
 from tests.support import Broker, unique
@@ -24,19 +24,21 @@ async def test_a_dlq_holding_one_id_twice_replays_them_one_after_the_other(
 
     in_flight: collections.Counter[str] = collections.Counter()
     most = 0
-    publish = aiormq.Channel.basic_publish
+    # Every confirmed publish is a batch of one (producers' one publish path): watch the call
+    # the replay makes for each copy, from send to confirm.
+    publish = dlq_module.publish_confirmed
 
-    async def watched(self: aiormq.Channel, body: bytes, **kwargs):  # type: ignore[no-untyped-def]
+    async def watched(channel, body: bytes, **kwargs):  # type: ignore[no-untyped-def]
         nonlocal most
         message_id = kwargs["properties"].message_id
         in_flight[message_id] += 1
         most = max(most, in_flight[message_id])
         try:
-            return await publish(self, body, **kwargs)
+            return await publish(channel, body, **kwargs)
         finally:
             in_flight[message_id] -= 1
 
-    monkeypatch.setattr(aiormq.Channel, "basic_publish", watched)
+    monkeypatch.setattr(dlq_module, "publish_confirmed", watched)
     async with DeadLetters(broker.settings(), queue) as dead_letters:
         moved = await dead_letters.replay()
     monkeypatch.undo()
