@@ -1,4 +1,4 @@
-"""Issue 14: dishka against the hand-written resolver (leveret.consumer.resources), per job.
+"""Issue 14: dishka against the hand-written resolver (consumer/features/resources.py), per job.
 
 One "job" = enter a job (REQUEST) scope with the job's JobContext, resolve one job-scoped
 async-generator resource that depends on a process (APP) scoped resource and on JobContext,
@@ -20,7 +20,7 @@ import structlog
 from dishka import Provider, Scope, make_async_container
 
 from leveret.consumer.context import JobContext
-from leveret.consumer.resources import Resources
+from leveret.consumer.features.resources import Resources
 
 BATCH = 5000
 SAMPLES = 25

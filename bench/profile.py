@@ -27,18 +27,18 @@ GROUPS = [
     ("pydantic validation (`model_validate_json`)", ("pydantic",)),
     ("structlog (context binding, log lines)", ("structlog/",)),
     ("prometheus-client (counters, histogram, gauge)", ("prometheus_client/",)),
-    ("Acker (coalesced acks)", ("consumer/acker.py",)),
-    ("Settler (outcome copies)", ("consumer/settle.py",)),
+    ("Acker (coalesced acks)", ("consumer/delivery/acker.py",)),
+    ("Settler (outcome copies)", ("consumer/delivery/settle.py",)),
     (
-        "— its event bodies (`Settler._event`, producers/events.py)",
+        "— its event bodies (`Settler._event`, producers/wire/events.py)",
         (
             f"_event ({ROOT}/consumer/settle.py",
-            "producers/events.py",
+            "producers/wire/events.py",
         ),
     ),
     (
-        "— `publish_batch` (producers/batch.py: frames, tag bookkeeping)",
-        ("producers/batch.py", "producers/amqp.py"),
+        "— `publish_batch` (producers/broker/batch.py: frames, tag bookkeeping)",
+        ("producers/broker/batch.py", "producers/broker/adapter.py"),
     ),
     ("aiormq (frames, channel, delivery tasks)", ("aiormq/",)),
     (

@@ -1,3 +1,3 @@
-from .cli import main
+from leveret.consumer.cli import main
 
 main()

@@ -23,11 +23,10 @@ from pydantic import BaseModel, TypeAdapter
 from tenacity import RetryCallState
 from tenacity.wait import wait_base, wait_exponential
 
+from leveret.consumer.errors import ConfigError
+from leveret.consumer.features.ratelimit.limiters import Rate, parse_rate
 from leveret.topology.delay import MAX_DELAY_S
 from leveret.topology.model import Topology, WorkQueue, check_name
-
-from .errors import ConfigError
-from .ratelimit import Rate, parse_rate
 
 Backoff = float | int | wait_base
 

@@ -7,8 +7,8 @@ from typing import Literal
 from pydantic import Field, SecretStr
 from pydantic_settings import SettingsConfigDict
 
-from leveret.producers.lifecycle_settings import LifecycleSettings
 from leveret.producers.settings import ConnectionSettings
+from leveret.producers.stores.settings import LifecycleSettings
 
 
 class WorkerSettings(ConnectionSettings, LifecycleSettings):

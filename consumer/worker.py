@@ -22,7 +22,7 @@ A delivery reads top to bottom through modules named for each step; this class o
 Schedules (``Worker.schedule``) and resources are checked when the app has finished loading
 (``check``: ``run`` and the CLI's app loader call it, so they may be declared before or after
 their jobs). What runs beside the consume loop (health endpoint, status store, rate limiters,
-the scheduler) is started by ``leveret.consumer.startup``; ``readiness`` is what ``/readyz``
+the scheduler) is started by ``leveret.consumer.runtime.startup``; ``readiness`` is what ``/readyz``
 reports.
 
 The loop talks to aiormq's channels directly: aiormq already runs each delivery as its own
@@ -46,21 +46,26 @@ from typing import Any, TypeVar
 import structlog
 from prometheus_client import CollectorRegistry
 
+from leveret.consumer.delivery.middleware import Middleware, check_middleware
+from leveret.consumer.delivery.pipeline import Pipeline
+from leveret.consumer.delivery.session import Session, consume
+from leveret.consumer.features.cancellation import Cancellation
+from leveret.consumer.features.resources import Plan as ResourcePlan
+from leveret.consumer.features.resources import Resources, Scope
+from leveret.consumer.features.schedules.spec import Schedule, check_schedules, make_schedule
+from leveret.consumer.registry import (
+    DEFAULT_BACKOFF,
+    DEFAULT_MAX_ATTEMPTS,
+    DEFAULT_QUEUE,
+    Backoff,
+    Registry,
+)
+from leveret.consumer.runtime import startup
+from leveret.consumer.runtime.metrics import Outcomes, WorkerMetrics
+from leveret.consumer.runtime.readiness import Readiness
+from leveret.consumer.runtime.threads import JobThreads
+from leveret.consumer.settings import WorkerSettings
 from leveret.topology.model import Topology
-
-from . import startup
-from .cancellation import Cancellation
-from .metrics import Outcomes, WorkerMetrics
-from .middleware import Middleware, check_middleware
-from .pipeline import Pipeline
-from .readiness import Readiness
-from .registry import DEFAULT_BACKOFF, DEFAULT_MAX_ATTEMPTS, DEFAULT_QUEUE, Backoff, Registry
-from .resources import Plan as ResourcePlan
-from .resources import Resources, Scope
-from .schedules import Schedule, check_schedules, make_schedule
-from .session import Session, consume
-from .settings import WorkerSettings
-from .threads import JobThreads
 
 F = TypeVar("F", bound=Callable[..., Any])
 M = TypeVar("M", bound=Middleware)
@@ -135,7 +140,7 @@ class Worker:
     def middleware(self, mw: M) -> M:
         """Register ``async def mw(ctx, call_next)`` around every run, first registered outermost;
         ``await call_next(ctx)`` returns the handler's result, and an exception a middleware
-        raises or lets through is the run's outcome (see ``leveret.consumer.middleware``)."""
+        raises or lets through is the run's outcome (see ``consumer.delivery.middleware``)."""
         self.middlewares.append(check_middleware(mw))
         return mw
 

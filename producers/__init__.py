@@ -1,8 +1,8 @@
 """The publisher library: submit jobs that are either confirmed in a queue or an error."""
 
-from .blocking import BlockingPublisher
-from .connection import mask_url
-from .errors import (
+from leveret.producers.blocking import BlockingPublisher
+from leveret.producers.broker.connection import mask_url
+from leveret.producers.errors import (
     BrokerUnavailable,
     ConnectionLost,
     DuplicateJobIdError,
@@ -13,8 +13,8 @@ from .errors import (
     RefusedError,
     UnroutableError,
 )
-from .publisher import Job, Publisher
-from .settings import ConnectionSettings
+from leveret.producers.publisher import Job, Publisher
+from leveret.producers.settings import ConnectionSettings
 
 __all__ = [
     "BlockingPublisher",

@@ -16,10 +16,10 @@ from typing import Any, Self, TypeVar
 import structlog
 from pydantic import JsonValue
 
-from .eventloop import LoopChoice, loop_factory, loop_name
-from .publisher import Delay, Job, Payload, Publisher
-from .settings import ConnectionSettings
-from .status import JobStatus
+from leveret.producers.eventloop import LoopChoice, loop_factory, loop_name
+from leveret.producers.publisher import Delay, Job, Payload, Publisher
+from leveret.producers.settings import ConnectionSettings
+from leveret.producers.stores.status import JobStatus
 
 T = TypeVar("T")
 log = structlog.get_logger("leveret.publisher")

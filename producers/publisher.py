@@ -50,34 +50,44 @@ from pamqp.commands import Basic
 from prometheus_client import CollectorRegistry, Counter
 from pydantic import BaseModel, JsonValue
 
-from leveret.topology.delay import MAX_DELAY_S, delay_units, delayed_job_route
-from leveret.topology.errors import InvalidDelayError
-from leveret.topology.model import check_name
-
-from .batch import BatchPublishError, publish_batch
-from .cancel import CancelMarks, broadcast_cancel, cancel_exchange, request_cancel
-from .confirm import publish_confirmed
-from .connection import connect, mask_url
-from .dedup import (
+from leveret.producers.broker.batch import BatchPublishError, publish_batch
+from leveret.producers.broker.confirm import publish_confirmed
+from leveret.producers.broker.connection import connect, mask_url
+from leveret.producers.errors import DuplicateJobIdError, PublishError, PublishTimeout
+from leveret.producers.metrics import published_counter
+from leveret.producers.settings import ConnectionSettings
+from leveret.producers.stores.bundle import Stores
+from leveret.producers.stores.cancel import (
+    CancelMarks,
+    broadcast_cancel,
+    cancel_exchange,
+    request_cancel,
+)
+from leveret.producers.stores.dedup import (
     HEADER_DEDUP_KEY,
     DedupStore,
     DedupUnavailableError,
     check_dedup_key,
     publish_once,
 )
-from .errors import DuplicateJobIdError, PublishError, PublishTimeout
-from .lifecycle_settings import LifecycleSettings
-from .message import (
+from leveret.producers.stores.settings import LifecycleSettings
+from leveret.producers.stores.status import (
+    JobStatus,
+    StatusStore,
+    StatusStoreError,
+    StatusStoreUnavailable,
+    wait_result,
+)
+from leveret.producers.wire.message import (
     check_max_attempts,
     check_priority,
     encode_payload,
     job_properties,
     new_job_id,
 )
-from .metrics import published_counter
-from .settings import ConnectionSettings
-from .status import JobStatus, StatusStore, StatusStoreError, StatusStoreUnavailable, wait_result
-from .stores import Stores
+from leveret.topology.delay import MAX_DELAY_S, delay_units, delayed_job_route
+from leveret.topology.errors import InvalidDelayError
+from leveret.topology.model import check_name
 
 log = structlog.get_logger("leveret.publisher")
 
@@ -216,7 +226,7 @@ class Publisher:
 
     async def connect(self) -> None:
         if self._status_store is None and self._status_url:
-            from .status import RedisStatusStore
+            from leveret.producers.stores.status import RedisStatusStore
 
             self._status_store = RedisStatusStore.from_url(
                 self._status_url, ttl=self._status_ttl, timeout=STATUS_WRITE_TIMEOUT_S

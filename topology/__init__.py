@@ -1,8 +1,8 @@
 """The broker layout as data: exchanges, work queues, DLQs and the shared delay chain."""
 
-from .declare import declare, declare_url
-from .definitions import to_definitions
-from .delay import (
+from leveret.topology.declare import declare, declare_url
+from leveret.topology.definitions import to_definitions
+from leveret.topology.delay import (
     DELAY_BITS,
     DELAY_UNIT_S,
     MAX_DELAY_S,
@@ -14,7 +14,7 @@ from .delay import (
     retry_route,
     retry_ttl_ms,
 )
-from .errors import (
+from leveret.topology.errors import (
     InvalidDelayError,
     InvalidNameError,
     InvalidValueError,
@@ -22,7 +22,7 @@ from .errors import (
     QueueMismatchError,
     TopologyError,
 )
-from .model import Topology, WorkQueue, dlq_name
+from leveret.topology.model import Topology, WorkQueue, dlq_name
 
 __all__ = [
     "DELAY_BITS",

@@ -23,10 +23,10 @@ import aiormq
 import aiormq.abc
 from aio_pika.abc import AbstractConnection, ExchangeType
 
-from .delay import DELAY_BITS
-from .errors import QueueMismatchError, TopologyError
-from .model import QueueDecl, QueueType, Topology
-from .versions import Version, quorum_dlq_arguments, version_from_server_properties
+from leveret.topology.delay import DELAY_BITS
+from leveret.topology.errors import QueueMismatchError, TopologyError
+from leveret.topology.model import QueueDecl, QueueType, Topology
+from leveret.topology.versions import Version, quorum_dlq_arguments, version_from_server_properties
 
 _INEQUIVALENT = re.compile(
     r"inequivalent arg '(?P<arg>[^']+)' for (?P<kind>queue|exchange) '(?P<name>[^']+)'"

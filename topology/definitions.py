@@ -28,8 +28,8 @@ import os
 import re
 from typing import Any
 
-from .delay import delay_queue_prefix
-from .model import Topology, cancel_exchange_name, dlq_name, events_exchange_name
+from leveret.topology.delay import delay_queue_prefix
+from leveret.topology.model import Topology, cancel_exchange_name, dlq_name, events_exchange_name
 
 DEFAULT_EXCHANGE_RESOURCE = "amq.default"
 
@@ -72,11 +72,11 @@ def permission_regexes(topology: Topology) -> dict[str, str]:
         for q in topology.queues
     )
     all_queues = f"{all_queues}|{chain}\\..+" if all_queues else f"{chain}\\..+"
-    # The scheduler's token queue, ``<exchange>.scheduler.<app>`` (leveret.consumer.scheduler):
+    # The scheduler's token queue, ``<exchange>.scheduler.<app>`` (the schedules' leader):
     # declared, published to (default exchange) and consumed by every worker with schedules;
     # and the status keeper's queue, ``<exchange>.events.status``, which it declares and reads.
     # A worker's cancellation watch binds an exclusive, server-named queue (``amq.gen-…``) to
-    # ``<exchange>.cancel`` (leveret.producers.cancel.CancelWatch).
+    # ``<exchange>.cancel`` (leveret.producers.stores.cancel.CancelWatch).
     scheduler = f"{ex}\\.scheduler\\..+|{events}\\.status|amq\\.gen-.+"
     both = f"{exchanges}|{all_queues}|{scheduler}" if all_queues else f"{exchanges}|{scheduler}"
     return {

@@ -62,7 +62,7 @@ from __future__ import annotations
 
 import math
 
-from .errors import InvalidDelayError
+from leveret.topology.errors import InvalidDelayError
 
 DELAY_UNIT_S = 0.25
 DELAY_BITS = 27

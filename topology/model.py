@@ -29,7 +29,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from .delay import (
+from leveret.topology.delay import (
     BIT_CLEAR,
     BIT_SET,
     DELAY_BITS,
@@ -42,7 +42,7 @@ from .delay import (
     retry_ttl_ms,
     v2_exchange_name,
 )
-from .errors import InvalidNameError
+from leveret.topology.errors import InvalidNameError
 
 DEFAULT_MAX_PRIORITY = 10
 QUORUM_DELIVERY_LIMIT = 20

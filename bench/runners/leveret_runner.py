@@ -19,7 +19,7 @@ from bench.wire import payload
 from leveret.consumer import JobContext, Worker, WorkerSettings
 from leveret.consumer.logging import configure_logging
 from leveret.producers import Publisher
-from leveret.producers.connection import connect
+from leveret.producers.broker.connection import connect
 from leveret.producers.settings import ConnectionSettings
 from leveret.topology.declare import declare
 

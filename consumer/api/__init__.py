@@ -4,7 +4,7 @@ Install with the ``api`` extra (FastAPI and uvicorn); nothing else in Leveret im
 package, so a worker never pays for it.
 """
 
-from .app import ApiState, create_app
-from .settings import ApiSettings
+from leveret.consumer.api.app import ApiState, create_app
+from leveret.consumer.api.settings import ApiSettings
 
 __all__ = ["ApiSettings", "ApiState", "create_app"]

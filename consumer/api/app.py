@@ -41,7 +41,22 @@ from prometheus_client import CollectorRegistry
 from pydantic import BaseModel, ValidationError
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential
 
-from leveret.producers.cancel import (
+from leveret.consumer.api.middleware import (
+    ApiMetrics,
+    AuthMiddleware,
+    BodyLimitMiddleware,
+    MetricsMiddleware,
+)
+from leveret.consumer.api.settings import ApiSettings
+from leveret.consumer.errors import ConfigError
+from leveret.consumer.registry import JobSpec
+from leveret.consumer.runtime.health import HealthServer
+from leveret.consumer.worker import Worker
+from leveret.producers.broker.connection import CONNECTION_ERRORS, connect, mask_url
+from leveret.producers.errors import PublishError
+from leveret.producers.publisher import Publisher
+from leveret.producers.stores.bundle import Stores
+from leveret.producers.stores.cancel import (
     CancelMarks,
     JobAlreadyEnded,
     UnknownJob,
@@ -49,24 +64,13 @@ from leveret.producers.cancel import (
     declare_cancel_exchange,
     request_cancel,
 )
-from leveret.producers.connection import CONNECTION_ERRORS, connect, mask_url
-from leveret.producers.dedup import MAX_KEY_LENGTH, DedupStore, publish_once
-from leveret.producers.errors import PublishError
-from leveret.producers.lifecycle_settings import LifecycleSettings
-from leveret.producers.message import new_job_id
-from leveret.producers.publisher import Publisher
-from leveret.producers.status import RedisStatusStore, StatusStore, StatusStoreUnavailable
-from leveret.producers.stores import Stores
+from leveret.producers.stores.dedup import MAX_KEY_LENGTH, DedupStore, publish_once
+from leveret.producers.stores.settings import LifecycleSettings
+from leveret.producers.stores.status import RedisStatusStore, StatusStore, StatusStoreUnavailable
+from leveret.producers.wire.message import new_job_id
 from leveret.topology.declare import declare
 from leveret.topology.delay import MAX_DELAY_S
 from leveret.topology.errors import InvalidValueError, LeveretError
-
-from ..errors import ConfigError
-from ..health import HealthServer
-from ..registry import JobSpec
-from ..worker import Worker
-from .middleware import ApiMetrics, AuthMiddleware, BodyLimitMiddleware, MetricsMiddleware
-from .settings import ApiSettings
 
 log = structlog.get_logger("leveret.api")
 

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import click
 
-from .api_cmd import api
-from .cancel_cmd import cancel
-from .dlq_cmd import dlq
-from .doctor_cmd import doctor
-from .job_cmd import job
-from .publish_cmd import publish
-from .schedule_cmd import schedule
-from .status_cmd import status
-from .topology_cmd import topology
-from .worker_cmd import worker
+from leveret.consumer.cli.api_cmd import api
+from leveret.consumer.cli.cancel_cmd import cancel
+from leveret.consumer.cli.dlq_cmd import dlq
+from leveret.consumer.cli.doctor_cmd import doctor
+from leveret.consumer.cli.job_cmd import job
+from leveret.consumer.cli.publish_cmd import publish
+from leveret.consumer.cli.schedule_cmd import schedule
+from leveret.consumer.cli.status_cmd import status
+from leveret.consumer.cli.topology_cmd import topology
+from leveret.consumer.cli.worker_cmd import worker
 
 
 @click.group(

@@ -18,10 +18,9 @@ import click
 import structlog
 from pydantic import ValidationError
 
+from leveret.consumer.cli.common import command_setup, fail, load_app, loop_option
+from leveret.consumer.errors import ConfigError
 from leveret.producers.eventloop import LoopUnavailable, loop_name, resolve
-
-from ..errors import ConfigError
-from .common import command_setup, fail, load_app, loop_option
 
 log = structlog.get_logger("leveret.api")
 
@@ -55,7 +54,7 @@ def api(app: str, host: str, port: int, insecure_no_auth: bool, loop: str) -> No
     try:
         import uvicorn
 
-        from ..api import ApiSettings, create_app
+        from leveret.consumer.api import ApiSettings, create_app
     except ImportError as exc:
         fail(
             f"the HTTP API needs the api extra ({exc.name} is missing): pip install 'leveret[api]'"

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import click
 
-from leveret.producers.lifecycle_settings import LifecycleSettings
+from leveret.consumer.cli.common import command_setup, fail, load_settings, run_async
 from leveret.producers.publisher import Publisher
-
-from .common import command_setup, fail, load_settings, run_async
+from leveret.producers.stores.settings import LifecycleSettings
 
 
 @click.command(

@@ -13,14 +13,13 @@ from typing import Any, NoReturn, TypeVar
 import click
 from pydantic import ValidationError
 
-from leveret.producers.connection import mask_secrets
+from leveret.consumer.errors import ConfigError
+from leveret.consumer.logging import configure_logging
+from leveret.consumer.settings import WorkerSettings
+from leveret.consumer.worker import Worker
+from leveret.producers.broker.connection import mask_secrets
 from leveret.producers.eventloop import LOOP_CHOICES
 from leveret.topology.errors import LeveretError
-
-from ..errors import ConfigError
-from ..logging import configure_logging
-from ..settings import WorkerSettings
-from ..worker import Worker
 
 T = TypeVar("T")
 

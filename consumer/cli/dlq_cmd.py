@@ -14,15 +14,15 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from .common import command_setup, fail, load_settings, run_async
-from .tables import plain_table, print_table
+from leveret.consumer.cli.common import command_setup, fail, load_settings, run_async
+from leveret.consumer.cli.tables import plain_table, print_table
 
 # The DLQ tools (and rich, which draws their tables) load when a dlq command runs, not when the
 # CLI starts: `leveret worker` imports this module too (tests/package/test_lean_imports.py).
 if TYPE_CHECKING:
     from rich.table import Table
 
-    from ..ops.dlq import DeadJob, Filter
+    from leveret.consumer.ops.dlq import DeadJob, Filter
 
 
 def _progress(verb: str) -> Callable[[int, int], None] | None:
@@ -96,7 +96,7 @@ def _filters(fn: Callable[..., Any]) -> Callable[..., Any]:
 def _where(
     ids: tuple[str, ...], job: str | None, reason: str | None, older_than: str | None
 ) -> Filter:
-    from ..ops.dlq import Filter, InvalidDurationError, parse_duration
+    from leveret.consumer.ops.dlq import Filter, InvalidDurationError, parse_duration
 
     try:
         older_than_s = parse_duration(older_than) if older_than is not None else None
@@ -131,7 +131,7 @@ def list_(
     queue: str, limit: int | None, as_json: bool, job: str | None, reason: str | None
 ) -> None:
     """List the dead jobs of work queue QUEUE: id, job, attempts, reason, when, error."""
-    from ..ops.dlq import DeadLetters, Filter
+    from leveret.consumer.ops.dlq import DeadLetters, Filter
 
     settings = load_settings()
 
@@ -182,7 +182,7 @@ def replay(
     dry_run: bool,
 ) -> None:
     """Move dead jobs of QUEUE back to QUEUE and print how many moved."""
-    from ..ops.dlq import DeadLetters
+    from leveret.consumer.ops.dlq import DeadLetters
 
     where = _where(ids, job, reason, older_than)
     settings = load_settings()
@@ -228,7 +228,7 @@ def purge(
     yes: bool,
 ) -> None:
     """Delete dead jobs from QUEUE.dlq and print how many."""
-    from ..ops.dlq import DeadLetters
+    from leveret.consumer.ops.dlq import DeadLetters
 
     where = _where(ids, job, reason, older_than)
     # Ask only where someone can answer. Elsewhere a filter says what to delete; deleting the

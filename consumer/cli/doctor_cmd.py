@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .common import command_setup, load_app, run_async
+from leveret.consumer.cli.common import command_setup, load_app, run_async
 
 _LABELS = {"error": "ERROR", "warning": "WARN", "info": "info", "ok": "ok"}
 
@@ -26,7 +26,7 @@ def doctor(app: str, as_json: bool) -> None:
     """Check the broker against APP: versions, timeouts, queue arguments, permissions."""
     # Here, not at the top: the checks bring httpx, which `leveret worker` need not load with
     # the CLI (tests/package/test_lean_imports.py).
-    from ..ops.doctor import diagnose, to_json
+    from leveret.consumer.ops.doctor import diagnose, to_json
 
     app_worker = load_app(app)
     findings = run_async(diagnose(app_worker.settings, app_worker.jobs, app_worker.topology))

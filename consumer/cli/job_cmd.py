@@ -11,10 +11,9 @@ import json
 
 import click
 
-from leveret.producers.lifecycle_settings import LifecycleSettings
-from leveret.producers.status import JobStatus, RedisStatusStore
-
-from .common import command_setup, fail, run_async
+from leveret.consumer.cli.common import command_setup, fail, run_async
+from leveret.producers.stores.settings import LifecycleSettings
+from leveret.producers.stores.status import JobStatus, RedisStatusStore
 
 
 @click.group()

@@ -7,10 +7,9 @@ from datetime import datetime
 
 import click
 
+from leveret.consumer.cli.common import command_setup, fail, load_settings, run_async
 from leveret.producers.publisher import Publisher, delay_seconds
 from leveret.topology.errors import InvalidDelayError
-
-from .common import command_setup, fail, load_settings, run_async
 
 
 @click.command(

@@ -11,9 +11,9 @@ from datetime import UTC, datetime
 
 import click
 
-from ..schedules import Schedule, format_tick
-from .common import command_setup, load_app
-from .tables import plain_table, print_table
+from leveret.consumer.cli.common import command_setup, load_app
+from leveret.consumer.cli.tables import plain_table, print_table
+from leveret.consumer.features.schedules.spec import Schedule, format_tick
 
 
 @click.group()

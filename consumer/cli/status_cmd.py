@@ -1,6 +1,6 @@
 """``leveret status [APP] [--watch]``: how much work waits, runs, retries and died, per queue.
 
-The figures come from ``leveret.consumer.ops.status``; this module draws them. Where they came
+The figures come from ``leveret.consumer.ops.overview``; this module draws them. Where they came
 from (management API or passive declares) is said on stderr, every time.
 """
 
@@ -14,15 +14,15 @@ from typing import TYPE_CHECKING
 
 import click
 
-from .common import command_setup, load_app, load_settings, run_async
-from .tables import plain_table, print_table
+from leveret.consumer.cli.common import command_setup, load_app, load_settings, run_async
+from leveret.consumer.cli.tables import plain_table, print_table
 
 # Loaded when `status` runs, not when the CLI starts (`leveret worker` imports this module too).
 if TYPE_CHECKING:
     from rich.table import Table
 
-    from ..ops.status import QueueStatus
-    from ..settings import WorkerSettings
+    from leveret.consumer.ops.overview import QueueStatus
+    from leveret.consumer.settings import WorkerSettings
 
 
 def _fmt(value: int | float | None) -> str:
@@ -102,7 +102,7 @@ def _loop(
     as_json: bool,
     clear: bool,
 ) -> None:
-    from ..ops.status import collect
+    from leveret.consumer.ops.overview import collect
 
     while True:
         rows, _source, note = run_async(collect(settings, queues))

@@ -8,11 +8,10 @@ from pathlib import Path
 import click
 from yarl import URL
 
-from leveret.producers.connection import connect
+from leveret.consumer.cli.common import command_setup, fail, load_app, run_async
+from leveret.producers.broker.connection import connect
 from leveret.topology.declare import declare as declare_topology
 from leveret.topology.definitions import to_definitions
-
-from .common import command_setup, fail, load_app, run_async
 
 
 @click.group()
@@ -100,8 +99,8 @@ publishers in any language can validate payloads against them before sending."""
 @command_setup
 def schema(app: str, job: str | None, out: Path | None) -> None:
     """Print an AsyncAPI 2.6 document (or one job's JSON Schema) for APP's jobs."""
-    from ..ops.management import amqp_vhost
-    from ..ops.schema import asyncapi, job_schema, job_schemas
+    from leveret.consumer.ops.management import amqp_vhost
+    from leveret.consumer.ops.schema import asyncapi, job_schema, job_schemas
 
     app_worker = load_app(app)
     url = app_worker.settings.amqp_url.get_secret_value()

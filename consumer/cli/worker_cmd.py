@@ -8,10 +8,16 @@ import sys
 import click
 import structlog
 
+from leveret.consumer.cli.common import (
+    command_setup,
+    fail,
+    load_app,
+    load_settings,
+    loop_option,
+    run_async,
+)
+from leveret.consumer.worker import Worker
 from leveret.producers.eventloop import LoopUnavailable, install, loop_name
-
-from ..worker import Worker
-from .common import command_setup, fail, load_app, load_settings, loop_option, run_async
 
 log = structlog.get_logger("leveret.worker")
 
@@ -68,7 +74,7 @@ async def _run(
 def _supervise(
     app: str, queues: tuple[str, ...], prefetch: int | None, processes: int, loop: str
 ) -> None:
-    from ..supervisor import Supervisor
+    from leveret.consumer.runtime.supervisor import Supervisor
 
     load_app(app)  # a bad APP is one clear line here, not N children failing in a loop
     argv = ["worker", app, "--loop", loop]

@@ -54,11 +54,13 @@ import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection
 from pamqp.commands import Basic
 
-from leveret.producers.confirm import publish_confirmed
-from leveret.producers.connection import CONNECTION_ERRORS, connect
-from leveret.producers.dedup import HEADER_DEDUP_KEY
-from leveret.producers.lifecycle_settings import LifecycleSettings
-from leveret.producers.message import (
+from leveret.producers.broker.confirm import publish_confirmed
+from leveret.producers.broker.connection import CONNECTION_ERRORS, connect
+from leveret.producers.settings import ConnectionSettings
+from leveret.producers.stores.dedup import HEADER_DEDUP_KEY
+from leveret.producers.stores.settings import LifecycleSettings
+from leveret.producers.stores.status import StatusStore, status_write
+from leveret.producers.wire.message import (
     HEADER_ATTEMPTS,
     HEADER_DIED_AT,
     HEADER_ERROR,
@@ -67,8 +69,6 @@ from leveret.producers.message import (
     carried_headers,
     copy_properties,
 )
-from leveret.producers.settings import ConnectionSettings
-from leveret.producers.status import StatusStore, status_write
 from leveret.topology.declare import queue_depth
 from leveret.topology.errors import InvalidValueError, LeveretError
 from leveret.topology.model import dlq_name
@@ -356,7 +356,7 @@ class DeadLetters:
         if self.status_store is None:
             lifecycle = LifecycleSettings()
             if lifecycle.status_url is not None:
-                from leveret.producers.status import RedisStatusStore
+                from leveret.producers.stores.status import RedisStatusStore
 
                 self.status_store = RedisStatusStore.from_url(
                     lifecycle.status_url.get_secret_value(), ttl=lifecycle.status_ttl

@@ -33,9 +33,12 @@ import structlog
 from aio_pika.abc import AbstractConnection
 from yarl import URL
 
-from leveret.producers.connection import connect
+from leveret.consumer.ops.management import Management, ManagementError
+from leveret.consumer.registry import Registry
+from leveret.consumer.settings import WorkerSettings
+from leveret.producers.broker.connection import connect
 from leveret.producers.errors import BrokerUnavailable
-from leveret.producers.events import events_exchange
+from leveret.producers.wire.events import events_exchange
 from leveret.topology.declare import declaration_variants, probe_queue
 from leveret.topology.definitions import permission_regexes, required_permissions
 from leveret.topology.delay import DELAY_BITS, delay_queue_names, retry_queue_name, retry_ttl_ms
@@ -47,10 +50,6 @@ from leveret.topology.versions import (
     quorum_default_delivery_limit,
     quorum_priorities_text,
 )
-
-from ..registry import Registry
-from ..settings import WorkerSettings
-from .management import Management, ManagementError
 
 Severity = Literal["error", "warning", "info", "ok"]
 SEVERITIES: tuple[Severity, ...] = ("error", "warning", "info", "ok")

@@ -19,11 +19,10 @@ from urllib.parse import quote
 import httpx
 from yarl import URL
 
-from leveret.producers.connection import connected_url, mask_secrets, mask_url, split_urls
+from leveret.consumer.settings import WorkerSettings
+from leveret.producers.broker.connection import connected_url, mask_secrets, mask_url, split_urls
 from leveret.producers.settings import ConnectionSettings
 from leveret.topology.errors import LeveretError
-
-from ..settings import WorkerSettings
 
 MANAGEMENT_PORT = 15672
 # The management plugin's TLS listener (https), the one to use beside an amqps:// broker.

@@ -16,6 +16,7 @@ from typing import Any
 from pydantic import TypeAdapter
 from yarl import URL
 
+from leveret.consumer.registry import JobSpec, Registry
 from leveret.topology.delay import (
     DELAY_BITS,
     DELAY_UNIT_S,
@@ -24,8 +25,6 @@ from leveret.topology.delay import (
     delayed_job_route,
 )
 from leveret.topology.model import Topology
-
-from ..registry import JobSpec, Registry
 
 JSON_SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
 ASYNCAPI_VERSION = "2.6.0"

@@ -30,17 +30,16 @@ from typing import Any, cast
 import structlog
 from pydantic import BaseModel
 
-from leveret.producers.message import encode_payload, new_job_id, one_line
-
-from .. import execution
-from ..context import JobContext
-from ..errors import Reject
-from ..middleware import CallNext, JobMetrics
-from ..pipeline import _invalid_payload
-from ..registry import JobSpec
-from ..threads import JobThreads
-from ..tracing import tracing_layer
-from ..worker import Worker
+from leveret.consumer.context import JobContext
+from leveret.consumer.delivery import execution
+from leveret.consumer.delivery.middleware import CallNext, JobMetrics
+from leveret.consumer.delivery.pipeline import _invalid_payload
+from leveret.consumer.errors import Reject
+from leveret.consumer.features.tracing import tracing_layer
+from leveret.consumer.registry import JobSpec
+from leveret.consumer.runtime.threads import JobThreads
+from leveret.consumer.worker import Worker
+from leveret.producers.wire.message import encode_payload, new_job_id, one_line
 
 __all__ = ["DeadJob", "Enqueued", "Retry", "SucceededJob", "TestBroker", "run_job"]
 

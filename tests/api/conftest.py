@@ -23,9 +23,9 @@ from pydantic import BaseModel, Field
 
 from leveret.consumer import JobContext, Worker, WorkerSettings
 from leveret.consumer.api import ApiSettings, create_app
-from leveret.producers.cancel import RedisCancelMarks
-from leveret.producers.dedup import DedupStore
-from leveret.producers.status import RedisStatusStore
+from leveret.producers.stores.cancel import RedisCancelMarks
+from leveret.producers.stores.dedup import DedupStore
+from leveret.producers.stores.status import RedisStatusStore
 from tests.support import Broker
 
 SHARED_REDIS = "redis://127.0.0.1:6379/0"

@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 import time
 
-from leveret.producers.dedup import DedupStore, publish_once
-from leveret.producers.message import new_job_id
 from leveret.producers.publisher import Publisher
+from leveret.producers.stores.dedup import DedupStore, publish_once
+from leveret.producers.wire.message import new_job_id
 
 SHARED_REDIS = "redis://127.0.0.1:6379/0"
 

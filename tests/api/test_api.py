@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry
 from leveret.consumer import Worker
 from leveret.consumer.api import ApiSettings, create_app
 from leveret.consumer.errors import ConfigError
-from leveret.producers.events import JobEvent
+from leveret.producers.wire.events import JobEvent
 from tests.support import Broker, running, wait_for
 
 from .conftest import (
@@ -118,9 +118,15 @@ async def test_get_reads_queued_then_succeeded_with_the_result(
                 job_id = client.post("/jobs/send_email", json=EMAIL).json()["id"]
                 assert client.get(f"/jobs/{job_id}").json()["state"] == "queued"
                 await store.apply(
-                    JobEvent(job_id=job_id, job="send_email", queue="api_email",
-                             state="succeeded", attempt=1, at=datetime.now(UTC),
-                             result={"sent": True})
+                    JobEvent(
+                        job_id=job_id,
+                        job="send_email",
+                        queue="api_email",
+                        state="succeeded",
+                        attempt=1,
+                        at=datetime.now(UTC),
+                        result={"sent": True},
+                    )
                 )
                 body = client.get(f"/jobs/{job_id}").json()
                 assert body["state"] == "succeeded"
@@ -259,9 +265,12 @@ def test_request_metrics_by_route_template_method_and_status(broker: Broker) -> 
     assert value("/jobs/{job}", "POST", "404") == 1
     assert value("/jobs/{job_id}", "GET", "401") == 1
     assert value("/healthz", "GET", "200") == 1
-    assert registry.get_sample_value(
-        "leveret_api_request_duration_seconds_count", {"route": "/healthz", "method": "GET"}
-    ) == 1
+    assert (
+        registry.get_sample_value(
+            "leveret_api_request_duration_seconds_count", {"route": "/healthz", "method": "GET"}
+        )
+        == 1
+    )
 
 
 def test_metrics_are_served_on_the_metrics_port_without_a_token(broker: Broker) -> None:

@@ -12,7 +12,7 @@ import aio_pika
 import pytest
 from prometheus_client import CollectorRegistry
 
-from leveret.producers.cancel import (
+from leveret.producers.stores.cancel import (
     CancelWatch,
     JobAlreadyEnded,
     MemoryCancelMarks,
@@ -20,8 +20,8 @@ from leveret.producers.cancel import (
     UnknownJob,
     request_cancel,
 )
-from leveret.producers.events import JobEvent
-from leveret.producers.status import MemoryStatusStore
+from leveret.producers.stores.status import MemoryStatusStore
+from leveret.producers.wire.events import JobEvent
 from tests.support import Broker, wait_for
 
 from .conftest import SHARED_REDIS, RedisParts, build, serve, wait_connected

@@ -6,8 +6,8 @@ from collections.abc import AsyncIterator
 
 from structlog.testing import capture_logs
 
-from leveret.producers.cancel import CancelMarks, CancelWatch
-from leveret.producers.status import StatusStoreUnavailable
+from leveret.producers.stores.cancel import CancelMarks, CancelWatch
+from leveret.producers.stores.status import StatusStoreUnavailable
 
 
 class FlakyMarks(CancelMarks):

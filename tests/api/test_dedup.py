@@ -13,15 +13,15 @@ from datetime import UTC, datetime
 import pytest
 from prometheus_client import CollectorRegistry
 
-from leveret.producers.dedup import (
+from leveret.producers.errors import UnroutableError
+from leveret.producers.publisher import Publisher
+from leveret.producers.stores.dedup import (
     HEADER_DEDUP_KEY,
     DedupStore,
     InvalidDedupKeyError,
     publish_once,
 )
-from leveret.producers.errors import UnroutableError
-from leveret.producers.events import JobEvent
-from leveret.producers.publisher import Publisher
+from leveret.producers.wire.events import JobEvent
 from leveret.topology import Topology, WorkQueue, declare_url
 from tests.support import Broker
 
@@ -100,8 +100,9 @@ async def test_20_concurrent_publishes_from_4_processes_enqueue_exactly_one_job(
     start_at = time.time() + 3  # every process connected, then all go at once
     with ProcessPoolExecutor(4, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = [
-            pool.submit(dedup_proc.publish_many_once, broker.url, redis_parts.prefix, job, key,
-                        5, start_at)
+            pool.submit(
+                dedup_proc.publish_many_once, broker.url, redis_parts.prefix, job, key, 5, start_at
+            )
             for _ in range(4)
         ]
         results = [r for f in futures for r in f.result(timeout=120)]

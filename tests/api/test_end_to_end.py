@@ -20,10 +20,10 @@ from pydantic import BaseModel
 from leveret.consumer import JobContext, Worker
 from leveret.consumer.api import ApiSettings, create_app
 from leveret.producers import Publisher
-from leveret.producers.cancel import JobAlreadyEnded
-from leveret.producers.lifecycle_settings import LifecycleSettings
 from leveret.producers.settings import ConnectionSettings
-from leveret.producers.status import RedisStatusStore
+from leveret.producers.stores.cancel import JobAlreadyEnded
+from leveret.producers.stores.settings import LifecycleSettings
+from leveret.producers.stores.status import RedisStatusStore
 from tests.support import Broker, assert_queue_types, running, unique, wait_for
 
 from .conftest import TOKEN, serve, wait_connected

@@ -20,11 +20,11 @@ from structlog.testing import capture_logs
 from yarl import URL
 
 from leveret.producers import Publisher
-from leveret.producers.batch import BatchPublishError
-from leveret.producers.dedup import HEADER_DEDUP_KEY, DedupStore, DedupUnavailableError
+from leveret.producers.broker.batch import BatchPublishError
 from leveret.producers.errors import ConnectionLost, PublishTimeout, RefusedError, UnroutableError
 from leveret.producers.publisher import Job
 from leveret.producers.settings import ConnectionSettings
+from leveret.producers.stores.dedup import HEADER_DEDUP_KEY, DedupStore, DedupUnavailableError
 from leveret.topology.declare import declare_url
 from leveret.topology.model import Topology, WorkQueue
 from tests.faults.plumbing import TcpProxy

@@ -12,7 +12,7 @@ from pathlib import Path
 import aio_pika
 import pytest
 
-from leveret.consumer.schedules import make_schedule, parse_tick
+from leveret.consumer.features.schedules.spec import make_schedule, parse_tick
 from leveret.topology import Topology, WorkQueue, declare
 from leveret.topology.delay import MAX_LATENESS_S
 from tests.support import Broker, leveret_cli, unique

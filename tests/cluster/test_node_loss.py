@@ -28,7 +28,7 @@ import pytest
 from yarl import URL
 
 from leveret.producers import ConnectionSettings, Publisher
-from leveret.producers.connection import connected_url
+from leveret.producers.broker.connection import connected_url
 from leveret.producers.publisher import Job
 from tests.cluster.cluster import Cluster
 from tests.processes.apps import JOB, Runs, WorkerProcess, readyz, wait_status, write_app

@@ -1,11 +1,11 @@
-"""The wire envelope is parsed in one place (producers/message.py), old delay keys included."""
+"""The wire envelope is parsed in one place (producers/wire/message.py), old delay keys included."""
 
 from __future__ import annotations
 
 import pytest
 from pamqp.commands import Basic
 
-from leveret.producers.message import CONTENT_TYPE, read_envelope
+from leveret.producers.wire.message import CONTENT_TYPE, read_envelope
 from leveret.topology.delay import delayed_job_route, job_from_routing_key
 
 MAX = 1000

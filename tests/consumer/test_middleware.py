@@ -10,10 +10,10 @@ import structlog
 from pydantic import BaseModel
 
 from leveret.consumer import ConfigError, JobContext, Reject, Worker
-from leveret.consumer.execution import build_chain, run
-from leveret.consumer.middleware import CallNext, JobMetrics, compose
+from leveret.consumer.delivery.execution import build_chain, run
+from leveret.consumer.delivery.middleware import CallNext, JobMetrics, compose
 from leveret.consumer.registry import Registry
-from leveret.consumer.threads import JobThreads
+from leveret.consumer.runtime.threads import JobThreads
 from leveret.producers import Publisher
 from tests.support import Broker, running, unique, wait_for
 

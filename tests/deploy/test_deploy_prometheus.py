@@ -250,7 +250,7 @@ def _api_requests(url: str, queue: str, registry: Any) -> None:
 
     from leveret.consumer import Worker, WorkerSettings
     from leveret.consumer.api import ApiSettings, create_app
-    from leveret.producers.lifecycle_settings import LifecycleSettings
+    from leveret.producers.stores.settings import LifecycleSettings
     from tests.api.conftest import serve, wait_connected
 
     worker = Worker(WorkerSettings(amqp_url=url, metrics_port=0), registry=CollectorRegistry())

@@ -64,9 +64,9 @@ def _shipped_queries() -> str:
 def _exported_series() -> set[str]:
     """The series a worker and a publisher really export, from the metrics code itself."""
     from leveret.consumer.api.middleware import ApiMetrics
-    from leveret.consumer.metrics import WorkerMetrics
-    from leveret.consumer.resources import Resources
-    from leveret.consumer.scheduler import SchedulerMetrics
+    from leveret.consumer.features.resources import Resources
+    from leveret.consumer.features.schedules.leader import SchedulerMetrics
+    from leveret.consumer.runtime.metrics import WorkerMetrics
 
     registry = CollectorRegistry()
     WorkerMetrics(registry)

@@ -12,8 +12,8 @@ from typing import Any
 from pydantic import BaseModel
 
 from leveret.consumer import JobContext, Worker
-from leveret.consumer import startup as startup_module
-from leveret.consumer.ratelimit import GlobalLimiters, LocalLimiter
+from leveret.consumer.features.ratelimit.limiters import GlobalLimiters, LocalLimiter
+from leveret.consumer.runtime import startup as startup_module
 
 # When the global limiter admitted this delivery's start (its own clock, under the broker-side
 # mutex), beside when the handler started: the limit is a guarantee about admissions.
@@ -57,7 +57,7 @@ async def _recording_make(self: GlobalLimiters, job: str, rate: Any) -> Any:
 GlobalLimiters._make = _recording_make  # type: ignore[method-assign]
 
 if os.environ.get("RL_TRACE_POSTPONE"):  # diagnostics: one line per postponement
-    from leveret.consumer.settle import Settler
+    from leveret.consumer.delivery.settle import Settler
 
     _postpone = Settler.postpone
 

@@ -16,7 +16,13 @@ import redis.asyncio as aioredis
 from aio_pika.abc import AbstractConnection
 
 from leveret.consumer.errors import ConfigError
-from leveret.consumer.ratelimit import BrokerLimiter, LocalLimiter, Rate, RedisLimiter, parse_rate
+from leveret.consumer.features.ratelimit.limiters import (
+    BrokerLimiter,
+    LocalLimiter,
+    Rate,
+    RedisLimiter,
+    parse_rate,
+)
 from tests.support import ROOT, Broker
 
 REDIS_URL = os.environ.get("LEVERET_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -202,7 +208,7 @@ async def test_redis_cancelled_waiter_takes_no_slot(
 CHILD = """
 import asyncio, json, sys, time
 import redis.asyncio as aioredis
-from leveret.consumer.ratelimit import RedisLimiter
+from leveret.consumer.features.ratelimit.limiters import RedisLimiter
 
 async def main(url, prefix, seconds):
     client = aioredis.from_url(url)
@@ -307,7 +313,7 @@ async def test_broker_turn_held_elsewhere_then_passed_by_its_connection_dying(
 BROKER_CHILD = """
 import asyncio, json, sys, time
 import aio_pika
-from leveret.consumer.ratelimit import BrokerLimiter
+from leveret.consumer.features.ratelimit.limiters import BrokerLimiter
 
 async def main(url, queue, seconds):
     connection = await aio_pika.connect(url)

@@ -29,8 +29,8 @@ import structlog.testing
 from pydantic import BaseModel
 
 from leveret.consumer import JobContext, Worker
-from leveret.consumer import startup as startup_module
-from leveret.consumer.ratelimit import GlobalLimiters
+from leveret.consumer.features.ratelimit.limiters import GlobalLimiters
+from leveret.consumer.runtime import startup as startup_module
 from leveret.producers import Publisher
 from tests.support import Broker, running, unique, wait_for
 
@@ -186,7 +186,7 @@ async def test_limiter_redis_that_never_answers_fails_within_its_timeouts() -> N
     """A Redis that accepts connections and never answers (a hung server, a black hole) must not
     hang a limited delivery: the limiter's client has connect and socket timeouts, and the
     failure is the limiter's (``LimiterUnavailable``: the job waits), not the job's."""
-    from leveret.consumer.ratelimit import parse_rate
+    from leveret.consumer.features.ratelimit.limiters import parse_rate
 
     accepted: list[asyncio.StreamWriter] = []
 

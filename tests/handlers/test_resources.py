@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry
 
 from leveret.consumer.context import JobContext
 from leveret.consumer.errors import ConfigError
-from leveret.consumer.resources import Resources
+from leveret.consumer.features.resources import Resources
 
 
 class Pool:

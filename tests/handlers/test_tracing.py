@@ -7,7 +7,7 @@ import pytest
 from pydantic import BaseModel
 
 from leveret.consumer import JobContext, Worker
-from leveret.consumer.tracing import tracing_layer
+from leveret.consumer.features.tracing import tracing_layer
 from leveret.producers import Publisher
 from tests.support import Broker, running, unique, wait_for
 

@@ -10,7 +10,7 @@ import structlog
 from pydantic import BaseModel
 
 from leveret.consumer import JobContext, Reject, Worker
-from leveret.consumer.middleware import CallNext
+from leveret.consumer.delivery.middleware import CallNext
 from leveret.producers import Publisher
 from tests.support import Broker, assert_queue_types, running, unique, wait_for
 

@@ -13,7 +13,7 @@ import os
 from typing import Any
 
 from leveret.consumer import JobContext, Worker
-from leveret.consumer.acker import Acker
+from leveret.consumer.delivery.acker import Acker
 
 worker = Worker()
 QUEUE = os.environ["LC_QUEUE"]

@@ -21,7 +21,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from leveret.producers.status import MemoryStatusStore, RedisStatusStore, StatusStore
+from leveret.producers.stores.status import MemoryStatusStore, RedisStatusStore, StatusStore
 
 SHARED_REDIS = "redis://127.0.0.1:6379/0"
 

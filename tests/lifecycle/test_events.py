@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 from pydantic import BaseModel
 
-from leveret.producers.events import (
+from leveret.producers.stores.settings import LifecycleSettings
+from leveret.producers.wire.events import (
     OUTCOME_STATES,
     TERMINAL_STATES,
     InvalidEvent,
@@ -22,7 +23,6 @@ from leveret.producers.events import (
     publishes,
     routing_key,
 )
-from leveret.producers.lifecycle_settings import LifecycleSettings
 from leveret.topology.errors import LeveretError
 
 BASE: dict[str, Any] = {"job_id": "id-1", "job": "send_email", "queue": "mail"}

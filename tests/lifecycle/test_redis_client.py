@@ -9,11 +9,12 @@ from typing import Any
 
 import pytest
 
-from leveret.consumer.ratelimit import GlobalLimiters
-from leveret.producers.cancel import RedisCancelMarks
-from leveret.producers.dedup import DedupStore
-from leveret.producers.redis import redis_client
-from leveret.producers.status import (
+from leveret.consumer.features.ratelimit.limiters import GlobalLimiters
+from leveret.producers.stores.bundle import Stores
+from leveret.producers.stores.cancel import RedisCancelMarks
+from leveret.producers.stores.dedup import DedupStore
+from leveret.producers.stores.redis import redis_client
+from leveret.producers.stores.status import (
     DEFAULT_CANCEL_PREFIX,
     DEFAULT_DEDUP_PREFIX,
     RedisStatusStore,
@@ -21,7 +22,6 @@ from leveret.producers.status import (
     StatusStoreUnavailable,
     status_write,
 )
-from leveret.producers.stores import Stores
 
 from .conftest import SHARED_REDIS, unique_prefix
 

@@ -17,7 +17,7 @@ from leveret.consumer import JobContext, Reject, Worker
 from leveret.consumer.ops.dlq import DeadLetters
 from leveret.producers import Publisher
 from leveret.producers.settings import ConnectionSettings
-from leveret.producers.status import DEFAULT_PREFIX, RedisStatusStore
+from leveret.producers.stores.status import DEFAULT_PREFIX, RedisStatusStore
 from leveret.topology.model import dlq_name
 from tests.support import Broker, assert_queue_types, running, unique, wait_for
 

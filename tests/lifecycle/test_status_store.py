@@ -15,8 +15,7 @@ from typing import Any
 
 import pytest
 
-from leveret.producers.events import JobEvent, build_event, parse_event
-from leveret.producers.status import (
+from leveret.producers.stores.status import (
     JobCancelled,
     JobFailed,
     JobStatus,
@@ -27,6 +26,7 @@ from leveret.producers.status import (
     StatusStoreUnavailable,
     wait_result,
 )
+from leveret.producers.wire.events import JobEvent, build_event, parse_event
 from leveret.topology.errors import LeveretError
 
 from .conftest import PrivateRedis, shared_redis_store

@@ -19,8 +19,8 @@ from pydantic import BaseModel
 
 from leveret.consumer import JobContext, Worker
 from leveret.producers import Publisher
-from leveret.producers.events import events_exchange
 from leveret.producers.settings import ConnectionSettings
+from leveret.producers.wire.events import events_exchange
 from leveret.topology.errors import InvalidValueError
 from tests.support import Broker, assert_queue_types, running, unique, wait_for
 

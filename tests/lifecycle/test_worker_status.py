@@ -22,7 +22,7 @@ from prometheus_client import CollectorRegistry
 from leveret.consumer import JobContext, Worker
 from leveret.producers import Publisher
 from leveret.producers.settings import ConnectionSettings
-from leveret.producers.status import DEFAULT_PREFIX, JobFailed, JobStatus
+from leveret.producers.stores.status import DEFAULT_PREFIX, JobFailed, JobStatus
 from tests.faults.plumbing import WorkerProcess, reaped
 from tests.support import Broker, assert_queue_types, leveret_cli, running, unique, wait_for
 

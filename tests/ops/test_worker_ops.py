@@ -9,7 +9,7 @@ from pydantic import BaseModel
 from structlog.testing import capture_logs
 
 from leveret.consumer import Worker
-from leveret.consumer.dlq_depth import DlqDepthRefresher
+from leveret.consumer.runtime.dlq_depth import DlqDepthRefresher
 from tests.ops.helpers import declare_queue, fill_dlq
 from tests.ops.test_doctor import broker_consumer_timeout_s
 from tests.support import running, unique, wait_for

@@ -28,7 +28,7 @@ from tests.support import ROOT
 # Loaded only by the commands (or features) that use them; never by a worker's start.
 NOT_AT_START = (
     "leveret.consumer.ops.dlq",
-    "leveret.consumer.ops.status",
+    "leveret.consumer.ops.overview",
     "leveret.consumer.ops.schema",
     "leveret.consumer.ops.doctor",
     "leveret.consumer.ops.management",
@@ -95,7 +95,8 @@ def modules_at_start(tmp_path_factory: pytest.TempPathFactory) -> set[str]:
 def test_the_probe_sees_the_worker_start_path(modules_at_start: set[str]) -> None:
     """The probe really loaded the worker and its command line (else the guard proves nothing)."""
     seen = ("leveret.consumer.worker", "leveret.consumer.cli.worker_cmd",
-            "leveret.consumer.cli.dlq_cmd", "leveret.consumer.scheduler", "click")  # fmt: skip
+            "leveret.consumer.cli.dlq_cmd", "leveret.consumer.features.schedules.leader",
+            "click")  # fmt: skip
     for name in seen:
         assert name in modules_at_start, name
 

@@ -50,8 +50,8 @@ def code_settings() -> set[str]:
     """``LEVERET_*`` names of every field of the settings classes."""
     from leveret.consumer.api.settings import ApiSettings
     from leveret.consumer.settings import WorkerSettings
-    from leveret.producers.lifecycle_settings import LifecycleSettings
     from leveret.producers.settings import ConnectionSettings
+    from leveret.producers.stores.settings import LifecycleSettings
 
     names: set[str] = set()
     for cls in (WorkerSettings, ConnectionSettings, LifecycleSettings, ApiSettings):
@@ -73,9 +73,9 @@ def code_metrics() -> set[str]:
     """Every series the worker, the publisher, the scheduler, the resources and the HTTP API
     define, built on a fresh registry."""
     from leveret.consumer.api.middleware import ApiMetrics
-    from leveret.consumer.metrics import WorkerMetrics
-    from leveret.consumer.resources import Resources
-    from leveret.consumer.scheduler import SchedulerMetrics
+    from leveret.consumer.features.resources import Resources
+    from leveret.consumer.features.schedules.leader import SchedulerMetrics
+    from leveret.consumer.runtime.metrics import WorkerMetrics
     from leveret.producers.metrics import published_counter
 
     registry = CollectorRegistry()
@@ -250,7 +250,7 @@ def test_a_removed_doc_line_is_caught(check: Callable[[str], set[str]], item: st
 
 def test_a_new_setting_without_a_doc_line_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
     """A field added to a settings class and not to the reference fails the check."""
-    from leveret.producers.lifecycle_settings import LifecycleSettings
+    from leveret.producers.stores.settings import LifecycleSettings
 
     fields = dict(LifecycleSettings.model_fields)
     fields["brand_new_knob"] = fields["status_ttl"]

@@ -20,12 +20,12 @@ from aio_pika.abc import AbstractConnection
 from pamqp.commands import Basic
 from structlog.testing import capture_logs
 
-from leveret.producers import amqp
-from leveret.producers.batch import BatchPublishError, publish_batch
-from leveret.producers.confirm import publish_confirmed
-from leveret.producers.connection import FailoverRobustConnection
+from leveret.producers.broker import adapter as amqp
+from leveret.producers.broker.batch import BatchPublishError, publish_batch
+from leveret.producers.broker.confirm import publish_confirmed
+from leveret.producers.broker.connection import FailoverRobustConnection
 from leveret.producers.errors import InvalidMessageError, RefusedError, UnroutableError
-from leveret.producers.message import job_properties
+from leveret.producers.wire.message import job_properties
 from tests.support import Broker, unique
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -197,7 +197,8 @@ _PRIVATE = re.compile(
 
 
 def test_no_other_module_reaches_into_aiormq_or_aio_pika() -> None:
-    """Outside ``producers/amqp.py``, no runtime module names an aiormq or aio-pika internal."""
+    """Outside ``producers/broker/adapter.py``, no runtime module names an aiormq or aio-pika
+    internal."""
     offenders = [
         f"{path.relative_to(ROOT)}:{number}: {line.strip()}"
         for package in ("producers", "consumer", "topology")

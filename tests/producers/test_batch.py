@@ -14,8 +14,8 @@ import pytest
 from yarl import URL
 
 from leveret.producers import ConnectionLost, Publisher, RefusedError, UnroutableError
-from leveret.producers.batch import BatchPublishError, _Marshaller
-from leveret.producers.message import job_properties
+from leveret.producers.broker.batch import BatchPublishError, _Marshaller
+from leveret.producers.wire.message import job_properties
 from leveret.topology import Topology, WorkQueue, declare
 from tests.faults.plumbing import TcpProxy
 from tests.support import Broker, unique

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import aio_pika
 from pamqp.commands import Basic
 
-from leveret.producers.batch import _MARSHALLERS, publish_batch
-from leveret.producers.events import build_event, now, now_rfc3339, rfc3339
+from leveret.producers.broker.batch import _MARSHALLERS, publish_batch
+from leveret.producers.wire.events import build_event, now, now_rfc3339, rfc3339
 from tests.producers.test_batch import _declare
 from tests.support import Broker, unique
 

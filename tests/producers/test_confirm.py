@@ -10,7 +10,7 @@ import pytest
 from aio_pika.abc import AbstractConnection
 from pamqp.commands import Basic
 
-from leveret.producers.confirm import publish_confirmed
+from leveret.producers.broker.confirm import publish_confirmed
 from leveret.producers.errors import (
     ConnectionLost,
     PublishError,
@@ -18,7 +18,7 @@ from leveret.producers.errors import (
     RefusedError,
     UnroutableError,
 )
-from leveret.producers.message import job_properties
+from leveret.producers.wire.message import job_properties
 from tests.support import Broker, unique
 
 

@@ -6,7 +6,7 @@ import pytest
 
 from leveret.consumer.ops.management import ManagementTarget
 from leveret.producers import ConnectionSettings
-from leveret.producers.connection import explain, mask_secrets, mask_url
+from leveret.producers.broker.connection import explain, mask_secrets, mask_url
 
 
 def test_a_short_password_does_not_mangle_other_words() -> None:

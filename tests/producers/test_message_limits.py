@@ -13,10 +13,10 @@ import pytest
 from pamqp.commands import Basic
 
 from leveret.producers import Publisher
-from leveret.producers.batch import BatchPublishError, publish_batch
+from leveret.producers.broker.batch import BatchPublishError, publish_batch
 from leveret.producers.errors import InvalidMessageError, PublishError
-from leveret.producers.message import check_message, job_properties
 from leveret.producers.publisher import Job
+from leveret.producers.wire.message import check_message, job_properties
 from leveret.topology import Topology, WorkQueue, declare
 from leveret.topology.errors import LeveretError
 from tests.support import Broker, unique

@@ -16,7 +16,7 @@ from yarl import URL
 
 from leveret.consumer.ops.management import ManagementTarget, amqp_vhost
 from leveret.producers import ConnectionSettings
-from leveret.producers.connection import (
+from leveret.producers.broker.connection import (
     FailoverRobustConnection,
     connect,
     connected_url,

@@ -11,9 +11,9 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from leveret.consumer.api.middleware import ApiMetrics
-from leveret.consumer.metrics import WorkerMetrics
-from leveret.consumer.resources import Resources
-from leveret.consumer.scheduler import SchedulerMetrics
+from leveret.consumer.features.resources import Resources
+from leveret.consumer.features.schedules.leader import SchedulerMetrics
+from leveret.consumer.runtime.metrics import WorkerMetrics
 from leveret.producers.metrics import per_registry, published_counter
 
 # Each of the five metric sets, and one series name it registers on the registry it is given.

@@ -10,7 +10,7 @@ import pytest
 from pydantic import BaseModel
 
 from leveret.consumer import JobContext, Reject, Worker
-from leveret.consumer.middleware import CallNext
+from leveret.consumer.delivery.middleware import CallNext
 from leveret.testing import TestBroker, run_job
 
 

@@ -15,8 +15,8 @@ import sys
 import structlog
 from prometheus_client import CollectorRegistry
 
-from leveret.consumer.scheduler import Scheduler
-from leveret.consumer.schedules import make_schedule
+from leveret.consumer.features.schedules.leader import Scheduler
+from leveret.consumer.features.schedules.spec import make_schedule
 
 
 async def main(

@@ -27,8 +27,8 @@ from urllib.parse import quote
 import aio_pika
 import pytest
 
-from leveret.consumer.scheduler import scheduler_queue_name
-from leveret.consumer.schedules import parse_tick
+from leveret.consumer.features.schedules.leader import scheduler_queue_name
+from leveret.consumer.features.schedules.spec import parse_tick
 from tests.support import ROOT, Broker, unique
 
 pytestmark = pytest.mark.slow

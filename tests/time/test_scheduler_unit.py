@@ -13,13 +13,13 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from leveret.consumer.errors import ConfigError
-from leveret.consumer.scheduler import (
+from leveret.consumer.features.schedules.leader import (
     DEFAULT_APP,
     Scheduler,
     scheduler_queue_name,
     with_heartbeat,
 )
-from leveret.consumer.schedules import format_tick, make_schedule, parse_tick
+from leveret.consumer.features.schedules.spec import format_tick, make_schedule, parse_tick
 from tests.support import Broker, unique, wait_for
 
 

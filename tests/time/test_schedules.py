@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from leveret.consumer.errors import ConfigError
-from leveret.consumer.schedules import check_schedules, format_tick, make_schedule
+from leveret.consumer.features.schedules.spec import check_schedules, format_tick, make_schedule
 
 
 def _utc(*args: int) -> datetime:

@@ -27,7 +27,7 @@ from typing import Any
 import httpx
 import pytest
 
-from leveret.consumer.schedules import parse_tick
+from leveret.consumer.features.schedules.spec import parse_tick
 from tests.support import Broker, assert_queue_types, unique
 from tests.time.test_scheduler import _consecutive
 from tests.time.test_scheduler import _until as _until_bare

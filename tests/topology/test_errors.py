@@ -14,7 +14,7 @@ from leveret.producers.errors import (
     InvalidPayloadError,
     InvalidPriorityError,
 )
-from leveret.producers.message import check_priority, encode_payload
+from leveret.producers.wire.message import check_priority, encode_payload
 from leveret.topology import errors as topology_errors
 from leveret.topology.delay import delayed_job_route
 from leveret.topology.errors import (

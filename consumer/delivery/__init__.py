@@ -1,0 +1,1 @@
+"""The delivery path: one message from the consume loop to its ack."""

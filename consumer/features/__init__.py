@@ -1,0 +1,1 @@
+"""What plugs into the chain: cancellation, rate limits, resources, tracing, schedules."""

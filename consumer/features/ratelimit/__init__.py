@@ -1,0 +1,1 @@
+"""Rate limits: the chain layer (``layer``) and the limiters it asks (``limiters``)."""

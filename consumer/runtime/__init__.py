@@ -1,0 +1,1 @@
+"""Process start-up and supervision: what runs beside the consume loop."""

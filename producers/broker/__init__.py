@@ -1,0 +1,1 @@
+"""The AMQP connection and the one confirmed-publish path (aiormq behind one adapter)."""

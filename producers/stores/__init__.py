@@ -1,0 +1,1 @@
+"""Redis-backed state both sides share: statuses, dedup claims, cancel marks."""
