@@ -237,6 +237,7 @@ def start_scheduler(
         exchange=settings.exchange,
         registry=worker.metrics.registry,
         publish_timeout=settings.publish_timeout,
+        queue_type=settings.queue_type,
     )
 
     async def run_once_declared() -> None:

@@ -61,11 +61,17 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
+from typing import Any, Literal
 
 import aio_pika
 import aiormq
 import structlog
-from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractConnection,
+    AbstractIncomingMessage,
+    AbstractQueue,
+)
 from pamqp.commands import Basic
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge
 from yarl import URL
@@ -158,7 +164,11 @@ class Scheduler:
         heartbeat_s: float = 0.5,
         publish_timeout: float = DEFAULT_PUBLISH_TIMEOUT,
         reconnect_s: float = 1.0,
+        queue_type: Literal["classic", "quorum"] = "classic",
     ) -> None:
+        """``queue_type``: the election queue's type, the app's (``LEVERET_QUEUE_TYPE``): on a
+        cluster a quorum election queue outlives the loss of the node a classic one lives on."""
+        self.queue_type = queue_type
         if isinstance(connect, str):
             url = with_heartbeat(connect)
             self._connect: Connect = lambda: aio_pika.connect(url)
@@ -255,6 +265,32 @@ class Scheduler:
 
     # -- one connection ---------------------------------------------------------------------
 
+    async def _declare_election(
+        self, connection: AbstractConnection, channel: AbstractChannel
+    ) -> tuple[AbstractQueue, AbstractChannel]:
+        """The election queue, of the app's queue type. One declared before as the other type
+        (an upgraded vhost, or LEVERET_QUEUE_TYPE changed) is used as it is, with a warning:
+        the broker refuses to redeclare a queue with other arguments, and deleting it would
+        drop the token."""
+        arguments: dict[str, Any] = {"x-single-active-consumer": True}
+        if self.queue_type == "quorum":
+            arguments["x-queue-type"] = "quorum"
+        try:
+            return await channel.declare_queue(
+                self.queue, durable=True, arguments=arguments
+            ), channel
+        except aiormq.exceptions.ChannelPreconditionFailed as exc:
+            log.warning(
+                "scheduler_queue_type_differs",
+                queue=self.queue,
+                wanted=self.queue_type,
+                error=str(exc),
+                action="using the existing election queue as it is",
+            )
+        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        await channel.set_qos(prefetch_count=100)
+        return await channel.declare_queue(self.queue, passive=True), channel
+
     async def _session(self) -> None:
         connection = await self._connect()
         self._held, self._pending, self._bootstrap_id = [], set(), ""
@@ -263,14 +299,12 @@ class Scheduler:
             self._check_heartbeat(connection)
             channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
             await channel.set_qos(prefetch_count=100)
+            queue, channel = await self._declare_election(connection, channel)
             cancelled = asyncio.Event()
             # aio-pika's plain channel ignores the broker's basic.cancel (the queue was deleted,
             # or its node failed): without this we would stand by forever with no consumer.
             underlay = await channel.get_underlay_channel()
             underlay.on_consumer_cancel_callbacks.add(lambda _frame: cancelled.set())
-            queue = await channel.declare_queue(
-                self.queue, durable=True, arguments={"x-single-active-consumer": True}
-            )
             standby_since = self._since = datetime.now(UTC)
             inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
             await queue.consume(inbox.put, no_ack=False)
