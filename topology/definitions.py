@@ -76,7 +76,7 @@ def permission_regexes(topology: Topology) -> dict[str, str]:
     # declared, published to (default exchange) and consumed by every worker with schedules;
     # and the status keeper's queue, ``<exchange>.events.status``, which it declares and reads.
     # A worker's cancellation watch binds an exclusive, server-named queue (``amq.gen-…``) to
-    # ``<exchange>.cancel`` (leveret.producers.stores.cancel.CancelWatch).
+    # ``<exchange>.cancel`` (leveret.consumer.features.cancel_watch).
     scheduler = f"{ex}\\.scheduler\\..+|{events}\\.status|amq\\.gen-.+"
     both = f"{exchanges}|{all_queues}|{scheduler}" if all_queues else f"{exchanges}|{scheduler}"
     return {

@@ -32,12 +32,13 @@ from leveret.consumer.delivery.acker import Acker
 from leveret.consumer.delivery.pipeline import Pipeline
 from leveret.consumer.delivery.settle import Settler
 from leveret.consumer.delivery.status_writer import StatusWriter
+from leveret.consumer.features.cancel_watch import CancelWatch
 from leveret.consumer.features.cancellation import Cancellation
 from leveret.consumer.runtime.metrics import Outcomes
 from leveret.consumer.settings import WorkerSettings
 from leveret.producers.broker.connection import CONNECTION_ERRORS, connect, mask_secrets
 from leveret.producers.errors import BrokerUnavailable
-from leveret.producers.stores.cancel import CancelMarks, CancelWatch
+from leveret.producers.stores.cancel import CancelMarks
 from leveret.producers.stores.dedup import DedupStore
 from leveret.producers.wire.message import one_line
 from leveret.topology.declare import declare

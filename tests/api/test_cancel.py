@@ -12,8 +12,8 @@ import aio_pika
 import pytest
 from prometheus_client import CollectorRegistry
 
+from leveret.consumer.features.cancel_watch import CancelWatch
 from leveret.producers.stores.cancel import (
-    CancelWatch,
     JobAlreadyEnded,
     MemoryCancelMarks,
     RedisCancelMarks,

@@ -6,7 +6,8 @@ from collections.abc import AsyncIterator
 
 from structlog.testing import capture_logs
 
-from leveret.producers.stores.cancel import CancelMarks, CancelWatch
+from leveret.consumer.features.cancel_watch import CancelWatch
+from leveret.producers.stores.cancel import CancelMarks
 from leveret.producers.stores.status import StatusStoreUnavailable
 
 
