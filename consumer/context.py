@@ -57,6 +57,9 @@ class JobContext:
     lifecycle: Lifecycle | None = None
     delivery: Any = None
     follow_ups: list[Any] | None = None
+    # A group's final job (``pub.group(..., then=...)``): its members' endings, a
+    # ``leveret.producers.groups.JobGroup`` (ids, states, results, counts); else ``None``.
+    group: Any = None
 
     async def progress(self, fraction: float, message: str | None = None) -> None:
         """Report how far the run is (0 to 1) with an optional message: a ``progress`` event

@@ -42,7 +42,7 @@ import math
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
-from typing import Any, NamedTuple, Self
+from typing import Any, NamedTuple, Self, overload
 
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
@@ -54,6 +54,14 @@ from leveret.producers.broker.batch import BatchPublishError, publish_batch
 from leveret.producers.broker.confirm import publish_confirmed
 from leveret.producers.broker.connection import connect, mask_url
 from leveret.producers.errors import DuplicateJobIdError, PublishError, PublishTimeout
+from leveret.producers.groups import (
+    GroupId,
+    GroupStatus,
+    GroupStore,
+    GroupsUnavailableError,
+    is_group_id,
+    publish_group,
+)
 from leveret.producers.metrics import published_counter
 from leveret.producers.settings import ConnectionSettings
 from leveret.producers.stores.bundle import Stores
@@ -220,6 +228,7 @@ class Publisher:
         self._dedup: DedupStore | None = None
         self._marks: CancelMarks | None = None
         self._cancel_declared = False
+        self._groups: GroupStore | None = None
 
     def __repr__(self) -> str:
         return f"Publisher({mask_url(self.settings.amqp_url.get_secret_value())!r})"
@@ -528,9 +537,44 @@ class Publisher:
                 action="the job is queued; its status appears once a worker runs it",
             )
 
-    async def status(self, job_id: str) -> JobStatus | None:
-        """The job's latest status (``None``: unknown or expired id). Needs a status store."""
+    @overload
+    async def status(self, job_id: GroupId) -> GroupStatus | None: ...  # type: ignore[overload-overlap]
+
+    @overload
+    async def status(self, job_id: str) -> JobStatus | None: ...
+
+    async def status(self, job_id: str) -> JobStatus | GroupStatus | None:
+        """The job's latest status (``None``: unknown or expired id). Needs a status store.
+        A group's id (``group-…``, from ``group``) gives the group's counts (``GroupStatus``)."""
+        if is_group_id(job_id):
+            return await self.group_status(job_id)
         return await self._store().get(job_id)
+
+    # -- groups (``producers.groups``) ----------------------------------------------------------
+
+    async def group(
+        self,
+        jobs: Iterable[Job | tuple[str, Payload]],
+        *,
+        then: Job,
+        group_id: str | None = None,
+    ) -> GroupId:
+        """Publish ``jobs`` as one group; ``then`` runs once, after every member has ended
+        (succeeded, dead or cancelled), with their ids, states and results in ``ctx.group``.
+        Returns the group's id (``pub.status(group_id)``: its counts). Needs the status store's
+        Redis (``GroupsUnavailableError``); see ``producers.groups``."""
+        return await publish_group(self, self._group_store(), jobs, then, group_id)
+
+    async def group_status(self, group_id: str) -> GroupStatus | None:
+        """The group's counts per state (``None``: unknown or expired id)."""
+        return await self._group_store().status(group_id)
+
+    def _group_store(self) -> GroupStore:
+        if self._groups is None:
+            self._groups = GroupStore.of(self._status_store)
+            if self._groups is None:
+                raise GroupsUnavailableError()
+        return self._groups
 
     async def result(self, job_id: str, timeout: float | None = None) -> JsonValue:
         """Wait for the job to end: its result on ``succeeded``; ``JobFailed`` on ``dead``,

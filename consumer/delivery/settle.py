@@ -47,6 +47,7 @@ from leveret.consumer.delivery.copies import EventCopies, FollowUp
 from leveret.consumer.delivery.envelope import Delivery
 from leveret.consumer.delivery.outbox import Copy, CopyInvalid, Outbox, SettleFailed
 from leveret.consumer.errors import Reject
+from leveret.consumer.features.groups import group_ends
 from leveret.consumer.registry import JobSpec
 from leveret.consumer.runtime.metrics import (
     CANCELLED,
@@ -140,6 +141,8 @@ class Settler:
         self._dedup = dedup
         self._releases: set[asyncio.Task[bool]] = set()
         self.records_started = self.publishes_started or status is not None
+        # Job groups (with a Redis status store): members' endings, the final job's publish.
+        self.groups = group_ends(status, self._queue_of)
 
     # -- outcomes ---------------------------------------------------------------------------------
 
@@ -281,6 +284,8 @@ class Settler:
         if writes:
             assert self.status is not None
             await self.status.record(writes)
+            if self.groups is not None:  # a group member's ending counted (features.groups)
+                await self.groups.ended(d, writes[0], self._confirm, self.status)
         self.acker.ack(d.tag)
         # Each outcome forgets the job's failed settles once it is out (a redelivery guard's
         # requeue is no outcome, so the backoff keeps growing across those).

@@ -60,9 +60,15 @@ def pipeline(
     """The worker's pipeline: one chain per job, composed now so no message pays for it."""
     from leveret.consumer.features.tracing import tracing_layer
 
+    # With a status store, a group's final job gets ``ctx.group`` (``features.groups``).
+    middlewares = worker.middlewares
+    if worker.settings.status_url is not None:
+        from leveret.consumer.features.groups import group_context
+
+        middlewares = [group_context, *middlewares]
     return Pipeline.for_jobs(
         worker.jobs,
-        worker.middlewares,
+        middlewares,
         worker.metrics,
         threads,
         worker.settings,
