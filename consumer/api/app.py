@@ -287,11 +287,13 @@ def create_app(
     insecure_no_auth: bool = False,
     registry: CollectorRegistry | None = None,
     metrics_port: int | None = None,
+    ui: bool = True,
 ) -> FastAPI:
     """The API for ``worker``'s jobs. Without a token (``LEVERET_API_TOKEN``) this raises
     ``ConfigError`` unless ``insecure_no_auth``. Stores not given are built from
     ``LEVERET_STATUS_URL`` (``_stores``); without it, ``GET``/``DELETE`` answer 503 and a
     ``dedup_key`` 501. ``metrics_port`` defaults to ``LEVERET_METRICS_PORT`` (0: off).
+    ``ui`` serves the web console at ``/ui`` (``leveret.consumer.console``; ``--no-ui``: off).
     """
     settings = settings if settings is not None else ApiSettings()
     token = _token(worker, settings, insecure_no_auth)
@@ -333,6 +335,10 @@ def create_app(
     _add_routes(app, state)
     app.add_middleware(BodyLimitMiddleware, limit=settings.api_max_body)
     app.add_middleware(AuthMiddleware, token=token)
+    if ui:  # outside the bearer check: the console signs in with its own cookie
+        from leveret.consumer.console import add_console
+
+        add_console(app, state)
     app.add_middleware(MetricsMiddleware, metrics=metrics, routes=app.router.routes)
     return app
 

@@ -43,9 +43,10 @@ Needs the api extra: pip install 'leveret[api]'."""
     is_flag=True,
     help="Run without LEVERET_API_TOKEN: anyone who reaches the port can publish and cancel.",
 )
+@click.option("--no-ui", is_flag=True, help="Do not serve the web console at /ui.")
 @loop_option
 @command_setup
-def api(app: str, host: str, port: int, insecure_no_auth: bool, loop: str) -> None:
+def api(app: str, host: str, port: int, insecure_no_auth: bool, no_ui: bool, loop: str) -> None:
     """Serve APP's jobs over HTTP (module:attribute naming a Worker)."""
     try:
         loop_kind = resolve(loop)  # before anything slow: a missing uvloop is one clear line
@@ -66,7 +67,7 @@ def api(app: str, host: str, port: int, insecure_no_auth: bool, loop: str) -> No
         first = exc.errors()[0]
         fail(f"setting LEVERET_{str(first['loc'][0]).upper()} is invalid: {first['msg']}")
     try:
-        asgi = create_app(worker, settings, insecure_no_auth=insecure_no_auth)
+        asgi = create_app(worker, settings, insecure_no_auth=insecure_no_auth, ui=not no_ui)
     except ConfigError as exc:
         fail(str(exc))
     # Logging is structlog's (configured by command_setup); uvicorn's access log would print
