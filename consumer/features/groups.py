@@ -31,7 +31,10 @@ from leveret.producers.groups import (
     ENDED_STATES,
     HEADER_GROUP,
     HEADER_GROUP_THEN,
+    GroupMember,
+    GroupStatus,
     GroupStore,
+    JobGroup,
     ThenJob,
 )
 from leveret.producers.stores.redis import StatusStoreUnavailable
@@ -182,3 +185,69 @@ async def group_context(ctx: JobContext, call_next: Callable[[JobContext], Await
             return current.result
     ctx.group = await ends.store.load(group_id)
     return await call_next(ctx)
+
+
+class MemoryGroups:
+    """Groups in memory for ``TestBroker``: the same counting (each member once, its first
+    ending stands) and the same ``JobGroup``/``GroupStatus``, without Redis."""
+
+    def __init__(self) -> None:
+        self._groups: dict[str, tuple[list[str], ThenJob, dict[str, GroupMember]]] = {}
+        self._member_of: dict[str, str] = {}
+        self._then_of: dict[str, str] = {}
+        self._then_state: dict[str, str] = {}
+
+    def add(self, group_id: str, member_ids: list[str], then: ThenJob) -> None:
+        self._groups[group_id] = (member_ids, then, {})
+        for member_id in member_ids:
+            self._member_of[member_id] = group_id
+        self._then_of[then.job_id] = group_id
+
+    def ended(
+        self, job_id: str, job: str, state: str, result: Any = None, error: str | None = None
+    ) -> ThenJob | None:
+        """Count a job's ending; the group's final job when this ending completed it."""
+        then_of = self._then_of.get(job_id)
+        if then_of is not None:
+            self._then_state[then_of] = state
+        group_id = self._member_of.get(job_id)
+        if group_id is None:
+            return None
+        members, then, ended = self._groups[group_id]
+        if job_id in ended:
+            return None
+        ended[job_id] = GroupMember(id=job_id, job=job, state=state, result=result, error=error)
+        if len(ended) < len(members):
+            return None
+        self._then_state[group_id] = "queued"
+        return then
+
+    def group(self, then_job_id: str) -> JobGroup | None:
+        """``ctx.group`` for a final job's id (``None`` for any other job)."""
+        group_id = self._then_of.get(then_job_id)
+        if group_id is None:
+            return None
+        members, _, ended = self._groups[group_id]
+        out = [ended.get(m) or GroupMember(id=m, state="pending") for m in members]
+        counts = dict.fromkeys(ENDED_STATES, 0)
+        for m in out:
+            counts[m.state] = counts.get(m.state, 0) + 1
+        return JobGroup(id=group_id, members=out, counts=counts)
+
+    def status(self, group_id: str) -> GroupStatus | None:
+        if group_id not in self._groups:
+            return None
+        members, then, ended = self._groups[group_id]
+        counts = dict.fromkeys(ENDED_STATES, 0)
+        for m in ended.values():
+            counts[m.state] += 1
+        counts["pending"] = len(members) - len(ended)
+        return GroupStatus(
+            id=group_id,
+            total=len(members),
+            ended=len(ended),
+            counts=counts,
+            then_id=then.job_id,
+            then_job=then.job,
+            then_state=self._then_state.get(group_id),
+        )

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, cast
@@ -35,6 +35,7 @@ from leveret.consumer.delivery import execution
 from leveret.consumer.delivery.middleware import CallNext, JobMetrics
 from leveret.consumer.delivery.pipeline import _invalid_payload
 from leveret.consumer.errors import Reject
+from leveret.consumer.features.groups import MemoryGroups
 from leveret.consumer.features.tracing import tracing_layer
 from leveret.consumer.registry import JobSpec
 from leveret.consumer.runtime.threads import JobThreads
@@ -251,6 +252,8 @@ class TestBroker:
     _queue: deque[_Pending] = field(default_factory=deque)
     _chains: dict[str, CallNext] = field(default_factory=dict)
     _stack: contextlib.AsyncExitStack | None = None
+    # ``group``: members counted in memory, the final job queued once all ended.
+    groups: MemoryGroups = field(default_factory=MemoryGroups)
 
     async def __aenter__(self) -> TestBroker:
         self.worker.check()
@@ -296,6 +299,35 @@ class TestBroker:
         self._queue.append(_Pending(job, job_id, body, carried))
         return job_id
 
+    async def group(self, jobs: Iterable[Any], *, then: Any) -> str:
+        """``pub.group``: queue ``jobs`` (``Job``s or ``(job, payload)``) as one group; ``then``
+        (a ``Job``) is queued once every member ended, with ``ctx.group``. Its id is
+        ``<group id>.then``; ``group_status(group_id)`` gives the counts."""
+        from leveret.producers.groups import ThenJob, new_group_id, then_id
+
+        group_id = new_group_id()
+        ids = []
+        for item in jobs:
+            job, payload = (item.job, item.payload) if hasattr(item, "job") else item
+            ids.append(await self.publish(job, payload, job_id=getattr(item, "job_id", None)))
+        if not ids:
+            raise ValueError("a group needs at least one member job")
+        body = _body(then.payload).decode()
+        final = ThenJob(job=then.job, job_id=then_id(group_id), body=body, exchange="",
+                        routing_key=then.job, max_attempts=then.max_attempts)  # fmt: skip
+        self.groups.add(group_id, ids, final)
+        return group_id
+
+    def group_status(self, group_id: str) -> Any:
+        """The group's counts (a ``GroupStatus``), as ``pub.status(group_id)`` gives them."""
+        return self.groups.status(group_id)
+
+    def _group_ended(self, p: _Pending, state: str, result: Any, error: str | None) -> None:
+        final = self.groups.ended(p.job_id, p.job, state, result, error)
+        if final is not None:
+            body = final.body.encode()
+            self._queue.append(_Pending(final.job, final.job_id, body, {}, 0, final.max_attempts))
+
     async def join(self) -> None:
         """Run queued jobs (and the retries and follow-ups they cause) until none is left."""
         if self._stack is None:
@@ -321,9 +353,11 @@ class TestBroker:
         max_attempts = p.max_attempts or spec.max_attempts
         ctx = _context(spec, p.job_id, attempt, p.headers, value, collect)
         ctx.max_attempts = max_attempts
+        ctx.group = self.groups.group(p.job_id)
         result, error = await execution.run(self._chains[spec.name], ctx)
         if error is None:
             self.succeeded.append(SucceededJob(p.job, p.job_id, result, attempt))
+            self._group_ended(p, "succeeded", result, None)
             for f in ctx.follow_ups or ():
                 self.enqueued.append(f)
                 body = _body(f.payload)
@@ -345,3 +379,4 @@ class TestBroker:
 
     def _dead(self, p: _Pending, payload: Any, reason: str, error: str, attempts: int) -> None:
         self.dead.append(DeadJob(p.job, p.job_id, payload, reason, error, attempts))
+        self._group_ended(p, "dead", None, error)
