@@ -60,6 +60,32 @@ class JobContext:
     # A group's final job (``pub.group(..., then=...)``): its members' endings, a
     # ``leveret.producers.groups.JobGroup`` (ids, states, results, counts); else ``None``.
     group: Any = None
+    # ``lock=`` jobs: the hold's fencing token (grows with every acquisition), and whether the
+    # lock was lost while this run held it (``leveret.consumer.features.locks``).
+    lock_token: int | None = None
+    lock_lost: bool = False
+    # Where ``done_before``/``mark_done`` keep their marks (Redis; set by the worker).
+    done_marks: Any = None
+
+    async def done_before(self, key: str) -> bool:
+        """Whether ``await ctx.mark_done(key)`` ran before, in any run of any job (kept for
+        ``LEVERET_IDEMPOTENCY_TTL``). Needs Redis (``LEVERET_STATUS_URL``): ``ConfigError``
+        without it. See ``leveret.consumer.features.idempotency``."""
+        from leveret.consumer.features.idempotency import no_marks, user_key
+
+        if self.done_marks is None:
+            raise no_marks()
+        done, _ = await self.done_marks.lookup(user_key(key))
+        return bool(done)
+
+    async def mark_done(self, key: str) -> None:
+        """Record that the side effect ``key`` names happened: later ``done_before(key)`` is
+        true. Call it right after the side effect."""
+        from leveret.consumer.features.idempotency import no_marks, user_key
+
+        if self.done_marks is None:
+            raise no_marks()
+        await self.done_marks.mark(user_key(key), True)
 
     async def progress(self, fraction: float, message: str | None = None) -> None:
         """Report how far the run is (0 to 1) with an optional message: a ``progress`` event

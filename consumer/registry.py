@@ -23,7 +23,8 @@ from pydantic import BaseModel, TypeAdapter
 from tenacity import RetryCallState
 from tenacity.wait import wait_base, wait_exponential
 
-from leveret.consumer.errors import ConfigError
+from leveret.consumer.errors import ConfigError, Retry
+from leveret.consumer.features.locks import key_template
 from leveret.consumer.features.ratelimit.limiters import Rate, parse_rate
 from leveret.topology.delay import MAX_DELAY_S
 from leveret.topology.model import Topology, WorkQueue, check_name
@@ -49,6 +50,17 @@ class JobSpec:
     cancellable: bool = False
     rate_limit: Rate | None = None  # per worker process
     global_rate_limit: Rate | None = None  # across every worker
+    # ``lock=``/``idempotency_key=``: the template as given and its renderer (payload -> key);
+    # ``retry_on``: the exceptions that are retried, others dead-letter ``rejected``.
+    lock: str | None = None
+    lock_key: Callable[[Any], str] | None = None
+    idempotency_key: str | None = None
+    idempotency_key_of: Callable[[Any], str] | None = None
+    retry_on: tuple[type[BaseException], ...] | None = None
+
+    def retries(self, error: BaseException) -> bool:
+        """Whether ``error`` may be retried (``retry_on``; a ``Retry`` always may)."""
+        return self.retry_on is None or isinstance(error, (Retry, *self.retry_on))
 
     def delay_after(self, attempt: int, error: BaseException) -> float:
         """Seconds to wait before the run after failed run number ``attempt``."""
@@ -107,6 +119,27 @@ def _check_numbers(name: str, max_attempts: int, backoff: Backoff, timeout: floa
         raise ConfigError(f"timeout of job {name!r} must be a positive number of seconds")
 
 
+def _payload_model(fn: Callable[..., Any]) -> Any:
+    """The payload's annotation (``_validator`` checked it), to check key templates against."""
+    first = next(iter(inspect.signature(fn).parameters))
+    return typing.get_type_hints(fn).get(first)
+
+
+def _retry_on(retry_on: object, name: str) -> tuple[type[BaseException], ...] | None:
+    """``retry_on=`` as a tuple of exception classes; anything else is refused now."""
+    if retry_on is None:
+        return None
+    classes = retry_on if isinstance(retry_on, tuple) else (retry_on,)
+    if not classes or not all(
+        isinstance(c, type) and issubclass(c, BaseException) for c in classes
+    ):
+        raise ConfigError(
+            f"retry_on of job {name!r} must be an exception class or a tuple of them, "
+            f"got {retry_on!r}"
+        )
+    return classes
+
+
 class Registry:
     """Job name → ``JobSpec``, and the topology those jobs need."""
 
@@ -125,6 +158,9 @@ class Registry:
         cancellable: bool = False,
         rate_limit: str | None = None,
         global_rate_limit: str | None = None,
+        lock: str | None = None,
+        idempotency_key: str | None = None,
+        retry_on: type[BaseException] | tuple[type[BaseException], ...] | None = None,
     ) -> JobSpec:
         try:
             check_name("job", name)
@@ -146,6 +182,13 @@ class Registry:
         )
         _check_numbers(name, max_attempts, backoff, timeout)
         validate = _validator(fn, name)
+        model = _payload_model(fn)
+        lock_key = None if lock is None else key_template(lock, "lock", name, model)
+        done_key = (
+            None
+            if idempotency_key is None
+            else key_template(idempotency_key, "idempotency_key", name, model)
+        )
         for p in list(inspect.signature(fn).parameters.values())[1:]:
             if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
                 raise ConfigError(
@@ -164,6 +207,11 @@ class Registry:
             cancellable=cancellable,
             rate_limit=limits[0],
             global_rate_limit=limits[1],
+            lock=lock,
+            lock_key=lock_key,
+            idempotency_key=idempotency_key,
+            idempotency_key_of=done_key,
+            retry_on=_retry_on(retry_on, name),
         )
         self.jobs[name] = spec
         return spec

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from leveret.consumer import ConfigError, JobContext, Reject, Worker, WorkerSettings
+    from leveret.consumer.errors import Retry
     from leveret.producers import (
         BlockingPublisher,
         BrokerUnavailable,
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
 
 # Where each public name lives; ``__getattr__`` imports it from there the first time it is read.
 _HOME = {
+    "Retry": "leveret.consumer.errors",
     **dict.fromkeys(
         ("ConfigError", "JobContext", "Reject", "Worker", "WorkerSettings"), "leveret.consumer"
     ),
@@ -92,6 +94,7 @@ __all__ = [
     "QueueMismatchError",
     "RefusedError",
     "Reject",
+    "Retry",
     "TopologyError",
     "UnroutableError",
     "Worker",

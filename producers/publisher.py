@@ -90,6 +90,7 @@ from leveret.producers.wire.message import (
     check_max_attempts,
     check_priority,
     encode_payload,
+    expires_header,
     job_properties,
     new_job_id,
 )
@@ -279,8 +280,12 @@ class Publisher:
         headers: Mapping[str, Any] | None = None,
         max_attempts: int | None = None,
         dedup_key: str | None = None,
+        expires: float | timedelta | datetime | None = None,
     ) -> str:
         """Publish one job and wait for the broker's confirm; return its id.
+
+        ``expires`` (seconds from now, a ``timedelta`` or an aware ``datetime``): a job not
+        started by then is not run; it ends dead, ``x-reason: expired`` (docs/coordination.md).
 
         ``dedup_key`` (needs the status store): while a job published with that key is live
         (queued, delayed, waiting for a retry, running), publishing it again returns that job's
@@ -294,6 +299,7 @@ class Publisher:
         (925 ms) later, for any time up to ``MAX_DELAY_S`` (about 388 days) ahead.
         """
         delay_s = delay_seconds(delay, eta)
+        headers = expires_header(headers, expires)
         if dedup_key is not None:
             # Validated first: a bad payload or key never claims the key.
             key = check_dedup_key(dedup_key)

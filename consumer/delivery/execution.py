@@ -110,13 +110,15 @@ def build_chain(
     rate_limited: RateLimited | None = None,
     tracing: Middleware | None = None,
     cancellation: Cancellation | None = None,
+    coordination: Sequence[Middleware] = (),
 ) -> CallNext:
     """The chain of one job, in the order the ``middleware`` module docstring shows.
 
     ``plan``/``resources``: how the handler's parameters after the payload resolve (computed by
     ``Worker.check``; without them, only a JobContext can be asked for). The job-scope layer is
     added only when the plan opens something: a handler taking ``(payload)`` or
-    ``(payload, ctx)`` pays nothing for resources existing.
+    ``(payload, ctx)`` pays nothing for resources existing. ``coordination``: the job's
+    ``Locked`` and ``Idempotent`` layers (``features.locks.coordination_layers``), if any.
     """
     plan = plan if plan is not None else (resources or Resources()).plan(spec.fn, spec.name)
     layers: list[Middleware] = [log_context]
@@ -124,6 +126,7 @@ def build_chain(
         layers.append(cancellation.layer(spec))
     if rate_limited is not None:
         layers.append(rate_limited)
+    layers += coordination
     if tracing is not None:
         layers.append(tracing)
     layers += [metrics, *user]

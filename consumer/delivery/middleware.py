@@ -16,6 +16,11 @@ The chain of one job, outermost first (layers in brackets exist only for jobs th
     [RateLimited]      ``rate_limit=``/``global_rate_limit=``: waits for a start, or gives the
                        job back (``Postponed``) before anything started, so no attempt burns
                        (``leveret.consumer.features.ratelimit.layer``)
+    [Locked]           ``lock=``: holds the job's lock key for the run, renewed while it lasts;
+                       a key held elsewhere is waited for briefly, else ``Postponed``; a lost
+                       lock cancels an async run (``LockLost``; ``features.locks``)
+    [Idempotent]       ``idempotency_key=``: a key that already succeeded returns the first
+                       run's result without running; a success marks it (``features.idempotency``)
     [tracing]          an OpenTelemetry span per run, from ``ctx.headers["traceparent"]``
                        (``leveret.consumer.features.tracing``; only with the SDK configured)
     JobMetrics         leveret_jobs_started_total, leveret_jobs_in_progress

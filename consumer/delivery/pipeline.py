@@ -28,7 +28,7 @@ import contextlib
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import aiormq.abc
@@ -45,13 +45,19 @@ from leveret.consumer.delivery.outcomes import DecidedOutcome
 from leveret.consumer.delivery.redelivery import RedeliveryGuard
 from leveret.consumer.delivery.settle import Settler
 from leveret.consumer.features.cancellation import Cancellation
+from leveret.consumer.features.locks import Coordination
 from leveret.consumer.features.ratelimit.layer import RateLimited
 from leveret.consumer.features.resources import Plan, Resources
 from leveret.consumer.registry import JobSpec, Registry
 from leveret.consumer.runtime.metrics import UNKNOWN_JOB, WorkerMetrics
 from leveret.consumer.runtime.threads import JobThreads
 from leveret.consumer.settings import WorkerSettings
-from leveret.producers.wire.message import HEADER_PUBLISHED_AT, OWN_HEADERS, one_line
+from leveret.producers.wire.message import (
+    HEADER_EXPIRES_AT,
+    HEADER_PUBLISHED_AT,
+    OWN_HEADERS,
+    one_line,
+)
 
 log = structlog.get_logger("leveret.worker")
 
@@ -78,7 +84,17 @@ def _queue_wait(headers: dict[str, Any] | None, timestamp: datetime | None) -> f
 
 # Leveret's bookkeeping, never the publisher's: stripped copies' headers, plus the two that ride
 # along on purpose (the per-job attempt cap, the publish time for the queue-wait metric).
-_NOT_USER = OWN_HEADERS | {"x-max-attempts", "x-published-at"}
+_NOT_USER = OWN_HEADERS | {"x-max-attempts", "x-published-at", HEADER_EXPIRES_AT}
+
+
+def _expired(headers: dict[str, Any] | None) -> str | None:
+    """``x-expires-at`` passed (``publish(..., expires=)``): why the job is not run; else None.
+    A header that is not an integer is ignored (it is no deadline Leveret wrote)."""
+    at = headers.get(HEADER_EXPIRES_AT) if headers else None
+    if not isinstance(at, int) or isinstance(at, bool) or time.time() * 1000 < at:
+        return None
+    when = datetime.fromtimestamp(at / 1000, UTC).isoformat(timespec="milliseconds")
+    return f"expired at {when} before it started"
 
 
 def user_headers(headers: dict[str, Any] | None) -> dict[str, str]:
@@ -114,6 +130,9 @@ class Pipeline:
     # With several queues, at most this many deliveries are processed at once (the worker's
     # prefetch; each queue's consumer may hold that many): ``limit_running``.
     _slots: asyncio.Semaphore | None = None
+    # ``lock=``/``idempotency_key=`` and ``ctx.done_before``: the worker's lock store and done
+    # marks (``features.locks.Coordination``), with Redis.
+    coordination: Coordination | None = None
 
     def limit_running(self, most: int) -> None:
         """Run at most ``most`` deliveries at once, whichever queues they come from."""
@@ -139,6 +158,7 @@ class Pipeline:
         limits: dict[str, RateLimited] | None = None,
         tracing: Middleware | None = None,
         cancellation: Cancellation | None = None,
+        coordination: Coordination | None = None,
     ) -> Pipeline:
         """One chain per job, composed now so no message pays for it."""
         chains = {}
@@ -158,6 +178,11 @@ class Pipeline:
                 rate_limited=limits.get(spec.name),
                 tracing=tracing,
                 cancellation=cancellation,
+                coordination=(
+                    coordination.layers(spec, max(1, settings.prefetch // 2))
+                    if coordination is not None
+                    else ()
+                ),
             )
         guard = RedeliveryGuard(settings.max_redeliveries)
         return cls(
@@ -169,6 +194,7 @@ class Pipeline:
             stopping,
             _waits=waits,
             cancellation=cancellation,
+            coordination=coordination,
         )
 
     async def on_message(
@@ -211,6 +237,8 @@ class Pipeline:
         await self._guard.wait_if_counting(d.job_id)
         if d.redelivered:  # counted and put back, or dead-lettered: it runs from its copy
             return await self._guard.settle(d, settler, spec.name)
+        if (expired := _expired(d.properties.headers)) is not None:
+            return await settler.dead_without_run(d, spec.name, "expired", expired, d.attempts)
         try:
             payload = spec.validate(d.message.body)
         except Exception as exc:
@@ -249,6 +277,7 @@ class Pipeline:
         )
         ctx.lifecycle = settler
         ctx.delivery = d
+        ctx.done_marks = self.coordination
         if d.attempts == 0:
             wait = _queue_wait(props.headers, props.timestamp)
             if wait is not None:

@@ -46,7 +46,7 @@ from leveret.consumer.delivery.acker import Acker
 from leveret.consumer.delivery.copies import EventCopies, FollowUp
 from leveret.consumer.delivery.envelope import Delivery
 from leveret.consumer.delivery.outbox import Copy, CopyInvalid, Outbox, SettleFailed
-from leveret.consumer.errors import Reject
+from leveret.consumer.errors import Reject, Retry
 from leveret.consumer.features.groups import group_ends
 from leveret.consumer.registry import JobSpec
 from leveret.consumer.runtime.metrics import (
@@ -179,7 +179,8 @@ class Settler:
         children = self.outcomes.children(d.queue, spec.name)
         children.duration.observe(duration)
         described, took = _described(error), round(duration, 6)
-        rejected = isinstance(error, Reject)
+        # ``retry_on=``: an exception it does not list is dead-lettered at once, like a Reject.
+        rejected = isinstance(error, Reject) or not spec.retries(error)
         # ``x-max-attempts`` (publish(..., max_attempts=N)) overrides the registered number.
         limit = d.max_attempts if d.max_attempts is not None else spec.max_attempts
         if rejected or attempt >= limit:
@@ -535,7 +536,10 @@ class Settler:
 
 
 def _retry_delay(spec: JobSpec, attempt: int, error: BaseException, described: str) -> float:
-    """The backoff's delay; one that raises or returns NaN falls back to 2 ** attempt s."""
+    """The backoff's delay (a ``Retry(after=)``'s own); one that raises or returns NaN falls
+    back to 2 ** attempt s."""
+    if isinstance(error, Retry) and error.after is not None:
+        return min(error.after, MAX_DELAY_S)
     try:
         cause = error if isinstance(error, Exception) else RuntimeError(described)
         return float(spec.delay_after(attempt, cause))

@@ -31,6 +31,7 @@ from leveret.consumer.delivery.pipeline import Pipeline
 from leveret.consumer.delivery.session import Plan
 from leveret.consumer.delivery.status_writer import StatusWriter
 from leveret.consumer.features.cancellation import Cancellation
+from leveret.consumer.features.locks import Coordination, require_redis, settings_of
 from leveret.consumer.features.ratelimit.layer import RateLimited
 from leveret.consumer.features.ratelimit.limiters import GlobalLimiters, LocalLimiter
 from leveret.consumer.features.schedules.leader import Scheduler, with_heartbeat
@@ -79,7 +80,18 @@ def pipeline(
         limits=limits,
         tracing=tracing_layer(),
         cancellation=cancellation,
+        coordination=coordination(worker),
     )
+
+
+def coordination(worker: Worker) -> Coordination | None:
+    """Locks and done marks (``lock=``, ``idempotency_key=``, ``ctx.done_before``) live on the
+    status store's Redis, attached when ``session_plan`` opens it; jobs that need them refuse
+    to start without ``LEVERET_STATUS_URL`` (``ConfigError``)."""
+    require_redis(worker.jobs.jobs, worker.settings.status_url)
+    if worker.settings.status_url is None:
+        return None
+    return Coordination(settings_of(worker.settings))
 
 
 def session_plan(
@@ -98,6 +110,8 @@ def session_plan(
         status = StatusWriter(
             status_store, timeout_s=worker.settings.status_timeout, on_stalled=on_stalled
         )
+        if pipeline.coordination is not None:
+            pipeline.coordination.attach(getattr(status_store, "client", None))
     return Plan(
         worker.settings,
         worker.topology,

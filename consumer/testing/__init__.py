@@ -21,9 +21,11 @@ the real pool behind it).
 from __future__ import annotations
 
 import contextlib
+import time
 from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from types import TracebackType
 from typing import Any, cast
 
@@ -33,14 +35,24 @@ from pydantic import BaseModel
 from leveret.consumer.context import JobContext
 from leveret.consumer.delivery import execution
 from leveret.consumer.delivery.middleware import CallNext, JobMetrics
+from leveret.consumer.delivery.outcomes import DecidedOutcome
 from leveret.consumer.delivery.pipeline import _invalid_payload
 from leveret.consumer.errors import Reject
+from leveret.consumer.errors import Retry as RetryAfter
 from leveret.consumer.features.groups import MemoryGroups
+from leveret.consumer.features.idempotency import MemoryDoneMarks
+from leveret.consumer.features.locks import DEFAULT_LOCK_TTL_S, MemoryLocks, coordination_layers
 from leveret.consumer.features.tracing import tracing_layer
 from leveret.consumer.registry import JobSpec
 from leveret.consumer.runtime.threads import JobThreads
 from leveret.consumer.worker import Worker
-from leveret.producers.wire.message import encode_payload, new_job_id, one_line
+from leveret.producers.wire.message import (
+    HEADER_EXPIRES_AT,
+    encode_payload,
+    expires_header,
+    new_job_id,
+    one_line,
+)
 
 __all__ = ["DeadJob", "Enqueued", "Retry", "SucceededJob", "TestBroker", "run_job"]
 
@@ -148,7 +160,10 @@ def _spec(worker: Worker, job: str) -> JobSpec:
         raise LookupError(f"no job {job!r} is registered on this worker (has: {known})") from None
 
 
-def _chain(worker: Worker, spec: JobSpec, threads: JobThreads) -> CallNext:
+def _chain(
+    worker: Worker, spec: JobSpec, threads: JobThreads, memory: _Memory | None = None
+) -> CallNext:
+    memory = memory if memory is not None else _Memory()
     return execution.build_chain(
         spec,
         worker.middlewares,
@@ -157,7 +172,19 @@ def _chain(worker: Worker, spec: JobSpec, threads: JobThreads) -> CallNext:
         plan=worker.plans[spec.name],
         resources=worker.resources,
         tracing=tracing_layer(),
+        coordination=coordination_layers(
+            spec, memory.locks, memory.marks, DEFAULT_LOCK_TTL_S, max_waiting=1
+        ),
     )
+
+
+@dataclass
+class _Memory:
+    """Locks and done marks in memory (``lock=``, ``idempotency_key=``, ``ctx.done_before``):
+    jobs run one at a time here, so a lock never waits; it still sets ``ctx.lock_token``."""
+
+    locks: MemoryLocks = field(default_factory=MemoryLocks)
+    marks: MemoryDoneMarks = field(default_factory=MemoryDoneMarks)
 
 
 def _context(
@@ -206,9 +233,11 @@ async def run_job(
     value = spec.validate(_body(payload))
     collect = _Collect()
     ctx = _context(spec, job_id or new_job_id(), attempt, headers, value, collect)
+    memory = _Memory()
+    ctx.done_marks = memory.marks
     threads = JobThreads(1)
     try:
-        chain = _chain(worker, spec, threads)
+        chain = _chain(worker, spec, threads, memory)
         async with worker.resources.process_scope(eager=False, overrides=overrides):
             result, error = await execution.run(chain, ctx)
     finally:
@@ -228,6 +257,7 @@ class _Pending:
     headers: dict[str, str]
     attempts: int = 0  # runs so far
     max_attempts: int | None = None
+    expires_at_ms: int | None = None  # publish(..., expires=)
 
 
 @dataclass
@@ -251,6 +281,9 @@ class TestBroker:
     enqueued: list[Enqueued] = field(default_factory=list)
     _queue: deque[_Pending] = field(default_factory=deque)
     _chains: dict[str, CallNext] = field(default_factory=dict)
+    # Locks and done marks of this broker's jobs (``ctx.done_before`` works here too).
+    memory: _Memory = field(default_factory=_Memory)
+    postponed: int = 0  # runs a layer gave back (a lock held): requeued, no attempt burnt
     _stack: contextlib.AsyncExitStack | None = None
     # ``group``: members counted in memory, the final job queued once all ended.
     groups: MemoryGroups = field(default_factory=MemoryGroups)
@@ -262,7 +295,7 @@ class TestBroker:
         stack.callback(threads.shutdown)
         try:
             self._chains = {
-                name: _chain(self.worker, spec, threads)
+                name: _chain(self.worker, spec, threads, self.memory)
                 for name, spec in self.worker.jobs.jobs.items()
             }
             await stack.enter_async_context(
@@ -291,12 +324,15 @@ class TestBroker:
         *,
         headers: Mapping[str, str] | None = None,
         job_id: str | None = None,
+        expires: float | timedelta | datetime | None = None,
     ) -> str:
-        """Queue ``job``; returns its id. Runs at the next ``join``."""
+        """Queue ``job``; returns its id. Runs at the next ``join``; with ``expires`` (as
+        ``publish``'s) a job still queued when its time passed ends dead ``expired``."""
         job_id = job_id or new_job_id()
         body = _body(payload)
         carried = {k: str(v) for k, v in (headers or {}).items()}
-        self._queue.append(_Pending(job, job_id, body, carried))
+        at = (expires_header(None, expires) or {}).get(HEADER_EXPIRES_AT)
+        self._queue.append(_Pending(job, job_id, body, carried, expires_at_ms=at))
         return job_id
 
     async def group(self, jobs: Iterable[Any], *, then: Any) -> str:
@@ -348,11 +384,14 @@ class TestBroker:
         except Exception as exc:
             # The real worker's x-error for it: the same one line, built by the same function.
             return self._dead(p, None, "invalid", one_line(_invalid_payload(exc)), p.attempts)
+        if p.expires_at_ms is not None and time.time() * 1000 >= p.expires_at_ms:
+            return self._dead(p, value, "expired", "expired before it started", p.attempts)
         collect = _Collect()
         attempt = p.attempts + 1
         max_attempts = p.max_attempts or spec.max_attempts
         ctx = _context(spec, p.job_id, attempt, p.headers, value, collect)
         ctx.max_attempts = max_attempts
+        ctx.done_marks = self.memory.marks
         ctx.group = self.groups.group(p.job_id)
         result, error = await execution.run(self._chains[spec.name], ctx)
         if error is None:
@@ -365,14 +404,20 @@ class TestBroker:
                 self._queue.append(_Pending(f.job, f.job_id, body, f.headers, 0, limit))
             return None
         described = one_line(f"{type(error).__name__}: {error}")
-        if isinstance(error, Reject):
+        if isinstance(error, DecidedOutcome):  # a lock held: back in the queue, unburnt
+            self.postponed += 1
+            self._queue.append(p)
+            return None
+        if isinstance(error, Reject) or not spec.retries(error):
             return self._dead(p, value, "rejected", described, attempt)
         if attempt >= max_attempts:
             return self._dead(p, value, "exhausted", described, attempt)
         cause = error if isinstance(error, Exception) else RuntimeError(described)
-        self.retries.append(
-            Retry(p.job, p.job_id, attempt, spec.delay_after(attempt, cause), described)
-        )
+        if isinstance(error, RetryAfter) and error.after is not None:
+            delay = error.after
+        else:
+            delay = spec.delay_after(attempt, cause)
+        self.retries.append(Retry(p.job, p.job_id, attempt, delay, described))
         p.attempts = attempt
         self._queue.append(p)
         return None

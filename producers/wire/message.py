@@ -12,8 +12,9 @@ import json
 import struct
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from pamqp import encode as pamqp_encode
@@ -46,6 +47,9 @@ HEADER_MAX_ATTEMPTS = "x-max-attempts"
 # When the job was published, in integer milliseconds since the epoch: the AMQP ``timestamp``
 # property (also set) has whole seconds only, too coarse for a queue wait of a few ms.
 HEADER_PUBLISHED_AT = "x-published-at"
+# ``publish(..., expires=)``: a job not started by then (integer ms since the epoch) is not run;
+# it is dead-lettered ``expired``. Carried on retries and postponements.
+HEADER_EXPIRES_AT = "x-expires-at"
 # Headers Leveret (or the broker's dead-lettering) manages; never carried to the next attempt.
 OWN_HEADERS = frozenset({HEADER_ATTEMPTS, HEADER_REASON, HEADER_ERROR, HEADER_DIED_AT,
                          HEADER_QUEUE, HEADER_REDELIVERIES, HEADER_DELIVERY_COUNT, "x-death",
@@ -55,7 +59,7 @@ OWN_HEADERS = frozenset({HEADER_ATTEMPTS, HEADER_REASON, HEADER_ERROR, HEADER_DI
 # What a job's body may be declared as: a missing encoding, or one that means "as is".
 _PLAIN_ENCODINGS = frozenset({None, "", "identity", "utf-8", "UTF-8"})
 
-REASONS = ("exhausted", "rejected", "invalid", "unknown_job")
+REASONS = ("exhausted", "rejected", "invalid", "unknown_job", "expired")
 
 # AMQP 0-9-1 limits: a short string (message_id, type, the other string properties) is at most
 # 255 bytes; a table's field name at most 128 (pamqp truncates a longer one, with a warning).
@@ -226,6 +230,25 @@ def job_properties(
         headers=headers,
         timestamp=datetime.fromtimestamp(int(now), UTC),
     )
+
+
+def expires_header(
+    headers: Mapping[str, Any] | None, expires: float | timedelta | datetime | None
+) -> Mapping[str, Any] | None:
+    """``headers`` with ``x-expires-at`` for ``publish(..., expires=)``: seconds from now (a
+    number or ``timedelta``, more than 0) or an aware ``datetime``. ``ValueError`` otherwise."""
+    if expires is None:
+        return headers
+    if isinstance(expires, datetime):
+        if expires.tzinfo is None or expires.utcoffset() is None:
+            raise ValueError(f"expires={expires.isoformat()} needs a time zone")
+        at = expires.timestamp()
+    else:
+        ahead = expires.total_seconds() if isinstance(expires, timedelta) else expires
+        if isinstance(ahead, bool) or not isinstance(ahead, int | float) or not 0 < ahead < 1e10:
+            raise ValueError(f"expires= must be seconds (more than 0) or a datetime: {expires!r}")
+        at = time.time() + ahead
+    return {**(headers or {}), HEADER_EXPIRES_AT: int(at * 1000)}
 
 
 def carried_headers(props: Basic.Properties) -> dict[str, Any]:

@@ -1,0 +1,483 @@
+"""Job locks: ``@worker.job(..., lock="{customer_id}")``.
+
+Runs of jobs whose lock key (the format string over the payload's fields) renders equal never
+overlap, across every worker process: a run holds the key in Redis (``LEVERET_STATUS_URL``)
+from just before its handler starts until it ends. The key space is shared by every job: two
+jobs with ``lock="customer:{customer_id}"`` exclude each other for the same customer; put the
+job's name in the template to lock per job.
+
+* Held: the run waits briefly holding its delivery (at most ``MAX_HOLD_S``, and only half the
+  prefetch share may wait at once), then is given back through the delay chain
+  (``Postponed``): no attempt burns, no prefetch slot is held while the key stays taken.
+* A holder that dies (SIGKILL, host lost) stops renewing: its key expires within
+  ``LEVERET_LOCK_TTL`` seconds (default 60) and the next run takes it.
+* A holder that runs longer renews its key every third of the TTL. Each acquisition gets a
+  *fencing token* (``ctx.lock_token``), a number that only grows across all keys: a resource
+  that remembers the highest token it saw can refuse a write from an older holder.
+* A renewal that finds the key gone or taken by another holder, or that cannot reach Redis
+  until the TTL has passed since the last good renewal, means the lock is lost:
+  ``ctx.lock_lost`` becomes true, ``job_lock_lost`` is logged, and an ``async`` handler is
+  cancelled at once (its run raises ``LockLost``, a ``Retry``: the job is retried under its
+  attempts and backoff). A plain ``def`` handler cannot be stopped: it is only told
+  (``ctx.lock_lost``) and may overlap the next holder until it returns.
+
+Redis being down when a run wants its lock postpones the run (nothing ran, nothing burnt), as
+the global rate limiter does. Locks need Redis: a worker with ``lock=`` jobs and no
+``LEVERET_STATUS_URL`` refuses to start (``ConfigError``); the broker-only lock the contract
+asks for is not built (docs/coordination.md, "Limits").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import string
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, Final, Protocol
+
+import structlog
+from pydantic import BaseModel, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from leveret.consumer.delivery.outcomes import Postponed
+from leveret.consumer.errors import ConfigError, Reject, Retry
+from leveret.producers.stores.redis import StatusStoreError, redis_call
+
+if TYPE_CHECKING:
+    from leveret.consumer.context import JobContext
+    from leveret.consumer.delivery.middleware import CallNext
+
+log = structlog.get_logger("leveret.worker")
+
+DEFAULT_LOCK_PREFIX: Final = "leveret:lock:"
+DEFAULT_LOCK_TTL_S: Final = 60.0
+# A held key is waited for holding the delivery at most this long, polled this often.
+MAX_HOLD_S: Final = 0.5
+POLL_S: Final = 0.05
+# Given back for a random time in this range (the delay chain rounds up to 250 ms).
+POSTPONE_S: Final = (0.25, 1.0)
+# Redis unreachable: the run comes back after this long.
+UNAVAILABLE_RETRY_S: Final = 2.0
+
+
+class CoordinationSettings(BaseSettings):
+    """``LEVERET_LOCK_TTL`` and ``LEVERET_IDEMPOTENCY_TTL``, read from the environment."""
+
+    model_config = SettingsConfigDict(env_prefix="LEVERET_", frozen=True, extra="ignore")
+
+    lock_ttl: float = Field(default=DEFAULT_LOCK_TTL_S, gt=0)
+    idempotency_ttl: int = Field(default=7 * 86400, gt=0)
+
+
+def settings_of(worker_settings: object) -> CoordinationSettings:
+    """The coordination settings: the worker's own fields where it has them, else the env."""
+    env = CoordinationSettings()
+    return CoordinationSettings(
+        lock_ttl=getattr(worker_settings, "lock_ttl", env.lock_ttl),
+        idempotency_ttl=getattr(worker_settings, "idempotency_ttl", env.idempotency_ttl),
+    )
+
+
+# -- key templates -------------------------------------------------------------------------------
+
+
+class _Fields(Mapping[str, Any]):
+    """A payload (pydantic model or dict) as the mapping ``str.format_map`` reads."""
+
+    __slots__ = ("_payload",)
+
+    def __init__(self, payload: Any) -> None:
+        self._payload = payload
+
+    def __getitem__(self, name: str) -> Any:
+        payload = self._payload
+        if isinstance(payload, BaseModel):
+            try:
+                return getattr(payload, name)
+            except AttributeError:
+                raise KeyError(name) from None
+        return payload[name]
+
+    def __iter__(self) -> Any:
+        return iter(())
+
+    def __len__(self) -> int:
+        return 0
+
+
+def key_template(
+    template: object, option: str, job: str, model: Any = None
+) -> Callable[[Any], str]:
+    """``template`` checked once (at registration) and returned as ``payload -> key``.
+
+    A payload without a field the template names cannot be run under its key: the run is
+    rejected (``Reject``, dead-lettered ``rejected``), since no retry would give it the field.
+    """
+    if not isinstance(template, str) or not template:
+        raise ConfigError(f"{option} of job {job!r} must be a non-empty format string")
+    try:
+        names = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    except ValueError as exc:
+        raise ConfigError(f"{option} of job {job!r} is not a format string: {exc}") from None
+    roots = {n.split(".")[0].split("[")[0] for n in names}
+    if "" in roots:
+        raise ConfigError(f"{option} of job {job!r} must name payload fields, like '{{order_id}}'")
+    fields = getattr(model, "model_fields", None)
+    if isinstance(fields, dict):
+        missing = sorted(r for r in roots if r not in fields)
+        if missing:
+            raise ConfigError(
+                f"{option} of job {job!r} names {', '.join(missing)}, not a field of "
+                f"{model.__name__}"
+            )
+
+    def render(payload: Any) -> str:
+        try:
+            return template.format_map(_Fields(payload))
+        except (KeyError, IndexError, AttributeError, TypeError) as exc:
+            raise Reject(
+                f"{option} {template!r} cannot be rendered from the payload: {exc!r}"
+            ) from None
+
+    return render
+
+
+# -- stores --------------------------------------------------------------------------------------
+
+
+class LockStore(Protocol):
+    async def acquire(self, key: str, owner: str, ttl_s: float) -> int | None:
+        """The fencing token of a new hold, or ``None`` while another holds ``key``."""
+
+    async def renew(self, key: str, owner: str, token: int, ttl_s: float) -> bool:
+        """Extend a hold; false if it is no longer ours (expired, or taken since)."""
+
+    async def release(self, key: str, owner: str, token: int) -> None: ...
+
+
+_ACQUIRE = """
+if redis.call('exists', KEYS[1]) == 1 then return 0 end
+local token = redis.call('incr', KEYS[2])
+redis.call('set', KEYS[1], ARGV[1] .. '|' .. token, 'PX', ARGV[2])
+return token
+"""
+_RENEW = """
+if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end
+return 0
+"""
+_RELEASE = """
+if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
+return 0
+"""
+
+
+class RedisLocks:
+    """Locks on the status store's Redis: ``<prefix><key>`` holds ``<owner>|<token>`` with a
+    TTL; ``<prefix>fence`` is the one counter every token is drawn from (never expires)."""
+
+    def __init__(self, client: Any, *, prefix: str = DEFAULT_LOCK_PREFIX, where: str = "") -> None:
+        self.client = client
+        self.prefix = prefix
+        self._fence = prefix + "fence"
+        self._where = where or "lock store"
+        self._acquire = client.register_script(_ACQUIRE)
+        self._renew = client.register_script(_RENEW)
+        self._release = client.register_script(_RELEASE)
+
+    async def acquire(self, key: str, owner: str, ttl_s: float) -> int | None:
+        keys = [self.prefix + "key:" + key, self._fence]
+        token = await redis_call(
+            self._where, "take a lock", self._acquire(keys=keys, args=[owner, int(ttl_s * 1000)])
+        )
+        return int(token) or None
+
+    async def renew(self, key: str, owner: str, token: int, ttl_s: float) -> bool:
+        keys = [self.prefix + "key:" + key]
+        args = [f"{owner}|{token}", int(ttl_s * 1000)]
+        return bool(
+            await redis_call(self._where, "renew a lock", self._renew(keys=keys, args=args))
+        )
+
+    async def release(self, key: str, owner: str, token: int) -> None:
+        keys = [self.prefix + "key:" + key]
+        await redis_call(
+            self._where, "release a lock", self._release(keys=keys, args=[f"{owner}|{token}"])
+        )
+
+
+class MemoryLocks:
+    """Locks in one process (``TestBroker``): the same semantics, a dict and a clock."""
+
+    def __init__(self) -> None:
+        self.held: dict[str, tuple[str, int, float]] = {}  # key -> owner, token, expires at
+        self._fence = 0
+
+    async def acquire(self, key: str, owner: str, ttl_s: float) -> int | None:
+        now = time.monotonic()
+        current = self.held.get(key)
+        if current is not None and current[2] > now:
+            return None
+        self._fence += 1
+        self.held[key] = (owner, self._fence, now + ttl_s)
+        return self._fence
+
+    async def renew(self, key: str, owner: str, token: int, ttl_s: float) -> bool:
+        current = self.held.get(key)
+        if current is None or current[:2] != (owner, token) or current[2] <= time.monotonic():
+            return False
+        self.held[key] = (owner, token, time.monotonic() + ttl_s)
+        return True
+
+    async def release(self, key: str, owner: str, token: int) -> None:
+        current = self.held.get(key)
+        if current is not None and current[:2] == (owner, token):
+            del self.held[key]
+
+
+# -- the chain layer -----------------------------------------------------------------------------
+
+
+class LockLost(Retry):
+    """The run's lock was lost while it ran (see the module docstring): retried."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(f"lock {key!r} was lost while the job ran (LEVERET_LOCK_TTL)")
+
+
+class _Lease:
+    """One held lock: renews itself every third of the TTL on a timer (a run shorter than
+    that never starts a task), and tells the run when the lock is lost."""
+
+    __slots__ = (
+        "_handle",
+        "_interval",
+        "_last_ok",
+        "_loop",
+        "_renewing",
+        "_task",
+        "cancelled_run",
+        "ctx",
+        "key",
+        "owner",
+        "store",
+        "token",
+        "ttl_s",
+    )
+
+    def __init__(
+        self,
+        store: LockStore,
+        key: str,
+        owner: str,
+        token: int,
+        ttl_s: float,
+        ctx: JobContext,
+        task: asyncio.Task[Any] | None,
+    ) -> None:
+        self.store, self.key, self.owner, self.token, self.ttl_s = store, key, owner, token, ttl_s
+        self.ctx = ctx
+        self._task = task  # cancelled when the lock is lost (async handlers only)
+        self.cancelled_run = False
+        self._loop = asyncio.get_running_loop()
+        self._interval = ttl_s / 3
+        self._last_ok = self._loop.time()
+        self._renewing: asyncio.Task[None] | None = None
+        self._handle: asyncio.TimerHandle | None = self._loop.call_later(self._interval, self._due)
+
+    def _due(self) -> None:
+        self._handle = None
+        self._renewing = self._loop.create_task(self._renew())
+
+    async def _renew(self) -> None:
+        sent = self._loop.time()
+        try:
+            ok: bool | None = await asyncio.wait_for(
+                self.store.renew(self.key, self.owner, self.token, self.ttl_s),
+                max(self.ttl_s - (sent - self._last_ok), 0.01),
+            )
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # Redis down: the hold may still stand until its TTL
+            ok = None
+            log.warning(
+                "job_lock_renewal_failed", lock=self.key, error=f"{type(exc).__name__}: {exc}"
+            )
+        if self._renewing is None:  # stopped meanwhile
+            return
+        if ok:
+            self._last_ok = sent
+        elif ok is False or self._loop.time() - self._last_ok >= self.ttl_s:
+            return self._lose("taken or expired" if ok is False else "Redis unreachable")
+        delay = self._interval if ok else min(self._interval / 2, 1.0)
+        self._handle = self._loop.call_later(delay, self._due)
+
+    def _lose(self, why: str) -> None:
+        self.ctx.lock_lost = True
+        log.error("job_lock_lost", lock=self.key, token=self.token, why=why)
+        if self._task is not None and not self._task.done():
+            self.cancelled_run = True
+            self._task.cancel()
+
+    def stop(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+        renewing, self._renewing = self._renewing, None
+        if renewing is not None and not renewing.done():
+            renewing.cancel()
+
+
+class Locked:
+    """The chain layer of a ``lock=`` job (order: after the rate limit, before the
+    idempotency check; ``middleware``'s table)."""
+
+    __slots__ = ("_key", "_max_waiting", "_store", "_ttl", "_waiting", "cancels", "template")
+
+    def __init__(
+        self,
+        template: str,
+        key: Callable[[Any], str],
+        store: LockStore,
+        ttl_s: float,
+        *,
+        max_waiting: int,
+        cancels: bool,
+    ) -> None:
+        self.template = template
+        self._key = key
+        self._store = store
+        self._ttl = ttl_s
+        self._max_waiting = max(1, max_waiting)
+        self._waiting = 0
+        self.cancels = cancels  # an async handler: cancelled when its lock is lost
+
+    async def __call__(self, ctx: JobContext, call_next: CallNext) -> Any:
+        key = self._key(ctx.payload)
+        owner = f"{ctx.job_id}:{uuid.uuid4().hex[:8]}"
+        token = await self._take(key, owner)
+        task = asyncio.current_task() if self.cancels else None
+        lease = _Lease(self._store, key, owner, token, self._ttl, ctx, task)
+        ctx.lock_token = token
+        try:
+            result = await call_next(ctx)
+        except asyncio.CancelledError:
+            if lease.cancelled_run and task is not None and task.uncancel() == 0:
+                raise LockLost(key) from None
+            raise
+        finally:
+            lease.stop()
+            with contextlib.suppress(Exception):
+                await self._store.release(key, owner, token)
+        if lease.cancelled_run and task is not None:  # the handler swallowed the cancellation
+            task.uncancel()
+        return result
+
+    async def _take(self, key: str, owner: str) -> int:
+        try:
+            token = await self._store.acquire(key, owner, self._ttl)
+            if token is not None:
+                return token
+            if self._waiting < self._max_waiting:
+                self._waiting += 1
+                try:
+                    deadline = time.monotonic() + MAX_HOLD_S
+                    while time.monotonic() < deadline:
+                        await asyncio.sleep(POLL_S)
+                        token = await self._store.acquire(key, owner, self._ttl)
+                        if token is not None:
+                            return token
+                finally:
+                    self._waiting -= 1
+        except StatusStoreError as exc:
+            raise Postponed(UNAVAILABLE_RETRY_S, f"lock store unavailable ({exc})") from None
+        raise Postponed(random.uniform(*POSTPONE_S), f"lock {key!r} held")
+
+
+def require_redis(jobs: Mapping[str, Any], status_url: object) -> None:
+    """``lock=`` and ``idempotency_key=`` need Redis: refuse to start without it."""
+    if status_url is not None:
+        return
+    needing = sorted(
+        name
+        for name, spec in jobs.items()
+        if getattr(spec, "lock", None) is not None or getattr(spec, "idempotency_key", None)
+    )
+    if needing:
+        raise ConfigError(
+            f"job(s) {', '.join(needing)} use lock= or idempotency_key=, which need Redis: set "
+            f"LEVERET_STATUS_URL (locks on the broker alone are not supported)"
+        )
+
+
+class Coordination:
+    """One worker's lock store and done marks, on the status store's Redis client: the chain
+    layers are built before that client exists (``startup.pipeline``), so they hold this, and
+    ``attach`` plugs the client in when the worker opens its status store
+    (``startup.session_plan``). The client is the status store's, closed with it."""
+
+    def __init__(self, settings: CoordinationSettings) -> None:
+        self.settings = settings
+        self._locks: RedisLocks | None = None
+        self._marks: Any = None
+
+    def attach(self, client: Any, where: str = "") -> None:
+        from leveret.consumer.features.idempotency import RedisDoneMarks
+
+        self._locks = RedisLocks(client, where=where)
+        self._marks = RedisDoneMarks(client, ttl_s=self.settings.idempotency_ttl, where=where)
+
+    def _store(self) -> Any:
+        if self._locks is None:
+            from leveret.producers.stores.redis import StatusStoreUnavailable
+
+            raise StatusStoreUnavailable("the lock store is not open yet")
+        return self._locks
+
+    async def acquire(self, key: str, owner: str, ttl_s: float) -> int | None:
+        return await self._store().acquire(key, owner, ttl_s)  # type: ignore[no-any-return]
+
+    async def renew(self, key: str, owner: str, token: int, ttl_s: float) -> bool:
+        return await self._store().renew(key, owner, token, ttl_s)  # type: ignore[no-any-return]
+
+    async def release(self, key: str, owner: str, token: int) -> None:
+        await self._store().release(key, owner, token)
+
+    async def lookup(self, key: str) -> tuple[bool, Any]:
+        self._store()
+        return await self._marks.lookup(key)  # type: ignore[no-any-return]
+
+    async def mark(self, key: str, result: Any = None) -> None:
+        self._store()
+        await self._marks.mark(key, result)
+
+    def layers(self, spec: Any, max_waiting: int) -> list[Any]:
+        """The lock and idempotency layers of ``spec``, outermost first (none if it has
+        neither option)."""
+        return coordination_layers(spec, self, self, self.settings.lock_ttl, max_waiting)
+
+
+def coordination_layers(
+    spec: Any, locks: LockStore, marks: Any, ttl_s: float, max_waiting: int
+) -> list[Any]:
+    """``[Locked?, Idempotent?]`` for one job: what ``execution.build_chain`` places after the
+    rate limit (the worker on Redis, ``TestBroker`` in memory)."""
+    from leveret.consumer.features.idempotency import Idempotent
+
+    layers: list[Any] = []
+    if spec.lock_key is not None:
+        layers.append(
+            Locked(
+                spec.lock,
+                spec.lock_key,
+                locks,
+                ttl_s,
+                max_waiting=max_waiting,
+                cancels=spec.is_async,
+            )
+        )
+    if spec.idempotency_key_of is not None:
+        layers.append(Idempotent(spec.name, spec.idempotency_key_of, marks))
+    return layers
