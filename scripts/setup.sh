@@ -70,6 +70,23 @@ ensure_redis() {
   return 1
 }
 
+# ensure_chromium: Debian's Chromium for the console's browser tests (tests/console), which
+# Playwright drives through executable_path (LEVERET_CHROMIUM, default /usr/bin/chromium):
+# Playwright's own browser download is never used. Installed from Debian's packages when missing;
+# without a way to get it, says so and returns non-zero (those tests then fail, they never skip).
+ensure_chromium() {
+  local path="${LEVERET_CHROMIUM:-/usr/bin/chromium}"
+  if [ -x "$path" ]; then return 0; fi
+  if command -v apt-get >/dev/null; then
+    say "installing chromium from Debian's packages (once; the console's browser tests use it)"
+    as_root apt-get update -qq >&2 || true
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >&2 || true
+  fi
+  if [ -x "$path" ]; then return 0; fi
+  say "no Chromium at $path (apt-get install chromium, or set LEVERET_CHROMIUM): the console's browser tests will fail"
+  return 1
+}
+
 # ensure_venv [--extras NAME[,NAME...]] [GROUP...]: .venv with leveret installed editable (with
 # its console script), the named extras of pyproject.toml (status, api, otel: what the demo or a
 # feature needs at run time) and the named dependency groups (PEP 735: test, deploy, bench).
@@ -83,6 +100,8 @@ ensure_venv() {
     python3 -m venv "$ROOT/.venv"
   fi
   for group in "${groups[@]}"; do args+=(--group "$ROOT/pyproject.toml:$group"); done
+  # The test group's playwright drives the system's Chromium (tests/console).
+  for group in "${groups[@]}"; do [ "$group" = test ] && { ensure_chromium || true; }; done
   local name; name="$(IFS=,; echo "${groups[*]:-}")"
   local stamp="$ROOT/.venv/.leveret-installed-${name:-core}${extras:+-extras-${extras//,/-}}"
   if [ ! -f "$stamp" ] || [ "$ROOT/pyproject.toml" -nt "$stamp" ]; then
