@@ -8,7 +8,9 @@ from leveret.consumer.cli.api_cmd import api
 from leveret.consumer.cli.cancel_cmd import cancel
 from leveret.consumer.cli.dlq_cmd import dlq
 from leveret.consumer.cli.doctor_cmd import doctor
+from leveret.consumer.cli.history_cmd import history
 from leveret.consumer.cli.job_cmd import job
+from leveret.consumer.cli.jobs_cmd import jobs, stats
 from leveret.consumer.cli.publish_cmd import publish
 from leveret.consumer.cli.schedule_cmd import schedule
 from leveret.consumer.cli.status_cmd import status
@@ -39,6 +41,9 @@ cli.add_command(schedule)
 cli.add_command(api)
 cli.add_command(job)
 cli.add_command(cancel)
+cli.add_command(history)
+cli.add_command(jobs)
+cli.add_command(stats)
 
 
 def main() -> None:

@@ -24,6 +24,8 @@ class LifecycleSettings(BaseSettings):
     # How long a worker waits for an unreachable status store before it reports not ready.
     status_timeout: float = Field(default=10.0, gt=0)
     history_url: SecretStr | None = None
+    # Rows of the job history older than this many days are deleted by `leveret history`.
+    history_days: int = Field(default=30, gt=0)
     result_max_bytes: int = Field(default=DEFAULT_RESULT_MAX_BYTES, ge=0)
 
     @property
