@@ -4,7 +4,6 @@ retry rules and expiry in memory."""
 from __future__ import annotations
 
 import asyncio
-import time
 from datetime import timedelta
 
 import pytest
@@ -144,7 +143,7 @@ async def test_expired_jobs_do_not_run_in_the_test_broker() -> None:
     async with TestBroker(worker) as broker:
         await broker.publish("ping", Charge(customer_id=1, order_id="late"), expires=0.05)
         await broker.publish("ping", Charge(customer_id=1, order_id="fine"), expires=60)
-        time.sleep(0.06)
+        await asyncio.sleep(0.06)
         await broker.join()
     assert ran == ["fine"]
     assert [(d.reason, d.payload.order_id) for d in broker.dead] == [("expired", "late")]
