@@ -63,6 +63,12 @@ from leveret.producers.groups import (
     publish_group,
 )
 from leveret.producers.metrics import published_counter
+from leveret.producers.schedules import (
+    RuntimeSchedule,
+    ScheduleStore,
+    SchedulesUnavailableError,
+    build_schedule,
+)
 from leveret.producers.settings import ConnectionSettings
 from leveret.producers.stores.bundle import Stores
 from leveret.producers.stores.cancel import (
@@ -574,6 +580,47 @@ class Publisher:
     async def group_status(self, group_id: str) -> GroupStatus | None:
         """The group's counts per state (``None``: unknown or expired id)."""
         return await self._group_store().status(group_id)
+
+    # -- runtime schedules (``producers.schedules``) ----------------------------------------------
+
+    async def schedule(
+        self,
+        name: str,
+        job: str,
+        *,
+        cron: str | None = None,
+        every: float | timedelta | None = None,
+        tz: str = "UTC",
+        payload: Payload | None = None,
+        missed: str = "once",
+    ) -> RuntimeSchedule:
+        """Add (or replace) the runtime schedule ``name``: ``job`` with ``payload`` on ``cron``
+        (in ``tz``) or ``every`` seconds, fired by the app's scheduler leader exactly once per
+        tick (job id ``<name>@<tick>``) from within about a second on. Kept in the status
+        store's Redis (``SchedulesUnavailableError`` without it); validated like
+        ``worker.schedule`` (``ConfigError``). Whether a worker knows ``job`` is not checked
+        here: a tick no queue is bound for is logged ``schedule_unroutable`` by the leader."""
+        body = payload.model_dump(mode="json") if isinstance(payload, BaseModel) else payload
+        built = build_schedule(
+            name, job, cron=cron, every=every, tz=tz, payload=body, missed=missed
+        )
+        await self._schedule_store().add(built)
+        return built
+
+    async def unschedule(self, name: str) -> bool:
+        """Remove the runtime schedule ``name`` (it stops firing within about a second);
+        ``False`` if there was none."""
+        return await self._schedule_store().remove(name)
+
+    async def schedules(self) -> list[RuntimeSchedule]:
+        """The runtime schedules of this publisher's exchange (not the app's own)."""
+        return await self._schedule_store().list()
+
+    def _schedule_store(self) -> ScheduleStore:
+        store = ScheduleStore.of(self._status_store, self._exchange)
+        if store is None:
+            raise SchedulesUnavailableError()
+        return store
 
     def _group_store(self) -> GroupStore:
         if self._groups is None:

@@ -45,6 +45,7 @@ if TYPE_CHECKING:
     from leveret.consumer.runtime.threads import JobThreads
     from leveret.consumer.settings import WorkerSettings
     from leveret.consumer.worker import Worker
+    from leveret.producers.schedules import ScheduleStore
     from leveret.producers.stores.status import StatusStore
 
 log = structlog.get_logger("leveret.worker")
@@ -244,7 +245,10 @@ def start_scheduler(
     in-flight jobs drained: a leader that is leaving hands over at once (its last heartbeat
     tells the successor that nothing was missed). Nothing for an app without schedules.
     """
-    if not worker.schedules:
+    # Runtime schedules (``producers.schedules``, with LEVERET_STATUS_URL): an app without
+    # schedules of its own starts its scheduler once the first one is added.
+    runtime = runtime_schedule_store(worker.settings)
+    if not worker.schedules and runtime is None:
         return
     # A short AMQP heartbeat on every node's URL: a leader whose host vanishes without closing
     # its socket is noticed by the broker in ~2 s, so a standby takes over within 5 s.
@@ -258,6 +262,7 @@ def start_scheduler(
         registry=worker.metrics.registry,
         publish_timeout=settings.publish_timeout,
         queue_type=settings.queue_type,
+        runtime=runtime,
     )
 
     async def run_once_declared() -> None:
@@ -265,6 +270,11 @@ def start_scheduler(
         # (unroutable) and be lost. Polled, so the consume path stays untouched; 50 ms once.
         while not declared() and not stopping.is_set():
             await sleep(0.05)
+        while not worker.schedules and runtime is not None and not stopping.is_set():
+            with contextlib.suppress(Exception):
+                if await runtime.list():
+                    break
+            await sleep(2.0)
         if not stopping.is_set():
             await scheduler.run()
 
@@ -282,5 +292,17 @@ def start_scheduler(
             await asyncio.wait_for(task, 10)
         except TimeoutError:
             log.warning("scheduler_stop_timeout", scheduler=scheduler.app)
+        if runtime is not None:
+            with contextlib.suppress(Exception):
+                await runtime.close()
 
     stack.push_async_callback(wind_down)
+
+
+def runtime_schedule_store(settings: WorkerSettings) -> ScheduleStore | None:
+    """With ``LEVERET_STATUS_URL``: the app's runtime schedules (its own Redis client)."""
+    if settings.status_url is None:
+        return None
+    from leveret.producers.schedules import ScheduleStore
+
+    return ScheduleStore.from_url(settings.status_url.get_secret_value(), settings.exchange)

@@ -81,6 +81,7 @@ from leveret.consumer.features.schedules.spec import Schedule, format_tick, pars
 from leveret.producers.broker.confirm import publish_confirmed
 from leveret.producers.errors import PublishError, UnroutableError
 from leveret.producers.metrics import per_registry
+from leveret.producers.schedules import REFRESH_S, ScheduleStore
 from leveret.producers.settings import DEFAULT_PUBLISH_TIMEOUT
 from leveret.producers.wire.message import (
     CONTENT_TYPE,
@@ -165,6 +166,7 @@ class Scheduler:
         publish_timeout: float = DEFAULT_PUBLISH_TIMEOUT,
         reconnect_s: float = 1.0,
         queue_type: Literal["classic", "quorum"] = "classic",
+        runtime: ScheduleStore | None = None,
     ) -> None:
         """``queue_type``: the election queue's type, the app's (``LEVERET_QUEUE_TYPE``): on a
         cluster a quorum election queue outlives the loss of the node a classic one lives on."""
@@ -177,6 +179,12 @@ class Scheduler:
         self.schedules = {s.name: s for s in schedules}
         if len(self.schedules) != len(schedules):
             raise ConfigError("two schedules share a name")
+        # Runtime schedules (``producers.schedules``): read by the leader every REFRESH_S and
+        # fired beside the app's own, which win a name clash.
+        self._app_schedules = dict(self.schedules)
+        self._runtime = runtime
+        self._runtime_read = -1e9
+        self._runtime_names: set[str] = set()
         self.exchange = exchange
         self.app = check_name("scheduler", name) if name else DEFAULT_APP
         self.queue = scheduler_queue_name(exchange, self.app)
@@ -507,7 +515,51 @@ class Scheduler:
         fire += schedule.ticks_between(after, now)
         return fire, record
 
+    async def _refresh_runtime(self) -> None:
+        """The runtime schedules into ``schedules``, at most every ``REFRESH_S``. Unreadable
+        (Redis down): the last known set keeps firing. A name whose last fired tick's next tick
+        is older than its definition was removed and added again: it starts afresh."""
+        if self._runtime is None or time.monotonic() - self._runtime_read < REFRESH_S:
+            return
+        self._runtime_read = time.monotonic()
+        try:
+            async with asyncio.timeout(2):
+                stored = await self._runtime.list()
+        except Exception as exc:
+            log.warning(
+                "runtime_schedules_unreadable",
+                scheduler=self.app,
+                error=f"{type(exc).__name__}: {exc}",
+                action="firing the last known set",
+            )
+            return
+        schedules, names = dict(self._app_schedules), set()
+        for r in stored:
+            if r.name in self._app_schedules:
+                if r.name not in self._runtime_names:
+                    log.warning("runtime_schedule_shadowed", schedule=r.name)
+                    self._runtime_names.add(r.name)
+                names.add(r.name)
+                continue
+            try:
+                schedule = r.as_schedule()
+            except ConfigError as exc:
+                log.warning("runtime_schedule_invalid", schedule=r.name, error=str(exc))
+                continue
+            last = self._state.get(r.name)
+            if last is not None and schedule.next_after(last).timestamp() < r.created_at:
+                del self._state[r.name]  # re-added: from now on, none of its past
+                self._dirty = True
+            schedules[r.name] = schedule
+            names.add(r.name)
+        for name in sorted(names - self._runtime_names):
+            log.info("runtime_schedule_added", scheduler=self.app, schedule=name)
+        for name in sorted(self._runtime_names - names):
+            log.info("runtime_schedule_removed", scheduler=self.app, schedule=name)
+        self.schedules, self._runtime_names = schedules, names
+
     async def _fire_due(self, channel: AbstractChannel) -> None:
+        await self._refresh_runtime()
         now = datetime.now(UTC)
         for schedule in self.schedules.values():
             fire, record = self._plan(schedule, now)
