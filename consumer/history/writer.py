@@ -158,7 +158,7 @@ class HistoryWriter:
 
         try:
             retrying = AsyncRetrying(
-                wait=wait_exponential_jitter(initial=0.5, max=30),
+                wait=wait_exponential_jitter(multiplier=0.5, max=30),
                 retry=retry_if_exception(
                     lambda e: not isinstance(e, SchemaBehind) and not self._stopping.is_set()
                 ),
@@ -221,7 +221,8 @@ class HistoryWriter:
 
     async def _on_message(self, message: DeliveredMessage) -> None:
         self._buffer.append(message)
-        if len(self._buffer) >= self.batch_size:
+        # the first event starts a batch's flush_interval; a full batch is written at once
+        if len(self._buffer) == 1 or len(self._buffer) >= self.batch_size:
             self._wake.set()
 
     async def _pump(self, raw: AbstractChannel) -> None:
@@ -297,7 +298,7 @@ class HistoryWriter:
             )
 
         retrying = AsyncRetrying(
-            wait=wait_exponential_jitter(initial=0.2, max=10),
+            wait=wait_exponential_jitter(multiplier=0.2, max=10),
             retry=retry_if_exception(lambda e: transient(e) and self._keep_trying()),
             before_sleep=log_failure,
             reraise=True,
@@ -333,7 +334,7 @@ class HistoryWriter:
         if self._schema_checked:
             return
         retrying = AsyncRetrying(
-            wait=wait_exponential_jitter(initial=0.5, max=10),
+            wait=wait_exponential_jitter(multiplier=0.5, max=10),
             retry=retry_if_exception(lambda e: transient(e) and self._keep_trying()),
             before_sleep=lambda r: log.warning(
                 "history.database_unavailable",
