@@ -20,7 +20,7 @@ from typing import Any
 
 import structlog
 
-from leveret.producers.broker.connection import mask_secrets
+from leveret.producers.broker import mask_secrets
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
            "error": logging.ERROR}  # fmt: skip

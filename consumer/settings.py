@@ -7,8 +7,8 @@ from typing import Literal
 from pydantic import Field, SecretStr
 from pydantic_settings import SettingsConfigDict
 
-from leveret.producers.settings import ConnectionSettings
-from leveret.producers.stores.settings import LifecycleSettings
+from leveret.producers import ConnectionSettings
+from leveret.producers.stores import LifecycleSettings
 
 
 class WorkerSettings(ConnectionSettings, LifecycleSettings):

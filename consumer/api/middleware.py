@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from leveret.producers.metrics import per_registry
+from leveret.producers import per_registry
 
 # Requests answer in milliseconds; a slow broker confirm can take seconds.
 REQUEST_BUCKETS = (

@@ -20,7 +20,7 @@ from pydantic import ValidationError
 
 from leveret.consumer.cli.common import command_setup, fail, load_app, loop_option
 from leveret.consumer.errors import ConfigError
-from leveret.producers.eventloop import LoopUnavailable, loop_name, resolve
+from leveret.producers import LoopUnavailable, loop_name, resolve_loop
 
 log = structlog.get_logger("leveret.api")
 
@@ -49,7 +49,7 @@ Needs the api extra: pip install 'leveret[api]'."""
 def api(app: str, host: str, port: int, insecure_no_auth: bool, no_ui: bool, loop: str) -> None:
     """Serve APP's jobs over HTTP (module:attribute naming a Worker)."""
     try:
-        loop_kind = resolve(loop)  # before anything slow: a missing uvloop is one clear line
+        loop_kind = resolve_loop(loop)  # before anything slow: a missing uvloop is one clear line
     except LoopUnavailable as exc:
         fail(str(exc))
     try:

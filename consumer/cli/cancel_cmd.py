@@ -10,8 +10,8 @@ from __future__ import annotations
 import click
 
 from leveret.consumer.cli.common import command_setup, fail, load_settings, run_async
-from leveret.producers.publisher import Publisher
-from leveret.producers.stores.settings import LifecycleSettings
+from leveret.producers import Publisher
+from leveret.producers.stores import LifecycleSettings
 
 
 @click.command(

@@ -17,8 +17,8 @@ from leveret.consumer.errors import ConfigError
 from leveret.consumer.logging import configure_logging
 from leveret.consumer.settings import WorkerSettings
 from leveret.consumer.worker import Worker
-from leveret.producers.broker.connection import mask_secrets
-from leveret.producers.eventloop import LOOP_CHOICES
+from leveret.producers import LOOP_CHOICES
+from leveret.producers.broker import mask_secrets
 from leveret.topology.errors import LeveretError
 
 T = TypeVar("T")

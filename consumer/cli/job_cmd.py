@@ -12,8 +12,7 @@ import json
 import click
 
 from leveret.consumer.cli.common import command_setup, fail, run_async
-from leveret.producers.stores.settings import LifecycleSettings
-from leveret.producers.stores.status import JobStatus, RedisStatusStore
+from leveret.producers.stores import JobStatus, LifecycleSettings, RedisStatusStore
 
 
 @click.group()

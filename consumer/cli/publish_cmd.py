@@ -8,7 +8,7 @@ from datetime import datetime
 import click
 
 from leveret.consumer.cli.common import command_setup, fail, load_settings, run_async
-from leveret.producers.publisher import Publisher, delay_seconds
+from leveret.producers import Publisher, delay_seconds
 from leveret.topology.errors import InvalidDelayError
 
 

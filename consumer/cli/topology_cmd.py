@@ -9,7 +9,7 @@ import click
 from yarl import URL
 
 from leveret.consumer.cli.common import command_setup, fail, load_app, run_async
-from leveret.producers.broker.connection import connect
+from leveret.producers.broker import connect
 from leveret.topology.declare import declare as declare_topology
 from leveret.topology.definitions import to_definitions
 

@@ -17,7 +17,7 @@ from leveret.consumer.cli.common import (
     run_async,
 )
 from leveret.consumer.worker import Worker
-from leveret.producers.eventloop import LoopUnavailable, install, loop_name
+from leveret.producers import LoopUnavailable, install_loop, loop_name
 
 log = structlog.get_logger("leveret.worker")
 
@@ -52,7 +52,7 @@ def worker(
 ) -> None:
     """Run the jobs of APP (module:attribute naming a consumer.Worker)."""
     try:
-        loop_kind = install(loop)
+        loop_kind = install_loop(loop)
     except LoopUnavailable as exc:
         fail(str(exc))
     if processes > 1:

@@ -18,10 +18,11 @@ from pamqp.commands import Basic
 
 from leveret.consumer.delivery.envelope import Delivery
 from leveret.consumer.delivery.outbox import Copy
-from leveret.producers.publisher import delay_seconds, prepare_job
-from leveret.producers.stores.dedup import HEADER_DEDUP_KEY, check_dedup_key
-from leveret.producers.wire.events import (
+from leveret.producers import delay_seconds, prepare_job
+from leveret.producers.stores import HEADER_DEDUP_KEY, check_dedup_key
+from leveret.producers.wire import (
     EVENTS_CONTENT_TYPE,
+    PERSISTENT,
     PROGRESS,
     STARTED,
     SUCCEEDED,
@@ -32,7 +33,6 @@ from leveret.producers.wire.events import (
     events_exchange,
     publishes,
 )
-from leveret.producers.wire.message import PERSISTENT
 
 log = structlog.get_logger("leveret.worker")
 

@@ -16,7 +16,7 @@ from typing import cast
 import aiormq.abc
 from pamqp.commands import Basic
 
-from leveret.producers.wire.message import read_envelope
+from leveret.producers.wire import read_envelope
 
 
 @dataclass(slots=True, eq=False)

@@ -20,8 +20,8 @@ import aiormq
 import structlog
 from pamqp.commands import Basic
 
-from leveret.producers.broker.batch import BatchPublishError, publish_batch
-from leveret.producers.errors import InvalidMessageError, PublishError, PublishTimeout
+from leveret.producers import InvalidMessageError, PublishError, PublishTimeout
+from leveret.producers.broker import BatchPublishError, publish_batch
 
 log = structlog.get_logger("leveret.worker")
 

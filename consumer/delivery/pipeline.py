@@ -52,7 +52,7 @@ from leveret.consumer.registry import JobSpec, Registry
 from leveret.consumer.runtime.metrics import UNKNOWN_JOB, WorkerMetrics
 from leveret.consumer.runtime.threads import JobThreads
 from leveret.consumer.settings import WorkerSettings
-from leveret.producers.wire.message import (
+from leveret.producers.wire import (
     HEADER_EXPIRES_AT,
     HEADER_PUBLISHED_AT,
     OWN_HEADERS,

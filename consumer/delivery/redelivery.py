@@ -22,7 +22,7 @@ import asyncio
 
 from leveret.consumer.delivery.envelope import Delivery
 from leveret.consumer.delivery.settle import Settler
-from leveret.producers.wire.message import HEADER_REDELIVERIES, header_count
+from leveret.producers.wire import HEADER_REDELIVERIES, header_count
 
 
 class RedeliveryGuard:

@@ -36,11 +36,10 @@ from leveret.consumer.features.cancel_watch import CancelWatch
 from leveret.consumer.features.cancellation import Cancellation
 from leveret.consumer.runtime.metrics import Outcomes
 from leveret.consumer.settings import WorkerSettings
-from leveret.producers.broker.connection import CONNECTION_ERRORS, connect, mask_secrets
-from leveret.producers.errors import BrokerUnavailable
-from leveret.producers.stores.cancel import CancelMarks
-from leveret.producers.stores.dedup import DedupStore
-from leveret.producers.wire.message import one_line
+from leveret.producers import BrokerUnavailable
+from leveret.producers.broker import CONNECTION_ERRORS, connect, mask_secrets
+from leveret.producers.stores import CancelMarks, DedupStore
+from leveret.producers.wire import one_line
 from leveret.topology.declare import declare
 from leveret.topology.model import Topology
 

@@ -57,12 +57,15 @@ from leveret.consumer.runtime.metrics import (
     UNKNOWN_JOB,
     Outcomes,
 )
-from leveret.producers.stores.dedup import HEADER_DEDUP_KEY, DedupUnavailableError
-from leveret.producers.stores.status import StatusWrite, status_write
-from leveret.producers.wire.events import CANCELLED as EVENT_CANCELLED
-from leveret.producers.wire.events import DEAD, PROGRESS, RETRYING, STARTED, EventsMode, rfc3339_ns
-from leveret.producers.wire.events import SUCCEEDED as EVENT_SUCCEEDED
-from leveret.producers.wire.message import (
+from leveret.producers.stores import (
+    HEADER_DEDUP_KEY,
+    DedupUnavailableError,
+    StatusWrite,
+    status_write,
+)
+from leveret.producers.wire import CANCELLED as EVENT_CANCELLED
+from leveret.producers.wire import (
+    DEAD,
     HEADER_ATTEMPTS,
     HEADER_DELIVERY_COUNT,
     HEADER_DIED_AT,
@@ -71,17 +74,23 @@ from leveret.producers.wire.message import (
     HEADER_REASON,
     HEADER_REDELIVERIES,
     PERSISTENT,
+    PROGRESS,
+    RETRYING,
+    STARTED,
+    EventsMode,
     carried_headers,
     copy_properties,
     header_count,
     one_line,
+    rfc3339_ns,
 )
+from leveret.producers.wire import SUCCEEDED as EVENT_SUCCEEDED
 from leveret.topology.delay import MAX_DELAY_S, retry_route
 from leveret.topology.model import dlq_name
 
 if TYPE_CHECKING:
     from leveret.consumer.delivery.status_writer import StatusWriter
-    from leveret.producers.stores.dedup import DedupStore
+    from leveret.producers.stores import DedupStore
 
 __all__ = ["Copy", "FollowUp", "SettleFailed", "Settler"]
 

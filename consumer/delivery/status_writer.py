@@ -30,7 +30,7 @@ from collections.abc import Callable, Sequence
 import structlog
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
 
-from leveret.producers.stores.status import StatusStore, StatusStoreUnavailable, StatusWrite
+from leveret.producers.stores import StatusStore, StatusStoreUnavailable, StatusWrite
 
 log = structlog.get_logger("leveret.worker")
 

@@ -24,9 +24,11 @@ from aio_pika.abc import (
 )
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential
 
-from leveret.producers.stores.cancel import DEFAULT_MAX_IDS, CancelMarks, cancel_exchange
-from leveret.producers.stores.redis import (
+from leveret.producers.stores import (
+    DEFAULT_MAX_IDS,
+    CancelMarks,
     StatusStoreUnavailable,
+    cancel_exchange,
 )
 
 log = structlog.get_logger("leveret.cancel")

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from leveret.consumer.delivery.outcomes import Cancelled
 from leveret.consumer.errors import Reject
-from leveret.producers.wire.message import one_line
+from leveret.producers.wire import one_line
 
 if TYPE_CHECKING:
     from leveret.consumer.context import JobContext

@@ -37,9 +37,8 @@ from leveret.producers.groups import (
     JobGroup,
     ThenJob,
 )
-from leveret.producers.stores.redis import StatusStoreUnavailable
-from leveret.producers.stores.status import StatusWrite, status_write
-from leveret.producers.wire.message import check_max_attempts, check_priority, job_properties
+from leveret.producers.stores import StatusStoreUnavailable, StatusWrite, status_write
+from leveret.producers.wire import check_max_attempts, check_priority, job_properties
 
 if TYPE_CHECKING:
     from leveret.consumer.context import JobContext

@@ -35,7 +35,7 @@ from pydantic_core import to_json
 
 from leveret.consumer.delivery.outcomes import Postponed
 from leveret.consumer.errors import ConfigError
-from leveret.producers.stores.redis import StatusStoreError, redis_call
+from leveret.producers.stores import StatusStoreError, redis_call
 
 if TYPE_CHECKING:
     from leveret.consumer.context import JobContext

@@ -44,7 +44,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from leveret.consumer.delivery.outcomes import Postponed
 from leveret.consumer.errors import ConfigError, Reject, Retry
-from leveret.producers.stores.redis import StatusStoreError, redis_call
+from leveret.producers.stores import StatusStoreError, redis_call
 
 if TYPE_CHECKING:
     from leveret.consumer.context import JobContext
@@ -431,7 +431,7 @@ class Coordination:
 
     def _store(self) -> Any:
         if self._locks is None:
-            from leveret.producers.stores.redis import StatusStoreUnavailable
+            from leveret.producers.stores import StatusStoreUnavailable
 
             raise StatusStoreUnavailable("the lock store is not open yet")
         return self._locks

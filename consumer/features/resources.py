@@ -49,7 +49,7 @@ from prometheus_client import CollectorRegistry, Counter
 
 from leveret.consumer.context import JobContext
 from leveret.consumer.errors import ConfigError
-from leveret.producers.metrics import per_registry
+from leveret.producers import per_registry
 
 log = structlog.get_logger("leveret.resources")
 

@@ -54,13 +54,10 @@ import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection
 from pamqp.commands import Basic
 
-from leveret.producers.broker.confirm import publish_confirmed
-from leveret.producers.broker.connection import CONNECTION_ERRORS, connect
-from leveret.producers.settings import ConnectionSettings
-from leveret.producers.stores.dedup import HEADER_DEDUP_KEY
-from leveret.producers.stores.settings import LifecycleSettings
-from leveret.producers.stores.status import StatusStore, status_write
-from leveret.producers.wire.message import (
+from leveret.producers import ConnectionSettings
+from leveret.producers.broker import CONNECTION_ERRORS, connect, publish_confirmed
+from leveret.producers.stores import HEADER_DEDUP_KEY, LifecycleSettings, StatusStore, status_write
+from leveret.producers.wire import (
     HEADER_ATTEMPTS,
     HEADER_DIED_AT,
     HEADER_ERROR,
@@ -356,7 +353,7 @@ class DeadLetters:
         if self.status_store is None:
             lifecycle = LifecycleSettings()
             if lifecycle.status_url is not None:
-                from leveret.producers.stores.status import RedisStatusStore
+                from leveret.producers.stores import RedisStatusStore
 
                 self.status_store = RedisStatusStore.from_url(
                     lifecycle.status_url.get_secret_value(), ttl=lifecycle.status_ttl

@@ -36,9 +36,9 @@ from yarl import URL
 from leveret.consumer.ops.management import Management, ManagementError
 from leveret.consumer.registry import Registry
 from leveret.consumer.settings import WorkerSettings
-from leveret.producers.broker.connection import connect
-from leveret.producers.errors import BrokerUnavailable
-from leveret.producers.wire.events import events_exchange
+from leveret.producers import BrokerUnavailable
+from leveret.producers.broker import connect
+from leveret.producers.wire import events_exchange
 from leveret.topology.declare import declaration_variants, probe_queue
 from leveret.topology.definitions import permission_regexes, required_permissions
 from leveret.topology.delay import DELAY_BITS, delay_queue_names, retry_queue_name, retry_ttl_ms

@@ -20,8 +20,8 @@ import httpx
 from yarl import URL
 
 from leveret.consumer.settings import WorkerSettings
-from leveret.producers.broker.connection import connected_url, mask_secrets, mask_url, split_urls
-from leveret.producers.settings import ConnectionSettings
+from leveret.producers import ConnectionSettings
+from leveret.producers.broker import connected_url, mask_secrets, mask_url, split_urls
 from leveret.topology.errors import LeveretError
 
 MANAGEMENT_PORT = 15672

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from leveret.consumer.ops.management import Management, ManagementError
-from leveret.producers.broker.connection import connect
-from leveret.producers.settings import ConnectionSettings
+from leveret.producers import ConnectionSettings
+from leveret.producers.broker import connect
 from leveret.topology.declare import QueueCounts, probe_queue
 from leveret.topology.delay import DELAY_BITS, delay_queue_names, retry_queue_name
 from leveret.topology.errors import LeveretError

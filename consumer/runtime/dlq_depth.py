@@ -18,7 +18,7 @@ import structlog
 from aio_pika.abc import AbstractChannel, AbstractConnection
 from prometheus_client import Gauge
 
-from leveret.producers.broker.connection import CONNECTION_ERRORS
+from leveret.producers.broker import CONNECTION_ERRORS
 from leveret.topology.declare import queue_depth
 from leveret.topology.model import dlq_name
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
-from leveret.producers.metrics import built_on, per_registry, published_counter
+from leveret.producers import built_on, per_registry, published_counter
 
 # Jobs range from milliseconds to hours.
 DURATION_BUCKETS = (

@@ -37,7 +37,7 @@ from leveret.consumer.features.ratelimit.limiters import GlobalLimiters, LocalLi
 from leveret.consumer.features.schedules.leader import Scheduler, with_heartbeat
 from leveret.consumer.runtime.dlq_depth import DlqDepthRefresher
 from leveret.consumer.runtime.health import HealthServer
-from leveret.producers.broker.connection import connect, mask_url
+from leveret.producers.broker import connect, mask_url
 
 if TYPE_CHECKING:
     from leveret.consumer.registry import Registry
@@ -46,7 +46,7 @@ if TYPE_CHECKING:
     from leveret.consumer.settings import WorkerSettings
     from leveret.consumer.worker import Worker
     from leveret.producers.schedules import ScheduleStore
-    from leveret.producers.stores.status import StatusStore
+    from leveret.producers.stores import StatusStore
 
 log = structlog.get_logger("leveret.worker")
 
@@ -147,7 +147,7 @@ def open_status_store(settings: WorkerSettings) -> StatusStore | None:
     """With ``LEVERET_STATUS_URL``, the store settle records statuses in."""
     if settings.status_url is None:
         return None
-    from leveret.producers.stores.status import RedisStatusStore
+    from leveret.producers.stores import RedisStatusStore
 
     url = settings.status_url.get_secret_value()
     return RedisStatusStore.from_url(url, ttl=settings.status_ttl)
@@ -156,7 +156,7 @@ def open_status_store(settings: WorkerSettings) -> StatusStore | None:
 def cancel_and_dedup(store: StatusStore | None) -> dict[str, Any]:
     """Cancel marks and de-duplication claims on the status store's Redis client (one client
     per worker process, ``Stores``); nothing without a Redis status store."""
-    from leveret.producers.stores.bundle import Stores
+    from leveret.producers.stores import Stores
 
     stores = Stores.of(store)
     if stores is None:

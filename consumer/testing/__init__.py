@@ -46,7 +46,7 @@ from leveret.consumer.features.tracing import tracing_layer
 from leveret.consumer.registry import JobSpec
 from leveret.consumer.runtime.threads import JobThreads
 from leveret.consumer.worker import Worker
-from leveret.producers.wire.message import (
+from leveret.producers.wire import (
     HEADER_EXPIRES_AT,
     encode_payload,
     expires_header,

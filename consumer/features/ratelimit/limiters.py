@@ -76,7 +76,7 @@ from pamqp.commands import Basic
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential
 
 from leveret.consumer.errors import ConfigError
-from leveret.producers.stores.redis import DEFAULT_RATELIMIT_PREFIX, redis_client
+from leveret.producers.stores import DEFAULT_RATELIMIT_PREFIX, redis_client
 
 log = structlog.get_logger("leveret.ratelimit")
 

@@ -78,12 +78,10 @@ from yarl import URL
 
 from leveret.consumer.errors import ConfigError
 from leveret.consumer.features.schedules.spec import Schedule, format_tick, parse_tick
-from leveret.producers.broker.confirm import publish_confirmed
-from leveret.producers.errors import PublishError, UnroutableError
-from leveret.producers.metrics import per_registry
+from leveret.producers import DEFAULT_PUBLISH_TIMEOUT, PublishError, UnroutableError, per_registry
+from leveret.producers.broker import publish_confirmed
 from leveret.producers.schedules import REFRESH_S, ScheduleStore
-from leveret.producers.settings import DEFAULT_PUBLISH_TIMEOUT
-from leveret.producers.wire.message import (
+from leveret.producers.wire import (
     CONTENT_TYPE,
     PERSISTENT,
     encode_payload,
