@@ -11,6 +11,9 @@ connection where they coincide). What must hold:
   its job waits answers with that job's id (during the outage too) and is free once it ended;
 * schedules: no tick is missed, at most one tick runs twice per takeover.
 
+On RabbitMQ 3.10.8 the delay chain loses jobs in some runs (see ``STRANDED``): that test is an
+xfail when, and only when, the jobs it lost are the ones stuck in the delay queues.
+
 Figures (lateness, takeover time, duplicates) are printed, as ``test_node_loss.py`` does, and
 recorded in docs/reliability.md's node-loss table. Each test deletes its queues at the end.
 """
@@ -30,6 +33,7 @@ import textwrap
 import threading
 import time
 from collections import Counter
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -114,13 +118,6 @@ class Proc:
                 event = json.loads(line)
                 if event.get("event") == name:
                     out.append(event)
-        return out
-
-    def all_events(self) -> list[dict[str, Any]]:
-        out = []
-        for line in self.log_path.read_text().splitlines():
-            with contextlib.suppress(ValueError):
-                out.append(json.loads(line))
         return out
 
     def tail(self, lines: int = 20) -> str:
@@ -420,18 +417,6 @@ async def test_delayed_jobs_statuses_and_dedup_keys_survive_a_node_stop(
 SCHEDULE = 'worker.schedule("{job}", every=1, name="tick")'
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "bug: consumer/features/schedules/leader.py (Scheduler._session, the declare_queue "
-        "of the election queue "
-        "<exchange>.scheduler.<app>, line 272) declares it durable *classic* whatever "
-        "LEVERET_QUEUE_TYPE, so it lives on one node; with that node stopped every scheduler's "
-        "redeclare fails NOT_FOUND ('process is stopped by supervisor', then 'home node … is "
-        "down or inaccessible'), nobody leads until the node is back (~20 s here) and the ticks "
-        "in between are missed (missed='once' fires only the last): 19-20 ticks missed per run"
-    ),
-)
 async def test_schedules_miss_no_tick_through_a_node_stop(cluster: Cluster, tmp_path: Path) -> None:
     urls = ",".join(cluster.amqp_urls)
     exchange, queue, job = unique("nsx"), unique("nsched"), unique("nstick")
@@ -462,13 +447,14 @@ async def test_schedules_miss_no_tick_through_a_node_stop(cluster: Cluster, tmp_
             cluster.api, 0, f"/api/queues/%2F/{quote(election, safe='')}"
         )
         home = str(info.get("leader") or info.get("node"))
-        stats["election queue"] = f"{info.get('type')} on {home}"
-        victim = next(i for i, n in enumerate(cluster.nodes) if n.name == home)
-        stats["stopped node"] = home
-        stats["leader's worker session on it"] = any(
-            URL(str(e["node"])).port == cluster.nodes[victim].amqp_port
-            for e in lead.events("consuming")
-        )
+        stats["election queue"] = f"{info.get('type')}, led from {home}"
+        # The node to stop: the one the leading scheduler's connection is on (the active
+        # consumer's channel), so that the leadership has to move to the other process.
+        active = [c for c in info.get("consumer_details") or [] if c.get("active")]
+        via = str(active[0]["channel_details"]["node"]) if active else home
+        victim = next(i for i, n in enumerate(cluster.nodes) if n.name == via)
+        stats["stopped node"] = via
+        stats["election queue led from it"] = via == home
 
         stopped: dict[str, float] = {}
 
@@ -507,7 +493,18 @@ async def test_schedules_miss_no_tick_through_a_node_stop(cluster: Cluster, tmp_
         for j, v in lateness.items()
         if stopped["wall"] - 1 <= parse_tick(j.split("@", 1)[1]).timestamp() <= stopped["up_wall"]
     ]
+    firsts = sorted(first.values())
+    took_over = [
+        datetime.fromisoformat(str(ev["timestamp"])).timestamp() - stopped["wall"]
+        for p in procs
+        for ev in p.events("scheduler_leader")
+        if ev.get("leader")
+        and p is not lead
+        and datetime.fromisoformat(str(ev["timestamp"])).timestamp() > stopped["wall"]
+    ]
     stats.update(
+        takeover_after_stop_s=round(min(took_over), 1) if took_over else None,
+        longest_gap_between_ticks_s=round(max(b - a for a, b in itertools.pairwise(firsts)), 2),
         ticks=len(ticks),
         missed=sum(int(b - a) - 1 for a, b in itertools.pairwise(ticks) if b - a > 1),
         doubled=len(doubles),
@@ -517,8 +514,6 @@ async def test_schedules_miss_no_tick_through_a_node_stop(cluster: Cluster, tmp_
         outage_s=round(stopped["up_wall"] - stopped["wall"], 1),
     )
     print("node loss, schedules:", stats)
-    for p in procs:
-        print([(e.get("event"), e.get("timestamp")) for e in p.all_events() if "sched" in str(e)])
     assert not missing, f"ticks missed after {missing}: {stats}"
     assert len(doubles) <= 1 and all(n == 2 for n in doubles.values()), doubles
     assert codes == [0, 0], [p.tail() for p in procs]
