@@ -1,5 +1,5 @@
-"""``producers.amqp``, the one module below aiormq's and aio-pika's public API: the installed
-versions have what it relies on, and when they do not, a confirmed batch still keeps its
+"""``producers.broker.adapter``, the one module below aiormq's and aio-pika's public API: the
+installed versions have what it relies on, and when they do not, a confirmed batch still keeps its
 guarantee through the public ``basic_publish`` (real broker: an unroutable job and nacks).
 
 In ``scripts/floors.sh``'s subset (all of ``tests/producers``), so it runs on the floor aiormq and
@@ -203,7 +203,7 @@ def test_no_other_module_reaches_into_aiormq_or_aio_pika() -> None:
         f"{path.relative_to(ROOT)}:{number}: {line.strip()}"
         for package in ("producers", "consumer", "topology")
         for path in sorted((ROOT / package).rglob("*.py"))
-        if path != ROOT / "producers" / "amqp.py"
+        if path != ROOT / "producers" / "broker" / "adapter.py"
         for number, line in enumerate(path.read_text().splitlines(), 1)
         if _PRIVATE.search(line.split("#")[0])
     ]
