@@ -41,6 +41,7 @@ from prometheus_client import CollectorRegistry
 from pydantic import BaseModel, ValidationError
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential
 
+from leveret.consumer.api.history_routes import add_history_routes
 from leveret.consumer.api.middleware import (
     ApiMetrics,
     AuthMiddleware,
@@ -333,6 +334,7 @@ def create_app(
     )
     app.state.leveret = state
     _add_routes(app, state)
+    add_history_routes(app, lifecycle, owned)  # GET /jobs, GET /stats (LEVERET_HISTORY_URL)
     app.add_middleware(BodyLimitMiddleware, limit=settings.api_max_body)
     app.add_middleware(AuthMiddleware, token=token)
     if ui:  # outside the bearer check: the console signs in with its own cookie

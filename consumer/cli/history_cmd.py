@@ -40,9 +40,10 @@ def history_store(settings: LifecycleSettings | None = None) -> HistoryStore:
     from leveret.producers.stores.settings import LifecycleSettings
 
     settings = settings if settings is not None else LifecycleSettings()
-    if settings.history_url is None:
+    url = settings.history_url.get_secret_value().strip() if settings.history_url else ""
+    if not url:
         fail(NO_HISTORY)
-    return HistoryStore(settings.history_url.get_secret_value())
+    return HistoryStore(url)
 
 
 async def guarded(store: HistoryStore, work: Any) -> Any:
