@@ -70,6 +70,24 @@ ensure_redis() {
   return 1
 }
 
+# ensure_postgres: PostgreSQL's server binaries (initdb, pg_ctl) for the job history's tests
+# (tests/history), which start a private cluster of their own in a temp dir (as the postgres user
+# when run as root) and never touch a cluster of the machine. Installed from Debian's packages
+# where missing; returns non-zero (and says why) when there is no way to get them.
+ensure_postgres() {
+  if compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || [ -n "${LEVERET_TEST_PG_BIN:-}" ]; then
+    return 0
+  fi
+  if command -v apt-get >/dev/null; then
+    say "installing postgresql from Debian's packages (once; the job history's tests use it)"
+    as_root apt-get update -qq >&2 || true
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >&2 || true
+  fi
+  compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null && return 0
+  say "no PostgreSQL server binaries (apt-get install postgresql, or set LEVERET_TEST_PG_BIN): the history tests will skip"
+  return 1
+}
+
 # ensure_chromium: Debian's Chromium for the console's browser tests (tests/console), which
 # Playwright drives through executable_path (LEVERET_CHROMIUM, default /usr/bin/chromium):
 # Playwright's own browser download is never used. Installed from Debian's packages when missing;

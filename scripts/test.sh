@@ -7,9 +7,10 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$ROOT/scripts/setup.sh"
 ensure_broker
 ensure_redis  # the lifecycle tests use the machine's Redis (their own database and prefix)
-# Every extra (status, api, otel): mypy type-checks the code behind each one (producers/stores/status.py,
+ensure_postgres || true  # the history tests start a private PostgreSQL cluster from its binaries
+# Every extra (status, api, otel, history): mypy type-checks the code behind each one (producers/stores/status.py,
 # consumer/api/, consumer/features/tracing.py) against the installed library, never against a missing one.
-ensure_venv --extras status,api,otel test deploy
+ensure_venv --extras status,api,otel,history test deploy
 if [ -f "$ROOT/.ci/deploy-tools.sh" ]; then bash "$ROOT/.ci/deploy-tools.sh"; fi
 cd "$ROOT"
 
