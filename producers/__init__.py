@@ -24,23 +24,33 @@ from leveret.producers.eventloop import LOOP_CHOICES, LoopUnavailable, loop_name
 from leveret.producers.eventloop import install as install_loop
 from leveret.producers.eventloop import resolve as resolve_loop
 from leveret.producers.groups import (
+    HEADER_GROUP,
+    HEADER_GROUP_THEN,
     GroupId,
     GroupMember,
     GroupStatus,
+    GroupStore,
     GroupsUnavailableError,
     JobGroup,
+    ThenJob,
+    new_group_id,
+    then_id,
 )
 from leveret.producers.metrics import built_on, per_registry, published_counter
 from leveret.producers.publisher import Job, Publisher, delay_seconds, prepare_job
 from leveret.producers.schedules import (
     RuntimeSchedule,
+    ScheduleStore,
     SchedulesUnavailableError,
+    build_schedule,
     runtime_schedules,
 )
 from leveret.producers.settings import DEFAULT_PUBLISH_TIMEOUT, ConnectionSettings
 
 __all__ = [
     "DEFAULT_PUBLISH_TIMEOUT",
+    "HEADER_GROUP",
+    "HEADER_GROUP_THEN",
     "LOOP_CHOICES",
     "BlockingPublisher",
     "BrokerUnavailable",
@@ -50,6 +60,7 @@ __all__ = [
     "GroupId",
     "GroupMember",
     "GroupStatus",
+    "GroupStore",
     "GroupsUnavailableError",
     "InvalidMessageError",
     "InvalidPayloadError",
@@ -62,16 +73,21 @@ __all__ = [
     "Publisher",
     "RefusedError",
     "RuntimeSchedule",
+    "ScheduleStore",
     "SchedulesUnavailableError",
+    "ThenJob",
     "UnroutableError",
+    "build_schedule",
     "built_on",
     "delay_seconds",
     "install_loop",
     "loop_name",
     "mask_url",
+    "new_group_id",
     "per_registry",
     "prepare_job",
     "published_counter",
     "resolve_loop",
     "runtime_schedules",
+    "then_id",
 ]

@@ -16,21 +16,24 @@ unacked by the leader, invisible to everyone else. Redis gives atomic ``HSET``/`
 from anywhere, and survives every Leveret process and any broker restart; it needs persistence
 (AOF or RDB) to survive its own restart, like the statuses and dedup claims kept there.
 
-What stays on the broker is what must be exactly once: the last fired tick per schedule lives in
-the leader's token, as for app schedules. The leader reads the set about once a second
-(``REFRESH_S``); a schedule added is picked up within that, and starts from "now" (it does not
-fire its past). One removed stops firing within the same second. A schedule re-added under a
-name used before starts afresh (its ``created_at`` is newer than the tick the token remembers).
+What stays on the broker is what must be exactly once: the last fired tick per schedule lives
+in the leader's token, as for app schedules. The leader reads the set about once a second
+(``REFRESH_S`` in ``consumer.features.schedules.leader``); a schedule added is picked up within
+that, and starts from "now" (it does not fire its past). One removed stops firing within the
+same second. A schedule re-added under a name used before starts afresh (its ``created_at`` is
+newer than the tick the token remembers).
 On a name clash an app schedule wins (the runtime one is ignored, with a warning).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Mapping
-from datetime import timedelta
-from typing import TYPE_CHECKING, Any, Final
+from datetime import datetime, timedelta
+from typing import Any, Final
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, ConfigDict
 
@@ -40,22 +43,19 @@ from leveret.producers.stores.redis import (
     redis_call,
     redis_client,
 )
-
-if TYPE_CHECKING:
-    from leveret.consumer.features.schedules.spec import Schedule
+from leveret.topology.errors import InvalidValueError
+from leveret.topology.model import check_name
 
 __all__ = [
     "DEFAULT_SCHEDULES_PREFIX",
-    "REFRESH_S",
     "RuntimeSchedule",
     "ScheduleStore",
     "SchedulesUnavailableError",
+    "build_schedule",
     "runtime_schedules",
 ]
 
 DEFAULT_SCHEDULES_PREFIX: Final = "leveret:schedules:"
-# How often a leader reads the set (seconds).
-REFRESH_S: Final = 1.0
 
 
 class SchedulesUnavailableError(StatusStoreError):
@@ -86,20 +86,6 @@ class RuntimeSchedule(BaseModel):
     def expression(self) -> str:
         return self.cron if self.cron is not None else f"every {self.every_s:g}s"
 
-    def as_schedule(self) -> Schedule:
-        """The leader's ``Schedule`` (validated again: a stored definition is data)."""
-        from leveret.consumer.features.schedules.spec import make_schedule
-
-        return make_schedule(
-            self.job,
-            cron=self.cron,
-            every=self.every_s,
-            tz=self.tz,
-            payload=self.payload,
-            name=self.name,
-            missed=self.missed,
-        )
-
 
 def build_schedule(
     name: str,
@@ -111,20 +97,50 @@ def build_schedule(
     payload: Mapping[str, Any] | None = None,
     missed: str = "once",
 ) -> RuntimeSchedule:
-    """Validate (as ``worker.schedule`` does: ``ConfigError``) and build the stored form."""
-    from leveret.consumer.features.schedules.spec import make_schedule
+    """Validate what ``worker.schedule`` validates (``InvalidValueError``, a ``ValueError``,
+    naming the problem) and build the stored form. The leader validates it again as it loads
+    it (a stored definition is data)."""
+    where = f"schedule {name!r} (job {job!r})"
+    check_name("job", job)
+    check_name("schedule", name)
+    if (cron is None) == (every is None):
+        raise InvalidValueError(f"{where}: give exactly one of cron= or every=")
+    try:
+        zone = ZoneInfo(tz)
+    except (ZoneInfoNotFoundError, ValueError, TypeError):
+        raise InvalidValueError(f"{where}: unknown time zone {tz!r} (use an IANA name)") from None
+    every_s = None
+    if every is not None:
+        if isinstance(every, bool) or not isinstance(every, timedelta | int | float):
+            raise InvalidValueError(f"{where}: every= must be seconds or a timedelta")
+        every_s = every.total_seconds() if isinstance(every, timedelta) else float(every)
+        if not math.isfinite(every_s) or every_s <= 0:
+            raise InvalidValueError(f"{where}: every= must be positive, got {every!r}")
+    if cron is not None:
+        if not isinstance(cron, str) or len(cron.split()) not in (5, 6):
+            raise InvalidValueError(
+                f"{where}: cron expression {cron!r} needs 5 fields (minute hour day month "
+                f"weekday) or 6 (seconds first)"
+            )
+        from cronsim import CronSim, CronSimError
 
-    checked = make_schedule(
-        job, cron=cron, every=every, tz=tz, payload=payload, name=name, missed=missed
-    )
+        try:
+            next(CronSim(cron, datetime.now(zone)))
+        except (CronSimError, StopIteration) as exc:
+            reason = str(exc) or "never fires"
+            raise InvalidValueError(f"{where}: bad cron expression {cron!r}: {reason}") from None
+    if missed not in ("once", "skip"):
+        raise InvalidValueError(f"{where}: missed= must be 'once' or 'skip', got {missed!r}")
+    if payload is not None and not isinstance(payload, Mapping):
+        raise InvalidValueError(f"{where}: payload must be a dict")
     return RuntimeSchedule(
-        name=checked.name,
-        job=checked.job,
-        cron=checked.cron,
-        every_s=None if checked.every is None else checked.every.total_seconds(),
-        tz=checked.tz,
-        payload=dict(checked.payload),
-        missed=checked.missed,
+        name=name,
+        job=job,
+        cron=cron,
+        every_s=every_s,
+        tz=tz,
+        payload=dict(payload or {}),
+        missed=missed,
         created_at=time.time(),
     )
 

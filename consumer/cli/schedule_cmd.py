@@ -16,9 +16,8 @@ import click
 
 from leveret.consumer.cli.common import command_setup, fail, load_app, load_settings, run_async
 from leveret.consumer.cli.tables import plain_table, print_table
-from leveret.consumer.errors import ConfigError
-from leveret.consumer.features.schedules.spec import Schedule, format_tick
-from leveret.producers.schedules import ScheduleStore, build_schedule
+from leveret.consumer.features.schedules.spec import Schedule, format_tick, from_runtime
+from leveret.producers import ScheduleStore, build_schedule
 
 
 @click.group()
@@ -52,7 +51,7 @@ async def _runtime_rows(now: datetime) -> list[dict[str, str]]:
         stored = await store.list()
     finally:
         await store.close()
-    return [_row(r.as_schedule(), now, "runtime") for r in stored]
+    return [_row(from_runtime(r), now, "runtime") for r in stored]
 
 
 @schedule.command(
@@ -126,7 +125,7 @@ def add(
         built = build_schedule(
             name, job, cron=cron, every=every, tz=tz, payload=body, missed=missed
         )
-    except ConfigError as exc:
+    except ValueError as exc:  # InvalidValueError: what is wrong, in one line
         fail(str(exc))
 
     async def put() -> bool:
@@ -137,7 +136,7 @@ def add(
             await store.close()
 
     created = run_async(put())
-    next_fire = format_tick(built.as_schedule().next_after(datetime.now(UTC)))
+    next_fire = format_tick(from_runtime(built).next_after(datetime.now(UTC)))
     click.echo(f"{'added' if created else 'replaced'} {name}: {job} {built.expression} ({tz}), "
                f"next fire {next_fire}")  # fmt: skip
 

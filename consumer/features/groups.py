@@ -27,8 +27,7 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay
 from tenacity import wait_exponential_jitter as jitter
 
 from leveret.consumer.delivery.outbox import Copy
-from leveret.producers.groups import (
-    ENDED_STATES,
+from leveret.producers import (
     HEADER_GROUP,
     HEADER_GROUP_THEN,
     GroupMember,
@@ -46,6 +45,9 @@ if TYPE_CHECKING:
     from leveret.consumer.delivery.status_writer import StatusWriter
 
 log = structlog.get_logger("leveret.worker")
+
+# A member's endings: what a group counts (a retry is none).
+ENDED_STATES = ("succeeded", "dead", "cancelled")
 
 # Redis just took the member's status write, so an outage here is short: retried this long
 # before the settle fails (the member is then given back and runs again, counted once).

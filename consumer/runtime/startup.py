@@ -45,7 +45,7 @@ if TYPE_CHECKING:
     from leveret.consumer.runtime.threads import JobThreads
     from leveret.consumer.settings import WorkerSettings
     from leveret.consumer.worker import Worker
-    from leveret.producers.schedules import ScheduleStore
+    from leveret.producers import ScheduleStore
     from leveret.producers.stores import StatusStore
 
 log = structlog.get_logger("leveret.worker")
@@ -303,6 +303,6 @@ def runtime_schedule_store(settings: WorkerSettings) -> ScheduleStore | None:
     """With ``LEVERET_STATUS_URL``: the app's runtime schedules (its own Redis client)."""
     if settings.status_url is None:
         return None
-    from leveret.producers.schedules import ScheduleStore
+    from leveret.producers import ScheduleStore
 
     return ScheduleStore.from_url(settings.status_url.get_secret_value(), settings.exchange)

@@ -339,7 +339,7 @@ class TestBroker:
         """``pub.group``: queue ``jobs`` (``Job``s or ``(job, payload)``) as one group; ``then``
         (a ``Job``) is queued once every member ended, with ``ctx.group``. Its id is
         ``<group id>.then``; ``group_status(group_id)`` gives the counts."""
-        from leveret.producers.groups import ThenJob, new_group_id, then_id
+        from leveret.producers import ThenJob, new_group_id, then_id
 
         group_id = new_group_id()
         ids = []

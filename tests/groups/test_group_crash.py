@@ -3,6 +3,7 @@ SIGKILLed mid-group (real ``leveret worker`` processes, the real broker and Redi
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from pathlib import Path
@@ -15,7 +16,7 @@ from tests.support import Broker, unique, wait_for
 
 from .conftest import STATUS_URL, Made
 
-APP = '''
+APP = """
 import asyncio, os
 from leveret.consumer import JobContext, Worker
 
@@ -38,7 +39,7 @@ async def final(payload: dict, ctx: JobContext) -> int:
     line = {"pid": os.getpid(), "members": len(ctx.group.members), "states": states, "sum": total}
     os.write(_LOG, ("final " + __import__("json").dumps(line) + "\\n").encode())
     return total
-'''
+"""
 
 
 async def test_group_of_500_final_job_once_with_a_worker_sigkilled(
@@ -75,7 +76,7 @@ async def test_group_of_500_final_job_once_with_a_worker_sigkilled(
             one.kill()  # SIGKILL, mid-group: its prefetched and in-flight members come back
             result = await pub.result(then_id(gid), timeout=90)
             took = time.monotonic() - started
-            time.sleep(1.0)  # a second final run (a duplicate publish) would show by now
+            await asyncio.sleep(1.0)  # a second final run (a duplicate publish) would show by now
             status = await pub.status(gid)
     finals = [json.loads(line[6:]) for line in log.read_text().splitlines() if line[:6] == "final "]
     member_runs = sum(1 for line in log.read_text().splitlines() if line.startswith("member "))

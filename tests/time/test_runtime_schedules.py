@@ -15,7 +15,7 @@ import pytest
 import redis
 from prometheus_client import CollectorRegistry
 
-from leveret.consumer import ConfigError, JobContext, Worker
+from leveret.consumer import JobContext, Worker
 from leveret.producers import Publisher
 from leveret.producers.schedules import (
     DEFAULT_SCHEDULES_PREFIX,
@@ -23,6 +23,7 @@ from leveret.producers.schedules import (
     runtime_schedules,
 )
 from leveret.producers.settings import ConnectionSettings
+from leveret.topology.errors import InvalidValueError
 from tests.faults.conftest import certs, node  # noqa: F401 - the dedicated node's fixtures
 from tests.faults.plumbing import DedicatedNode, WorkerProcess, reaped
 from tests.support import Broker, leveret_cli, running, unique, wait_for
@@ -58,7 +59,7 @@ def ticking_worker(url: str, exchange: str, queue: str, fired: list[str]) -> Wor
     return worker
 
 
-def Broker_settings(url: str, **overrides: object) -> object:  # noqa: N802
+def Broker_settings(url: str, **overrides: object) -> object:
     from leveret.consumer import WorkerSettings
 
     values: dict[str, object] = {"amqp_url": url, "metrics_port": 0, "shutdown_grace": 5}
@@ -103,9 +104,9 @@ async def test_schedule_errors(broker: Broker, exchange: str) -> None:
         with pytest.raises(SchedulesUnavailableError, match="LEVERET_STATUS_URL"):
             await pub.schedule("n", "job", every=5)
     async with publisher(broker.url, exchange) as pub:
-        with pytest.raises(ConfigError, match="exactly one of cron= or every="):
+        with pytest.raises(InvalidValueError, match="exactly one of cron= or every="):
             await pub.schedule("n", "job")
-        with pytest.raises(ConfigError, match="time zone"):
+        with pytest.raises(InvalidValueError, match="time zone"):
             await pub.schedule("n", "job", cron="0 2 * * *", tz="Mars/Olympus")
         assert await pub.schedules() == []
 

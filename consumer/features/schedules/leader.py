@@ -77,10 +77,20 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge
 from yarl import URL
 
 from leveret.consumer.errors import ConfigError
-from leveret.consumer.features.schedules.spec import Schedule, format_tick, parse_tick
-from leveret.producers import DEFAULT_PUBLISH_TIMEOUT, PublishError, UnroutableError, per_registry
+from leveret.consumer.features.schedules.spec import (
+    Schedule,
+    format_tick,
+    from_runtime,
+    parse_tick,
+)
+from leveret.producers import (
+    DEFAULT_PUBLISH_TIMEOUT,
+    PublishError,
+    ScheduleStore,
+    UnroutableError,
+    per_registry,
+)
 from leveret.producers.broker import publish_confirmed
-from leveret.producers.schedules import REFRESH_S, ScheduleStore
 from leveret.producers.wire import (
     CONTENT_TYPE,
     PERSISTENT,
@@ -105,6 +115,8 @@ AMQP_HEARTBEAT_S = 1
 STALE_S = 10.0
 # Reconnecting after the broker cancelled our consumer (the queue was deleted): at once.
 RECONSUME_S = 0.05
+# How often a leader reads the runtime schedules (``leveret.producers.ScheduleStore``).
+REFRESH_S = 1.0
 
 
 class ConsumerCancelled(Exception):
@@ -540,7 +552,7 @@ class Scheduler:
                 names.add(r.name)
                 continue
             try:
-                schedule = r.as_schedule()
+                schedule = from_runtime(r)
             except ConfigError as exc:
                 log.warning("runtime_schedule_invalid", schedule=r.name, error=str(exc))
                 continue

@@ -221,3 +221,17 @@ def check_schedules(schedules: Iterable[Schedule], job_names: Iterable[str]) -> 
         if s.name in seen:
             raise ConfigError(f"two schedules are named {s.name!r}: give one a name= of its own")
         seen.add(s.name)
+
+
+def from_runtime(stored: Any) -> Schedule:
+    """A runtime schedule (``leveret.producers.RuntimeSchedule``) as the leader's ``Schedule``,
+    validated like ``worker.schedule`` (``ConfigError``): a stored definition is data."""
+    return make_schedule(
+        stored.job,
+        cron=stored.cron,
+        every=stored.every_s,
+        tz=stored.tz,
+        payload=stored.payload,
+        name=stored.name,
+        missed=stored.missed,
+    )
