@@ -23,6 +23,7 @@ from leveret.producers.schedules import (
     runtime_schedules,
 )
 from leveret.producers.settings import ConnectionSettings
+from leveret.producers.stores.status import DEFAULT_PREFIX
 from leveret.topology.errors import InvalidValueError
 from tests.faults.conftest import certs, node  # noqa: F401 - the dedicated node's fixtures
 from tests.faults.plumbing import DedicatedNode, WorkerProcess, reaped
@@ -33,11 +34,26 @@ STATUS_URL = "redis://127.0.0.1:6379/9"
 
 @pytest.fixture
 def exchange() -> Iterator[str]:
+    """The test's exchange; afterwards its schedule hash and its ticks' statuses are deleted."""
     name = unique("ex")
     yield name
     client = redis.Redis.from_url(STATUS_URL)
     client.delete(DEFAULT_SCHEDULES_PREFIX + name)
+    for prefix in TICK_NAMES:
+        keys = list(client.scan_iter(f"{DEFAULT_PREFIX}{prefix}@*"))
+        if keys:
+            client.delete(*keys)
+    TICK_NAMES.clear()
     client.close()
+
+
+TICK_NAMES: list[str] = []
+
+
+def schedule_name(prefix: str) -> str:
+    name = unique(prefix)
+    TICK_NAMES.append(name)
+    return name
 
 
 def publisher(url: str, exchange: str, status_url: str | None = STATUS_URL) -> Publisher:
@@ -79,7 +95,7 @@ def assert_once_per_tick(fired: list[str], name: str) -> list[str]:
 async def test_api_add_list_remove_fired_once_per_tick_by_one_of_two_workers(
     broker: Broker, exchange: str
 ) -> None:
-    queue, name = unique("q"), unique("every")
+    queue, name = unique("q"), schedule_name("every")
     fired: list[str] = []
     one = ticking_worker(broker.url, exchange, queue, fired)
     two = ticking_worker(broker.url, exchange, queue, fired)
@@ -112,7 +128,7 @@ async def test_schedule_errors(broker: Broker, exchange: str) -> None:
 
 
 async def test_cli_add_list_remove_and_fired(broker: Broker, exchange: str) -> None:
-    queue, name = unique("q"), unique("cli")
+    queue, name = unique("q"), schedule_name("cli")
     env = {"LEVERET_STATUS_URL": STATUS_URL, "LEVERET_EXCHANGE": exchange}
     fired: list[str] = []
     worker = ticking_worker(broker.url, exchange, queue, fired)
@@ -166,7 +182,7 @@ async def test_runtime_schedule_survives_a_restart_of_every_process_and_of_the_b
     exchange: str,
     tmp_path: Path,
 ) -> None:
-    queue, name = unique("q"), unique("durable")
+    queue, name = unique("q"), schedule_name("durable")
     (tmp_path / "tickapp.py").write_text(APP)
     log = tmp_path / "ticks.log"
     env = {
