@@ -23,8 +23,8 @@ from urllib.parse import urlsplit
 import aio_pika
 import httpx
 
-from leveret.consumer.settings import WorkerSettings
-from leveret.producers import Publisher, mask_url
+from leveret import Publisher, WorkerSettings
+from leveret.producers import mask_url
 
 HERE = Path(__file__).resolve().parent
 QUEUES = ("email", "images")

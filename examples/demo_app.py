@@ -9,7 +9,7 @@ import asyncio
 
 from pydantic import BaseModel
 
-from leveret.consumer import JobContext, Reject, Worker
+from leveret import JobContext, Reject, Worker
 
 worker = Worker()
 

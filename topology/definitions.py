@@ -57,8 +57,7 @@ def permission_regexes(topology: Topology) -> dict[str, str]:
     # The delay chain's exchanges (v3 ``….delay.chain.<ttl>``, ``….delay.done``, the v2
     # ``….delay.<ttl>``) and its shared queues (``….delay.<ttl>``) all start with this.
     chain = re.escape(delay_queue_prefix(topology.exchange).rstrip("."))
-    # ``<exchange>.events`` and the status keeper's queue on it, ``<exchange>.events.status``
-    # (configure, read and write: the keeper declares, binds and consumes it).
+    # ``<exchange>.events`` (the worker publishes events there where LEVERET_EVENTS is on).
     events = re.escape(events_exchange_name(topology.exchange))
     cancel = re.escape(cancel_exchange_name(topology.exchange))
     exchanges = f"{ex}|{chain}\\..+|{events}|{cancel}"
@@ -73,11 +72,10 @@ def permission_regexes(topology: Topology) -> dict[str, str]:
     )
     all_queues = f"{all_queues}|{chain}\\..+" if all_queues else f"{chain}\\..+"
     # The scheduler's token queue, ``<exchange>.scheduler.<app>`` (the schedules' leader):
-    # declared, published to (default exchange) and consumed by every worker with schedules;
-    # and the status keeper's queue, ``<exchange>.events.status``, which it declares and reads.
+    # declared, published to (default exchange) and consumed by every worker with schedules.
     # A worker's cancellation watch binds an exclusive, server-named queue (``amq.gen-…``) to
     # ``<exchange>.cancel`` (leveret.consumer.features.cancel_watch).
-    scheduler = f"{ex}\\.scheduler\\..+|{events}\\.status|amq\\.gen-.+"
+    scheduler = f"{ex}\\.scheduler\\..+|amq\\.gen-.+"
     both = f"{exchanges}|{all_queues}|{scheduler}" if all_queues else f"{exchanges}|{scheduler}"
     return {
         "configure": f"^({both})$",

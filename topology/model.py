@@ -241,7 +241,7 @@ class Topology(BaseModel):
             ExchangeDecl(v2_exchange_name(self.exchange, n), "topic")
             for n in range(DELAY_BITS - 1, -1, -1)
         ]
-        # The events exchange is declared with the rest, so a subscriber (or the status keeper)
+        # The events exchange is declared with the rest, so a subscriber (or the history writer)
         # may bind to it before any worker ran, and a worker's first event is never unroutable.
         events = ExchangeDecl(events_exchange_name(self.exchange), "topic")
         # Declared up front too: a cancel broadcast to a missing exchange would close the

@@ -8,14 +8,15 @@ or that never left this process releases the claim at once; one whose outcome is
 confirm in time, the connection lost after sending) keeps it until its pending TTL
 (``PENDING_TTL``, 60 s) frees it, so a retry cannot enqueue a second job that the first may
 be. A confirmed publish extends the claim to ``LEVERET_STATUS_TTL``. When the job ends
-(``succeeded``, ``dead``, ``cancelled``) the status keeper calls ``release_job(job_id)``,
-which frees the key. Every release is compare-and-delete in one Lua script: a release never
-frees a key that a newer job holds.
+(``succeeded``, ``dead``, ``cancelled``) the worker's status write frees the key in the same
+script that records the ending (``producers.stores.status``), before the job's ack. Every release
+is compare-and-delete: a release never frees a key that a newer job holds.
 
 The key is findable from the job in two ways: the job carries it in its ``x-dedup-key`` header
 (``HEADER_DEDUP_KEY``, kept through retries and DLQ replays like every user header), and Redis
 keeps a reverse entry ``<prefix>dedup-job:<id>`` → ``K`` with the same lifetime as the claim, so a
-component that only sees lifecycle events (the keeper) can free it by job id.
+writer that knows only the job id (``release_job``, a status written without the header) can
+free it.
 
 **The guarantee.** While a job published with key ``K`` is queued, delayed, waiting for a retry or
 running, and for at most ``LEVERET_STATUS_TTL`` after its publish, publishing ``K`` again returns
@@ -37,8 +38,8 @@ its id and enqueues nothing, from any number of processes.
   if the first was queued after all;
 * a job that lives longer than ``LEVERET_STATUS_TTL`` (a delay or retry chain longer than the
   retention) outlives its claim;
-* the key is freed when the keeper applies the ending event (within 1 s at normal load), not at
-  the instant the handler returns;
+* the key is freed with the job's ending status, after its outcome's copies are confirmed and
+  before its ack, not at the instant the handler returns;
 * Redis with asynchronous replication can lose a claim in a failover, like any Redis lock.
 
 Redis being unreachable is ``StatusStoreUnavailable``: the publish is not attempted (a
@@ -221,7 +222,7 @@ class DedupStore:
         )
 
     async def release_job(self, job_id: str) -> bool:
-        """Free whatever key ``job_id`` holds: what the status keeper calls on an ending event.
+        """Free whatever key ``job_id`` holds (the status script does the same as a job ends).
         ``True`` if a key was freed; ``False`` for a job published without one (one GET)."""
         return bool(
             await self._call(

@@ -1,8 +1,10 @@
-"""Job status: the latest state of each job, kept from lifecycle events, readable by id.
+"""Job status: the latest state of each job, written by whoever decides it, readable by id.
 
-Events can arrive late, twice, or out of order (several keepers consume one queue; a broker
-redelivers after a lost ack; ``progress`` is not confirmed). The store therefore never applies an
-event blindly. The rule, the same in every store:
+The publisher writes ``queued``; the worker writes ``started`` (best effort) and each outcome
+after its copies are confirmed and before its ack, batched per loop turn (``write_many``, one
+round trip). Writes can still arrive late, twice, or out of order (two workers after a
+redelivery; a best-effort ``progress`` overtaken by the outcome). The store therefore never
+applies a write blindly. The rule, the same in every store:
 
 * a status that has ended (``succeeded``, ``dead``, ``cancelled``) is final;
 * an ending event wins over any state that has not ended, whatever its ``attempt`` (a job
@@ -16,8 +18,8 @@ event blindly. The rule, the same in every store:
 
 ``MemoryStatusStore`` implements the rule in Python (``next_status``); ``RedisStatusStore``
 implements it again in one Lua script, so that the read-compare-write is atomic however many
-keepers write at once and costs one round trip. The shared test suite runs both against the same
-histories, in every order, so the two cannot drift apart unnoticed.
+workers write at once and a batch costs one round trip. The shared test suite runs both against
+the same histories, in every order, so the two cannot drift apart unnoticed.
 
 ``wait_result`` polls (every 0.1 s by default) rather than subscribing to keyspace notifications:
 those need ``notify-keyspace-events`` set on the server, which managed Redis often forbids, and a

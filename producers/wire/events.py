@@ -1,4 +1,4 @@
-"""The lifecycle event vocabulary, shared by the worker that publishes events and the status keeper.
+"""The lifecycle event vocabulary, shared by the worker that publishes events and their readers.
 
 One module holds the state names, the routing keys, the body format and the result size rule so
 that the side writing events and the side reading them can never disagree about the wire. The
@@ -55,7 +55,8 @@ _MODE_STATES: Final[dict[str, frozenset[str]]] = {
 class InvalidEvent(LeveretError, ValueError):
     """An event body is not a lifecycle event this version understands.
 
-    Raised by ``parse_event``; the keeper logs it and drops the message instead of crashing.
+    Raised by ``parse_event``; a reader (the history writer) logs it and acks the message
+    instead of crashing.
     """
 
 

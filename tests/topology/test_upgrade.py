@@ -74,13 +74,18 @@ async def test_jobs_waiting_in_v2_chains_arrive_once_after_the_upgrade(
         await declare_v2(connection, v2)
     finally:
         await connection.close()
+    first = time.monotonic()
     for i, delay in enumerate(DELAYS):
         kind, address = ("q", queue) if i % 2 == 0 else ("j", job)
         entry, key = _v2_entry(ex, delay, address, kind)
         await _publish(broker.url, entry, key, i, job)
     sent = time.monotonic()
     await asyncio.sleep(0.6)  # some have moved down a level already
-    assert await _v2_waiting(broker, queue) == len(DELAYS)
+    # Every job whose delay has not passed yet waits in the v2 chain (on a loaded machine the
+    # shortest may already be through before the upgrade: that one proves nothing either way).
+    not_due = sum(1 for d in DELAYS if d > time.monotonic() - first + 0.1)
+    assert not_due >= 5
+    assert await _v2_waiting(broker, queue) >= not_due
 
     worker = Worker(broker.settings(exchange=ex), registry=registry)
     seen: list[int] = []
