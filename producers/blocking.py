@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Coroutine, Iterable, Mapping
-from datetime import datetime
+from datetime import datetime, timedelta
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
@@ -17,7 +17,9 @@ import structlog
 from pydantic import JsonValue
 
 from leveret.producers.eventloop import LoopChoice, loop_factory, loop_name
+from leveret.producers.groups import GroupId, GroupStatus
 from leveret.producers.publisher import Delay, Job, Payload, Publisher
+from leveret.producers.schedules import RuntimeSchedule
 from leveret.producers.settings import ConnectionSettings
 from leveret.producers.stores.status import JobStatus
 
@@ -92,6 +94,46 @@ class BlockingPublisher:
     def result(self, job_id: str, timeout: float | None = None) -> JsonValue:
         """``Publisher.result``, blocking: waits in the publisher's loop, not the caller's."""
         return self._run(self._publisher.result(job_id, timeout))
+
+    def group(
+        self,
+        jobs: Iterable[Job | tuple[str, Payload]],
+        *,
+        then: Job,
+        group_id: str | None = None,
+    ) -> GroupId:
+        """``Publisher.group``, blocking."""
+        return self._run(self._publisher.group(list(jobs), then=then, group_id=group_id))
+
+    def group_status(self, group_id: str) -> GroupStatus | None:
+        """``Publisher.group_status``, blocking."""
+        return self._run(self._publisher.group_status(group_id))
+
+    def schedule(
+        self,
+        name: str,
+        job: str,
+        *,
+        cron: str | None = None,
+        every: float | timedelta | None = None,
+        tz: str = "UTC",
+        payload: Payload | None = None,
+        missed: str = "once",
+    ) -> RuntimeSchedule:
+        """``Publisher.schedule``, blocking."""
+        return self._run(
+            self._publisher.schedule(
+                name, job, cron=cron, every=every, tz=tz, payload=payload, missed=missed
+            )
+        )
+
+    def unschedule(self, name: str) -> bool:
+        """``Publisher.unschedule``, blocking."""
+        return self._run(self._publisher.unschedule(name))
+
+    def schedules(self) -> list[RuntimeSchedule]:
+        """``Publisher.schedules``, blocking."""
+        return self._run(self._publisher.schedules())
 
     def close(self) -> None:
         if self._loop.is_running():

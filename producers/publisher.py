@@ -150,7 +150,8 @@ def delay_seconds(
 
 
 class Job(BaseModel):
-    """One job for ``publish_many``."""
+    """One job for ``publish_many`` and ``group``: ``Job("report", {"day": 1}, priority=5)``
+    (the name and payload by position or keyword, the rest as ``publish`` takes them)."""
 
     job: str
     payload: dict[str, Any] | BaseModel
@@ -160,6 +161,11 @@ class Job(BaseModel):
     job_id: str | None = None
     max_attempts: int | None = None
     dedup_key: str | None = None
+
+    def __init__(
+        self, job: str, payload: dict[str, Any] | BaseModel | None = None, **options: Any
+    ) -> None:
+        super().__init__(job=job, payload={} if payload is None else payload, **options)
 
 
 def prepare_job(
