@@ -35,7 +35,7 @@ from pydantic_core import to_json
 
 from leveret.consumer.delivery.outcomes import Postponed
 from leveret.consumer.errors import ConfigError
-from leveret.producers.stores import StatusStoreError, redis_call
+from leveret.producers.stores import StatusStoreError
 
 if TYPE_CHECKING:
     from leveret.consumer.context import JobContext
@@ -62,29 +62,34 @@ def no_marks() -> ConfigError:
 
 
 class RedisDoneMarks:
-    """Done marks on the status store's Redis: ``<prefix><key>`` holds the result as JSON."""
+    """Done marks on the status store's Redis: ``<prefix><key>`` holds the result as JSON.
+    Calls go out batched with the locks' (``locks.RedisBatch``)."""
 
     def __init__(
-        self, client: Any, *, ttl_s: int, prefix: str = DEFAULT_DONE_PREFIX, where: str = ""
+        self,
+        client: Any,
+        *,
+        ttl_s: int,
+        prefix: str = DEFAULT_DONE_PREFIX,
+        where: str = "",
+        batch: Any = None,
     ) -> None:
+        from leveret.consumer.features.locks import RedisBatch
+
         self.client = client
         self.ttl_s = ttl_s
         self.prefix = prefix
-        self._where = where or "done marks"
+        self._batch = batch if batch is not None else RedisBatch(client, where or "done marks")
 
     async def lookup(self, key: str) -> tuple[bool, Any]:
-        raw = await redis_call(self._where, "read a done mark", self.client.get(self.prefix + key))
+        raw = await self._batch.call("get", self.prefix + key)
         if raw is None:
             return False, None
         return True, json.loads(raw)
 
     async def mark(self, key: str, result: Any = None) -> None:
         value = to_json(result, fallback=str)
-        await redis_call(
-            self._where,
-            "write a done mark",
-            self.client.set(self.prefix + key, value, ex=self.ttl_s),
-        )
+        await self._batch.call("set", self.prefix + key, value, self.ttl_s)  # EX ttl
 
 
 class MemoryDoneMarks:

@@ -30,7 +30,6 @@ asks for is not built (docs/coordination.md, "Limits").
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
 import string
 import time
@@ -44,7 +43,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from leveret.consumer.delivery.outcomes import Postponed
 from leveret.consumer.errors import ConfigError, Reject, Retry
-from leveret.producers.stores import StatusStoreError, redis_call
+from leveret.producers.stores import StatusStoreError, StatusStoreUnavailable, redis_call
 
 if TYPE_CHECKING:
     from leveret.consumer.context import JobContext
@@ -158,54 +157,168 @@ class LockStore(Protocol):
     async def release(self, key: str, owner: str, token: int) -> None: ...
 
 
-_ACQUIRE = """
-if redis.call('exists', KEYS[1]) == 1 then return 0 end
-local token = redis.call('incr', KEYS[2])
-redis.call('set', KEYS[1], ARGV[1] .. '|' .. token, 'PX', ARGV[2])
-return token
+# Many holds in one call: KEYS are the lock keys then the fence counter; ARGV are (owner, ttl ms)
+# pairs. Each reply is the new token, or 0 where the key is held (by an earlier one too).
+_ACQUIRE_MANY = """
+local fence = KEYS[#KEYS]
+local out = {}
+for i = 1, #KEYS - 1 do
+  if redis.call('exists', KEYS[i]) == 1 then
+    out[i] = 0
+  else
+    local token = redis.call('incr', fence)
+    redis.call('set', KEYS[i], ARGV[2 * i - 1] .. '|' .. token, 'PX', ARGV[2 * i])
+    out[i] = token
+  end
+end
+return out
 """
 _RENEW = """
 if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end
 return 0
 """
-_RELEASE = """
-if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
-return 0
+# Many releases: KEYS the lock keys, ARGV the values each must still hold.
+_RELEASE_MANY = """
+local out = {}
+for i = 1, #KEYS do
+  out[i] = 0
+  if redis.call('get', KEYS[i]) == ARGV[i] then out[i] = redis.call('del', KEYS[i]) end
+end
+return out
 """
 
 
+class RedisBatch:
+    """Redis commands issued in one loop turn go out as one pipeline (no transaction): a
+    worker running hundreds of locked jobs at once makes one round trip per turn, not one per
+    job, and never needs more than a few connections of the status store's client (its pool is
+    bounded; the status writes share it). Each caller gets its own reply or error.
+
+    The acquisitions of one batch are one script call (``_ACQUIRE_MANY``), and so are its
+    releases: a batch costs a couple of commands whatever its size. Lua scripts go by
+    ``EVALSHA``; a ``NOSCRIPT`` reply (Redis restarted, scripts flushed) loads them again and
+    retries the batch once.
+    """
+
+    def __init__(self, client: Any, where: str, fence: str = DEFAULT_LOCK_PREFIX + "fence") -> None:
+        self.client = client
+        self._where = where
+        self.fence = fence
+        self._pending: list[tuple[str, tuple[Any, ...], asyncio.Future[Any]]] = []
+        self._shas: dict[str, str] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def call(self, command: str, *args: Any) -> asyncio.Future[Any]:
+        """``command`` in the next batch: a redis-py command name, or ``acquire`` (key, owner,
+        ttl ms), ``renew`` (key, value, ttl ms), ``release`` (key, value)."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        if not self._pending:
+            loop.call_soon(self._flush)
+        self._pending.append((command, args, future))
+        return future
+
+    def _flush(self) -> None:
+        batch, self._pending = self._pending, []
+        task = asyncio.get_running_loop().create_task(self._send(batch))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _send(self, batch: list[tuple[str, tuple[Any, ...], asyncio.Future[Any]]]) -> None:
+        from redis.exceptions import NoScriptError
+
+        try:
+            replies = await redis_call(self._where, "coordinate", self._pipeline(batch))
+            if any(isinstance(r, NoScriptError) for r in replies):
+                self._shas.clear()
+                replies = await redis_call(self._where, "coordinate", self._pipeline(batch))
+        except Exception as exc:
+            for _, _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        for (_, _, future), reply in zip(batch, replies, strict=True):
+            if future.done():
+                continue
+            if isinstance(reply, Exception):
+                future.set_exception(
+                    StatusStoreUnavailable(f"{self._where}: {type(reply).__name__}: {reply}")
+                )
+            else:
+                future.set_result(reply)
+
+    async def _pipeline(self, batch: list[tuple[str, tuple[Any, ...], Any]]) -> list[Any]:
+        """One pipeline for ``batch``; the replies in its order (``acquire``/``release``
+        entries are merged into one script call each, their replies split back)."""
+        merged: dict[str, list[int]] = {"acquire": [], "release": []}
+        for i, (command, _, _) in enumerate(batch):
+            if command in merged:
+                merged[command].append(i)
+        for lua in (_ACQUIRE_MANY, _RELEASE_MANY, _RENEW):
+            if lua not in self._shas:
+                self._shas[lua] = await self.client.script_load(lua)
+        pipe = self.client.pipeline(transaction=False)
+        order: list[tuple[str, list[int]]] = []
+        if acquires := merged["acquire"]:
+            keys = [batch[i][1][0] for i in acquires]
+            argv = [a for i in acquires for a in batch[i][1][1:]]
+            pipe.evalsha(self._shas[_ACQUIRE_MANY], len(keys) + 1, *keys, self.fence, *argv)
+            order.append(("many", acquires))
+        if releases := merged["release"]:
+            keys = [batch[i][1][0] for i in releases]
+            argv = [batch[i][1][1] for i in releases]
+            pipe.evalsha(self._shas[_RELEASE_MANY], len(keys), *keys, *argv)
+            order.append(("many", releases))
+        for i, (command, args, _) in enumerate(batch):
+            if command == "renew":
+                pipe.evalsha(self._shas[_RENEW], 1, *args)
+                order.append(("one", [i]))
+            elif command not in merged:
+                getattr(pipe, command)(*args)
+                order.append(("one", [i]))
+        replies: list[Any] = [None] * len(batch)
+        for (kind, where), reply in zip(
+            order, await pipe.execute(raise_on_error=False), strict=True
+        ):
+            if kind == "one" or isinstance(reply, Exception):
+                for i in where:
+                    replies[i] = reply
+            else:
+                for i, each in zip(where, reply, strict=True):
+                    replies[i] = each
+        return replies
+
+
 class RedisLocks:
-    """Locks on the status store's Redis: ``<prefix><key>`` holds ``<owner>|<token>`` with a
+    """Locks on the status store's Redis: ``<prefix>key:<key>`` holds ``<owner>|<token>`` with a
     TTL; ``<prefix>fence`` is the one counter every token is drawn from (never expires)."""
 
-    def __init__(self, client: Any, *, prefix: str = DEFAULT_LOCK_PREFIX, where: str = "") -> None:
+    def __init__(
+        self, client: Any, *, prefix: str = DEFAULT_LOCK_PREFIX, where: str = "", batch: Any = None
+    ) -> None:
         self.client = client
         self.prefix = prefix
         self._fence = prefix + "fence"
-        self._where = where or "lock store"
-        self._acquire = client.register_script(_ACQUIRE)
-        self._renew = client.register_script(_RENEW)
-        self._release = client.register_script(_RELEASE)
+        self._batch = (
+            batch if batch is not None else RedisBatch(client, where or "lock store", self._fence)
+        )
 
     async def acquire(self, key: str, owner: str, ttl_s: float) -> int | None:
-        keys = [self.prefix + "key:" + key, self._fence]
-        token = await redis_call(
-            self._where, "take a lock", self._acquire(keys=keys, args=[owner, int(ttl_s * 1000)])
+        token = await self._batch.call(
+            "acquire", self.prefix + "key:" + key, owner, int(ttl_s * 1000)
         )
         return int(token) or None
 
     async def renew(self, key: str, owner: str, token: int, ttl_s: float) -> bool:
-        keys = [self.prefix + "key:" + key]
-        args = [f"{owner}|{token}", int(ttl_s * 1000)]
-        return bool(
-            await redis_call(self._where, "renew a lock", self._renew(keys=keys, args=args))
-        )
+        value, ms = f"{owner}|{token}", int(ttl_s * 1000)
+        return bool(await self._batch.call("renew", self.prefix + "key:" + key, value, ms))
 
     async def release(self, key: str, owner: str, token: int) -> None:
-        keys = [self.prefix + "key:" + key]
-        await redis_call(
-            self._where, "release a lock", self._release(keys=keys, args=[f"{owner}|{token}"])
-        )
+        await self.release_soon(key, owner, token)
+
+    def release_soon(self, key: str, owner: str, token: int) -> asyncio.Future[Any]:
+        """``release`` in the next batch, without a task of its own."""
+        return self._batch.call("release", self.prefix + "key:" + key, f"{owner}|{token}")
 
 
 class MemoryLocks:
@@ -232,9 +345,16 @@ class MemoryLocks:
         return True
 
     async def release(self, key: str, owner: str, token: int) -> None:
+        self.release_soon(key, owner, token)
+
+    def release_soon(self, key: str, owner: str, token: int) -> asyncio.Future[Any]:
+        """Released now (a ``TestBroker``'s next job finds the key free)."""
         current = self.held.get(key)
         if current is not None and current[:2] == (owner, token):
             del self.held[key]
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        future.set_result(None)
+        return future
 
 
 # -- the chain layer -----------------------------------------------------------------------------
@@ -330,6 +450,12 @@ class _Lease:
             renewing.cancel()
 
 
+def _quiet(future: asyncio.Future[Any]) -> None:
+    """Retrieve a background call's error (logged at debug), so asyncio does not warn."""
+    if not future.cancelled() and (exc := future.exception()) is not None:
+        log.debug("job_lock_release_failed", error=f"{type(exc).__name__}: {exc}")
+
+
 class Locked:
     """The chain layer of a ``lock=`` job (order: after the rate limit, before the
     idempotency check; ``middleware``'s table)."""
@@ -369,11 +495,24 @@ class Locked:
             raise
         finally:
             lease.stop()
-            with contextlib.suppress(Exception):
-                await self._store.release(key, owner, token)
+            self._release(key, owner, token)
         if lease.cancelled_run and task is not None:  # the handler swallowed the cancellation
             task.uncancel()
         return result
+
+    def _release(self, key: str, owner: str, token: int) -> None:
+        """Release without making the run wait for it (its outcome does not depend on it; a
+        release that fails leaves the key to its TTL). Batched with the next Redis calls."""
+        soon = getattr(self._store, "release_soon", None)
+        try:
+            future = (
+                soon(key, owner, token)
+                if soon
+                else asyncio.ensure_future(self._store.release(key, owner, token))
+            )
+        except Exception:
+            return  # not even sent: the key lapses after its TTL
+        future.add_done_callback(_quiet)
 
     async def _take(self, key: str, owner: str) -> int:
         try:
@@ -426,13 +565,12 @@ class Coordination:
     def attach(self, client: Any, where: str = "") -> None:
         from leveret.consumer.features.idempotency import RedisDoneMarks
 
-        self._locks = RedisLocks(client, where=where)
-        self._marks = RedisDoneMarks(client, ttl_s=self.settings.idempotency_ttl, where=where)
+        batch = RedisBatch(client, where or "coordination store (LEVERET_STATUS_URL)")
+        self._locks = RedisLocks(client, batch=batch)
+        self._marks = RedisDoneMarks(client, ttl_s=self.settings.idempotency_ttl, batch=batch)
 
     def _store(self) -> Any:
         if self._locks is None:
-            from leveret.producers.stores import StatusStoreUnavailable
-
             raise StatusStoreUnavailable("the lock store is not open yet")
         return self._locks
 
@@ -444,6 +582,9 @@ class Coordination:
 
     async def release(self, key: str, owner: str, token: int) -> None:
         await self._store().release(key, owner, token)
+
+    def release_soon(self, key: str, owner: str, token: int) -> asyncio.Future[Any]:
+        return self._store().release_soon(key, owner, token)  # type: ignore[no-any-return]
 
     async def lookup(self, key: str) -> tuple[bool, Any]:
         self._store()
