@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from leveret.consumer.cli.common import command_setup, fail, load_app, run_async
+from leveret.consumer.cli.common import command_setup, fail, load_app, loop_option, run_async
 
 if TYPE_CHECKING:
     from leveret.consumer.history.store import HistoryStore
@@ -116,8 +116,9 @@ def migrate() -> None:
     show_default=True,
     help="A batch that is not full is written after this long.",
 )
+@loop_option
 @command_setup
-def run(app: str, prefetch: int, batch_size: int, flush_ms: int) -> None:
+def run(app: str, prefetch: int, batch_size: int, flush_ms: int, loop: str) -> None:
     """Write APP's job outcomes (its lifecycle events) to the history, in batches.
 
     \b
@@ -128,6 +129,12 @@ def run(app: str, prefetch: int, batch_size: int, flush_ms: int) -> None:
     """
     worker = load_app(app)
     store = history_store(worker.settings)
+    from leveret.producers.eventloop import LoopUnavailable, install
+
+    try:
+        install(loop)
+    except LoopUnavailable as exc:  # uvloop asked for and not installed
+        fail(str(exc))
     from leveret.consumer.history.writer import HistoryWriter
 
     arguments = {"x-queue-type": "quorum"} if worker.settings.queue_type == "quorum" else None

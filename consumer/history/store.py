@@ -24,6 +24,8 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Final
 
+from pydantic_core import to_json
+
 from leveret.consumer.history.schema import JOBS_TABLE, LATEST
 from leveret.consumer.history.schema import migrate as apply_migrations
 from leveret.consumer.history.schema import pending as pending_migrations
@@ -205,7 +207,7 @@ class _Pending:
             start = event.at
         result = None
         if event.state == SUCCEEDED and event.result is not None:
-            result = json.dumps(event.result, separators=(",", ":"), ensure_ascii=False)
+            result = to_json(event.result).decode()
             if "\\u0000" in result:
                 result = result.replace("\\u0000", "")
         return cls(
@@ -407,7 +409,8 @@ class HistoryStore:
 
     async def upsert(self, events: Sequence[JobEvent]) -> int:
         """Write a batch of events as one multi-row upsert; the number of job rows written."""
-        rows = fold(events)
+        # In id order: two batches (two writers) locking the same rows never deadlock.
+        rows = sorted(fold(events), key=lambda r: r.id)
         if not rows:
             return 0
         columns: list[list[Any]] = [[] for _ in range(14)]
