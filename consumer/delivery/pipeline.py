@@ -3,8 +3,9 @@
 ``Pipeline.on_message`` is the consumer callback (aiormq runs each delivery as its own task).
 It reads the envelope once into a ``Delivery``, then ``_process`` walks it down:
 
-1. an invalid envelope, an unknown job, a redelivery the guard settles, or a payload that
-   fails validation ends in settle at once (``dead_without_run``/``requeue_counted``);
+1. an invalid envelope, an unknown job, a redelivery the guard settles, a job past its
+   ``x-expires-at`` (``publish(..., expires=)``: dead, ``expired``) or a payload that fails
+   validation ends in settle at once (``dead_without_run``/``requeue_counted``);
 2. otherwise a ``JobContext`` is built (with the settler behind ``ctx.progress`` and
    ``ctx.enqueue``), the queue wait is observed on a first run, ``started`` is sent (best effort,
    ``LEVERET_EVENTS=all``) and the job's chain runs (``middleware``; composed once per job when

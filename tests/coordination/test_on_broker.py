@@ -63,6 +63,29 @@ async def test_redis_locks_exclude_renew_release_and_fence(redis_db: redis.Redis
         await client.aclose()
 
 
+async def test_a_long_run_keeps_its_lock_past_the_ttl(redis_db: redis.Redis) -> None:
+    client = redis_client(STATUS_URL)
+    try:
+        locks = RedisLocks(client)
+        render = key_template("{n}", "lock", "j", Step)
+        layer = Locked("{n}", render, locks, 0.6, max_waiting=1, cancels=True)
+        ctx = JobContext("id-2", "j", "q", 1, 3, None, payload=Step(n=8))  # type: ignore[arg-type]
+        others: list[int | None] = []
+
+        async def handler(c: JobContext) -> str:
+            for _ in range(3):  # 1.5 s, well past the 0.6 s TTL: renewals keep it
+                await asyncio.sleep(0.5)
+                others.append(await locks.acquire("8", "someone-else", 5))
+            return "done"
+
+        assert await layer(ctx, handler) == "done"
+        assert others == [None, None, None] and not ctx.lock_lost
+        await asyncio.sleep(0.05)  # the release is sent with the next batch
+        assert not redis_db.exists("leveret:lock:key:8")
+    finally:
+        await client.aclose()
+
+
 async def test_a_lost_lock_tells_ctx_and_cancels_the_async_run(redis_db: redis.Redis) -> None:
     client = redis_client(STATUS_URL)
     try:
