@@ -28,6 +28,7 @@ from leveret.producers.errors import (
     InvalidPriorityError,
 )
 from leveret.topology.delay import job_from_routing_key
+from leveret.topology.errors import InvalidValueError
 
 CONTENT_TYPE = "application/json"
 PERSISTENT = 2
@@ -236,17 +237,20 @@ def expires_header(
     headers: Mapping[str, Any] | None, expires: float | timedelta | datetime | None
 ) -> Mapping[str, Any] | None:
     """``headers`` with ``x-expires-at`` for ``publish(..., expires=)``: seconds from now (a
-    number or ``timedelta``, more than 0) or an aware ``datetime``. ``ValueError`` otherwise."""
+    number or ``timedelta``, more than 0) or an aware ``datetime``; ``InvalidValueError``
+    otherwise."""
     if expires is None:
         return headers
     if isinstance(expires, datetime):
         if expires.tzinfo is None or expires.utcoffset() is None:
-            raise ValueError(f"expires={expires.isoformat()} needs a time zone")
+            raise InvalidValueError(f"expires={expires.isoformat()} needs a time zone")
         at = expires.timestamp()
     else:
         ahead = expires.total_seconds() if isinstance(expires, timedelta) else expires
         if isinstance(ahead, bool) or not isinstance(ahead, int | float) or not 0 < ahead < 1e10:
-            raise ValueError(f"expires= must be seconds (more than 0) or a datetime: {expires!r}")
+            raise InvalidValueError(
+                f"expires= must be seconds (more than 0) or a datetime: {expires!r}"
+            )
         at = time.time() + ahead
     return {**(headers or {}), HEADER_EXPIRES_AT: int(at * 1000)}
 

@@ -193,3 +193,33 @@ async def test_done_before_without_redis_is_a_clear_error() -> None:
     ctx = JobContext("id", "job", "q", 1, 3, None)  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="LEVERET_STATUS_URL"):
         await ctx.done_before("k")
+
+
+def test_expires_is_checked_before_anything_is_sent() -> None:
+    from datetime import UTC, datetime
+
+    from leveret.producers.wire.message import HEADER_EXPIRES_AT, expires_header
+    from leveret.topology.errors import InvalidValueError
+
+    at = datetime(2030, 1, 1, tzinfo=UTC)
+    assert expires_header({"a": "b"}, at) == {
+        "a": "b",
+        HEADER_EXPIRES_AT: int(at.timestamp() * 1000),
+    }
+    assert expires_header(None, None) is None
+    for bad in (0, -1, True, datetime(2030, 1, 1), "soon"):
+        with pytest.raises(InvalidValueError):
+            expires_header(None, bad)  # type: ignore[arg-type]
+
+
+def test_a_worker_with_locks_and_no_redis_refuses_to_start() -> None:
+    from leveret.consumer.runtime import startup
+
+    worker = Worker()
+
+    @job(worker, "charge", idempotency_key="{order_id}")
+    async def charge(c: Charge) -> None:
+        pass
+
+    with pytest.raises(ConfigError, match=r"charge.*LEVERET_STATUS_URL"):
+        startup.coordination(worker)
