@@ -131,12 +131,16 @@ def add_history_routes(
             if owned is not None:
                 owned.append(store.close)
     app.state.history = store
+    # An app without a history answers 503 on both routes but does not advertise them in its
+    # OpenAPI document (a client generated from it has no operation that cannot work).
+    documented = store is not None
 
     @app.get(
         "/jobs",
         operation_id="list_jobs",
         summary="Jobs from the history, newest first",
         tags=["history"],
+        include_in_schema=documented,
         response_model=JobsPage,
         responses=_RESPONSES,
     )
@@ -174,6 +178,8 @@ def add_history_routes(
         except HistoryUnavailable as exc:
             log.warning("api.history_unavailable", error=str(exc))
             return _unavailable("the job history is unreachable")
+        except InvalidQuery as exc:
+            return _invalid(exc.field or "query", exc)
         return JSONResponse({"jobs": [r.to_json() for r in rows], "next_cursor": next_cursor})
 
     @app.get(
@@ -181,6 +187,7 @@ def add_history_routes(
         operation_id="job_stats",
         summary="Per job name: counts per outcome, duration percentiles, failure rate",
         tags=["history"],
+        include_in_schema=documented,
         response_model=StatsOut,
         responses=_RESPONSES,
     )

@@ -68,7 +68,12 @@ class HistoryUnavailable(LeveretError):
 
 
 class InvalidQuery(LeveretError, ValueError):
-    """A listing argument that cannot be used: a bad cursor, state, time or limit."""
+    """A listing argument that cannot be used: a bad cursor, state, time or limit; ``field``
+    names the argument where it is known."""
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,7 +166,9 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
         if at.tzinfo is None or not isinstance(job_id, str):
             raise ValueError(cursor)
     except (ValueError, TypeError, binascii.Error, UnicodeDecodeError):
-        raise InvalidQuery("invalid cursor: pass the next_cursor of a previous page") from None
+        raise InvalidQuery(
+            "invalid cursor: pass the next_cursor of a previous page", "cursor"
+        ) from None
     return at, job_id
 
 
@@ -469,9 +476,9 @@ class HistoryStore:
         """A page of rows, newest first (``created_at``, then ``id``), and the cursor of the
         next page (``None`` on the last)."""
         if state is not None and state not in ROW_STATES:
-            raise InvalidQuery(f"unknown state {state!r}; one of {', '.join(ROW_STATES)}")
+            raise InvalidQuery(f"unknown state {state!r}; one of {', '.join(ROW_STATES)}", "state")
         if not 1 <= limit <= MAX_LIMIT:
-            raise InvalidQuery(f"limit must be 1 to {MAX_LIMIT}")
+            raise InvalidQuery(f"limit must be 1 to {MAX_LIMIT}", "limit")
         where: list[str] = []
         args: list[Any] = []
 
@@ -480,6 +487,8 @@ class HistoryStore:
             return f"${len(args)}"
 
         for column, value in (("state", state), ("job", job), ("queue", queue)):
+            if value is not None and "\x00" in value:
+                raise InvalidQuery(f"{column} contains a NUL character", column)
             if value is not None:
                 where.append(f"{column} = {arg(value)}")
         if since is not None:

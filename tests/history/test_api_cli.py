@@ -203,3 +203,17 @@ def test_the_commands_without_a_history_store() -> None:
     down = leveret_cli("jobs", env={"LEVERET_HISTORY_URL": "postgresql://u:hunter2@127.0.0.1:1/x"})
     assert down.returncode == 1 and down.stderr.count("\n") == 1
     assert "hunter2" not in down.stderr and "unreachable" in down.stderr
+
+
+async def test_the_routes_are_documented_only_with_a_history(
+    client_for: Any, store: HistoryStore
+) -> None:
+    async with client_for(None) as client:
+        paths = (await client.get("/openapi.json")).json()["paths"]
+        assert "/jobs" not in paths and "/stats" not in paths
+    async with client_for(store._url) as client:
+        paths = (await client.get("/openapi.json")).json()["paths"]
+        assert set(paths["/jobs"]) == {"get"} and "503" in paths["/stats"]["get"]["responses"]
+        response = await client.get("/jobs", params={"queue": "a\x00b"})
+        assert response.status_code == 422
+        assert response.json()["detail"][0]["loc"] == ["query", "queue"]
