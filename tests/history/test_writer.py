@@ -249,3 +249,20 @@ async def test_sigkill_of_the_writer_and_a_postgres_outage_lose_no_row(
             if writer.poll() is None:
                 writer.kill()
                 writer.wait(10)
+
+
+async def test_the_writer_refuses_a_schema_that_lacks_a_migration(
+    broker: Broker, history_url: str
+) -> None:
+    from leveret.consumer.history.writer import SchemaBehind
+
+    settings = broker.settings(exchange=unique("hx"), history_url=history_url)
+    store = HistoryStore(history_url)
+    try:
+        writer = HistoryWriter(settings, store)
+        with pytest.raises(SchemaBehind, match="leveret history migrate"):
+            await asyncio.wait_for(writer.run(), 30)
+        # the queue is declared all the same: events wait for the writer from now on
+        assert broker.queue_exists(history_queue(settings.exchange))
+    finally:
+        await store.close()
