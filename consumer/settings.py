@@ -37,3 +37,8 @@ class WorkerSettings(ConnectionSettings, LifecycleSettings):
     # dead-lettered even though no handler run ever finished: stops a job that kills its worker
     # from looping forever.
     max_redeliveries: int = Field(default=5, ge=1)
+    # A lock (``lock=``) held by a worker that died is free after this many seconds; a living
+    # holder renews it every third of it.
+    lock_ttl: float = Field(default=60.0, gt=0)
+    # How long ``mark_done``/``idempotency_key=`` marks are kept (seconds; a week).
+    idempotency_ttl: int = Field(default=604800, gt=0)

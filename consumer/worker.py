@@ -104,6 +104,9 @@ class Worker:
         cancellable: bool = False,
         rate_limit: str | None = None,
         global_rate_limit: str | None = None,
+        lock: str | None = None,
+        idempotency_key: str | None = None,
+        retry_on: type[BaseException] | tuple[type[BaseException], ...] | None = None,
     ) -> Callable[[F], F]:
         """Register a handler; the function is returned unchanged so tests can call it.
 
@@ -113,6 +116,10 @@ class Worker:
         ``global_rate_limit`` across every worker (Redis when ``LEVERET_STATUS_URL`` is set, else
         the broker); a job over its limit waits or is given back for later, burning no attempt.
         ``cancellable`` is for ``async def`` handlers only (a thread cannot be stopped).
+        ``lock="{customer_id}"``: runs whose key (a format string over the payload's fields) is
+        equal never overlap across workers; ``idempotency_key="{order_id}"``: a run whose key
+        already succeeded is skipped and returns the first result; ``retry_on=(...)``: only
+        these exceptions retry, any other dead-letters ``rejected`` (docs/coordination.md).
 
         ``timeout`` cancels an ``async`` handler. A plain ``def`` handler cannot be stopped
         (Python has no way to stop a thread): at its timeout the worker stops waiting and
@@ -132,6 +139,9 @@ class Worker:
                 cancellable=cancellable,
                 rate_limit=rate_limit,
                 global_rate_limit=global_rate_limit,
+                lock=lock,
+                idempotency_key=idempotency_key,
+                retry_on=retry_on,
             )
             return fn
 

@@ -63,9 +63,10 @@ class BlockingPublisher:
         headers: Mapping[str, Any] | None = None,
         max_attempts: int | None = None,
         dedup_key: str | None = None,
+        expires: float | timedelta | datetime | None = None,
     ) -> str:
         """``Publisher.publish``, blocking; ``delay``/``eta``/``headers``/``max_attempts``/
-        ``dedup_key`` as there."""
+        ``dedup_key``/``expires`` as there."""
         return self._run(
             self._publisher.publish(
                 job,
@@ -77,6 +78,7 @@ class BlockingPublisher:
                 headers=headers,
                 max_attempts=max_attempts,
                 dedup_key=dedup_key,
+                expires=expires,
             )
         )
 

@@ -12,8 +12,8 @@ exactly once per tick, ``missed=`` as for app schedules, takeover within 5 s.
 process at any time (``schedule list``, the console, every leader after a takeover) and changed
 atomically by any process. A queue can only be read by consuming it, and the one durable place
 the scheduler already keeps (its token, on the single-active-consumer election queue) is held
-unacked by the leader, invisible to everyone else. Redis gives atomic ``HSET``/``HDEL``, a read
-from anywhere, and survives every Leveret process and any broker restart; it needs persistence
+unacked by the leader, invisible to everyone else. Redis gives atomic ``HSET``/``HDEL``, reads
+by any process, and survives every Leveret process and any broker restart; it needs persistence
 (AOF or RDB) to survive its own restart, like the statuses and dedup claims kept there.
 
 What stays on the broker is what must be exactly once: the last fired tick per schedule lives

@@ -34,7 +34,7 @@ from urllib.parse import urlsplit
 
 from starlette.requests import Request
 
-COOKIE = "leveret_console"
+COOKIE = "leveret-console"
 SESSION_TTL_S = 12 * 3600
 CSRF_FIELD = "csrf"
 CSRF_HEADER = "x-csrf-token"

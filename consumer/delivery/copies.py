@@ -31,13 +31,14 @@ from leveret.producers.wire import (
     build_event,
     encode_result,
     events_exchange,
+    expires_header,
     publishes,
 )
 
 log = structlog.get_logger("leveret.worker")
 
 _FOLLOW_UP_OPTIONS = frozenset(
-    {"priority", "delay", "eta", "job_id", "headers", "max_attempts", "dedup_key"}
+    {"priority", "delay", "eta", "job_id", "headers", "max_attempts", "dedup_key", "expires"}
 )
 
 
@@ -139,7 +140,7 @@ class EventCopies:
         if unknown:
             raise TypeError(f"ctx.enqueue got unexpected option(s): {', '.join(sorted(unknown))}")
         delay_s = delay_seconds(options.get("delay"), options.get("eta"))
-        headers = options.get("headers")
+        headers = expires_header(options.get("headers"), options.get("expires"))
         key = options.get("dedup_key")
         if key is not None:  # carried like a publish's, so the job's ending can free it
             headers = {**(headers or {}), HEADER_DEDUP_KEY: check_dedup_key(key)}

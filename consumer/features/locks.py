@@ -1,10 +1,10 @@
 """Job locks: ``@worker.job(..., lock="{customer_id}")``.
 
 Runs of jobs whose lock key (the format string over the payload's fields) renders equal never
-overlap, across every worker process: a run holds the key in Redis (``LEVERET_STATUS_URL``)
-from just before its handler starts until it ends. The key space is shared by every job: two
-jobs with ``lock="customer:{customer_id}"`` exclude each other for the same customer; put the
-job's name in the template to lock per job.
+overlap, across every worker process: a run holds the key in Redis (``LEVERET_STATUS_URL``),
+taken just before its handler starts and held until it ends. The key space is shared by every
+job: two jobs with ``lock="customer:{customer_id}"`` exclude each other for the same customer;
+put the job's name in the template to lock per job.
 
 * Held: the run waits briefly holding its delivery (at most ``MAX_HOLD_S``, and only half the
   prefetch share may wait at once), then is given back through the delay chain

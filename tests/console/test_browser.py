@@ -74,7 +74,7 @@ def test_sign_in(page: Any, console: Served) -> None:
     page.fill("#token", TOKEN)
     page.click("button[type=submit]")
     expect(page).to_have_url(f"{console.url}/ui/queues")
-    cookie = next(c for c in page.context.cookies() if c["name"] == "leveret_console")
+    cookie = next(c for c in page.context.cookies() if c["name"] == "leveret-console")
     assert cookie["httpOnly"] and cookie["sameSite"] == "Strict" and cookie["path"] == "/ui"
     assert page.evaluate("document.cookie") == ""  # scripts cannot read the session
 

@@ -48,7 +48,7 @@ def test_wheel_installs_only_the_leveret_package(tmp_path: Path) -> None:
     # Dev tools and bench peers are dependency groups, never published extras.
     extras = {line.split(":", 1)[1].strip() for line in metadata.splitlines()
               if line.startswith("Provides-Extra:")}
-    assert extras == {"api", "otel", "status"}, extras
+    assert extras == {"api", "history", "otel", "status"}, extras
     assert "License-Expression: Apache-2.0" in metadata
     assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
     assert "Classifier: Typing :: Typed" in metadata
