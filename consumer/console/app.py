@@ -41,8 +41,12 @@ from leveret.consumer.console.auth import (
     same_origin,
 )
 from leveret.consumer.ops.dlq import DeadLetters, DlqError, Filter
-from leveret.producers.stores.cancel import JobAlreadyEnded, UnknownJob, request_cancel
-from leveret.producers.stores.status import StatusStoreUnavailable
+from leveret.producers.stores import (
+    JobAlreadyEnded,
+    StatusStoreUnavailable,
+    UnknownJob,
+    request_cancel,
+)
 
 log = structlog.get_logger("leveret.console")
 # What a dead-letter operation raises when the queue or the broker is not there.

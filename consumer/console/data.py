@@ -19,8 +19,8 @@ import aiormq
 from leveret.consumer.features.schedules.leader import DEFAULT_APP, scheduler_queue_name
 from leveret.consumer.ops.management import Management, ManagementError
 from leveret.consumer.ops.overview import QueueStatus, from_management, from_passive
-from leveret.producers.broker.connection import CONNECTION_ERRORS
-from leveret.producers.stores.status import JobStatus, StatusStore
+from leveret.producers.broker import CONNECTION_ERRORS
+from leveret.producers.stores import JobStatus, StatusStore
 from leveret.topology.delay import delay_queue_names
 from leveret.topology.model import dlq_name
 

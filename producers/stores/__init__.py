@@ -36,7 +36,6 @@ if TYPE_CHECKING:
     from leveret.producers.stores.redis import (
         DEFAULT_RATELIMIT_PREFIX,
         StatusStoreError,
-        StatusStoreUnavailable,
         redis_call,
         redis_client,
     )
@@ -47,6 +46,7 @@ if TYPE_CHECKING:
         JobStatus,
         RedisStatusStore,
         StatusStore,
+        StatusStoreUnavailable,
         StatusWrite,
         status_write,
     )
@@ -69,13 +69,13 @@ _HOME = {
     "publish_once": "leveret.producers.stores.dedup",
     "DEFAULT_RATELIMIT_PREFIX": "leveret.producers.stores.redis",
     "StatusStoreError": "leveret.producers.stores.redis",
-    "StatusStoreUnavailable": "leveret.producers.stores.redis",
     "redis_call": "leveret.producers.stores.redis",
     "redis_client": "leveret.producers.stores.redis",
     "LifecycleSettings": "leveret.producers.stores.settings",
     "JobStatus": "leveret.producers.stores.status",
     "RedisStatusStore": "leveret.producers.stores.status",
     "StatusStore": "leveret.producers.stores.status",
+    "StatusStoreUnavailable": "leveret.producers.stores.status",
     "StatusWrite": "leveret.producers.stores.status",
     "status_write": "leveret.producers.stores.status",
 }
