@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -89,6 +90,35 @@ def _wait_ready(port: int, proc: subprocess.Popen[bytes], timeout: float = 30) -
     sys.exit("the worker did not become ready in time; see its log above")
 
 
+def _start_console(log_path: Path) -> tuple[subprocess.Popen[bytes], str, str]:
+    """``leveret api demo_app:worker`` with a token of its own: the HTTP API and the console."""
+    port, token = _free_port(), secrets.token_urlsafe(16)
+    env = {**os.environ, "LEVERET_API_TOKEN": token, "LEVERET_METRICS_PORT": "0"}
+    proc = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "leveret"),
+            "api",
+            "demo_app:worker",
+            "--port",
+            str(port),
+        ],
+        cwd=HERE,
+        env=env,
+        stdout=log_path.open("wb"),
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if httpx.get(f"{url}/ui/login", timeout=1).status_code == 200:
+                return proc, f"{url}/ui", token
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    sys.exit(f"the API and console did not start; see {log_path}")
+
+
 def _metrics(port: int, name: str = "leveret_jobs_completed_total") -> list[str]:
     text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
     lines = text.splitlines()
@@ -161,6 +191,9 @@ async def main(keep: bool) -> int:
         stdout=log_file,
         stderr=subprocess.STDOUT,
     )
+    api_log = log_path.with_name("leveret-demo-api.log")
+    api, console_url, token = _start_console(api_log)
+    _say(f"console: {console_url}  (sign in with the API token {token}; log: {api_log})")
     try:
         _wait_ready(port, proc)
         async with Publisher(url) as pub:
@@ -232,11 +265,21 @@ async def main(keep: bool) -> int:
             await _show_status(url, status_url)
         else:
             _say("\n(no LEVERET_STATUS_URL: start Redis to see a job's status change as it runs)")
+        _say(f"\nthe web console: {console_url}  (sign in with the API token {token})")
         if keep:
-            _say(f"\nworker keeps running (metrics http://127.0.0.1:{port}/metrics); Ctrl-C stops")
+            _say(
+                f"worker and console keep running (metrics http://127.0.0.1:{port}/metrics); "
+                "Ctrl-C stops"
+            )
             await asyncio.to_thread(proc.wait)
         return 0
     finally:
+        if api.poll() is None:
+            api.send_signal(signal.SIGTERM)
+            try:
+                api.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                api.kill()
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
             try:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The README's demo: finds or starts a broker, installs Leveret in .venv, runs a worker,
 # publishes jobs (one retries, some end in the DLQ) and shows what happened. Exits 0 by itself;
-# `scripts/demo.sh --keep` leaves the worker running for exploring.
+# `scripts/demo.sh --keep` leaves the worker and the web console running for exploring (it prints
+# the console's URL and the token to sign in with).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$ROOT/scripts/setup.sh"
@@ -10,8 +11,8 @@ ensure_broker
 if ensure_redis && [ -z "${LEVERET_STATUS_URL:-}" ]; then
   export LEVERET_STATUS_URL=redis://127.0.0.1:6379/0
 fi
-# The package with the extras the demo uses (status: the Redis job status store it sets up above),
-# nothing from the dev groups.
-ensure_venv --extras status
+# The package with the extras the demo uses (status: the Redis job status store it sets up above;
+# api: the HTTP API and web console it leaves running with --keep), nothing from the dev groups.
+ensure_venv --extras status,api
 cd "$ROOT/examples"
 exec "$ROOT/.venv/bin/python" demo.py "$@"
