@@ -169,7 +169,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=100_000)
     parser.add_argument("--batch", type=int, default=1000)
-    parser.add_argument("--prefetch", type=int, default=2000)
+    parser.add_argument("--prefetch", type=int, default=4000)
     parser.add_argument("--url", default=os.environ.get("LEVERET_HISTORY_URL"))
     parser.add_argument("--loop", default="auto", choices=["auto", "asyncio", "uvloop"])
     parser.add_argument("--writers", type=int, default=1, help="replicas (processes) if > 1")

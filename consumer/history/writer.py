@@ -63,7 +63,7 @@ if TYPE_CHECKING:
 log = structlog.get_logger("leveret.history")
 
 BOUND_STATES: Final = (SUCCEEDED, RETRYING, DEAD, CANCELLED, STARTED)
-DEFAULT_PREFETCH: Final = 2000
+DEFAULT_PREFETCH: Final = 4000  # two batches in flight and the next one filling
 DEFAULT_BATCH: Final = 1000
 DEFAULT_FLUSH_S: Final = 0.2
 RETENTION_INTERVAL_S: Final = 3600.0
