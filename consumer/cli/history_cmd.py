@@ -97,7 +97,7 @@ def migrate() -> None:
 @click.option(
     "--prefetch",
     type=click.IntRange(1),
-    default=2000,
+    default=4000,
     show_default=True,
     help="Events held unacknowledged at once.",
 )
