@@ -75,7 +75,9 @@ def permission_regexes(topology: Topology) -> dict[str, str]:
     # declared, published to (default exchange) and consumed by every worker with schedules.
     # A worker's cancellation watch binds an exclusive, server-named queue (``amq.gen-…``) to
     # ``<exchange>.cancel`` (leveret.consumer.features.cancel_watch).
-    scheduler = f"{ex}\\.scheduler\\..+|amq\\.gen-.+"
+    # The job history's queue, ``<exchange>.history`` (declared by workers where a history is
+    # kept, consumed by ``leveret history``).
+    scheduler = f"{ex}\\.scheduler\\..+|{ex}\\.history|amq\\.gen-.+"
     both = f"{exchanges}|{all_queues}|{scheduler}" if all_queues else f"{exchanges}|{scheduler}"
     return {
         "configure": f"^({both})$",

@@ -53,22 +53,25 @@ from leveret.consumer.errors import ConfigError
 from leveret.consumer.registry import JobSpec
 from leveret.consumer.runtime.health import HealthServer
 from leveret.consumer.worker import Worker
-from leveret.producers.broker.connection import CONNECTION_ERRORS, connect, mask_url
-from leveret.producers.errors import PublishError
-from leveret.producers.publisher import Publisher
-from leveret.producers.stores.bundle import Stores
-from leveret.producers.stores.cancel import (
+from leveret.producers import Publisher, PublishError
+from leveret.producers.broker import CONNECTION_ERRORS, connect, mask_url
+from leveret.producers.stores import (
+    MAX_KEY_LENGTH,
     CancelMarks,
+    DedupStore,
     JobAlreadyEnded,
+    LifecycleSettings,
+    RedisStatusStore,
+    StatusStore,
+    StatusStoreUnavailable,
+    Stores,
     UnknownJob,
     broadcast_cancel,
     declare_cancel_exchange,
+    publish_once,
     request_cancel,
 )
-from leveret.producers.stores.dedup import MAX_KEY_LENGTH, DedupStore, publish_once
-from leveret.producers.stores.settings import LifecycleSettings
-from leveret.producers.stores.status import RedisStatusStore, StatusStore, StatusStoreUnavailable
-from leveret.producers.wire.message import new_job_id
+from leveret.producers.wire import new_job_id
 from leveret.topology.declare import declare
 from leveret.topology.delay import MAX_DELAY_S
 from leveret.topology.errors import InvalidValueError, LeveretError

@@ -26,7 +26,7 @@ from leveret.consumer.history.store import (
     decode_cursor,
     parse_moment,
 )
-from leveret.producers.stores.settings import LifecycleSettings
+from leveret.producers.stores import LifecycleSettings
 
 log = structlog.get_logger("leveret.api")
 

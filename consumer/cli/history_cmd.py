@@ -18,7 +18,7 @@ from leveret.consumer.cli.common import command_setup, fail, load_app, loop_opti
 
 if TYPE_CHECKING:
     from leveret.consumer.history.store import HistoryStore
-    from leveret.producers.stores.settings import LifecycleSettings
+    from leveret.producers.stores import LifecycleSettings
 
 NO_HISTORY = "no job history: set LEVERET_HISTORY_URL (e.g. postgresql://user:pass@host/db)"
 
@@ -37,7 +37,7 @@ class _RunByDefault(click.Group):
 def history_store(settings: LifecycleSettings | None = None) -> HistoryStore:
     """The store of ``LEVERET_HISTORY_URL``; one line and exit 1 without it."""
     from leveret.consumer.history.store import HistoryStore
-    from leveret.producers.stores.settings import LifecycleSettings
+    from leveret.producers.stores import LifecycleSettings
 
     settings = settings if settings is not None else LifecycleSettings()
     url = settings.history_url.get_secret_value().strip() if settings.history_url else ""
@@ -129,10 +129,10 @@ def run(app: str, prefetch: int, batch_size: int, flush_ms: int, loop: str) -> N
     """
     worker = load_app(app)
     store = history_store(worker.settings)
-    from leveret.producers.eventloop import LoopUnavailable, install
+    from leveret.producers import LoopUnavailable, install_loop
 
     try:
-        install(loop)
+        install_loop(loop)
     except LoopUnavailable as exc:  # uvloop asked for and not installed
         fail(str(exc))
     from leveret.consumer.history.writer import HistoryWriter

@@ -100,6 +100,12 @@ class Session:
     async def _open(self) -> None:
         plan, settings = self.plan, self.plan.settings
         await declare(self.connection, plan.topology)
+        if settings.history_url is not None:  # its events wait there for a history writer
+            from leveret.consumer.history.queue import declare_history_queue
+
+            history = await self.connection.channel()
+            await declare_history_queue(history, settings.exchange, settings.queue_type)
+            await history.close()
         # Outcome copies on a connection of their own (see the module docstring).
         self.publish_connection = await connect(settings, robust=False)
         # Opened on aiormq directly for its frame buffer: aio-pika leaves aiormq's default of

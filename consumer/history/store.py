@@ -29,8 +29,8 @@ from pydantic_core import to_json
 from leveret.consumer.history.schema import JOBS_TABLE, LATEST
 from leveret.consumer.history.schema import migrate as apply_migrations
 from leveret.consumer.history.schema import pending as pending_migrations
-from leveret.producers.broker.connection import mask_url
-from leveret.producers.wire.events import CANCELLED, DEAD, RETRYING, SUCCEEDED, JobEvent
+from leveret.producers.broker import mask_url
+from leveret.producers.wire import CANCELLED, DEAD, RETRYING, SUCCEEDED, JobEvent
 from leveret.topology.errors import LeveretError
 
 if TYPE_CHECKING:

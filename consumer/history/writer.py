@@ -41,41 +41,26 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
+from leveret.consumer.history.queue import declare_history_queue, history_queue
 from leveret.consumer.history.store import HistoryStore, HistoryUnavailable, transient
-from leveret.producers.broker.connection import connect
-from leveret.producers.wire.events import (
-    CANCELLED,
-    DEAD,
-    RETRYING,
-    STARTED,
-    SUCCEEDED,
+from leveret.producers.broker import connect
+from leveret.producers.wire import (
     InvalidEvent,
     JobEvent,
-    events_exchange,
     parse_event,
 )
 
 if TYPE_CHECKING:
     from aiormq.abc import AbstractChannel, DeliveredMessage
 
-    from leveret.producers.settings import ConnectionSettings
+    from leveret.producers import ConnectionSettings
 
 log = structlog.get_logger("leveret.history")
 
-BOUND_STATES: Final = (SUCCEEDED, RETRYING, DEAD, CANCELLED, STARTED)
 DEFAULT_PREFETCH: Final = 4000  # two batches in flight and the next one filling
 DEFAULT_BATCH: Final = 1000
 DEFAULT_FLUSH_S: Final = 0.2
 RETENTION_INTERVAL_S: Final = 3600.0
-
-
-def history_queue(exchange: str) -> str:
-    """``<exchange>.history``: the writers' shared queue."""
-    return f"{exchange}.history"
-
-
-def routing_keys() -> list[str]:
-    return [f"*.{state}" for state in BOUND_STATES]
 
 
 def _parse(body: bytes) -> JobEvent:
@@ -200,16 +185,10 @@ class HistoryWriter:
         try:
             channel = await connection.channel()
             await channel.set_qos(prefetch_count=self.prefetch)
-            import aio_pika
-
-            exchange = await channel.declare_exchange(
-                events_exchange(self.settings.exchange), aio_pika.ExchangeType.TOPIC, durable=True
+            quorum = self.queue_arguments.get("x-queue-type") == "quorum"
+            await declare_history_queue(
+                channel, self.settings.exchange, "quorum" if quorum else "classic"
             )
-            queue = await channel.declare_queue(
-                self.queue, durable=True, arguments=self.queue_arguments or None
-            )
-            for key in routing_keys():
-                await queue.bind(exchange, key)
             await self._check_schema()
             raw = await channel.get_underlay_channel()
             self._buffer = []
