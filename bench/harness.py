@@ -83,6 +83,9 @@ RUNNERS: dict[str, tuple[str, dict[str, Any]]] = {
     # commit's own runner (``_tree``: see ``snapshot``). No lifecycle events existed then, so
     # its like-for-like row today is "leveret" (events off by default since issue 20).
     "leveret-before": ("bench.runners.leveret_runner", {"_tree": "b86b806"}),
+    # Issues 20-22: the worker at the start of that session (9311e50), events off like today's
+    # default, beside "leveret": what the status-writer change and the reshaping cost.
+    "leveret-9311e50": ("bench.runners.leveret_runner", {"_tree": "9311e50", "events": "off"}),
 }
 # Peers at their best configuration: the asyncio ones on uvloop (they can use it; a user who
 # cares about speed does), Dramatiq and Celery on their own threads (no event loop to swap).
@@ -95,6 +98,7 @@ FEATURES = [
     "leveret-status",
     "leveret-resource",
     "leveret-before",
+    "leveret-9311e50",
 ]
 # The lifecycle rows again under uvloop, and the peers with results kept (issue 20's budget).
 FEATURES_UVLOOP = ["leveret-outcomes-uvloop", "leveret-status-uvloop"]
@@ -111,6 +115,8 @@ FEATURE_SETTINGS = {
     "leveret-resource": "as `leveret`, handler takes one job-scoped async-generator resource",
     "leveret-before": "the worker at b86b806, before the reshaping (issue 10); it had no "
     "events: compare with `leveret`",
+    "leveret-9311e50": "the worker at 9311e50 (before issues 20-22) with `events=off`: "
+    "compare with `leveret`",
     "dramatiq-results": "`dramatiq` + `Results` middleware on a Redis backend, "
     "`store_results=True`; counted once every result is readable",
     "celery-results": "`celery` + Redis result backend, `task_track_started=True`, task events "
