@@ -388,7 +388,6 @@ class Doctor:
         binding still leads into it (a v2 worker redeclared its layout) it is not a leftover
         but a second chain, and a job passing a v2 exchange is copied into both.
         """
-        topo = self.topology
         try:
             existing = {q["name"]: q for q in await api.queues()}
             bindings = list(await api.get(f"/bindings/{api.qvhost}") or [])
@@ -396,6 +395,12 @@ class Doctor:
             self.add("warning", "delay_chain", f"could not list queues and bindings: {exc}")
             return
         self._status_keeper_queue(existing, api.target.vhost)
+        self._shared_chain(existing)
+        self._v2_chains(existing, bindings, api.target.vhost)
+
+    def _shared_chain(self, existing: dict[str, dict[str, Any]]) -> None:
+        """The shared chain's queues: how many exist, their type, what waits in them."""
+        topo = self.topology
         names = delay_queue_names(topo.exchange)
         chain = [existing[n] for n in names if n in existing]
         if chain:
@@ -418,6 +423,12 @@ class Doctor:
                     f"publishing delays on {topo.exchange!r}, let its queues empty, delete them "
                     f"and start a worker",
                 )
+
+    def _v2_chains(
+        self, existing: dict[str, dict[str, Any]], bindings: list[Any], vhost: str
+    ) -> None:
+        """The v2 per-queue chains left on the vhost: draining, deletable, or still bound."""
+        topo = self.topology
         bound: dict[str, list[str]] = {}
         for b in bindings:
             if b.get("destination_type") == "queue" and b.get("source"):
@@ -470,7 +481,7 @@ class Doctor:
                     "v2_leftovers",
                     f"{len(empty)} empty v2 retry queue(s) of {base!r} can be deleted "
                     f"({_sample(empty)}): nothing routes into them any more. E.g. "
-                    f"`rabbitmqctl delete_queue -p {api.target.vhost} --if-empty {empty[0]}` "
+                    f"`rabbitmqctl delete_queue -p {vhost} --if-empty {empty[0]}` "
                     f"for each (--if-empty: the broker refuses if a job arrived since)",
                 )
 
