@@ -133,7 +133,13 @@ def add_history_routes(
     app.state.history = store
     # An app without a history answers 503 on both routes but does not advertise them in its
     # OpenAPI document (a client generated from it has no operation that cannot work).
-    documented = store is not None
+    _add_listing(app, store, documented=store is not None)
+    _add_stats(app, store, documented=store is not None)
+    return store
+
+
+def _add_listing(app: FastAPI, store: HistoryStore | None, *, documented: bool) -> None:
+    """``GET /jobs``: the history's jobs, newest first, with a cursor for the next page."""
 
     @app.get(
         "/jobs",
@@ -182,6 +188,10 @@ def add_history_routes(
             return _invalid(exc.field or "query", exc)
         return JSONResponse({"jobs": [r.to_json() for r in rows], "next_cursor": next_cursor})
 
+
+def _add_stats(app: FastAPI, store: HistoryStore | None, *, documented: bool) -> None:
+    """``GET /stats``: per job name, counts per outcome, duration percentiles, failure rate."""
+
     @app.get(
         "/stats",
         operation_id="job_stats",
@@ -214,5 +224,3 @@ def add_history_routes(
                 "jobs": [f.to_json() for f in figures],
             }
         )
-
-    return store
