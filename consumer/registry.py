@@ -162,18 +162,7 @@ class Registry:
         idempotency_key: str | None = None,
         retry_on: type[BaseException] | tuple[type[BaseException], ...] | None = None,
     ) -> JobSpec:
-        try:
-            check_name("job", name)
-            WorkQueue(name=queue)
-        except ValueError as exc:
-            raise ConfigError(str(exc).splitlines()[-1] if "\n" in str(exc) else str(exc)) from None
-        self._check_unique(fn, name, queue)
-        is_async = inspect.iscoroutinefunction(fn)
-        if cancellable and not is_async:
-            raise ConfigError(
-                f"job {name!r} is marked cancellable but its handler is a plain `def`: Python "
-                f"cannot stop a thread, so only an `async def` handler can be cancelled"
-            )
+        is_async = self._check_shape(fn, name, queue, cancellable)
         limits = (
             None if rate_limit is None else parse_rate(rate_limit, f"rate_limit of job {name!r}"),
             None
@@ -189,12 +178,6 @@ class Registry:
             if idempotency_key is None
             else key_template(idempotency_key, "idempotency_key", name, model)
         )
-        for p in list(inspect.signature(fn).parameters.values())[1:]:
-            if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
-                raise ConfigError(
-                    f"handler {name!r}: *{p.name} cannot be resolved (parameters after the "
-                    f"payload are resolved by their annotated type)"
-                )
         spec = JobSpec(
             name=name,
             queue=queue,
@@ -215,6 +198,30 @@ class Registry:
         )
         self.jobs[name] = spec
         return spec
+
+    def _check_shape(
+        self, fn: Callable[..., Any], name: str, queue: str, cancellable: bool
+    ) -> bool:
+        """The name, the queue, uniqueness, the handler's parameters; ``True`` if async."""
+        try:
+            check_name("job", name)
+            WorkQueue(name=queue)
+        except ValueError as exc:
+            raise ConfigError(str(exc).splitlines()[-1] if "\n" in str(exc) else str(exc)) from None
+        self._check_unique(fn, name, queue)
+        is_async = inspect.iscoroutinefunction(fn)
+        if cancellable and not is_async:
+            raise ConfigError(
+                f"job {name!r} is marked cancellable but its handler is a plain `def`: Python "
+                f"cannot stop a thread, so only an `async def` handler can be cancelled"
+            )
+        for p in list(inspect.signature(fn).parameters.values())[1:]:
+            if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+                raise ConfigError(
+                    f"handler {name!r}: *{p.name} cannot be resolved (parameters after the "
+                    f"payload are resolved by their annotated type)"
+                )
+        return is_async
 
     def _check_unique(self, fn: Callable[..., Any], name: str, queue: str) -> None:
         """One job per name, on one queue; one handler on one queue."""
