@@ -4,6 +4,7 @@ things it may do beyond returning: report progress, and enqueue follow-up jobs."
 from __future__ import annotations
 
 import math
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -57,6 +58,9 @@ class JobContext:
     lifecycle: Lifecycle | None = None
     delivery: Any = None
     follow_ups: list[Any] | None = None
+    # Run by settle once a successful run's follow-ups are confirmed, before its ack (a done
+    # mark of ``idempotency_key=`` must not skip a rerun whose follow-ups never went out).
+    before_ack: list[Callable[[], Awaitable[None]]] | None = None
     # A group's final job (``pub.group(..., then=...)``): its members' endings, a
     # ``leveret.producers.groups.JobGroup`` (ids, states, results, counts); else ``None``.
     group: Any = None

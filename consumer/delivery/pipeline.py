@@ -253,7 +253,7 @@ class Pipeline:
         self.settling.add(asyncio.current_task())  # type: ignore[arg-type]
         if error is None:
             return await settler.succeeded(
-                d, spec.name, duration, result, ctx.attempt, ctx.follow_ups
+                d, spec.name, duration, result, ctx.attempt, ctx.follow_ups, ctx.before_ack
             )
         if ctx.follow_ups:  # never published: free the keys they claimed
             settler.release_follow_ups(ctx.follow_ups)

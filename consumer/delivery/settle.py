@@ -163,9 +163,11 @@ class Settler:
         result: Any,
         attempt: int = 1,
         follow_ups: list[FollowUp] | None = None,
+        before_ack: list[Callable[[], Awaitable[None]]] | None = None,
     ) -> None:
         """The handler returned ``result``: the ``succeeded`` event carries it (JSON, at most
-        ``LEVERET_RESULT_MAX_BYTES``), the run's follow-up jobs go out beside it."""
+        ``LEVERET_RESULT_MAX_BYTES``), the run's follow-up jobs go out beside it; ``before_ack``
+        runs once they are confirmed, before the ack (``ctx.before_ack``)."""
         children = self.outcomes.children(d.queue, job)
         children.duration.observe(duration)
         copies = tuple(f.copy for f in follow_ups or () if f.copy is not None)
@@ -178,7 +180,7 @@ class Settler:
             writes.append(self._write(d, job, EVENT_SUCCEEDED, attempt, duration, result=value))
             if follow_ups:
                 writes += [self._queued(f) for f in follow_ups]
-        await self._finish(d, SUCCEEDED, children.succeeded, copies, events, writes)
+        await self._finish(d, SUCCEEDED, children.succeeded, copies, events, writes, before_ack)
         log.debug("job_succeeded", duration_s=round(duration, 6))
 
     async def failed(
@@ -276,6 +278,7 @@ class Settler:
         copies: tuple[Copy, ...],
         events: tuple[Copy, ...] = (),
         writes: list[StatusWrite] | None = None,
+        before_ack: list[Callable[[], Awaitable[None]]] | None = None,
     ) -> None:
         """The one path of every outcome: confirm the copies that make it true (retry, DLQ,
         follow-ups), then its events, then write its status, then ack and count.
@@ -291,6 +294,8 @@ class Settler:
                 await self._confirm(events)
         elif events:
             await self._confirm(events)
+        for step in before_ack or ():
+            await step()
         if writes:
             assert self.status is not None
             await self.status.record(writes)

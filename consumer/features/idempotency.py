@@ -25,6 +25,7 @@ is postponed (nothing ran, no attempt burnt). Without Redis ``ctx.done_before`` 
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from collections.abc import Callable
@@ -136,6 +137,17 @@ class Idempotent:
             log.info("job_done_before", idempotency_key=key)
             return result
         result = await call_next(ctx)
+        if ctx.follow_ups and ctx.lifecycle is not None:
+            # Marked once its follow-ups are confirmed, before the ack (settle): marked now, a
+            # crash before they went out would skip the rerun and lose them.
+            if ctx.before_ack is None:
+                ctx.before_ack = []
+            ctx.before_ack.append(functools.partial(self._mark, key, result))
+        else:
+            await self._mark(key, result)
+        return result
+
+    async def _mark(self, key: str, result: Any) -> None:
         try:
             await self._marks.mark(key, result)
         except Exception as exc:
@@ -145,4 +157,3 @@ class Idempotent:
                 error=f"{type(exc).__name__}: {exc}",
                 action="the job succeeds; a rerun of it would run again",
             )
-        return result

@@ -246,6 +246,8 @@ async def run_job(
         enqueued.extend(ctx.follow_ups)
     if error is not None:
         raise error
+    for step in ctx.before_ack or ():  # what settle runs once the follow-ups are out
+        await step()
     return result
 
 
@@ -402,6 +404,8 @@ class TestBroker:
                 body = _body(f.payload)
                 limit = f.options.get("max_attempts")
                 self._queue.append(_Pending(f.job, f.job_id, body, f.headers, 0, limit))
+            for step in ctx.before_ack or ():  # as settle: once the follow-ups are out
+                await step()
             return None
         described = one_line(f"{type(error).__name__}: {error}")
         if isinstance(error, DecidedOutcome):  # a lock held: back in the queue, unburnt

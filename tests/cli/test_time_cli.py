@@ -106,7 +106,7 @@ def test_schedule_list_shows_each_schedule_and_its_next_fire_time(app_dir: Path)
         assert nxt <= schedules[row["name"]].next_after(after)
     lines = table.stdout.splitlines()
     assert lines[0].split() == ["NAME", "JOB", "EXPRESSION", "TZ", "NEXT", "FIRE", "(UTC)",
-                                "MISSED"]  # fmt: skip
+                                "MISSED", "SOURCE"]  # fmt: skip
     assert lines[1].split()[0] == "cleanup" and rows[0]["next_fire_utc"] in lines[1]
     assert lines[2].split()[0] == "hb" and rows[1]["next_fire_utc"] in lines[2]
     assert "2 schedule(s)" in table.stderr

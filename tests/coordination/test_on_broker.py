@@ -171,3 +171,41 @@ async def test_an_expired_job_ends_dead_and_never_runs(
     assert headers["x-reason"] == "expired" and dead["properties"]["message_id"] == expired
     assert status is not None and status.state == "dead"
     assert ran == [2]
+
+
+async def test_a_done_mark_waits_for_the_runs_follow_ups(
+    broker: Broker, registry: CollectorRegistry, redis_db: redis.Redis
+) -> None:
+    """An ``idempotency_key=`` job whose follow-up the broker refuses the first time (no queue
+    serves it yet) is given back; its rerun must run (no done mark yet) and publish the
+    follow-up once it can. Marked as the handler returned, the rerun was skipped and the
+    follow-up never went out."""
+    exchange, queue, later = unique("ix"), unique("iq"), unique("late")
+    settings = broker.settings(exchange=exchange, status_url=STATUS_URL)
+    worker = Worker(settings, registry=registry)
+    runs: list[int] = []
+    children: list[str] = []
+
+    @worker.job(f"{queue}-job", queue=queue, idempotency_key="{n}")
+    async def parent(step: Step, ctx: JobContext) -> str:
+        runs.append(step.n)
+        await ctx.enqueue(f"{later}-child", {})
+        return "parent done"
+
+    child_worker = Worker(settings, registry=CollectorRegistry())
+
+    @child_worker.job(f"{later}-child", queue=later)
+    async def child(payload: dict[str, Any], ctx: JobContext) -> None:
+        children.append(ctx.job_id)
+
+    async with (
+        running(worker),
+        Publisher(settings=ConnectionSettings(amqp_url=broker.url, exchange=exchange)) as pub,
+    ):
+        await pub.publish(f"{queue}-job", {"n": 7})
+        await wait_for(lambda: len(runs) >= 1, 10, "the first run")
+        await asyncio.sleep(0.2)  # its follow-up is refused: no queue serves it yet
+        async with running(child_worker):  # now one does
+            await wait_for(lambda: children, 20, "the follow-up of a rerun")
+    assert len(runs) >= 2  # the rerun ran: no done mark before its follow-ups were out
+    assert len(children) == 1
