@@ -26,6 +26,7 @@ if TYPE_CHECKING:
         GroupsUnavailableError,
         InvalidPayloadError,
         InvalidPriorityError,
+        Job,
         JobGroup,
         Publisher,
         PublishError,
@@ -34,6 +35,15 @@ if TYPE_CHECKING:
         RuntimeSchedule,
         SchedulesUnavailableError,
         UnroutableError,
+    )
+    from leveret.producers.stores import (
+        DedupUnavailableError,
+        JobAlreadyEnded,
+        JobCancelled,
+        JobFailed,
+        JobStatus,
+        StatusStoreUnavailable,
+        UnknownJob,
     )
     from leveret.topology import (
         InvalidDelayError,
@@ -47,6 +57,14 @@ if TYPE_CHECKING:
 # Where each public name lives; ``__getattr__`` imports it from there the first time it is read.
 _HOME = {
     "Retry": "leveret.consumer.errors",
+    "Job": "leveret.producers",
+    "JobFailed": "leveret.producers.stores",
+    "JobCancelled": "leveret.producers.stores",
+    "JobStatus": "leveret.producers.stores",
+    "JobAlreadyEnded": "leveret.producers.stores",
+    "UnknownJob": "leveret.producers.stores",
+    "StatusStoreUnavailable": "leveret.producers.stores",
+    "DedupUnavailableError": "leveret.producers.stores",
     **dict.fromkeys(
         ("ConfigError", "JobContext", "Reject", "Worker", "WorkerSettings"), "leveret.consumer"
     ),
@@ -90,6 +108,7 @@ __all__ = [
     "BrokerUnavailable",
     "ConfigError",
     "ConnectionLost",
+    "DedupUnavailableError",
     "DuplicateJobIdError",
     "GroupStatus",
     "GroupsUnavailableError",
@@ -98,8 +117,13 @@ __all__ = [
     "InvalidPayloadError",
     "InvalidPriorityError",
     "InvalidValueError",
+    "Job",
+    "JobAlreadyEnded",
+    "JobCancelled",
     "JobContext",
+    "JobFailed",
     "JobGroup",
+    "JobStatus",
     "LeveretError",
     "PublishError",
     "PublishTimeout",
@@ -110,7 +134,9 @@ __all__ = [
     "Retry",
     "RuntimeSchedule",
     "SchedulesUnavailableError",
+    "StatusStoreUnavailable",
     "TopologyError",
+    "UnknownJob",
     "UnroutableError",
     "Worker",
     "WorkerSettings",

@@ -43,6 +43,8 @@ if TYPE_CHECKING:
         LifecycleSettings,
     )
     from leveret.producers.stores.status import (
+        JobCancelled,
+        JobFailed,
         JobStatus,
         RedisStatusStore,
         StatusStore,
@@ -72,6 +74,8 @@ _HOME = {
     "redis_call": "leveret.producers.stores.redis",
     "redis_client": "leveret.producers.stores.redis",
     "LifecycleSettings": "leveret.producers.stores.settings",
+    "JobCancelled": "leveret.producers.stores.status",
+    "JobFailed": "leveret.producers.stores.status",
     "JobStatus": "leveret.producers.stores.status",
     "RedisStatusStore": "leveret.producers.stores.status",
     "StatusStore": "leveret.producers.stores.status",
@@ -89,6 +93,8 @@ __all__ = [
     "DedupStore",
     "DedupUnavailableError",
     "JobAlreadyEnded",
+    "JobCancelled",
+    "JobFailed",
     "JobStatus",
     "LifecycleSettings",
     "RedisStatusStore",
