@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from pydantic import BaseModel, ConfigDict, JsonValue
 
+from leveret.producers.errors import DuplicateJobIdError
 from leveret.producers.stores.redis import (
     DEFAULT_TIMEOUT_S,
     StatusStoreError,
@@ -245,10 +246,17 @@ class GroupStore:
         return key, key + ":members"
 
     async def create(self, group_id: str, member_ids: list[str], then: ThenJob) -> None:
-        """Record the group before any member is published (a member may end at once)."""
+        """Record the group before any member is published (a member may end at once). An id
+        already in use is refused (``DuplicateJobIdError``): recording it again would reset
+        the counts of members that may have ended already."""
         key, members = self._keys(group_id)
+        claimed = await redis_call(
+            self._where, "create", self.client.hsetnx(key, "total", len(member_ids))
+        )
+        if not claimed:
+            raise DuplicateJobIdError(group_id)
         pipe = self.client.pipeline(transaction=True)
-        pipe.delete(key, members)
+        pipe.delete(members)
         pipe.hset(
             key,
             mapping={

@@ -180,3 +180,27 @@ async def test_group_refuses_an_empty_group_and_a_final_job_id(broker: Broker) -
             await pub.group([], then=Job(job="b", payload={}))
         with pytest.raises(ValueError, match="then"):
             await pub.group([("a", {})], then=Job(job="b", payload={}, job_id="mine"))
+
+
+async def test_a_group_id_in_use_is_refused_not_reset(broker: Broker) -> None:
+    """Publishing a group under an id already recorded would reset its members' counts."""
+    from leveret.producers.errors import DuplicateJobIdError
+    from leveret.producers.groups import GroupStore, ThenJob
+    from leveret.producers.stores import RedisStatusStore
+
+    store = GroupStore.of(RedisStatusStore.from_url(STATUS_URL))
+    assert store is not None
+    gid = f"group-{unique('dup')}"
+    then = ThenJob(
+        job="report", job_id=f"{gid}.then", body="{}", exchange="x", routing_key="report"
+    )
+    try:
+        await store.create(gid, ["a", "b"], then)
+        await store.end(gid, "a", "succeeded")
+        with pytest.raises(DuplicateJobIdError):
+            await store.create(gid, ["a", "b"], then)
+        status = await store.status(gid)
+        assert status is not None and status.ended == 1
+    finally:
+        await store.client.delete(*store._keys(gid))
+        await store.client.aclose()
