@@ -170,7 +170,7 @@ class Settler:
         runs once they are confirmed, before the ack (``ctx.before_ack``)."""
         children = self.outcomes.children(d.queue, job)
         children.duration.observe(duration)
-        copies = tuple(f.copy for f in follow_ups or () if f.copy is not None)
+        copies = tuple(f.copy for f in follow_ups if f.copy is not None) if follow_ups else ()
         events: tuple[Copy, ...] = ()
         value = self.events.result_value(result) if result is not None else None
         if self._publishes_outcomes:
