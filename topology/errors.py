@@ -26,7 +26,9 @@ Tree::
     │   └── producers.batch.BatchPublishError   jobs of a batch not confirmed, each named
     ├── producers.status.StatusStoreError    the Redis job-status store refused for good
     │   ├── producers.status.StatusStoreUnavailable (ConnectionError)   unreachable for now
-    │   └── producers.dedup.DedupUnavailableError   dedup_key given, but no status store
+    │   ├── producers.dedup.DedupUnavailableError   dedup_key given, but no status store
+    │   ├── producers.groups.GroupsUnavailableError   a group, but no status store
+    │   └── producers.schedules.SchedulesUnavailableError   a runtime schedule, no store
     ├── producers.status.JobFailed       a job awaited by its status ended dead
     ├── producers.status.JobCancelled    a job awaited by its status was cancelled
     ├── producers.cancel.UnknownJob (LookupError)   no status for this id (never, or expired)
@@ -35,7 +37,10 @@ Tree::
     ├── consumer.ConfigError (ValueError)   a worker application or setting is unusable
     ├── consumer.ops.management.ManagementError   the management API cannot be used
     ├── consumer.ops.status.StatusUnavailable   no management API and no app to probe
-    └── consumer.ops.dlq.DlqError        a DLQ operation cannot run
+    ├── consumer.ops.dlq.DlqError        a DLQ operation cannot run
+    ├── consumer.history.store.InvalidQuery (ValueError)   a listing filter or cursor is unusable
+    └── consumer.history.store.HistoryUnavailable   the history's PostgreSQL cannot be used
+        └── consumer.history.writer.SchemaBehind   its schema lacks a migration (run migrate)
 
 The builtin second bases are there so that code written against the builtins (``except
 ValueError``, ``except TimeoutError``) keeps working; Leveret's own callers (the CLI) catch
