@@ -230,7 +230,7 @@ def _scalar(base: str, expr: str) -> float:
 
 
 def _substitute(expr: str, values: dict[str, str]) -> str:
-    return re.sub(r"\$(\w+)|\$\{(\w+)\}", lambda m: values[m.group(1) or m.group(2)], expr)
+    return re.sub(r"\$([A-Za-z_]\w*)|\$\{(\w+)\}", lambda m: values[m.group(1) or m.group(2)], expr)
 
 
 async def _publish(url: str, registry: Any) -> None:
@@ -394,7 +394,9 @@ def _check_panels(base: str, vhost: str, queue: str) -> None:
                 continue
             series = body["data"]["result"]
             finite = [v for s in series for _, v in s["values"] if math.isfinite(float(v))]
-            if not series or not finite:
+            # The v2 per-queue chains still draining on an upgraded vhost: a fresh one has none.
+            leftovers = "($queue)" in target["expr"] and "retry" in target["expr"]
+            if (not series or not finite) and not leftovers:
                 problems.append(f"{where}\n  returned {len(series)} series, no finite value")
     assert checked >= 20
     assert not problems, "dashboard queries without data:\n" + "\n".join(problems)
