@@ -259,6 +259,7 @@ class Worker:
             stack.callback(self._stopped)  # undone last: the final line
             if plan.status is not None:
                 stack.push_async_callback(plan.status.store.close)
+                stack.push_async_callback(plan.status.close)  # undone first: before the client
             stack.callback(threads.shutdown)
             stack.push_async_callback(limiters.close)
             # Process resources open now (a database that is down fails the start, not the

@@ -168,10 +168,15 @@ class StatusWriter:
                     )
             self._on_stalled(stalled)
 
-    async def close(self) -> None:
-        """Let writes in flight finish (a shutdown's last acks wait for them)."""
-        if self._sending:
-            await asyncio.gather(*self._sending, return_exceptions=True)
+    async def close(self, grace_s: float = 2.0) -> None:
+        """At the worker's exit: writes in flight get ``grace_s`` to finish, then stop (their
+        jobs were not acked, so the broker redelivers them and they are written then)."""
+        if not self._sending:
+            return
+        _, pending = await asyncio.wait(set(self._sending), timeout=grace_s)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
 
 
 def _without_overtaken(batch: _Batch) -> _Batch:
