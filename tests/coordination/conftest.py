@@ -36,21 +36,12 @@ def job(
     timeout: float | None = None,
     **coordination: Any,
 ) -> Callable[[F], F]:
-    """``@worker.job(name, ..., lock=/idempotency_key=/retry_on=)``; through the registry while
-    ``Worker.job`` does not forward those options yet (see docs/coordination.md)."""
-
-    def register(fn: F) -> F:
-        try:
-            return worker.job(
-                name,
-                queue=queue,
-                max_attempts=max_attempts,
-                backoff=backoff,
-                timeout=timeout,
-                **coordination,
-            )(fn)
-        except TypeError:
-            worker.jobs.add(fn, name, queue, max_attempts, backoff, timeout, **coordination)
-            return fn
-
-    return register
+    """``@worker.job(name, ..., lock=/idempotency_key=/retry_on=)`` with the tests' defaults."""
+    return worker.job(
+        name,
+        queue=queue,
+        max_attempts=max_attempts,
+        backoff=backoff,
+        timeout=timeout,
+        **coordination,
+    )
