@@ -97,12 +97,15 @@ def build_schedule(
     payload: Mapping[str, Any] | None = None,
     missed: str = "once",
 ) -> RuntimeSchedule:
-    """Validate what ``worker.schedule`` validates (``InvalidValueError``, a ``ValueError``,
-    naming the problem) and build the stored form. The leader validates it again as it loads
-    it (a stored definition is data)."""
+    """The one validation of a schedule (``InvalidValueError``, a ``ValueError``, naming the
+    problem), for ``pub.schedule`` and ``worker.schedule`` alike, and the stored form. The
+    leader validates it again as it loads it (a stored definition is data)."""
     where = f"schedule {name!r} (job {job!r})"
-    check_name("job", job)
-    check_name("schedule", name)
+    try:
+        check_name("job", job)
+        check_name("schedule", name)
+    except InvalidValueError as exc:
+        raise InvalidValueError(f"{where}: {exc}") from None
     if (cron is None) == (every is None):
         raise InvalidValueError(f"{where}: give exactly one of cron= or every=")
     try:
@@ -112,7 +115,9 @@ def build_schedule(
     every_s = None
     if every is not None:
         if isinstance(every, bool) or not isinstance(every, timedelta | int | float):
-            raise InvalidValueError(f"{where}: every= must be seconds or a timedelta")
+            raise InvalidValueError(
+                f"{where}: every= must be seconds or a timedelta, got {every!r}"
+            )
         every_s = every.total_seconds() if isinstance(every, timedelta) else float(every)
         if not math.isfinite(every_s) or every_s <= 0:
             raise InvalidValueError(f"{where}: every= must be positive, got {every!r}")

@@ -29,16 +29,15 @@ nothing it does not use (tests/package/test_lean_imports.py).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from zoneinfo import ZoneInfo
 
 from leveret.consumer.errors import ConfigError
-from leveret.topology.errors import InvalidNameError
-from leveret.topology.model import check_name
+from leveret.producers import build_schedule
+from leveret.topology.errors import InvalidValueError
 
 Missed = Literal["once", "skip"]
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -145,67 +144,24 @@ def make_schedule(
     name: str | None = None,
     missed: str = "once",
 ) -> Schedule:
-    """Validate everything that does not need the app's job list; raise ``ConfigError``."""
+    """Validate everything that does not need the app's job list (``build_schedule``, the
+    runtime schedules' validation too); raise ``ConfigError``."""
     label = name or job
-    where = f"schedule {label!r} (job {job!r})"
     try:
-        check_name("job", job)
-        check_name("schedule", label)
-    except InvalidNameError as exc:
-        raise ConfigError(f"{where}: {exc}") from None
-    if (cron is None) == (every is None):
-        raise ConfigError(f"{where}: give exactly one of cron= or every=")
-    try:
-        zone = ZoneInfo(tz)
-    except (ZoneInfoNotFoundError, ValueError, TypeError):
-        raise ConfigError(f"{where}: unknown time zone {tz!r} (use an IANA name)") from None
-    interval = None if every is None else _interval(where, every)
-    if cron is not None:
-        _check_cron(where, cron, zone)
-    mode: Missed
-    if missed == "once":
-        mode = "once"
-    elif missed == "skip":
-        mode = "skip"
-    else:
-        raise ConfigError(f"{where}: missed= must be 'once' or 'skip', got {missed!r}")
-    body = dict(payload) if payload is not None else {}
-    if not isinstance(payload, Mapping | None):
-        raise ConfigError(f"{where}: payload must be a dict")
+        checked = build_schedule(
+            label, job, cron=cron, every=every, tz=tz, payload=payload, missed=missed
+        )
+    except InvalidValueError as exc:
+        raise ConfigError(str(exc)) from None
     return Schedule(
         job=job,
         name=label,
         cron=cron,
-        every=interval,
+        every=None if checked.every_s is None else timedelta(seconds=checked.every_s),
         tz=tz,
-        payload=body,
-        missed=mode,
+        payload=checked.payload,
+        missed="skip" if checked.missed == "skip" else "once",
     )
-
-
-def _interval(where: str, every: timedelta | float) -> timedelta:
-    if isinstance(every, bool) or not isinstance(every, timedelta | int | float):
-        raise ConfigError(f"{where}: every= must be seconds or a timedelta, got {every!r}")
-    interval = every if isinstance(every, timedelta) else timedelta(seconds=every)
-    if not interval > timedelta(0) or math.isnan(interval.total_seconds()):
-        raise ConfigError(f"{where}: every= must be positive, got {every!r}")
-    return interval
-
-
-def _check_cron(where: str, cron: str, zone: ZoneInfo) -> None:
-    """Five or six fields that fire at least once; cronsim is imported only for a cron schedule."""
-    if not isinstance(cron, str) or len(cron.split()) not in (5, 6):
-        raise ConfigError(
-            f"{where}: cron expression {cron!r} needs 5 fields (minute hour day month "
-            f"weekday) or 6 (seconds first)"
-        )
-    from cronsim import CronSim, CronSimError
-
-    try:
-        next(CronSim(cron, datetime.now(zone)))
-    except (CronSimError, StopIteration) as exc:
-        reason = str(exc) or "never fires"
-        raise ConfigError(f"{where}: bad cron expression {cron!r}: {reason}") from None
 
 
 def check_schedules(schedules: Iterable[Schedule], job_names: Iterable[str]) -> None:
