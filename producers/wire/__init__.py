@@ -7,8 +7,9 @@ stores import Redis-only code that a worker without ``LEVERET_STATUS_URL`` never
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from leveret.producers.lazy import load
 
 if TYPE_CHECKING:
     from leveret.producers.wire.events import (
@@ -144,12 +145,7 @@ __all__ = [
 
 
 def __getattr__(name: str) -> object:
-    home = _HOME.get(name)
-    if home is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(home), name)
-    globals()[name] = value
-    return value
+    return load(__name__, _HOME, name)
 
 
 def __dir__() -> list[str]:
