@@ -23,7 +23,8 @@ from tests.support import Broker, running, unique, wait_for
 from tests.topology.v2 import declare_v2
 
 # Seconds; several set bits each, so they sit in different Q.retry.* queues at the upgrade.
-DELAYS = (0.75, 1.25, 1.75, 2.0, 2.75, 3.25, 4.0, 4.75, 5.5)
+# The longest outlast a v3 worker's start on a loaded machine (27 quorum delay queues declared).
+DELAYS = (0.75, 1.25, 1.75, 2.0, 2.75, 3.25, 4.0, 4.75, 5.5, 9.0, 12.5)
 
 
 class Payload(BaseModel):
@@ -100,7 +101,7 @@ async def test_jobs_waiting_in_v2_chains_arrive_once_after_the_upgrade(
             assert await _v2_waiting(broker, queue) > 0
             late = len(DELAYS)  # a v2 publisher after the upgrade
             await _publish(broker.url, *_v2_entry(ex, 1.5, job, "j"), late, job)
-            await wait_for(lambda: len(seen) >= late + 1, 20, "every job")
+            await wait_for(lambda: len(seen) >= late + 1, 30, "every job")
             await asyncio.sleep(1.5)  # a copy would arrive within a hop or two
             elapsed = time.monotonic() - sent
         assert sorted(seen) == list(range(late + 1)), seen
