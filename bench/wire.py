@@ -9,6 +9,7 @@ message.
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -38,7 +39,8 @@ def _json(obj: Any) -> bytes:
 
 def encode(lib: str, queue: str, job: str, data: dict[str, Any]) -> Wire:
     """The message ``lib``'s own publisher would send for job ``job`` with argument ``data``."""
-    lib = lib.removesuffix("-uvloop")  # the loop a runner uses does not change its wire format
+    # Neither the loop a runner uses nor its number of processes changes its wire format.
+    lib = re.sub(r"-\d+p$", "", lib).removesuffix("-uvloop")
     # A row with results kept (``celery-results``, ``dramatiq-results``) sends the same format
     # as its library's plain row, except that Celery's message asks for its result.
     keep_result = lib.endswith("-results")

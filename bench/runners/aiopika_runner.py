@@ -14,7 +14,7 @@ from typing import Any
 
 import aio_pika
 
-from bench.runners.common import Tally, load_spec, run_on_loop, say, wait_go
+from bench.runners.common import Tally, load_spec, run_on_loop, say, shares_queue, wait_go
 from bench.wire import PAD
 
 
@@ -81,7 +81,7 @@ async def consume(spec: dict[str, Any]) -> None:
     tally.go()
     await queue.consume(on_message)
     say("CONSUMING")
-    if spec["workload"] == "consume_2proc":
+    if shares_queue(spec):
         tally.watch_idle()
     await finished.wait()
     await asyncio.sleep(0.2)  # let the last acks reach the socket

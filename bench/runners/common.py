@@ -35,6 +35,13 @@ def run_on_loop(spec: dict[str, Any], coro: Coroutine[Any, Any, None]) -> None:
         asyncio.run(coro)
 
 
+def shares_queue(spec: dict[str, Any]) -> bool:
+    """More than one consumer process on the run's queue (``consume_2proc``, or a row such as
+    ``aiopika-uvloop-4p``): none can tell from its own count that the queue is drained, so each
+    stops once jobs stopped coming (``Tally.watch_idle``) and the harness adds up their counts."""
+    return spec["workload"] == "consume_2proc" or int(spec.get("processes", 1)) > 1
+
+
 def say(tag: str, **data: Any) -> None:
     """One protocol line on stdout (the only thing a runner writes there)."""
     sys.__stdout__.write(f"{tag} {json.dumps(data)}\n")

@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from bench.runners.common import Tally, load_spec, say, wait_go
+from bench.runners.common import Tally, load_spec, say, shares_queue, wait_go
 from bench.wire import payload
 from leveret.consumer import JobContext, Worker, WorkerSettings
 from leveret.consumer.logging import configure_logging
@@ -59,10 +59,25 @@ def make_worker(spec: dict[str, Any], tally: Tally | None) -> Worker:
         **{k: spec[k] for k in ("events", "status_url", "status_ttl") if k in spec},
     )
     worker = Worker(settings)
-    io_s = float(spec.get("io_s", 0.0))
+    register_jobs(worker, spec, tally)
+    return worker
 
+
+def register_jobs(worker: Worker, spec: dict[str, Any], tally: Tally | None) -> None:
+    """The bench job and its handler, on ``worker``: the in-process rows and the app the
+    ``leveret-cli`` rows load through the real CLI (``bench.runners.leveret_app``) share it.
+
+    Job options of the feature rows: ``lock`` (``leveret-lock``: a template over ``Item``'s
+    fields, ``"{i}"`` a key per job) and ``rate_limit`` (``leveret-ratelimit``); absent, none.
+    """
+    io_s = float(spec.get("io_s", 0.0))
+    options = {k: spec[k] for k in ("lock", "rate_limit") if spec.get(k)}
     register = worker.job(
-        spec["job"], queue=spec["queue"], max_attempts=3, backoff=spec.get("backoff_s", 1.0)
+        spec["job"],
+        queue=spec["queue"],
+        max_attempts=3,
+        backoff=spec.get("backoff_s", 1.0),
+        **options,
     )
     if spec.get("job_resource"):  # the leveret-resource row: the job scope's own cost
         worker.resource(scope="job")(conn)
@@ -76,7 +91,7 @@ def make_worker(spec: dict[str, Any], tally: Tally | None) -> Worker:
                 await asyncio.sleep(io_s)
             tally.end()
 
-        return worker
+        return
 
     @register
     async def handle(item: Item, ctx: JobContext) -> None:
@@ -86,8 +101,6 @@ def make_worker(spec: dict[str, Any], tally: Tally | None) -> Worker:
         if io_s:
             await asyncio.sleep(io_s)
         tally.end()
-
-    return worker
 
 
 async def declare_topology(spec: dict[str, Any], worker: Worker) -> None:
@@ -171,7 +184,7 @@ async def consume(spec: dict[str, Any]) -> None:
             task.result()
         await asyncio.sleep(0.005)
     say("CONSUMING")
-    if spec["workload"] == "consume_2proc":
+    if shares_queue(spec):
         tally.watch_idle()
     await task  # stop() → graceful shutdown: in-flight jobs finish, last acks are flushed
     say("RESULT", **tally.result())
