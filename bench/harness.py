@@ -10,6 +10,11 @@ Method, so that figures from a noisy shared machine still mean something:
   its queue in the library's own wire format while the consumer is not attached, then lets it
   go. Throughput is jobs over the span from the first handler start to the last handler end, so
   start-up is not counted.
+* A row may run several consumer processes on one queue (``consume_2proc``, or a row's own
+  ``_processes`` such as ``aiopika-uvloop-4p``): each stops once jobs stopped coming, and the
+  harness adds up their counts and CPU and spans the first start to the last end over all of
+  them. The ``leveret-cli`` rows start the real ``leveret worker`` CLI (``--processes N`` for
+  several), whose runner adds up its processes' reports the same way.
 * Nothing lost: after a consume run the queue must be empty (the runner has closed its
   connection, so anything unacked would be back) and the handler count must equal the jobs
   sent; after a publish run the queue must hold exactly the jobs published. A run that fails
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import io
 import json
 import os
@@ -86,6 +92,41 @@ RUNNERS: dict[str, tuple[str, dict[str, Any]]] = {
     # Issues 20-22: the worker at the start of that session (9311e50), events off like today's
     # default, beside "leveret": what the status-writer change and the reshaping cost.
     "leveret-9311e50": ("bench.runners.leveret_runner", {"_tree": "9311e50", "events": "off"}),
+    # Issue 26. The default worker as a user runs it: the `leveret worker` CLI in a subprocess,
+    # its default `--loop auto` (uvloop), the same job, handler and count as "leveret" (the app
+    # it loads is bench/runners/leveret_app.py). `_cli`: the runner starts the worker processes
+    # itself (`--processes N` in a multi-process workload), so the harness starts one runner.
+    "leveret-cli": ("bench.runners.leveret_cli_runner", {"_cli": True}),
+    "leveret-cli-2p": ("bench.runners.leveret_cli_runner", {"_cli": True, "_processes": 2}),
+    # The broker's ceiling: bare aio-pika on uvloop in 2 and 4 consumer processes on one queue
+    # (`_processes`: how many the harness starts, whatever the workload's count).
+    "aiopika-uvloop-2p": ("bench.runners.aiopika_runner", {"uvloop": True, "_processes": 2}),
+    "aiopika-uvloop-4p": ("bench.runners.aiopika_runner", {"uvloop": True, "_processes": 4}),
+    # Locks need Redis (LEVERET_STATUS_URL), which also turns the status writes on: the lock
+    # rows are "leveret-status" plus `lock="{i}"` (a key per job, never contended), counted
+    # like it once every status reads `succeeded`; their budget is against "leveret-status".
+    "leveret-lock": (
+        "bench.runners.leveret_runner",
+        {"events": "off", "status_ttl": 600, "results": "leveret", "lock": "{i}"},
+    ),
+    "leveret-lock-uvloop": (
+        "bench.runners.leveret_runner",
+        {"events": "off", "status_ttl": 600, "results": "leveret", "lock": "{i}", "uvloop": True},
+    ),
+    # A per-process rate limit far above any rate this machine reaches: never binds, so the row
+    # is what admitting each start under a limit costs.
+    "leveret-ratelimit": ("bench.runners.leveret_runner", {"rate_limit": "100000/s"}),
+    "leveret-ratelimit-uvloop": (
+        "bench.runners.leveret_runner",
+        {"rate_limit": "100000/s", "uvloop": True},
+    ),
+    "leveret-resource-uvloop": (
+        "bench.runners.leveret_runner",
+        {"job_resource": True, "uvloop": True},
+    ),
+    # Locks on the broker alone (no LEVERET_STATUS_URL, so no status writes either): against
+    # plain "leveret". In the plan only once the broker lock store exists (``broker_locks``).
+    "leveret-lock-broker": ("bench.runners.leveret_runner", {"lock": "{i}"}),
 }
 # Peers at their best configuration: the asyncio ones on uvloop (they can use it; a user who
 # cares about speed does), Dramatiq and Celery on their own threads (no event loop to swap).
@@ -97,12 +138,40 @@ FEATURES = [
     "leveret-outcomes",
     "leveret-status",
     "leveret-resource",
+    "leveret-lock",
+    "leveret-ratelimit",
     "leveret-before",
     "leveret-9311e50",
 ]
-# The lifecycle rows again under uvloop, and the peers with results kept (issue 20's budget).
-FEATURES_UVLOOP = ["leveret-outcomes-uvloop", "leveret-status-uvloop"]
+# The feature rows again under uvloop, and the peers with results kept (issue 20's budget).
+FEATURES_UVLOOP = [
+    "leveret-outcomes-uvloop",
+    "leveret-status-uvloop",
+    "leveret-resource-uvloop",
+    "leveret-lock-uvloop",
+    "leveret-ratelimit-uvloop",
+]
 RESULT_PEERS = ["dramatiq-results", "celery-results"]
+# Issue 26: the CLI row, and the broker's ceiling (bare aio-pika on uvloop in 1, 2, 4 processes,
+# the best of them per round: ``summarise``'s ``x_ceiling``).
+CLI_ROWS = ["leveret-cli"]
+CEILING = ["aiopika-uvloop", "aiopika-uvloop-2p", "aiopika-uvloop-4p"]
+
+
+def broker_locks() -> list[str]:
+    """``leveret-lock-broker`` once the broker-only lock store exists, else nothing."""
+    found = importlib.util.find_spec("leveret.consumer.features.broker_locks") is not None
+    return ["leveret-lock-broker"] if found else []
+
+
+# Each feature row's own comparison beside plain Leveret (``x_base``): the same settings without
+# its one feature. A lock needs the status store, so a lock row is held against the status row;
+# the CLI row against the same worker in-process on the same loop.
+BASE_OF = {
+    "leveret-lock": "leveret-status",
+    "leveret-lock-uvloop": "leveret-status-uvloop",
+    "leveret-cli": "leveret-uvloop",
+}
 FEATURE_SETTINGS = {
     "leveret": "defaults: `LEVERET_EVENTS` unset, so `off`; no status store",
     "leveret-uvloop": "as `leveret`, under `uvloop.run`",
@@ -121,6 +190,16 @@ FEATURE_SETTINGS = {
     "`store_results=True`; counted once every result is readable",
     "celery-results": "`celery` + Redis result backend, `task_track_started=True`, task events "
     "(`-E`); counted once every SUCCESS result is readable",
+    "leveret-cli": "the defaults, run as `leveret worker bench.runners.leveret_app:worker "
+    "--prefetch N` in a subprocess (default `--loop auto`: uvloop); same handler and count",
+    "leveret-lock": 'as `leveret-status` + `lock="{i}"` (a Redis lock per job, keys never '
+    "contended); counted once every job reads `succeeded`",
+    "leveret-lock-uvloop": "as `leveret-lock`, under `uvloop.run`",
+    "leveret-ratelimit": '`rate_limit="100000/s"` (per process; never binds here)',
+    "leveret-ratelimit-uvloop": "as `leveret-ratelimit`, under `uvloop.run`",
+    "leveret-resource-uvloop": "as `leveret-resource`, under `uvloop.run`",
+    "leveret-lock-broker": '`lock="{i}"` with no status store: each job\'s lock on the '
+    "broker (an exclusive queue per held key)",
 }
 # Concurrency is threads (or Celery's solo pool at 1).
 THREADED = {"dramatiq", "celery", "dramatiq-results", "celery-results"}
@@ -133,7 +212,14 @@ def loop_of(lib: str) -> str:
     """Which event loop a row ran on, for the report: every row says it."""
     if lib in THREADED or lib == "leveret-blocking":
         return "threads (no loop)"
-    return "uvloop" if lib.endswith("-uvloop") else "asyncio"
+    if lib.startswith("leveret-cli"):
+        return "uvloop (`--loop auto`)"
+    return "uvloop" if lib.endswith("-uvloop") or "-uvloop-" in lib else "asyncio"
+
+
+def consumers(wl: Workload, lib: str) -> int:
+    """How many consumer processes a row runs in ``wl``: its own count, else the workload's."""
+    return int(RUNNERS[lib][1].get("_processes", wl.processes))
 
 
 @dataclass
@@ -189,7 +275,10 @@ def plan(quick: bool, libs: list[str] | None) -> list[Workload]:
                 "leveret",
                 "leveret-uvloop",
                 *ALL_PEERS,
+                *CLI_ROWS,
+                *CEILING[1:],
                 *FEATURES,
+                *broker_locks(),
                 *FEATURES_UVLOOP,
                 *RESULT_PEERS,
             ],
@@ -198,7 +287,7 @@ def plan(quick: bool, libs: list[str] | None) -> list[Workload]:
         Workload(
             "consume_2proc",
             "Consume no-op jobs, two worker processes on one queue",
-            ["aiopika", "aiopika-uvloop", "leveret-uvloop", "dramatiq"],
+            ["aiopika", "aiopika-uvloop", "leveret-uvloop", "leveret-cli-2p", "dramatiq"],
             {"n": 500 if q else 20000, "prefetch": 1000, "concurrency": 1},
             processes=2,
         ),
@@ -263,7 +352,7 @@ class Harness:
 
     async def _spawn(self, lib: str, spec: dict[str, Any], tag: str) -> asyncio.subprocess.Process:
         module, extra = RUNNERS[lib]
-        extra = dict(extra)
+        extra = {k: v for k, v in extra.items() if not k.startswith("_") or k == "_tree"}
         tree = extra.pop("_tree", None)
         log = open(self.logdir / f"{tag}.log", "wb")  # noqa: SIM115, ASYNC230 - for the child
         # A row's settings are its own: none inherited from LEVERET_* in the caller's shell.
@@ -309,6 +398,7 @@ class Harness:
             "queue": queue,
             "job": queue,
             **wl.params,
+            "processes": consumers(wl, lib),
         }
         if lib in THREADED and wl.name == "io":
             spec["prefetch"] = 100
@@ -322,7 +412,8 @@ class Harness:
             watch = ResultWatch(REDIS_URL, kind, spec)
         procs: list[asyncio.subprocess.Process] = []
         try:
-            for p in range(wl.processes):
+            spawn = 1 if RUNNERS[lib][1].get("_cli") else spec["processes"]
+            for p in range(spawn):
                 procs.append(await self._spawn(lib, spec, f"{wl.name}-{lib}-r{rnd}-p{p}"))
             figures = await asyncio.wait_for(
                 self._drive(wl, lib, spec, procs, profile, watch), self.timeout_s
@@ -424,8 +515,10 @@ class Harness:
         left = await self.broker.depth(spec["queue"])
         if handled != n or left:
             raise RuntimeError(f"handled {handled} of {n} jobs; {left} left in the queue")
-        t_first = min(r["t_first"] for r in results)
-        t_last = max(r["t_last"] for r in results)
+        # A process that got no job (another took the queue) has no times of its own.
+        busy = [r for r in results if r["handled"]]
+        t_first = min(r["t_first"] for r in busy)
+        t_last = max(r["t_last"] for r in busy)
         if watching is not None:
             # A job counts once its final status (result) is readable: the run ends then.
             try:
@@ -440,7 +533,7 @@ class Harness:
             figures["readable_lag_ms"] = max(0.0, readable - t_last) * 1000
             t_last = max(t_last, readable)
         span = t_last - t_first
-        if wl.name in ("consume_noop", "consume_2proc"):
+        if wl.name.startswith("consume"):
             figures["rate"] = n / span
             figures["cpu_us_per_job"] = sum(r["cpu_s"] for r in results) / n * 1e6
             figures["rss_loaded_mib"] = max(r["rss_hwm_kib"] for r in results) / 1024
@@ -634,28 +727,57 @@ def summarise(runs: list[Run]) -> dict[tuple[str, str, str], dict[str, float]]:
         entry = {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs)}
         out[(wl, lib, name)] = entry
     for (wl, lib, name), entry in out.items():
-        # A feature row's cost: against the plain row of the same round, same loop (a uvloop
-        # feature row against "leveret-uvloop"; "leveret-uvloop" itself against "leveret").
-        plain = (
-            "leveret-uvloop"
-            if lib.endswith("-uvloop") and lib.startswith("leveret-") and lib != "leveret-uvloop"
-            else "leveret"
-        )
-        for ref_lib, label in (
+        ref_wl = "publish_noconfirm" if wl == "publish_batch" else wl
+        mine = dict(by_key[(wl, lib, name)])
+        refs = [
             ("aiopika", "x_aiopika"),
             ("aiopika-uvloop", "x_aiopika_uvloop"),
             ("dramatiq", "x_dramatiq"),
+            ("celery", "x_celery"),
             ("dramatiq-results", "x_dramatiq_results"),
             ("celery-results", "x_celery_results"),
-            (plain, "x_leveret"),
-        ):
+            (plain_of(lib), "x_leveret"),
+        ]
+        if lib in BASE_OF:
+            refs.append((BASE_OF[lib], "x_base"))
+        for ref_lib, label in refs:
             # The batch API is held against bare aio-pika publishing without confirms.
-            ref_wl = "publish_noconfirm" if wl == "publish_batch" else wl
-            ref = dict(by_key.get((ref_wl, ref_lib, name), []))
-            mine = dict(by_key[(wl, lib, name)])
-            ratios = [mine[r] / ref[r] for r in mine if ref.get(r)]
-            if ratios:
-                entry[label] = statistics.median(ratios)
-                entry[label + "_min"] = min(ratios)
-                entry[label + "_max"] = max(ratios)
+            _put(entry, label, mine, dict(by_key.get((ref_wl, ref_lib, name), [])))
+        if name == "rate":
+            _put(entry, "x_ceiling", mine, ceiling(by_key, wl))
     return out
+
+
+def plain_of(lib: str) -> str:
+    """A feature row's plain row: the same worker without the feature, same loop (a uvloop
+    feature row against "leveret-uvloop", "leveret-uvloop" itself against "leveret")."""
+    if lib in ("leveret-cli", "leveret-cli-2p"):
+        return "leveret-uvloop"
+    uvloop = lib.endswith("-uvloop") and lib.startswith("leveret-") and lib != "leveret-uvloop"
+    return "leveret-uvloop" if uvloop else "leveret"
+
+
+def ceiling(
+    by_key: dict[tuple[str, str, str], list[tuple[int, float]]], wl: str
+) -> dict[int, float]:
+    """The broker's ceiling per round: the best rate of bare aio-pika on uvloop in 1, 2 or 4
+    processes in that round; only rounds that ran a multi-process row have one."""
+    per_round: dict[int, float] = {}
+    multi: set[int] = set()
+    for lib in CEILING:
+        for rnd, value in by_key.get((wl, lib, "rate"), []):
+            per_round[rnd] = max(per_round.get(rnd, 0.0), value)
+            if lib != CEILING[0]:
+                multi.add(rnd)
+    return {rnd: v for rnd, v in per_round.items() if rnd in multi}
+
+
+def _put(
+    entry: dict[str, float], label: str, mine: dict[int, float], ref: dict[int, float]
+) -> None:
+    """``label``: the median of the same-round ratios mine / ref, with their min and max."""
+    ratios = [mine[r] / ref[r] for r in mine if ref.get(r)]
+    if ratios:
+        entry[label] = statistics.median(ratios)
+        entry[label + "_min"] = min(ratios)
+        entry[label + "_max"] = max(ratios)
