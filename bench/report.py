@@ -8,13 +8,18 @@ from pathlib import Path
 from typing import Any
 
 from bench.harness import (
+    BASE_OF,
+    CEILING,
+    CLI_ROWS,
     FEATURE_SETTINGS,
     FEATURES,
     FEATURES_UVLOOP,
     RESULT_PEERS,
     Run,
     Workload,
+    consumers,
     loop_of,
+    plain_of,
 )
 
 Summary = dict[tuple[str, str, str], dict[str, float]]
@@ -57,8 +62,13 @@ SETTINGS = """\
 | aio-pika-uvloop | the same code under `uvloop.run` (the reference the targets name) |
 | leveret-uvloop | the same worker and publisher under `uvloop.run` |
 | leveret-blocking | `producers.BlockingPublisher` |
-| leveret-outcomes, -status, -resource | the `leveret` worker with one setting changed (table "Feature rows" above); asyncio's loop, the workload's prefetch; `leveret` itself runs the defaults (events off, no status store) |
-| leveret-outcomes-uvloop, leveret-status-uvloop | the same two rows under `uvloop.run` |
+| leveret-outcomes, -status, -resource, -lock, -ratelimit, -lock-broker | the `leveret` worker with one setting changed (table "Feature rows" above); asyncio's loop, the workload's prefetch; `leveret` itself runs the defaults (events off, no status store) |
+| leveret-outcomes-uvloop, -status-, -resource-, -lock-, -ratelimit-uvloop | the same rows under `uvloop.run` |
+| leveret-cli | the same app through the real CLI, as a user runs it: `leveret worker bench.runners.leveret_app:worker --prefetch N` in a subprocess (default `--loop auto`, so uvloop), settings from `LEVERET_*` (same values as `leveret`); the app registers the same job and handler and counts with the same tally; the CLI is stopped with SIGTERM once every job ran |
+| leveret-cli-2p | the same with `--processes 2` (consume_2proc): the supervisor and two worker processes; CPU per job adds the supervisor's own CPU while they consume |
+| aiopika-uvloop-2p, -4p | bare aio-pika on uvloop in 2 and 4 consumer processes on one queue, each with the workload's prefetch: the broker's ceiling is the best of 1, 2 and 4 processes in the same round |
+| leveret-lock, -lock-uvloop | `leveret-status` (Redis status store, events off) + `lock="{i}"`: every job takes, renews and releases its own Redis lock (distinct keys, never contended); counted once every job reads `succeeded` |
+| leveret-ratelimit, -ratelimit-uvloop | `rate_limit="100000/s"` per process: far above this machine's rate, so it never binds; the cost of admitting each start |
 | leveret-status, -status-uvloop | `LEVERET_STATUS_URL` = the bench's Redis database (14, or `BENCH_REDIS_URL`), events `off`: the worker writes each job's status itself before its ack; the run ends when the harness reads `state=succeeded` for every job (`ResultWatch` in `bench/harness.py`) |
 | dramatiq | `RabbitmqBroker(confirm_delivery=True)`, `Worker(worker_threads=1)` with `dramatiq_queue_prefetch` = prefetch (100 threads for I/O, 4 for retries); `min_backoff=500, max_backoff=2000` (its jitter is not optional: the first retry waits 1–2 s), `actor.send` |
 | celery | py-amqp, `task_acks_late`, results ignored, `confirm_publish`, solo pool with `worker_prefetch_multiplier` = prefetch (threads pool: ×100 for I/O, ×4 for retries, where the solo pool ran the 500 ETA retries ~10/s, 50 s in all), without gossip/mingle/heartbeat; `apply_async`; `self.retry(countdown=1)` |
@@ -204,6 +214,7 @@ def targets(summary: Summary) -> list[tuple[str, str, str, str]]:
                 )
             )
     rows.extend(feature_targets(summary))
+    rows.extend(issue26_targets(summary))
     io = get("io", "leveret", "wall_s")
     if io:
         rows.append(
@@ -283,6 +294,104 @@ def feature_targets(summary: Summary) -> list[tuple[str, str, str, str]]:
     return rows
 
 
+def _verdict(value: float, goal: float, higher: bool = True) -> str:
+    met = value >= goal if higher else value <= goal
+    if met:
+        return "**met**"
+    miss = (goal - value) / goal if higher else (value - goal) / goal
+    return f"missed by {miss:.1%}"
+
+
+def _pct(entry: dict[str, float], label: str) -> str:
+    return (
+        f"{entry[label]:.1%} ({entry[label + '_min']:.1%}–{entry[label + '_max']:.1%}) "
+        "of the ceiling"
+    )
+
+
+# Issue 26's feature budgets: (row, reference label, what the reference row lacks, goal), each
+# against the same worker without the feature on the same loop (``x_base``: ``BASE_OF``, a lock
+# row against the status row, since locks need its Redis; ``x_leveret``: the plain row).
+FEATURE_BUDGET_26 = [
+    ("leveret-lock", "x_base", "same settings, no lock", 0.8),
+    ("leveret-lock-uvloop", "x_base", "same settings, no lock", 0.8),
+    ("leveret-ratelimit", "x_leveret", "no rate limit", 0.9),
+    ("leveret-ratelimit-uvloop", "x_leveret", "no rate limit", 0.9),
+    ("leveret-resource-uvloop", "x_leveret", "no resource", 0.9),
+]
+CLI_GOALS = {"x_aiopika_uvloop": 1.3, "x_dramatiq": 1.5, "cpu": 0.6, "ceiling": 0.95}
+
+
+def issue26_targets(summary: Summary) -> list[tuple[str, str, str, str]]:
+    """Issue 26's rows, same-round ratios of consume_noop: the default worker through the real
+    CLI (``leveret-cli``: uvloop by ``--loop auto``) against bare aio-pika on uvloop, Dramatiq,
+    aio-pika's CPU per job and the broker's ceiling; then each feature row against the same
+    worker without it (a lock row against the status row: locks need its Redis)."""
+    rows: list[tuple[str, str, str, str]] = []
+
+    def get(lib: str, fig: str = "rate") -> dict[str, float] | None:
+        return summary.get(("consume_noop", lib, fig))
+
+    for lib in CLI_ROWS:
+        where = (
+            f"consume no-op, `{lib}`: `leveret worker`, default `--loop auto` = uvloop (issue 26)"
+        )
+        c = get(lib)
+        for label, name in (
+            ("x_aiopika_uvloop", "bare aio-pika on uvloop"),
+            ("x_dramatiq", "Dramatiq's best"),
+        ):
+            if c and label in c:
+                goal = CLI_GOALS[label]
+                rows.append(
+                    (
+                        where,
+                        f"≥ {goal:.1f}× {name}, same run",
+                        _ratio(c, label),
+                        _verdict(c[label], goal),
+                    )
+                )
+        cpu = get(lib, "cpu_us_per_job")
+        if cpu and "x_aiopika_uvloop" in cpu:
+            goal = CLI_GOALS["cpu"]
+            rows.append(
+                (
+                    where,
+                    f"CPU per job ≤ {goal:.1f}× bare aio-pika's on uvloop, same run",
+                    f"{_cell(cpu, 0)} µs: {_ratio(cpu, 'x_aiopika_uvloop')}",
+                    _verdict(cpu["x_aiopika_uvloop"], goal, higher=False),
+                )
+            )
+        if c and "x_ceiling" in c:
+            goal = CLI_GOALS["ceiling"]
+            rows.append(
+                (
+                    where,
+                    f"≥ {goal:.0%} of the broker's ceiling (best of bare aio-pika on uvloop in "
+                    "1, 2, 4 processes), same round",
+                    _pct(c, "x_ceiling"),
+                    _verdict(c["x_ceiling"], goal),
+                )
+            )
+    for lib, label, lacks, goal in FEATURE_BUDGET_26:
+        entry = get(lib)
+        if not entry or label not in entry:
+            continue
+        ref = BASE_OF[lib] if label == "x_base" else plain_of(lib)
+        measured = _ratio(entry, label)
+        if label == "x_base" and "x_leveret" in entry:  # a lock row: plain Leveret beside
+            measured += f"; × `{plain_of(lib)}`: {_ratio(entry, 'x_leveret')}"
+        rows.append(
+            (
+                f"consume no-op, `{lib}` ({loop_of(lib)}; issue 26)",
+                f"≤ {1 - goal:.0%} slower than `{ref}` ({lacks}; ≥ {goal:.2f}×), same run",
+                measured,
+                _verdict(entry[label], goal),
+            )
+        )
+    return rows
+
+
 # Issue 20's performance budget: (row, reference label, reference name, goal).
 BUDGET = [
     ("leveret-status", "x_aiopika_uvloop", "bare aio-pika on uvloop", 1.0),
@@ -323,25 +432,32 @@ def feature_table(summary: Summary, workloads: list[Workload]) -> list[str]:
     noop = next((w for w in workloads if w.name == "consume_noop"), None)
     if noop is None:
         return []
-    libs = [
-        lib
-        for lib in ("leveret", "leveret-uvloop", *FEATURES, *FEATURES_UVLOOP, *RESULT_PEERS)
-        if lib in noop.libs
-    ]
-    if not any(lib in FEATURES or lib in FEATURES_UVLOOP for lib in libs):
+    rows = (
+        "leveret",
+        "leveret-uvloop",
+        *CLI_ROWS,
+        *FEATURES,
+        "leveret-lock-broker",
+        *FEATURES_UVLOOP,
+        *RESULT_PEERS,
+    )
+    libs = [lib for lib in rows if lib in noop.libs]
+    if not any(lib not in ("leveret", "leveret-uvloop", *RESULT_PEERS) for lib in libs):
         return []
     prefetch = noop.params.get("prefetch")
     out = [
-        "## Feature rows (issues 12, 14, 16, 20): consume no-op, beside bare aio-pika\n",
+        "## Feature rows (issues 12, 14, 16, 20, 26): consume no-op, beside bare aio-pika\n",
         f"Every `leveret-*` row is the `leveret` worker and handler with one setting changed; all "
         f"use the workload's prefetch ({prefetch}) and nothing else tuned per row. The peers "
         "with results kept run their best settings otherwise. Rows that keep a status or "
         "result are counted only once every job's outcome is readable in Redis. Ratios are "
         "same-round medians (min–max); `× leveret` is against the plain row of the same round "
-        "and loop (`leveret-uvloop` for a uvloop feature row).\n",
+        "and loop (`leveret-uvloop` for a uvloop feature row and for the CLI row); `× base` is "
+        "against the row with the same settings but the feature (a lock row against the status "
+        "row: locks need its Redis; the CLI row against the same worker in-process).\n",
         "| library | loop | prefetch | setting | jobs/s | µs CPU/job | × aio-pika (asyncio) "
-        "| × aio-pika (uvloop) | × leveret | × dramatiq-results | × celery-results |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| × aio-pika (uvloop) | × leveret | × base | × dramatiq-results | × celery-results |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for lib in libs:
         entry = summary.get(("consume_noop", lib, "rate"))
@@ -357,12 +473,149 @@ def feature_table(summary: Summary, workloads: list[Workload]) -> list[str]:
             _ratio(entry),
             _ratio(entry, "x_aiopika_uvloop"),
             "1.00×" if lib == "leveret" else "—" if peer else _ratio(entry, "x_leveret"),
+            f"{_ratio(entry, 'x_base')} `{BASE_OF[lib]}`" if lib in BASE_OF else "—",
             "—" if peer else _ratio(entry, "x_dramatiq_results"),
             "—" if peer else _ratio(entry, "x_celery_results"),
         ]
         out.append("| " + " | ".join(cells) + " |")
     out.append("")
     return out
+
+
+def ceiling_table(summary: Summary, workloads: list[Workload]) -> list[str]:
+    """Issue 26: the broker's ceiling (bare aio-pika on uvloop in 1, 2, 4 processes), and each
+    Leveret row of consume_noop as a share of it, same round."""
+    noop = next((w for w in workloads if w.name == "consume_noop"), None)
+    if noop is None or not any(lib in noop.libs for lib in CEILING[1:]):
+        return []
+    leveret = [lib for lib in ("leveret-cli", "leveret-uvloop", "leveret") if lib in noop.libs]
+    out = [
+        "## Broker ceiling (issue 26): consume no-op, one queue\n",
+        "The ceiling of a round is the best rate of bare aio-pika on uvloop in 1, 2 or 4 "
+        "consumer processes on the one queue (each process with the workload's prefetch), in "
+        "that round; every share is the median over rounds of a row's rate divided by its "
+        "round's ceiling. On this machine the broker and the clients share the cores. A share "
+        "above 100 % means the row outran every bare aio-pika configuration: there the clients, "
+        "not the broker, set the pace, and this ceiling is only a lower bound of the broker's.\n",
+        "| library | loop | processes | jobs/s | µs CPU/job | share of the ceiling |",
+        "|---|---|---|---|---|---|",
+    ]
+    for lib in [*[c for c in CEILING if c in noop.libs], *leveret]:
+        entry = summary.get(("consume_noop", lib, "rate"))
+        cpu = summary.get(("consume_noop", lib, "cpu_us_per_job"))
+        share = (
+            _pct(entry, "x_ceiling").removesuffix(" of the ceiling")
+            if entry and ("x_ceiling" in entry)
+            else "—"
+        )
+        procs = consumers(noop, lib)
+        out.append(
+            f"| {lib} | {loop_of(lib)} | {procs} | {_cell(entry, 0)} | {_cell(cpu, 0)} | {share} |"
+        )
+    out.append("")
+    return out
+
+
+# What each Leveret feature row measures, and the rivals' rows measuring the same feature:
+# (feature, Leveret rows, {peer: (its row with the feature, its plain row) or why none}).
+RIVALS: list[tuple[str, list[str], dict[str, tuple[str, str] | str]]] = [
+    (
+        "each job's outcome kept in Redis, readable by a client",
+        ["leveret-status", "leveret-status-uvloop"],
+        {"Dramatiq": ("dramatiq-results", "dramatiq"), "Celery": ("celery-results", "celery")},
+    ),
+    (
+        "a lock per job (distinct keys; Redis, or the broker alone)",
+        ["leveret-lock", "leveret-lock-uvloop", "leveret-lock-broker"],
+        {
+            "Dramatiq": "no job lock option (a `ConcurrentRateLimiter` called in the actor's "
+            "code is the nearest): not measured",
+            "Celery": "no job lock: not measured",
+        },
+    ),
+    (
+        "a per-process rate limit that does not bind",
+        ["leveret-ratelimit", "leveret-ratelimit-uvloop"],
+        {
+            "Dramatiq": "rate limiters are called in the actor's code, no option: not measured",
+            "Celery": "`rate_limit=` on the task (per worker): no row yet, not measured",
+        },
+    ),
+    (
+        "one job-scoped resource",
+        ["leveret-resource", "leveret-resource-uvloop"],
+        {"Dramatiq": "no equivalent", "Celery": "no equivalent"},
+    ),
+    (
+        "run through the CLI rather than in-process",
+        ["leveret-cli"],
+        {
+            "Dramatiq": "its rows embed `dramatiq.Worker` as its CLI does: no separate row",
+            "Celery": "its rows embed `app.Worker` as `celery worker` does: no separate row",
+        },
+    ),
+]
+
+
+def rival_table(summary: Summary, workloads: list[Workload]) -> list[str]:
+    """Each Leveret feature's cost (its row against the same worker without it, same round and
+    loop) beside the rival's same feature (its row against its plain row, same round)."""
+    noop = next((w for w in workloads if w.name == "consume_noop"), None)
+    if noop is None:
+        return []
+
+    def cost(lib: str, label: str) -> str:
+        rate = summary.get(("consume_noop", lib, "rate"))
+        cpu = summary.get(("consume_noop", lib, "cpu_us_per_job"))
+        if not rate or label not in rate:
+            return "—"
+        text = f"jobs/s {_ratio(rate, label)}"
+        if cpu and label in cpu:
+            text += f", CPU/job {_ratio(cpu, label)}"
+        return text
+
+    lines = []
+    for feature, rows, peers in RIVALS:
+        ran = [lib for lib in rows if lib in noop.libs]
+        if not ran:
+            continue
+        ours = "; ".join(
+            f"`{lib}` × `{BASE_OF.get(lib, plain_of(lib))}`: "
+            f"{cost(lib, 'x_base' if lib in BASE_OF else 'x_leveret')}"
+            + (
+                f"; × `{plain_of(lib)}`: {cost(lib, 'x_leveret')}"
+                if BASE_OF.get(lib, plain_of(lib)) != plain_of(lib)
+                else ""
+            )
+            for lib in ran
+        )
+        cells = [feature, ours]
+        for peer in ("Dramatiq", "Celery"):
+            what = peers[peer]
+            if isinstance(what, str):
+                cells.append(what)
+            else:
+                row, plain = what
+                label = "x_" + plain
+                cells.append(
+                    f"`{row}` × `{plain}`: {cost(row, label)}"
+                    if row in noop.libs
+                    else f"`{row}` not in this run"
+                )
+        lines.append("| " + " | ".join(cells) + " |")
+    if not lines:
+        return []
+    return [
+        "## What each feature costs, beside the rival's same feature (consume no-op)\n",
+        "Each cost is a row against the same library without the feature, same round (median "
+        "of the same-round ratios, min–max): below 1.00× for jobs/s, or above it for CPU per "
+        "job, is what the feature costs. A Leveret lock row is against the status row (locks "
+        "need its Redis) and against plain Leveret.\n",
+        "| feature | Leveret | Dramatiq | Celery |",
+        "|---|---|---|---|",
+        *lines,
+        "",
+    ]
 
 
 def write(
@@ -411,6 +664,8 @@ def write(
     out.append("")
 
     out.extend(feature_table(summary, workloads))
+    out.extend(rival_table(summary, workloads))
+    out.extend(ceiling_table(summary, workloads))
 
     failed = [r for r in runs if not r.ok]
     for wl in workloads:
@@ -461,7 +716,19 @@ def write(
         "documented concurrency option, and there is no delayed retry: not in the I/O "
         "and retry workloads. Bare aio-pika has no retry either."
     )
-    out.append("- Two processes: Leveret beside bare aio-pika and Dramatiq (the fastest peer).")
+    out.append(
+        "- Two processes: Leveret (in-process on uvloop, and `leveret worker --processes 2`) "
+        "beside bare aio-pika and Dramatiq (the fastest peer)."
+    )
+    out.append(
+        "- Locks and rate limits: neither Dramatiq nor Celery has a job option measured beside "
+        "them (table above)."
+        + (
+            ""
+            if any("leveret-lock-broker" in w.libs for w in workloads)
+            else " No `leveret-lock-broker`: the broker-only lock store is not in this tree."
+        )
+    )
     out.append(
         "- Rows that keep a status or result (`leveret-status*`, `dramatiq-results`, "
         "`celery-results`): consume no-op only, the workload issue 20's budget names.\n"
