@@ -198,6 +198,20 @@ class Pipeline:
             coordination=coordination,
         )
 
+    def start(
+        self,
+        settler: Settler,
+        lost: asyncio.Event,
+        queue: str,
+        message: aiormq.abc.DeliveredMessage,
+    ) -> None:
+        """The consumer callback where the channel delivers directly
+        (``producers.broker.frames.deliver_directly``): the delivery's task, made here."""
+        task = asyncio.get_running_loop().create_task(
+            self.on_message(settler, lost, queue, message)
+        )
+        self.tasks.add(task)  # from now on: a channel closing before its first step cancels it
+
     async def on_message(
         self,
         settler: Settler,
@@ -213,10 +227,10 @@ class Pipeline:
         try:
             try:
                 if self._slots is None:
-                    await self._process(d, settler)
+                    await self._process(d, settler, task)
                 else:
                     async with self._slots:
-                        await self._process(d, settler)
+                        await self._process(d, settler, task)
             except asyncio.CancelledError:
                 await self._cancelled(d, settler, lost)
             except Exception as exc:
@@ -225,7 +239,7 @@ class Pipeline:
             self.tasks.discard(task)
             self.settling.discard(task)
 
-    async def _process(self, d: Delivery, settler: Settler) -> None:
+    async def _process(self, d: Delivery, settler: Settler, task: asyncio.Task[Any]) -> None:
         if d.id_assigned:
             _log_assigned_id(d)
         spec = self._jobs.get(d.name)
@@ -250,7 +264,7 @@ class Pipeline:
         started = time.perf_counter()
         result, error = await execution.run(self._chains[spec.name], ctx)
         duration = time.perf_counter() - started
-        self.settling.add(asyncio.current_task())  # type: ignore[arg-type]
+        self.settling.add(task)
         if error is None:
             return await settler.succeeded(
                 d, spec.name, duration, result, ctx.attempt, ctx.follow_ups, ctx.before_ack

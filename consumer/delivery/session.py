@@ -38,6 +38,7 @@ from leveret.consumer.runtime.metrics import Outcomes
 from leveret.consumer.settings import WorkerSettings
 from leveret.producers import BrokerUnavailable
 from leveret.producers.broker import CONNECTION_ERRORS, connect, mask_secrets
+from leveret.producers.broker.frames import deliver_directly
 from leveret.producers.stores import CancelMarks, DedupStore
 from leveret.producers.wire import one_line
 from leveret.topology.declare import declare
@@ -121,6 +122,9 @@ class Session:
         publish = await (
             await self.publish_connection.channel(publisher_confirms=True, on_return_raises=True)
         ).get_underlay_channel()
+        # Deliveries straight to the pipeline (no aiormq task wrapper per delivery); the
+        # consuming channel's close then cancels the in-flight runs here, as aiormq would.
+        direct = deliver_directly(self.consume, self._consume_closed)
         for channel in (self.consume, publish):
             channel.closing.add_done_callback(lambda _: self.lost.set())
         await self.consume.basic_qos(prefetch_count=plan.share, global_=False)
@@ -143,9 +147,17 @@ class Session:
         await self._start_cancel_watch()
         self.consume.on_consumer_cancel_callbacks.add(self._on_cancel)
         for q in plan.queues:
-            callback = functools.partial(plan.pipeline.on_message, self.settler, self.lost, q)
+            on_delivery = plan.pipeline.start if direct else plan.pipeline.on_message
+            callback: Any = functools.partial(on_delivery, self.settler, self.lost, q)
             ok = await self.consume.basic_consume(q, callback, no_ack=False)
             self.consumer_tags[str(ok.consumer_tag)] = q
+
+    def _consume_closed(self) -> None:
+        """The consuming channel closed: its deliveries' runs are cancelled (lost first, so
+        none of them publishes a copy or gives its job back: the broker redelivers)."""
+        self.lost.set()
+        for task in list(self.plan.pipeline.tasks):
+            task.cancel()
 
     async def _start_cancel_watch(self) -> None:
         """With a status store: the cancel watch."""

@@ -28,6 +28,7 @@ from aio_pika.abc import AbstractConnection, AbstractRobustConnection
 from aio_pika.connection import make_url
 from yarl import URL
 
+from leveret.producers.broker import frames
 from leveret.producers.broker.adapter import ReconnectHook
 from leveret.producers.errors import BrokerUnavailable
 from leveret.producers.settings import ConnectionSettings
@@ -308,6 +309,7 @@ async def connect(settings: ConnectionSettings, *, robust: bool = True) -> Abstr
     attempt is closed at once: a worker retrying for hours would otherwise leave one unclosed
     connection object per attempt for the garbage collector to finalise.
     """
+    frames.install()  # aiormq reads frames in bulk from here on (``frames``)
     value = settings.amqp_url.get_secret_value()
     urls = node_urls(value)
     failures: list[BrokerUnavailable] = []
