@@ -1,5 +1,5 @@
 """The worker's side of job groups (``producers.groups``): count each member's ending, publish
-the group's final job once, and show the final job its group (``ctx.group``).
+the group's final job, run it once, and show it its group (``ctx.group``).
 
 ``GroupEnds.ended`` is called by settle for every outcome, after the outcome's status is
 written and before the ack (``Settler._finish``). For a member (header ``x-group-id``) that
@@ -10,15 +10,48 @@ unacked: it runs again, and its settle (the script is idempotent per member) pub
 same final job id again. For the final job itself (header ``x-group-then``) it records its
 state for ``pub.status(group_id)``.
 
-``group_context`` is a chain layer (put outermost among the user's middleware by
-``consumer.runtime.startup``): for a final job it loads ``ctx.group``, and a duplicate final
-job (its status already ended: published twice across a crash) is not run again, its first
-run's result stands.
+**The final job runs once.** So the final job ``<group id>.then`` is published at least once
+and, across a crash between its confirm and the member's ack, twice; both copies may be in
+flight together (two workers, a prefetch over 1, the first still running). ``ThenOnce``, the
+group layer (first of each job's coordination layers: ``GroupCoordination``), makes the
+handler run once whatever the interleaving:
+
+1. A final job's delivery takes a hold on the lock key ``<group id>.then`` (the ``lock=``
+   store, ``features.locks``: Redis ``SET`` if absent, with ``LEVERET_LOCK_TTL``) *before* it
+   reads anything. A key held by another copy's run postpones the delivery (``Postponed``:
+   the delay chain, no attempt burnt, no run counted); Redis unreachable postpones it too.
+2. Holding it, the delivery reads the job's status. Ended (``succeeded``, ``dead``,
+   ``cancelled``): the handler is not run, the first run's result stands. Else it loads
+   ``ctx.group`` and runs the handler.
+3. The hold is kept, renewed every third of the TTL, until the delivery's *task* ends, not
+   when the handler returns: settle runs in that task and writes the outcome's status before
+   the ack, so by the time the key is free the first run's ending is readable.
+
+Hence two copies never run the handler at once (they hold one key in turn), and the copy
+that takes the hold second reads the status the first one's settle wrote: once the first
+run has ended, the second is skipped. A first run that crashes (SIGKILL, host lost) stops
+renewing; its hold lapses within the TTL and the next copy (its own redelivery, or the
+republished one) runs: its status never ended. What this does not cover:
+
+* A run whose outcome is a *retry* has not ended: a second copy taking the hold then runs
+  (its own attempt count), and the retry copy that comes later is skipped once either ends.
+  Two copies of a failing final job can so spend two sets of attempts, one at a time.
+* The hold is a lease. Lost while the handler runs (Redis unreachable from this worker for a
+  whole TTL, or the key removed), it sets ``ctx.lock_lost`` and logs
+  ``group_then_hold_lost``; an ``async`` handler is cancelled (``LockLost``, a ``Retry``),
+  a ``def`` handler cannot be stopped and may overlap a second copy's run.
+* A run that succeeds but whose settle fails (the status store down longer than settle
+  waits) is given back and runs again, as any job whose outcome was not recorded.
+
+A job without ``x-group-then`` passes the layer on one header lookup: no Redis call.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import random
+import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +60,14 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay
 from tenacity import wait_exponential_jitter as jitter
 
 from leveret.consumer.delivery.outbox import Copy
+from leveret.consumer.delivery.outcomes import Postponed
+from leveret.consumer.features.locks import (
+    POSTPONE_S,
+    UNAVAILABLE_RETRY_S,
+    Coordination,
+    LockLost,
+    LockStore,
+)
 from leveret.producers import (
     HEADER_GROUP,
     HEADER_GROUP_THEN,
@@ -35,13 +76,20 @@ from leveret.producers import (
     GroupStore,
     JobGroup,
     ThenJob,
+    then_id,
 )
-from leveret.producers.stores import StatusStoreUnavailable, StatusWrite, status_write
+from leveret.producers.stores import (
+    StatusStoreError,
+    StatusStoreUnavailable,
+    StatusWrite,
+    status_write,
+)
 from leveret.producers.wire import check_max_attempts, check_priority, job_properties
 
 if TYPE_CHECKING:
     from leveret.consumer.context import JobContext
     from leveret.consumer.delivery.envelope import Delivery
+    from leveret.consumer.delivery.middleware import CallNext
     from leveret.consumer.delivery.status_writer import StatusWriter
 
 log = structlog.get_logger("leveret.worker")
@@ -165,17 +213,48 @@ def group_ends(status: StatusWriter | None, queue_of: Mapping[str, str]) -> Grou
     return None if store is None else GroupEnds(store, queue_of)
 
 
-async def group_context(ctx: JobContext, call_next: Callable[[JobContext], Awaitable[Any]]) -> Any:
-    """For a group's final job: ``ctx.group`` loaded, and a duplicate not run again."""
-    group_id = _header(ctx.delivery, HEADER_GROUP_THEN)
-    if group_id is None:
-        return await call_next(ctx)
-    ends: GroupEnds | None = getattr(ctx.lifecycle, "groups", None)
-    if ends is None:
-        return await call_next(ctx)
-    status_writer = getattr(ctx.lifecycle, "status", None)
-    if status_writer is not None:
-        current = await status_writer.store.get(ctx.job_id)
+class ThenOnce:
+    """The chain layer that runs a group's final job once (the module docstring argues it).
+
+    One per job on a worker with a status store (``GroupCoordination.layers``), since any job
+    may be a group's final job: a delivery without ``x-group-then`` passes through on one
+    header lookup. For a final job: take the hold on ``<group id>.then`` (held elsewhere:
+    ``Postponed``), read the job's status (ended: not run, the first run's result stands),
+    load ``ctx.group``, run. The hold is kept until the delivery's task ends.
+    """
+
+    __slots__ = ("_store", "_ttl", "cancels")
+
+    def __init__(self, store: LockStore, ttl_s: float, *, cancels: bool) -> None:
+        self._store = store
+        self._ttl = ttl_s
+        self.cancels = cancels  # an async handler: cancelled if its hold is lost mid-run
+
+    async def __call__(self, ctx: JobContext, call_next: CallNext) -> Any:
+        group_id = _header(ctx.delivery, HEADER_GROUP_THEN)
+        if group_id is None:
+            return await call_next(ctx)
+        ends: GroupEnds | None = getattr(ctx.lifecycle, "groups", None)
+        status_writer: StatusWriter | None = getattr(ctx.lifecycle, "status", None)
+        task = asyncio.current_task()
+        if ends is None or status_writer is None or task is None:
+            return await call_next(ctx)
+        key = then_id(group_id)
+        owner = f"{ctx.job_id}:{uuid.uuid4().hex[:8]}"
+        try:
+            token = await self._store.acquire(key, owner, self._ttl)
+        except StatusStoreError as exc:
+            raise Postponed(UNAVAILABLE_RETRY_S, f"lock store unavailable ({exc})") from None
+        if token is None:
+            why = f"group final job {key!r} held by another copy's run"
+            raise Postponed(random.uniform(*POSTPONE_S), why)
+        hold = _Hold(self._store, key, owner, token, self._ttl, ctx, task, self.cancels)
+        try:  # nothing has run yet: Redis away postpones, as the lock layer does
+            current = await status_writer.store.get(ctx.job_id)
+            if current is None or not current.ended:
+                ctx.group = await ends.store.load(group_id)
+        except StatusStoreError as exc:
+            raise Postponed(UNAVAILABLE_RETRY_S, f"status store unavailable ({exc})") from None
         if current is not None and current.ended:
             log.warning(
                 "group_then_duplicate",
@@ -184,8 +263,135 @@ async def group_context(ctx: JobContext, call_next: Callable[[JobContext], Await
                 action="not run again: the first run's outcome stands",
             )
             return current.result
-    ctx.group = await ends.store.load(group_id)
-    return await call_next(ctx)
+        return await hold.run(ctx, call_next)
+
+
+class _Hold:
+    """A final job's hold on its key, from before its status is read until its delivery's
+    task ends (settle has written the outcome's status and acked, or given the job back),
+    renewed every third of the TTL meanwhile. A hold lost while its run goes on (renewals
+    refused, or Redis unreachable for a whole TTL) sets ``ctx.lock_lost``, logs
+    ``group_then_hold_lost`` and cancels an async run (``LockLost``: retried; the retry takes
+    the hold again and finds the job ended if another copy ran it)."""
+
+    __slots__ = (
+        "_keeper",
+        "cancelled_run",
+        "cancels",
+        "ctx",
+        "key",
+        "owner",
+        "running",
+        "store",
+        "task",
+        "token",
+        "ttl_s",
+    )
+
+    def __init__(
+        self,
+        store: LockStore,
+        key: str,
+        owner: str,
+        token: int,
+        ttl_s: float,
+        ctx: JobContext,
+        task: asyncio.Task[Any],
+        cancels: bool,
+    ) -> None:
+        self.store, self.key, self.owner, self.token, self.ttl_s = store, key, owner, token, ttl_s
+        self.ctx, self.task, self.cancels = ctx, task, cancels
+        self.running = False
+        self.cancelled_run = False
+        self._keeper = asyncio.get_running_loop().create_task(self._keep())
+        task.add_done_callback(self._end)
+
+    async def run(self, ctx: JobContext, call_next: CallNext) -> Any:
+        """The rest of the chain; a run its lost hold cancelled raises ``LockLost``."""
+        self.running = True
+        try:
+            result = await call_next(ctx)
+        except asyncio.CancelledError:
+            if self.cancelled_run and self.task.uncancel() == 0:
+                raise LockLost(self.key) from None
+            raise
+        finally:
+            self.running = False
+        if self.cancelled_run:  # the handler swallowed the cancellation
+            self.task.uncancel()
+        return result
+
+    async def _keep(self) -> None:
+        loop = asyncio.get_running_loop()
+        last_ok = loop.time()
+        delay = self.ttl_s / 3
+        while True:
+            await asyncio.sleep(delay)
+            sent = loop.time()
+            ok: bool | None
+            try:
+                ok = await asyncio.wait_for(
+                    self.store.renew(self.key, self.owner, self.token, self.ttl_s),
+                    max(self.ttl_s - (sent - last_ok), 0.01),
+                )
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # Redis away: the hold may still stand until its TTL
+                ok = None
+                log.warning(
+                    "group_then_renewal_failed", lock=self.key, error=f"{type(exc).__name__}: {exc}"
+                )
+            if ok:
+                last_ok, delay = sent, self.ttl_s / 3
+            elif ok is False or loop.time() - last_ok >= self.ttl_s:
+                return self._lose("taken or expired" if ok is False else "Redis unreachable")
+            else:
+                delay = min(self.ttl_s / 6, 1.0)
+
+    def _lose(self, why: str) -> None:
+        self.ctx.lock_lost = True
+        log.error(
+            "group_then_hold_lost",
+            lock=self.key,
+            token=self.token,
+            why=why,
+            action="another copy of the final job may run",
+        )
+        if self.running and self.cancels and not self.task.done():
+            self.cancelled_run = True
+            self.task.cancel()
+
+    def _end(self, _: object) -> None:
+        """The delivery is over: stop renewing, release (not awaited: a release that fails
+        leaves the key to its TTL)."""
+        self._keeper.cancel()
+        try:
+            soon = getattr(self.store, "release_soon", None)
+            future = (
+                soon(self.key, self.owner, self.token)
+                if soon is not None
+                else asyncio.ensure_future(self.store.release(self.key, self.owner, self.token))
+            )
+        except Exception as exc:
+            log.debug("group_then_release_failed", error=f"{type(exc).__name__}: {exc}")
+            return
+        future.add_done_callback(_quiet)
+
+
+def _quiet(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled() and (exc := future.exception()) is not None:
+        log.debug("group_then_release_failed", error=f"{type(exc).__name__}: {exc}")
+
+
+class GroupCoordination(Coordination):
+    """The worker's ``Coordination`` (``startup.coordination``, with a status store) with the
+    group layer in front of each job's ``lock=``/``idempotency_key=`` layers: after the rate
+    limit, outside tracing and ``JobMetrics`` (a postponed or skipped copy is no run). The
+    final job's hold is a lock of the same store, with ``LEVERET_LOCK_TTL``."""
+
+    def layers(self, spec: Any, max_waiting: int) -> list[Any]:
+        hold = ThenOnce(self, self.settings.lock_ttl, cancels=bool(spec.is_async))
+        return [hold, *super().layers(spec, max_waiting)]
 
 
 class MemoryGroups:

@@ -62,15 +62,9 @@ def pipeline(
     """The worker's pipeline: one chain per job, composed now so no message pays for it."""
     from leveret.consumer.features.tracing import tracing_layer
 
-    # With a status store, a group's final job gets ``ctx.group`` (``features.groups``).
-    middlewares = worker.middlewares
-    if worker.settings.status_url is not None:
-        from leveret.consumer.features.groups import group_context
-
-        middlewares = [group_context, *middlewares]
     return Pipeline.for_jobs(
         worker.jobs,
-        middlewares,
+        worker.middlewares,
         worker.metrics,
         threads,
         worker.settings,
@@ -88,11 +82,15 @@ def pipeline(
 def coordination(worker: Worker) -> Coordination | None:
     """Locks and done marks (``lock=``, ``idempotency_key=``, ``ctx.done_before``) live on the
     status store's Redis, attached when ``session_plan`` opens it; jobs that need them refuse
-    to start without ``LEVERET_STATUS_URL`` (``ConfigError``)."""
+    to start without ``LEVERET_STATUS_URL`` (``ConfigError``). With a status store, each job's
+    layers start with the group layer: a group's final job runs once, with ``ctx.group``
+    (``features.groups.GroupCoordination``)."""
     require_redis(worker.jobs.jobs, worker.settings.status_url)
     if worker.settings.status_url is None:
         return None
-    return Coordination(settings_of(worker.settings))
+    from leveret.consumer.features.groups import GroupCoordination
+
+    return GroupCoordination(settings_of(worker.settings))
 
 
 def session_plan(
