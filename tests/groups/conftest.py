@@ -1,5 +1,5 @@
 """Groups on the real broker and Redis: database 9 of the shared Redis, every key a test made
-deleted afterwards (status keys of its jobs, the group's hashes)."""
+deleted afterwards (status keys of its jobs, the group's hashes, its final job's hold)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 
+from leveret.consumer.features.locks import DEFAULT_LOCK_PREFIX
 from leveret.producers.groups import DEFAULT_GROUP_PREFIX
 from leveret.producers.stores.status import DEFAULT_PREFIX
 
@@ -33,6 +34,7 @@ def made() -> Iterator[Made]:
             key = DEFAULT_GROUP_PREFIX + gid
             members = client.hkeys(key + ":members")
             keys += [key, key + ":members", DEFAULT_PREFIX + gid + ".then"]
+            keys.append(DEFAULT_LOCK_PREFIX + "key:" + gid + ".then")
             keys += [DEFAULT_PREFIX + mid for mid in members]
         if keys:
             client.delete(*keys)
