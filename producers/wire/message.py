@@ -9,9 +9,9 @@ retries so the next worker knows which attempt it runs.
 from __future__ import annotations
 
 import json
+import os
 import struct
 import time
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -90,7 +90,13 @@ _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
 
 def new_job_id() -> str:
-    return str(uuid.uuid4())
+    """A random (version 4) UUID as text, as ``str(uuid.uuid4())`` gives it, made in half the
+    time (no ``UUID`` object: a job id is only ever used as text)."""
+    raw = bytearray(os.urandom(16))
+    raw[6] = raw[6] & 0x0F | 0x40  # version 4
+    raw[8] = raw[8] & 0x3F | 0x80  # the RFC 4122 variant
+    h = raw.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 def encode_payload(payload: BaseModel | dict[str, Any]) -> bytes:
@@ -205,7 +211,7 @@ def job_properties(
     job: str,
     job_id: str,
     priority: int | None = None,
-    headers: dict[str, Any] | None = None,
+    headers: Mapping[str, Any] | None = None,
     *,
     max_attempts: int | None = None,
 ) -> Basic.Properties:
@@ -214,23 +220,47 @@ def job_properties(
     histogram) and, when given, its own ``x-max-attempts``. Raises ``InvalidMessageError``
     for what AMQP cannot carry (``check_message``)."""
     now = time.time()
-    headers = dict(headers) if headers else {}
-    headers[HEADER_PUBLISHED_AT] = int(now * 1000)
-    if max_attempts is not None:
-        headers[HEADER_MAX_ATTEMPTS] = max_attempts
     # check_message's checks, of the fields that vary (the others are constants).
     _check_short("job id", job_id, job, job_id)
     _check_short("job name", job, job, job_id)
-    _check_headers(headers, job, job_id)
+    if headers or max_attempts is not None:
+        carried = dict(headers) if headers else {}
+        carried[HEADER_PUBLISHED_AT] = int(now * 1000)
+        if max_attempts is not None:
+            carried[HEADER_MAX_ATTEMPTS] = max_attempts
+        _check_headers(carried, job, job_id)
+    else:  # the common case: only our own integer, which AMQP always carries
+        carried = {HEADER_PUBLISHED_AT: int(now * 1000)}
     return Basic.Properties(
         content_type=CONTENT_TYPE,
         delivery_mode=PERSISTENT,
         message_id=job_id,
         message_type=job,
         priority=priority,
-        headers=headers,
-        timestamp=datetime.fromtimestamp(int(now), UTC),
+        headers=carried,
+        timestamp=_second(now),
     )
+
+
+class _Second:
+    """The ``timestamp`` property of the current second, made once a second (a datetime is
+    immutable, so every job of that second shares it)."""
+
+    __slots__ = ("at", "stamp")
+
+    def __init__(self) -> None:
+        self.at = 0
+        self.stamp = datetime.fromtimestamp(0, UTC)
+
+    def __call__(self, now: float) -> datetime:
+        second = int(now)
+        if second != self.at:
+            self.stamp = datetime.fromtimestamp(second, UTC)
+            self.at = second
+        return self.stamp
+
+
+_second = _Second()
 
 
 def expires_header(

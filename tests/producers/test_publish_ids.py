@@ -41,3 +41,18 @@ async def test_the_unroutable_one_of_two_same_id_publishes_is_the_one_that_fails
     assert isinstance(unroutable, UnroutableError), unroutable
     assert routed == "shared"
     assert await broker.depth(queue) == 1
+
+
+def test_new_job_ids_are_uuid4_text() -> None:
+    """``new_job_id`` (made without a ``UUID`` object) is what ``str(uuid.uuid4())`` gives:
+    version 4, the RFC 4122 variant, canonical text; and no two alike."""
+    import uuid
+
+    from leveret.producers.wire.message import new_job_id
+
+    ids = [new_job_id() for _ in range(5_000)]
+    assert len(set(ids)) == len(ids)
+    for job_id in ids:
+        parsed = uuid.UUID(job_id)
+        assert str(parsed) == job_id
+        assert parsed.version == 4 and parsed.variant == uuid.RFC_4122
