@@ -9,13 +9,15 @@ creates a confirmation future and a queue entry for the writer. For a batch that
 publisher's CPU. Here, per batch:
 
 * Frames are marshalled from templates. ``basic.publish`` is marshalled once per route. The
-  content header is marshalled once per set of properties *other than* ``message_id`` (and
-  per id length), with a placeholder id and ``body_size`` 0; each job then splices its id and
-  size into the template bytes. The first job of each template is checked byte for byte against
-  pamqp's own marshalling, and a template that does not match is never used (pamqp marshals that
-  group per job): a template can only ever be a cheaper way to the same bytes. Templates are
-  kept per channel across batches (a worker settling a few jobs per loop turn sends many small
-  batches, and building a template costs three pamqp marshals), a bounded number of them.
+  content header is marshalled once per set of properties *other than* what varies per job
+  (``message_id``, the body size, a ``datetime`` ``timestamp`` and every 64-bit integer header
+  value, such as ``x-published-at``; and per id length), with a placeholder in each of those
+  holes; each job then splices its own values into the template's bytes. The first job of each
+  template is checked byte for byte against pamqp's own marshalling, and a template that does
+  not match is never used (pamqp marshals that group per job): a template can only ever be a
+  cheaper way to the same bytes. Templates are kept per channel across batches (a worker
+  settling a few jobs per loop turn sends many small batches, and building a template costs
+  three pamqp marshals), a bounded number of them.
 * The whole batch goes to aiormq's writer as one write, its delivery tags taken as aiormq takes
   them, and one future per *batch* wakes the caller instead of one per job. How that is done
   with aiormq's channel (its internals) is ``producers.amqp``'s business and no one else's; when
@@ -33,7 +35,8 @@ from __future__ import annotations
 import asyncio
 import struct
 import weakref
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import aiormq
@@ -114,8 +117,8 @@ class _Marshaller:
         self.channel_number = channel_number
         self.max_content_size = max_content_size
         self.publish_frames: dict[tuple[str, str, bool], bytes] = {}
-        # (properties without message_id, id length) -> (head, middle, tail), or None: no template
-        self.templates: dict[Hashable, tuple[bytes, bytes, bytes] | None] = {}
+        # (properties but the spliced fields, id length) -> template, or None: no template
+        self.templates: dict[Hashable, _Template | None] = {}
 
     @classmethod
     def of(cls, channel: aiormq.abc.AbstractChannel) -> _Marshaller:
@@ -142,56 +145,50 @@ class _Marshaller:
                 self.channel_number,
             )
         parts.append(publish)
-        parts.append(self.header(item.properties, len(item.body)))
         body = item.body
+        self.header_into(parts, item.properties, len(body))
         if not body:
             return
         step = self.max_content_size
-        for start in range(0, len(body), step) if len(body) > step else (0,):
-            chunk = body[start : start + step] if len(body) > step else body
-            parts.append(_BODY_FRAME.pack(3, self.channel_number, len(chunk)))
-            parts.append(chunk)
-            parts.append(_FRAME_END)
+        if len(body) <= step:
+            parts += (_BODY_FRAME.pack(3, self.channel_number, len(body)), body, _FRAME_END)
+            return
+        for start in range(0, len(body), step):
+            chunk = body[start : start + step]
+            parts += (_BODY_FRAME.pack(3, self.channel_number, len(chunk)), chunk, _FRAME_END)
 
     def header(self, props: Basic.Properties, body_size: int) -> bytes:
+        """The content header frame's bytes (what ``frames`` writes)."""
+        parts: list[bytes] = []
+        self.header_into(parts, props, body_size)
+        return b"".join(parts)
+
+    def header_into(self, parts: list[bytes], props: Basic.Properties, body_size: int) -> None:
         message_id = props.message_id
         assert message_id is not None  # checked by publish_batch
         id_bytes = message_id.encode()
         key = _template_key(props, len(id_bytes))
         if key is None:
-            return self._marshal(props, body_size)
-        if key in self.templates:
-            template = self.templates[key]
-        else:
+            parts.append(self._marshal(props, body_size))
+            return
+        template = self.templates.get(key, _UNKNOWN)
+        if template is _UNKNOWN:
             if len(self.templates) >= _KEPT:
                 self.templates.clear()
-            template = self._template(props, len(id_bytes))
+            template = _Template.build(self._marshal, props, len(id_bytes))
             if template is not None:
-                made = _fill(template, body_size, id_bytes)
-                if made != self._marshal(props, body_size):
+                made: list[bytes] = []
+                template.fill(made, props, body_size, id_bytes)
+                if b"".join(made) != self._marshal(props, body_size):
                     template = None  # never trusted unless it gives pamqp's bytes exactly
             self.templates[key] = template
         if template is None:
-            return self._marshal(props, body_size)
-        return _fill(template, body_size, id_bytes)
+            parts.append(self._marshal(props, body_size))
+            return
+        template.fill(parts, props, body_size, id_bytes)
 
     def _marshal(self, props: Basic.Properties, body_size: int) -> bytes:
         return pamqp_frame.marshal(ContentHeader(0, body_size, props), self.channel_number)
-
-    def _template(self, props: Basic.Properties, id_len: int) -> tuple[bytes, bytes, bytes] | None:
-        placeholder = "\x7f" * id_len
-        copy = Basic.Properties(**{**_props_dict(props), "message_id": placeholder})
-        raw = self._marshal(copy, 0)
-        needle = bytes([id_len]) + placeholder.encode()
-        at = raw.find(needle)
-        if at < 0 or raw.find(needle, at + 1) >= 0:
-            return None
-        at += 1
-        return (
-            raw[:_HEADER_SIZE_AT],
-            raw[_HEADER_SIZE_AT + _BODY_SIZE.size : at],
-            raw[at + id_len :],
-        )
 
 
 _MARSHALLERS: weakref.WeakKeyDictionary[aiormq.abc.AbstractChannel, _Marshaller] = (
@@ -199,9 +196,111 @@ _MARSHALLERS: weakref.WeakKeyDictionary[aiormq.abc.AbstractChannel, _Marshaller]
 )
 
 
-def _fill(template: tuple[bytes, bytes, bytes], body_size: int, id_bytes: bytes) -> bytes:
-    head, middle, tail = template
-    return b"".join((head, _BODY_SIZE.pack(body_size), middle, id_bytes, tail))
+# The holes of a template besides the header values (those are named by their header key).
+_SIZE_HOLE = 0
+_ID_HOLE = 1
+_STAMP_HOLE = 2
+# Placeholders a template is marshalled with, to find where each value goes (each must occur
+# once in the marshalled bytes; the first job's bytes are then compared with pamqp's anyway).
+_STAMP_MARK = 0x7E5A3C1D
+_LONG_MARK = 0x7E5A3C1D2B190000
+_LONG = struct.Struct(">q")
+_STAMP = struct.Struct(">Q")
+# The integers pamqp marshals as a 64-bit table value ('l'): outside both 32-bit ranges.
+_INT32_MIN, _UINT32_MAX = -(2**31), 2**32 - 1
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+_UNKNOWN: Any = object()
+
+
+def _is_long(value: object) -> bool:
+    """Whether pamqp marshals this header value as a 64-bit integer (then its bytes are
+    spliced: a per-job timestamp such as ``x-published-at`` does not make a template each)."""
+    return (
+        value.__class__ is int
+        and (value > _UINT32_MAX or value < _INT32_MIN)
+        and _INT64_MIN <= value <= _INT64_MAX
+    )
+
+
+def _stamp(value: datetime) -> int:
+    """The ``timestamp`` property's seconds, as pamqp computes them (a naive time is UTC)."""
+    if value.tzinfo is None or value.tzinfo.utcoffset(value) is None:
+        value = value.replace(tzinfo=UTC)
+    return int(value.timestamp())
+
+
+class _Template:
+    """A content header's bytes with holes: ``pieces[0]``, then each hole's bytes followed by
+    the next piece. The holes: the body size, the message id, the ``timestamp`` (a datetime)
+    and every 64-bit integer header value; everything else is in the template's key."""
+
+    __slots__ = ("holes", "pieces")
+
+    def __init__(self, pieces: list[bytes], holes: list[int | str]) -> None:
+        self.pieces = pieces
+        self.holes = holes
+
+    @classmethod
+    def build(
+        cls, marshal: Callable[[Basic.Properties, int], bytes], props: Basic.Properties, id_len: int
+    ) -> _Template | None:
+        """From the properties marshalled with a placeholder in each hole; ``None`` when a
+        placeholder cannot be found exactly once."""
+        fields = _props_dict(props)
+        fields["message_id"] = "\x7f" * id_len
+        needles: list[tuple[bytes, int | str]] = [
+            (bytes([id_len]) + fields["message_id"].encode(), _ID_HOLE)
+        ]
+        if isinstance(props.timestamp, datetime):
+            fields["timestamp"] = datetime.fromtimestamp(_STAMP_MARK, UTC)
+            needles.append((_STAMP.pack(_STAMP_MARK), _STAMP_HOLE))
+        if props.headers:
+            headers = dict(props.headers)
+            for n, (name, value) in enumerate(props.headers.items()):
+                if _is_long(value):
+                    headers[name] = _LONG_MARK + n
+                    needles.append((b"l" + _LONG.pack(_LONG_MARK + n), name))
+            fields["headers"] = headers
+        raw = marshal(Basic.Properties(**fields), 0)
+        cuts: list[tuple[int, int, int | str]] = [
+            (_HEADER_SIZE_AT, _HEADER_SIZE_AT + _BODY_SIZE.size, _SIZE_HOLE)
+        ]
+        for needle, hole in needles:
+            at = raw.find(needle)
+            if at < 0 or raw.find(needle, at + 1) >= 0:
+                return None
+            skip = 0 if hole == _STAMP_HOLE else 1  # the id's length, a value's type
+            cuts.append((at + skip, at + len(needle), hole))
+        cuts.sort()
+        pieces: list[bytes] = []
+        holes: list[int | str] = []
+        last = 0
+        for begin, end, hole in cuts:
+            if begin < last:
+                return None
+            pieces.append(raw[last:begin])
+            holes.append(hole)
+            last = end
+        pieces.append(raw[last:])
+        return cls(pieces, holes)
+
+    def fill(
+        self, parts: list[bytes], props: Basic.Properties, body_size: int, id_bytes: bytes
+    ) -> None:
+        """Append the header's bytes for these properties (of this template's key) to
+        ``parts``, piece by piece."""
+        pieces = self.pieces
+        parts.append(pieces[0])
+        for n, hole in enumerate(self.holes, 1):
+            if hole == _SIZE_HOLE:
+                parts.append(_BODY_SIZE.pack(body_size))
+            elif hole == _ID_HOLE:
+                parts.append(id_bytes)
+            elif hole == _STAMP_HOLE:
+                parts.append(_STAMP.pack(_stamp(props.timestamp)))  # type: ignore[arg-type]
+            else:
+                parts.append(_LONG.pack(props.headers[hole]))  # type: ignore[index]
+            parts.append(pieces[n])
 
 
 _FIELDS = (
@@ -227,24 +326,32 @@ def _props_dict(props: Basic.Properties) -> dict[str, Any]:
 
 
 def _template_key(props: Basic.Properties, id_len: int) -> Hashable | None:
-    """Everything but ``message_id`` that decides the header's bytes; ``None``: no template.
+    """Everything but the holes (``_Template``) that decides the header's bytes; ``None``: no
+    template.
 
     Header values carry their type (``True`` and ``1`` are equal but marshal differently);
-    a header holding a nested table or array is not hashable and gets no template.
+    a 64-bit integer value is a hole, so only its name and type are in the key; a header
+    holding a nested table or array is not hashable and gets no template.
     """
     headers = props.headers
+    timestamp = props.timestamp
     try:
         key = (
             id_len,
             props.content_type,
             props.content_encoding,
-            tuple((k, v.__class__, v) for k, v in headers.items()) if headers else None,
+            tuple(
+                (k, int, None) if _is_long(v) else (k, v.__class__, v) for k, v in headers.items()
+            )
+            if headers
+            else None,
             props.delivery_mode,
             props.priority,
             props.correlation_id,
             props.reply_to,
             props.expiration,
-            props.timestamp,
+            # A datetime is a hole; whether it is naive changes nothing (pamqp takes it as UTC).
+            datetime if isinstance(timestamp, datetime) else timestamp,
             props.message_type,
             props.user_id,
             props.app_id,

@@ -11,6 +11,7 @@ import json
 
 import aio_pika
 import pytest
+from pamqp.commands import Basic
 from yarl import URL
 
 from leveret.producers import ConnectionLost, Publisher, RefusedError, UnroutableError
@@ -56,6 +57,34 @@ def test_templated_headers_are_pamqp_bytes() -> None:
         want = frame.marshal(ContentHeader(0, 100 + i, props), 3)
         assert m.header(props, 100 + i) == want
     assert None in m.templates.values() or len(m.templates) >= 3
+
+
+def test_per_job_stamps_are_spliced_into_one_template() -> None:
+    """What varies per job besides its id and size (the ``timestamp`` and 64-bit integer headers
+    such as ``x-published-at`` or ``x-expires-at``) is spliced: one template serves jobs
+    published in different seconds, and every header is pamqp's bytes. Smaller integers, a
+    ``True`` and a naive or other-zone time are each byte-exact too."""
+    from datetime import UTC, datetime, timedelta, timezone
+
+    from pamqp import frame
+    from pamqp.header import ContentHeader
+
+    m = _Marshaller(3, 131_064)
+    start = datetime(2026, 12, 7, 12, tzinfo=UTC)
+    for i in range(40):
+        props = job_properties("j", f"{i:036d}", None, {"x-expires-at": 2**41 + i, "n": -(2**40)})
+        props.timestamp = start + timedelta(seconds=i)
+        props.headers = {**props.headers, "x-published-at": 1_796_000_000_000 + 997 * i}
+        assert m.header(props, 100 + i) == frame.marshal(ContentHeader(0, 100 + i, props), 3)
+    assert len(m.templates) == 1 and None not in m.templates.values()
+    others = [
+        (datetime(2026, 1, 1), {"small": 7, "flag": True}),  # naive: pamqp takes it as UTC
+        (datetime(2026, 1, 1, tzinfo=timezone(timedelta(hours=-5))), {"u32": 2**32 - 1}),
+        (None, {"i64": -(2**63), "top": 2**63 - 1}),
+    ]
+    for n, (stamp, headers) in enumerate(others):
+        props = Basic.Properties(message_id=f"o-{n}", timestamp=stamp, headers=headers)
+        assert m.header(props, 5) == frame.marshal(ContentHeader(0, 5, props), 3)
 
 
 async def test_ten_thousand_jobs_all_confirmed_and_consumed_once(broker: Broker) -> None:
