@@ -2,15 +2,16 @@
 
 Two things need more than those libraries offer:
 
-* **Writing a confirmed batch as bytes** (``producers.batch`` says why it pays). aiormq has no
-  public call for "these frames, these delivery tags": its ``basic_publish`` marshals three
-  frames, takes the channel lock and makes a future per message. So a batch uses five of an
-  ``aiormq.Channel``'s internals, all here: ``delivery_tag`` (the last tag taken; the broker
-  numbers publishes in the order their frames arrive), ``confirmations`` (tag → what the reader
-  settles on an ack, nack or return), ``message_id_delivery_tag`` (how the reader finds the tag
-  of a returned message), ``write_queue`` (the connection's writer) and the lock behind
-  ``channel.lock`` (``_Channel__lock``, name-mangled). Tags are taken exactly as aiormq's own
-  publish takes them, so a ``basic_publish`` on the same channel gets the next ones.
+* **Writing confirmed batches as bytes** (``producers.broker.batch`` says why it pays). aiormq
+  has no public call for "these frames, these delivery tags": its ``basic_publish`` marshals
+  three frames, takes the channel lock and makes a future per message. So the ``Outbox`` (the
+  batches of one loop turn in one write) uses five of an ``aiormq.Channel``'s internals, all
+  here: ``delivery_tag`` (the last tag taken; the broker numbers publishes in the order their
+  frames arrive), ``confirmations`` (tag → what the reader settles on an ack, nack or return),
+  ``message_id_delivery_tag`` (how the reader finds the tag of a returned message),
+  ``write_queue`` (the connection's writer) and the lock behind ``channel.lock``
+  (``_Channel__lock``, name-mangled). Tags are taken exactly as aiormq's own publish takes them,
+  so a ``basic_publish`` on the same channel gets the next ones.
 * **Failing over to the next node on every reconnect attempt**: aio-pika's ``RobustConnection``
   has no hook for it; its private ``__connect_transport`` (``_RobustConnection__connect_transport``)
   is the one place every attempt passes through.
@@ -73,20 +74,26 @@ def _version(distribution: str) -> str:
 
 
 class Confirms:
-    """The outcome of each message of one write, and the one future its caller waits on.
+    """The outcome of each message of one ``publish_batch`` call, and the one future its caller
+    waits on.
 
     ``outcome[i]`` is ``None`` until message ``i`` is settled, then ``ACK``, the aiormq error
     (``DeliveryError``: nacked; ``PublishError``: returned) or the returned message. The future
-    is the channel's, so a closing channel rejects it.
+    is a plain one of the loop: what a closing channel does to it is the ``Outbox``'s business
+    (one channel future per channel instead of one per call), and ``expire`` is the caller's
+    timer. ``first_tag`` is the delivery tag of message 0 once the messages were handed to the
+    writer (0 until then); ``sent`` says whether they may have been (``False``: none was).
     """
 
-    __slots__ = ("abandoned", "future", "outcome", "pending")
+    __slots__ = ("abandoned", "first_tag", "future", "outcome", "pending", "sent")
 
-    def __init__(self, channel: aiormq.abc.AbstractChannel, size: int) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, size: int) -> None:
         self.outcome: list[Any] = [None] * size
         self.pending = size
-        self.future: asyncio.Future[None] = channel.create_future()
+        self.future: asyncio.Future[None] = loop.create_future()
         self.abandoned = False
+        self.first_tag = 0
+        self.sent = False
 
     def settle(self, index: int, result: Any) -> None:
         if self.outcome[index] is not None:
@@ -95,6 +102,15 @@ class Confirms:
         self.pending -= 1
         if not self.pending and not self.future.done():
             self.future.set_result(None)
+
+    def fail(self, exc: BaseException) -> None:
+        """Stop the wait with ``exc`` (the channel closed, or the time ran out)."""
+        if not self.future.done() and not self.abandoned:
+            self.future.set_exception(exc)
+
+    def expire(self) -> None:
+        """The caller's deadline passed (``loop.call_at``): its wait ends with a TimeoutError."""
+        self.fail(TimeoutError())
 
     def all_acked(self) -> bool:
         return self.pending == 0 and all(o is ACK for o in self.outcome)
@@ -147,8 +163,8 @@ def content_size(channel: aiormq.abc.AbstractChannel) -> int:
 
 
 def frames_supported(channel: aiormq.abc.AbstractChannel) -> TypeGuard[aiormq.Channel]:
-    """Whether ``channel`` has the aiormq internals ``send_now``/``send`` rely on; if not,
-    publish through ``publish_each`` (warned once per process)."""
+    """Whether ``channel`` has the aiormq internals the ``Outbox`` relies on; if not, publish
+    through ``publish_each`` (warned once per process)."""
     if isinstance(channel, aiormq.Channel) and all(
         isinstance(getattr(channel, name, None), kind) for name, kind in _INTERNALS
     ):
@@ -165,73 +181,149 @@ def frames_supported(channel: aiormq.abc.AbstractChannel) -> TypeGuard[aiormq.Ch
     return False
 
 
-def send_now(
-    channel: aiormq.Channel, payload: bytes, ids: Sequence[str], confirms: Confirms
-) -> int:
-    """Take the batch's delivery tags and hand ``payload`` to the writer without the channel
-    lock when that is safe: the first tag, or 0 if it is not (then ``await send``).
+# One batch handed to the outbox: its frames, its messages' ids, its confirms.
+_Entry = tuple[list[bytes], Sequence[str], Confirms]
 
-    Safe when nobody holds the lock and the writer's queue has room: tags taken and frames
-    queued with no await between them is all the lock guarantees (no other publish's tags or
-    frames between ours). The common case; the lock costs a coroutine a batch.
+
+class Outbox:
+    """A channel's batches handed over during one loop turn, written to the socket as one.
+
+    ``add`` only queues a batch's frames; a callback at the end of the loop turn (``call_soon``)
+    takes the delivery tags of every batch still wanted, in order, and hands all their frames to
+    aiormq's writer as one ``ChannelFrame``, with no await in between, so no other publish's tags
+    or frames come between (what aiormq's channel lock guarantees, and all it guarantees). When
+    somebody holds that lock or the writer's queue is full, the same is done under the lock by a
+    task. A thousand concurrent ``publish`` calls thus cost one socket write per loop turn
+    instead of one each, and no lock round trip each.
+
+    One channel future (``watch``) per channel stands for all the waits: when the channel closes
+    aiormq rejects it, and every batch still waiting fails with that error. A batch its caller
+    gave up on before the write (``abandoned``: timed out, cancelled) is never sent.
+
+    Holds no reference to its channel (it is the value of a weak mapping keyed by the channel).
     """
-    queue: asyncio.Queue[Any] = channel.write_queue
-    bare_lock: asyncio.Lock = getattr(channel, _LOCK)
-    if bare_lock.locked() or queue.full():
-        return 0
-    if channel.is_closed:  # as `channel.lock` refuses a closed channel
-        raise aiormq.exceptions.ChannelInvalidStateError(f"{channel!r} closed")
-    first_tag = _reserve(channel, ids, confirms)
-    queue.put_nowait(aiormq.abc.ChannelFrame(payload=payload, should_close=False))
-    return first_tag
 
+    __slots__ = ("_entries", "_loop", "_scheduled", "_tasks", "_waiting", "_watch")
 
-async def send(
-    channel: aiormq.Channel, payload: bytes, ids: Sequence[str], confirms: Confirms
-) -> int:
-    """``send_now`` under the channel lock, as aiormq's publish does: the first tag."""
-    async with channel.lock:
-        first_tag = _reserve(channel, ids, confirms)
+    def __init__(self, channel: aiormq.Channel) -> None:
+        self._loop = channel.loop
+        self._entries: list[_Entry] = []
+        self._scheduled = False
+        self._waiting: dict[Confirms, None] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._watch: asyncio.Future[None] = channel.create_future()
+        self._watch.add_done_callback(self._closed)
+
+    def add(
+        self, channel: aiormq.Channel, parts: list[bytes], ids: Sequence[str], confirms: Confirms
+    ) -> None:
+        """Queue a batch's frames for this loop turn's write; ``confirms`` settles as its
+        messages are confirmed, or fails (the channel closed: with that error)."""
+        self._waiting[confirms] = None
+        if self._watch.done():
+            confirms.fail(_closed_error(self._watch))
+            return
+        self._entries.append((parts, ids, confirms))
+        if not self._scheduled:
+            self._scheduled = True
+            self._loop.call_soon(self._flush, channel)
+
+    def release(self, channel: aiormq.Channel, ids: Sequence[str], confirms: Confirms) -> None:
+        """The caller stopped waiting (settled, failed or gave up): forget its batch.
+
+        ``message_id_delivery_tag`` entries still pointing at its tags are dropped; its
+        ``confirmations`` stay (a late ack pops its own entry, and aiormq logs an error for an
+        ack of a tag it does not know)."""
+        del self._waiting[confirms]
+        first_tag = confirms.first_tag
+        if first_tag:
+            by_id = channel.message_id_delivery_tag
+            for index, message_id in enumerate(ids):
+                if by_id.get(message_id) == first_tag + index:
+                    del by_id[message_id]
+
+    def _flush(self, channel: aiormq.Channel) -> None:
+        self._scheduled = False
+        entries = [entry for entry in self._entries if not entry[2].abandoned]
+        self._entries = []
+        if not entries:
+            return
+        if channel.is_closed:  # as `channel.lock` refuses a closed channel
+            error = aiormq.exceptions.ChannelInvalidStateError(f"{channel!r} closed")
+            for _, _, confirms in entries:
+                confirms.fail(error)
+            return
+        queue: asyncio.Queue[Any] = channel.write_queue
+        if getattr(channel, _LOCK).locked() or queue.full():
+            task = self._loop.create_task(self._write_locked(channel, entries))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            return
+        queue.put_nowait(_frame(channel, entries))
+
+    async def _write_locked(self, channel: aiormq.Channel, entries: list[_Entry]) -> None:
+        """``_flush`` under the channel lock, as aiormq's publish does."""
         try:
-            await channel.write_queue.put(
-                aiormq.abc.ChannelFrame(payload=payload, should_close=False)
-            )
+            async with channel.lock:
+                entries = [entry for entry in entries if not entry[2].abandoned]
+                if not entries:
+                    return
+                before = channel.delivery_tag
+                frame = _frame(channel, entries)
+                try:
+                    await channel.write_queue.put(frame)
+                except BaseException:
+                    # Not handed to the writer: the broker never saw these tags; give them back
+                    # while still holding the lock, as aiormq does for its publishes.
+                    by_id = channel.message_id_delivery_tag
+                    for _, ids, confirms in entries:
+                        for index, message_id in enumerate(ids):
+                            tag = confirms.first_tag + index
+                            channel.confirmations.pop(tag, None)
+                            if by_id.get(message_id) == tag:
+                                del by_id[message_id]
+                        confirms.first_tag = 0
+                        confirms.sent = False
+                    channel.delivery_tag = before
+                    raise
+        except Exception as exc:  # the channel closed while we waited for its lock
+            for _, _, confirms in entries:
+                confirms.fail(exc)
         except BaseException:
-            # Not handed to the writer: the broker never saw these tags; give them back while
-            # still holding the lock, as aiormq does for its publishes.
-            channel.delivery_tag -= len(ids)
-            release(channel, ids, first_tag, confirmations_too=True)
+            error = ConnectionResetError("the channel closed")
+            for _, _, confirms in entries:
+                confirms.fail(error)
             raise
-    return first_tag
+
+    def _closed(self, watch: asyncio.Future[None]) -> None:
+        error = _closed_error(watch)
+        for confirms in list(self._waiting):
+            confirms.fail(error)
 
 
-def _reserve(channel: aiormq.Channel, ids: Sequence[str], confirms: Confirms) -> int:
-    """Take ``len(ids)`` tags as aiormq would and register a slot per tag; the first tag."""
-    first_tag: int = channel.delivery_tag + 1
+def _closed_error(watch: asyncio.Future[None]) -> BaseException:
+    """What a closed channel's waits fail with: the error aiormq rejected its futures with."""
+    exc = None if watch.cancelled() else watch.exception()
+    return exc if isinstance(exc, Exception) else ConnectionResetError("the channel closed")
+
+
+def _frame(channel: aiormq.Channel, entries: list[_Entry]) -> aiormq.abc.ChannelFrame:
+    """Take the entries' delivery tags as aiormq would (a slot per tag) and make their frames
+    one ``ChannelFrame``; the caller hands it to the writer with no await in between."""
     confirmations = channel.confirmations
     by_id = channel.message_id_delivery_tag
-    for index, message_id in enumerate(ids):
-        confirmations[first_tag + index] = _Slot(confirms, index)  # type: ignore[assignment]
-        by_id[message_id] = first_tag + index
-    channel.delivery_tag += len(ids)
-    return first_tag
-
-
-def release(
-    channel: aiormq.Channel, ids: Sequence[str], first_tag: int, *, confirmations_too: bool = False
-) -> None:
-    """Drop the batch's entries from aiormq's maps (those still pointing at our tags).
-
-    Confirmations stay once the batch was sent: a late ack pops its own entry, and an entry must
-    be there for aiormq to accept an ack (it logs an error for an unknown tag).
-    """
-    by_id = channel.message_id_delivery_tag
-    for index, message_id in enumerate(ids):
-        tag = first_tag + index
-        if by_id.get(message_id) == tag:
-            del by_id[message_id]
-        if confirmations_too:
-            channel.confirmations.pop(tag, None)
+    tag = channel.delivery_tag
+    payload: list[bytes] = []
+    for parts, ids, confirms in entries:
+        confirms.first_tag = tag + 1
+        confirms.sent = True
+        for index, message_id in enumerate(ids):
+            tag += 1
+            confirmations[tag] = _Slot(confirms, index)  # type: ignore[assignment]
+            by_id[message_id] = tag
+        payload += parts
+    channel.delivery_tag = tag
+    return aiormq.abc.ChannelFrame(payload=b"".join(payload), should_close=False)
 
 
 # -- the public-API path -------------------------------------------------------------------------
@@ -269,6 +361,7 @@ def publish_each(
             return
         confirms.settle(index, ACK if isinstance(result, Basic.Ack) else result)
 
+    confirms.sent = True  # as good as: the tasks start at once
     loop = asyncio.get_running_loop()
     # Tasks start in creation order, so the publishes take aiormq's lock (and tags) in order.
     return [loop.create_task(one(i, m)) for i, m in enumerate(messages)]

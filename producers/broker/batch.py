@@ -1,12 +1,12 @@
-"""``publish_batch``: the one confirmed publish. A batch goes out in one socket write, its
-confirms tracked by delivery tag; a single publish (``confirm.publish_confirmed``) is a batch of
-one, with the same error mapping.
+"""``publish_batch``: the one confirmed publish. A batch's confirms are tracked by delivery tag;
+a single publish (``confirm.publish_confirmed``, ``Publisher.publish``) is a batch of one, with
+the same error mapping, and the batches handed over in one loop turn share one socket write.
 
 Why this goes below aiormq's ``basic_publish``: per message, that call validates and marshals
 three frames through pamqp (the content header alone ~25 µs: every property is checked and
 encoded again, though a batch's jobs differ only in ``message_id``), takes the channel lock,
-creates a confirmation future and a queue entry for the writer. For a batch that is ~2/3 of the
-publisher's CPU. Here, per batch:
+creates a confirmation future and a queue entry for the writer, and the writer makes one socket
+write of it. For pipelined publishes that is most of the publisher's CPU. Here:
 
 * Frames are marshalled from templates. ``basic.publish`` is marshalled once per route. The
   content header is marshalled once per set of properties *other than* what varies per job
@@ -18,11 +18,15 @@ publisher's CPU. Here, per batch:
   cheaper way to the same bytes. Templates are kept per channel across batches (a worker
   settling a few jobs per loop turn sends many small batches, and building a template costs
   three pamqp marshals), a bounded number of them.
-* The whole batch goes to aiormq's writer as one write, its delivery tags taken as aiormq takes
-  them, and one future per *batch* wakes the caller instead of one per job. How that is done
-  with aiormq's channel (its internals) is ``producers.amqp``'s business and no one else's; when
-  the installed aiormq lacks what it relies on, each job goes through the public
+* A batch's frames go to the channel's outbox (``adapter.Outbox``): at the end of the loop
+  turn, every batch handed over in it takes its delivery tags, in order, and all their frames
+  go to aiormq's writer as one write. One future per *call* wakes its caller instead of one per
+  job, and a closing channel fails them all through one channel future. How that is done with
+  aiormq's channel (its internals) is ``producers.broker.adapter``'s business and no one
+  else's; when the installed aiormq lacks what it relies on, each job goes through the public
   ``basic_publish`` instead, slower, with the same outcomes.
+* Timeouts are kept per channel on a 10 ms grid (``_Deadlines``): one loop timer per 10 ms of
+  deadlines instead of one per call; a wait ends at most 10 ms after its deadline.
 
 The guarantee, per job: every job is confirmed, or ``BatchPublishError`` names it, with the typed
 error of each job that was not confirmed (``UnroutableError``, ``RefusedError``,
@@ -33,6 +37,7 @@ carry, which fails only itself) and the ids that did land.
 from __future__ import annotations
 
 import asyncio
+import math
 import struct
 import weakref
 from collections.abc import Callable, Hashable, Sequence
@@ -111,22 +116,33 @@ class BatchPublishError(PublishError):
 
 
 class _Marshaller:
-    """The batch's frames as bytes, from per-batch templates (see the module docstring)."""
+    """The batch's frames as bytes, from templates kept per channel (see the module docstring);
+    also what the batch needs to know of its channel, found once per channel."""
 
-    def __init__(self, channel_number: int, max_content_size: int) -> None:
+    def __init__(
+        self,
+        channel_number: int,
+        max_content_size: int,
+        channel: aiormq.abc.AbstractChannel | None = None,
+    ) -> None:
         self.channel_number = channel_number
         self.max_content_size = max_content_size
         self.publish_frames: dict[tuple[str, str, bool], bytes] = {}
         # (properties but the spliced fields, id length) -> template, or None: no template
         self.templates: dict[Hashable, _Template | None] = {}
+        self.confirming = channel is not None and amqp.confirming(channel)
+        self.deadlines = _Deadlines()
+        # The channel's outbox when it has what the frames path needs, else None (publish_each).
+        self.outbox: amqp.Outbox | None = None
+        if channel is not None and self.confirming and amqp.frames_supported(channel):
+            self.outbox = amqp.Outbox(channel)
 
     @classmethod
     def of(cls, channel: aiormq.abc.AbstractChannel) -> _Marshaller:
         """The channel's marshaller, kept across batches (its templates are the point)."""
         found = _MARSHALLERS.get(channel)
-        number, size = channel.number, amqp.content_size(channel)
-        if found is None or found.channel_number != number or found.max_content_size != size:
-            found = _MARSHALLERS[channel] = cls(number, size)
+        if found is None or found.channel_number != channel.number:
+            found = _MARSHALLERS[channel] = cls(channel.number, amqp.content_size(channel), channel)
         return found
 
     def frames(self, item: Outgoing, parts: list[bytes]) -> None:
@@ -194,7 +210,6 @@ class _Marshaller:
 _MARSHALLERS: weakref.WeakKeyDictionary[aiormq.abc.AbstractChannel, _Marshaller] = (
     weakref.WeakKeyDictionary()
 )
-
 
 # The holes of a template besides the header values (those are named by their header key).
 _SIZE_HOLE = 0
@@ -366,7 +381,7 @@ def _template_key(props: Basic.Properties, id_len: int) -> Hashable | None:
 async def publish_batch(
     channel: aiormq.abc.AbstractChannel, items: Sequence[Outgoing], *, timeout: float | None
 ) -> None:
-    """Send ``items`` in one write on ``channel`` and return once every one is confirmed.
+    """Send ``items`` on ``channel`` and return once every one is confirmed.
 
     ``channel`` is an aiormq channel with publisher confirms on (``on_return_raises`` too, or a
     returned job is still reported, as unroutable). Every item needs a ``message_id`` unique
@@ -377,20 +392,23 @@ async def publish_batch(
     with no AMQP type) is not sent and is named with an ``InvalidMessageError``; the rest of
     the batch goes out as usual. On a channel without confirms nothing is sent: each job is a
     ``RefusedError`` (success could only be guessed).
+
+    The frames of every batch handed over in one loop turn on one channel go out in one socket
+    write (``adapter.Outbox``): concurrent single publishes are pipelined at the cost of one.
     """
     if not items:
         return
-    if not amqp.confirming(channel):
+    marshaller = _Marshaller.of(channel)
+    if not marshaller.confirming:
         raise BatchPublishError([], {item.job_id: _no_confirms(item) for item in items})
     # Each item is marshalled on its own: one AMQP cannot carry (an id over 255 bytes, a
     # header value with no AMQP type) fails only itself, and the others still go out. The
     # public path marshals again (its own way): the check is the same either way.
-    fast = channel if amqp.frames_supported(channel) else None  # else the public path
-    marshaller = _Marshaller.of(channel)
+    outbox = marshaller.outbox  # None: the public path
     parts: list[bytes] = []
     sent: list[Outgoing] = []
     ids: list[str] = []
-    refused: dict[int, PublishError] = {}
+    refused: dict[int, PublishError] | None = None
     for index, item in enumerate(items):
         mark = len(parts)
         try:
@@ -400,47 +418,84 @@ async def publish_batch(
             marshaller.frames(item, parts)
         except Exception as exc:
             del parts[mark:]
+            if refused is None:
+                refused = {}
             refused[index] = _unencodable(item, exc)
             continue
         sent.append(item)
         ids.append(message_id)
     if not sent:
+        assert refused is not None
         raise BatchPublishError([], {items[i].job_id: e for i, e in refused.items()})
     loop = asyncio.get_running_loop()
-    deadline = None if timeout is None else loop.time() + timeout
-    confirms = amqp.Confirms(channel, len(sent))
-    first_tag = 0
+    confirms = amqp.Confirms(loop, len(sent))
+    # The timeout bounds handing the batch to the writer and its confirms: it ends the wait
+    # with a TimeoutError (``_Deadlines``: one timer per 10 ms, not a timeout context each).
+    deadlines = marshaller.deadlines
+    tick = None if timeout is None else deadlines.add(loop, confirms, loop.time() + timeout)
     each: list[asyncio.Task[None]] = []
     failure: BaseException | None = None
     try:
-        # One timeout (one timer) over handing the batch to the writer and its confirms.
-        async with asyncio.timeout_at(deadline):
-            if fast is not None:
-                payload = b"".join(parts)
-                first_tag = amqp.send_now(fast, payload, ids, confirms)
-                if not first_tag:
-                    first_tag = await amqp.send(fast, payload, ids, confirms)
-            else:
-                each = amqp.publish_each(channel, [_message(i) for i in sent], confirms)
-            await confirms.future
-    except TimeoutError:
-        failure = TimeoutError()
+        if outbox is not None:
+            outbox.add(channel, parts, ids, confirms)  # type: ignore[arg-type]
+        else:
+            each = amqp.publish_each(channel, [_message(i) for i in sent], confirms)
+        await confirms.future
+    except TimeoutError as exc:
+        failure = exc
     except _FAILURES as exc:
         failure = exc
-    except asyncio.CancelledError:
-        task = asyncio.current_task()
-        if not confirms.future.cancelled() or (task is not None and task.cancelling()):
-            raise  # our caller is cancelled: not ours to turn into an error
-        failure = ConnectionResetError("the channel closed")  # it cancelled its futures
     finally:
+        if tick is not None:
+            deadlines.remove(confirms, tick)
         confirms.abandoned = confirms.pending > 0
-        if fast is not None and first_tag:
-            amqp.release(fast, ids, first_tag)
+        if outbox is not None:
+            outbox.release(channel, ids, confirms)  # type: ignore[arg-type]
         for task in each:
             task.cancel()
-    if not refused and confirms.all_acked():
+    if refused is None and confirms.all_acked():
         return
-    raise _unconfirmed(items, sent, refused, confirms, failure, timeout)
+    raise _unconfirmed(items, sent, refused or {}, confirms, failure, timeout)
+
+
+# The timeouts of a channel's waits end on a 10 ms grid (never before their deadline).
+_TICK_S = 0.01
+
+
+class _Deadlines:
+    """The timeouts of the waits on one channel, by the 10 ms tick they end on: one timer per
+    tick instead of one per call (a loop timer costs more than the rest of a publish's wait).
+    A wait ends at most ``_TICK_S`` after its deadline; one that ended is taken out at once."""
+
+    __slots__ = ("ticks",)
+
+    def __init__(self) -> None:
+        self.ticks: dict[int, dict[amqp.Confirms, None]] = {}
+
+    def add(
+        self, loop: asyncio.AbstractEventLoop, confirms: amqp.Confirms, deadline: float
+    ) -> int | None:
+        """Fail ``confirms`` with a TimeoutError once ``deadline`` passed; the tick to
+        ``remove`` it from (``None``: the deadline has passed, the wait ends at once)."""
+        if deadline <= loop.time():  # not even the confirm of a write handed over now is in time
+            loop.call_soon(confirms.expire)
+            return None
+        tick = math.ceil(deadline / _TICK_S)
+        waits = self.ticks.get(tick)
+        if waits is None:
+            waits = self.ticks[tick] = {}
+            loop.call_at(tick * _TICK_S, self._expire, tick)
+        waits[confirms] = None
+        return tick
+
+    def remove(self, confirms: amqp.Confirms, tick: int) -> None:
+        waits = self.ticks.get(tick)
+        if waits is not None:
+            waits.pop(confirms, None)
+
+    def _expire(self, tick: int) -> None:
+        for confirms in self.ticks.pop(tick, {}):
+            confirms.expire()
 
 
 def _message(item: Outgoing) -> tuple[bytes, str, str, Basic.Properties, bool]:
@@ -493,14 +548,20 @@ def _unconfirmed(
         if outcome is amqp.ACK:
             landed.append(item.job_id)
         else:
-            errors[item.job_id] = _job_error(item, outcome, failure, timeout)
+            errors[item.job_id] = _job_error(item, outcome, failure, timeout, sent=confirms.sent)
     return BatchPublishError(landed, errors)
 
 
 def _job_error(
-    item: Outgoing, outcome: Any, failure: BaseException | None, timeout: float | None
+    item: Outgoing,
+    outcome: Any,
+    failure: BaseException | None,
+    timeout: float | None,
+    *,
+    sent: bool = True,
 ) -> PublishError:
-    """One job's typed error: the one mapping, for a batch and a single publish alike."""
+    """One job's typed error: the one mapping, for a batch and a single publish alike.
+    ``sent=False``: its frames never reached the writer (a timeout then says it is not queued)."""
     if isinstance(outcome, aiormq.exceptions.PublishError) or (
         outcome is not None and not isinstance(outcome, BaseException)
     ):  # returned (an exception, or the message itself without on_return_raises)
@@ -517,5 +578,5 @@ def _job_error(
     if isinstance(cause, TimeoutError) and not isinstance(
         cause, aiormq.exceptions.AMQPConnectionError
     ):
-        return PublishTimeout(item.job, timeout if timeout is not None else 0.0)
+        return PublishTimeout(item.job, timeout if timeout is not None else 0.0, sent=sent)
     return ConnectionLost(item.job, type(cause).__name__ if cause is not None else "closed")

@@ -67,11 +67,10 @@ def public_path(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     monkeypatch.setattr(amqp, "_INTERNALS", (*amqp._INTERNALS, ("renamed_in_aiormq_9", dict)))
     monkeypatch.setattr(amqp, "_warned", set())
 
-    def refuse(*_: object) -> int:
+    def refuse(*_: object) -> None:
         raise AssertionError("the frames path ran though its internals are missing")
 
-    monkeypatch.setattr(amqp, "send_now", refuse)
-    monkeypatch.setattr(amqp, "send", refuse)
+    monkeypatch.setattr(amqp.Outbox, "add", refuse)
     published: list[str] = []
     real = aiormq.Channel.basic_publish
 
