@@ -1,13 +1,15 @@
 """``Publisher``: a submitted job is either confirmed in a queue, or the caller gets an error.
 
-Every publish goes through ``batch.publish_batch`` (a single ``publish`` is a batch of one, via
+Every publish goes through ``batch.publish_batch`` (a single ``publish`` is a batch of one, as in
 ``confirm.publish_confirmed``; confirms and ``mandatory``): a nack
 raises ``RefusedError``, a job no queue is bound for comes back from the broker and raises
 ``UnroutableError``, and no confirm within ``publish_timeout`` raises ``PublishTimeout``. An id is
 only ever returned for a job the broker confirmed.
 
 Concurrent ``publish`` calls share one channel and are pipelined: each waits only for its own
-confirm, so a thousand tasks publishing at once need one round trip, not a thousand.
+confirm, so a thousand tasks publishing at once need one round trip, not a thousand, and the
+publishes made in one loop turn go out in one socket write. Without a status store or a
+``dedup_key`` a publish pays for neither: no Redis call, no claim, no extra task.
 
 Ids are unique in flight. The AMQP client matches a ``basic.return`` to its publish by
 ``message_id`` (a return carries no delivery tag), so two publishes in flight with one id could
@@ -46,12 +48,12 @@ from typing import Any, NamedTuple, Self, overload
 
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
+from aiormq.abc import AbstractChannel as AbstractAiormqChannel
 from pamqp.commands import Basic
 from prometheus_client import CollectorRegistry, Counter
 from pydantic import BaseModel, JsonValue
 
 from leveret.producers.broker.batch import BatchPublishError, publish_batch
-from leveret.producers.broker.confirm import publish_confirmed
 from leveret.producers.broker.connection import connect, mask_url
 from leveret.producers.errors import DuplicateJobIdError, PublishError, PublishTimeout
 from leveret.producers.groups import (
@@ -168,6 +170,10 @@ class Job(BaseModel):
         super().__init__(job=job, payload={} if payload is None else payload, **options)
 
 
+# Job names ``check_name`` accepted already (a set lookup is cheaper than its pattern).
+_VALID_NAMES: set[str] = set()
+
+
 def prepare_job(
     exchange: str,
     job: str,
@@ -180,14 +186,18 @@ def prepare_job(
 ) -> _Prepared:
     """Validate one job and build its message: the one builder, shared by ``Publisher`` and a
     handler's ``ctx.enqueue`` (whose follow-ups the worker publishes with the job's outcome)."""
-    check_name("job", job)
+    if job not in _VALID_NAMES:
+        check_name("job", job)
+        if len(_VALID_NAMES) >= 1024:  # bounded: job names are few, unless built per call
+            _VALID_NAMES.clear()
+        _VALID_NAMES.add(job)
     body = encode_payload(payload)
     job_id = job_id if job_id is not None else new_job_id()
     properties = job_properties(
         job,
         job_id,
         check_priority(priority),
-        dict(headers) if headers else None,
+        headers,
         max_attempts=check_max_attempts(max_attempts),
     )
     exchange, routing_key = delayed_job_route(exchange, delay, job) if delay else (exchange, job)
@@ -227,8 +237,11 @@ class Publisher:
         self._published_children: dict[str, Counter] = {}
         self._connection: AbstractRobustConnection | None = None
         self._channel: AbstractChannel | None = None
-        # message_id -> settled when that publish's confirm (or failure) is in.
-        self._in_flight: dict[str, asyncio.Event] = {}
+        # The ids of the publishes in flight, each with the event a publish of the same id
+        # waits on (made by the first such publish: None until then).
+        self._in_flight: dict[str, asyncio.Event | None] = {}
+        # The open aiormq channel under ``_channel`` (None: ask the robust channel for it).
+        self._underlay: AbstractAiormqChannel | None = None
         self._status_store = status_store
         self._queues: Mapping[str, str] = queues or {}
         self._owns_store = False
@@ -262,7 +275,7 @@ class Publisher:
     async def close(self) -> None:
         if self._connection is not None:
             await self._connection.close()
-        self._connection = self._channel = None
+        self._connection = self._channel = self._underlay = None
         if self._status_store is not None and self._owns_store:
             with contextlib.suppress(Exception):
                 await self._status_store.close()
@@ -489,20 +502,20 @@ class Publisher:
             return [], None
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._timeout
-        try:
-            async with asyncio.timeout_at(deadline):
-                channel = await self._channel.get_underlay_channel()
-        except TimeoutError:
-            timed_out = BatchPublishError(
-                [], {p.job_id: PublishTimeout(p.job, self._timeout, sent=False) for p in batch}
-            )
-            return [timed_out.errors[p.job_id] for p in batch], timed_out
-        for p in batch:
-            while (earlier := self._in_flight.get(p.job_id)) is not None:
-                await earlier.wait()
-        settled = asyncio.Event()
-        for p in batch:
-            self._in_flight[p.job_id] = settled
+        channel = self._underlay
+        if channel is None or channel.is_closed:
+            try:
+                channel = await self._underlay_channel(batch[0].job, deadline)
+            except PublishTimeout:
+                timed_out = BatchPublishError(
+                    [], {p.job_id: PublishTimeout(p.job, self._timeout, sent=False) for p in batch}
+                )
+                return [timed_out.errors[p.job_id] for p in batch], timed_out
+        in_flight = self._in_flight
+        while (busy := next((p.job_id for p in batch if p.job_id in in_flight), None)) is not None:
+            await self._after(busy)
+        for p in batch:  # no await since the check: none of them is in flight
+            in_flight[p.job_id] = None
         error: BatchPublishError | None = None
         try:
             await publish_batch(channel, batch, timeout=max(deadline - loop.time(), 0.001))
@@ -510,9 +523,9 @@ class Publisher:
             error = exc
         finally:
             for p in batch:
-                if self._in_flight.get(p.job_id) is settled:
-                    del self._in_flight[p.job_id]
-            settled.set()
+                waiting = self._in_flight.pop(p.job_id)
+                if waiting is not None:
+                    waiting.set()
         results: list[BaseException | None] = (
             [None] * len(batch) if error is None else [error.errors.get(p.job_id) for p in batch]
         )
@@ -641,39 +654,58 @@ class Publisher:
         return await wait_result(self._store(), job_id, timeout)
 
     async def _send(self, prepared: _Prepared) -> None:
-        if self._channel is None:
-            raise RuntimeError("Publisher is not connected: use `async with Publisher(...)`")
         job_id = prepared.job_id
-        while (earlier := self._in_flight.get(job_id)) is not None:
-            await earlier.wait()
-        settled = self._in_flight[job_id] = asyncio.Event()
+        in_flight = self._in_flight
+        if job_id in in_flight:
+            await self._after(job_id)
+        in_flight[job_id] = None
         try:
+            loop = asyncio.get_running_loop()
             # The timeout covers waiting for the channel too: during an outage the robust
             # channel waits for the reconnect, and a caller must hear within its timeout.
-            deadline = asyncio.get_running_loop().time() + self._timeout
-            try:
-                async with asyncio.timeout_at(deadline):
-                    channel = await self._channel.get_underlay_channel()
-            except TimeoutError:  # no channel in time: nothing was sent
-                raise PublishTimeout(prepared.job, self._timeout, sent=False) from None
-            await publish_confirmed(
-                channel,
-                prepared.body,
-                exchange=prepared.exchange,
-                routing_key=prepared.routing_key,
-                properties=prepared.properties,
-                timeout=max(deadline - asyncio.get_running_loop().time(), 0.001),
-                job=prepared.job,
-            )
+            deadline = loop.time() + self._timeout
+            channel = self._underlay
+            if channel is None or channel.is_closed:
+                channel = await self._underlay_channel(prepared.job, deadline)
+            try:  # a batch of one (``confirm.publish_one``, without its coroutine)
+                await publish_batch(
+                    channel, (prepared,), timeout=max(deadline - loop.time(), 0.001)
+                )
+            except BatchPublishError as exc:
+                raise exc.errors[job_id] from None
         finally:
-            del self._in_flight[job_id]
-            settled.set()
+            waiting = in_flight.pop(job_id)
+            if waiting is not None:
+                waiting.set()
         child = self._published_children.get(prepared.job)
         if child is None:
             child = self._published_children[prepared.job] = self._published.labels(
                 job_name=prepared.job
             )
         child.inc()
+
+    async def _after(self, job_id: str) -> None:
+        """Wait until no publish of ``job_id`` is in flight on this publisher (a return is
+        matched to its publish by id, so two in flight with one id could get each other's)."""
+        while job_id in self._in_flight:
+            settled = self._in_flight[job_id]
+            if settled is None:
+                settled = self._in_flight[job_id] = asyncio.Event()
+            await settled.wait()
+
+    async def _underlay_channel(self, job: str, deadline: float) -> AbstractAiormqChannel:
+        """The aiormq channel under the robust one, waiting for a reconnect until ``deadline``
+        (``PublishTimeout``, not sent, after it); kept while it is open, so a publish on an
+        open channel awaits nothing for it."""
+        if self._channel is None:
+            raise RuntimeError("Publisher is not connected: use `async with Publisher(...)`")
+        try:
+            async with asyncio.timeout_at(deadline):
+                channel = await self._channel.get_underlay_channel()
+        except TimeoutError:  # no channel in time: nothing was sent
+            raise PublishTimeout(job, self._timeout, sent=False) from None
+        self._underlay = channel
+        return channel
 
 
 class _Prepared(NamedTuple):
