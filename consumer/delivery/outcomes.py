@@ -1,4 +1,5 @@
-"""Outcomes a layer of the chain decides instead of the handler: ``Postponed``, ``Cancelled``.
+"""Outcomes a layer of the chain decides instead of the handler: ``Postponed``, ``Cancelled``,
+``AlreadyEnded``.
 
 A layer (rate limits, cancellation, or a user's middleware) that decides a run's outcome raises
 one of these through the rest of the chain; the pipeline hands any ``DecidedOutcome`` to its
@@ -57,3 +58,19 @@ class Cancelled(DecidedOutcome):
             await settler.cancelled(d, job, attempt, duration, self.error)
         else:  # its last run was the one before this delivery
             await settler.cancelled(d, job, d.attempts)
+
+
+class AlreadyEnded(DecidedOutcome):
+    """This delivery is a second copy of a job whose outcome is already recorded (a group's
+    final job published twice across a crash): it is acked and nothing else — no event, no
+    status write, not counted as a run — so the first run's outcome, whatever it was, stands
+    alone."""
+
+    def __init__(self, state: str) -> None:
+        super().__init__(f"already ended {state}")
+        self.state = state
+
+    async def settle(
+        self, settler: Settler, d: Delivery, job: str, attempt: int, duration: float
+    ) -> None:
+        await settler.drop_duplicate(d, job, self.state)

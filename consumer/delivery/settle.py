@@ -498,6 +498,18 @@ class Settler:
         await self._confirm((self._copy(d, d.name, headers, "", d.queue),))
         self.acker.ack(d.tag)
 
+    async def drop_duplicate(self, d: Delivery, job: str, state: str) -> None:
+        """Ack a second copy of a job that already ended (``outcomes.AlreadyEnded``)."""
+        self.acker.ack(d.tag)
+        log.warning(
+            "job_duplicate_dropped",
+            job_id=d.job_id,
+            job=job,
+            queue=d.queue,
+            first_outcome=state,
+            action="acked without running: the first run's outcome stands",
+        )
+
     async def postpone(self, d: Delivery, delay_s: float) -> None:
         """Hand a job its rate limit did not let start back through the delay chain.
 

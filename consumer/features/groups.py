@@ -21,7 +21,8 @@ handler run once whatever the interleaving:
    reads anything. A key held by another copy's run postpones the delivery (``Postponed``:
    the delay chain, no attempt burnt, no run counted); Redis unreachable postpones it too.
 2. Holding it, the delivery reads the job's status. Ended (``succeeded``, ``dead``,
-   ``cancelled``): the handler is not run, the first run's result stands. Else it loads
+   ``cancelled``): the handler is not run and the copy is acked as a duplicate
+   (``outcomes.AlreadyEnded``: no event, no status write, no run counted). Else it loads
    ``ctx.group`` and runs the handler.
 3. The hold is kept, renewed every third of the TTL, until the delivery's *task* ends, not
    when the handler returns: settle runs in that task and writes the outcome's status before
@@ -60,7 +61,7 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay
 from tenacity import wait_exponential_jitter as jitter
 
 from leveret.consumer.delivery.outbox import Copy
-from leveret.consumer.delivery.outcomes import Postponed
+from leveret.consumer.delivery.outcomes import AlreadyEnded, Postponed
 from leveret.consumer.features.locks import (
     POSTPONE_S,
     UNAVAILABLE_RETRY_S,
@@ -219,7 +220,7 @@ class ThenOnce:
     One per job on a worker with a status store (``GroupCoordination.layers``), since any job
     may be a group's final job: a delivery without ``x-group-then`` passes through on one
     header lookup. For a final job: take the hold on ``<group id>.then`` (held elsewhere:
-    ``Postponed``), read the job's status (ended: not run, the first run's result stands),
+    ``Postponed``), read the job's status (ended: not run, dropped as a duplicate),
     load ``ctx.group``, run. The hold is kept until the delivery's task ends.
     """
 
@@ -256,13 +257,8 @@ class ThenOnce:
         except StatusStoreError as exc:
             raise Postponed(UNAVAILABLE_RETRY_S, f"status store unavailable ({exc})") from None
         if current is not None and current.ended:
-            log.warning(
-                "group_then_duplicate",
-                group_id=group_id,
-                state=current.state,
-                action="not run again: the first run's outcome stands",
-            )
-            return current.result
+            log.warning("group_then_duplicate", group_id=group_id, state=current.state)
+            raise AlreadyEnded(current.state)
         return await hold.run(ctx, call_next)
 
 

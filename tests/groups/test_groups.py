@@ -69,7 +69,7 @@ async def test_members_on_two_queues_one_retried_then_runs_once_with_every_outco
         await asyncio.sleep(0.5)  # a second run would show up by now
         status = await pub.status(gid)
         # A duplicate of the final job (what a crash between its confirm and ``then_sent``
-        # would publish): settled with the first run's result, not run again.
+        # would publish): acked as a duplicate, not run again.
         await pub.publish(
             f"{qb}-report", {"title": "t"}, job_id=then_id(gid), headers={"x-group-then": gid}
         )

@@ -16,7 +16,7 @@ import redis
 import redis.asyncio as aioredis
 
 from leveret.consumer import JobContext
-from leveret.consumer.delivery.outcomes import Postponed
+from leveret.consumer.delivery.outcomes import AlreadyEnded, Postponed
 from leveret.consumer.features.groups import GroupEnds, ThenOnce
 from leveret.consumer.features.locks import DEFAULT_LOCK_PREFIX, LockLost, RedisLocks
 from leveret.producers.groups import GroupStore, ThenJob, new_group_id, then_id
@@ -99,8 +99,10 @@ async def test_the_hold_lasts_until_the_delivery_ends_and_a_second_copy_waits_th
     assert held_after_run == [1]
     await asyncio.sleep(0.1)  # the release goes out with the next batch
     assert not await client.exists(key)
-    # The second copy, back from its postponement, takes the hold and finds the job ended.
-    assert await asyncio.create_task(second_copy()) == {"total": 4}
+    # The second copy, back from its postponement, takes the hold and finds the job ended: it
+    # is dropped as a duplicate (acked, no run, no event, the first outcome stands).
+    with pytest.raises(AlreadyEnded, match="succeeded"):
+        await asyncio.create_task(second_copy())
     assert len(runs) == 1 and runs[0].results == {"m1": 4}
     await asyncio.sleep(0.1)
     assert not await client.exists(key)
