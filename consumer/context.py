@@ -65,7 +65,8 @@ class JobContext:
     # ``leveret.producers.groups.JobGroup`` (ids, states, results, counts); else ``None``.
     group: Any = None
     # ``lock=`` jobs: the hold's fencing token (grows with every acquisition), and whether the
-    # lock was lost while this run held it (``leveret.consumer.features.locks``).
+    # lock was lost while this run held it (``leveret.consumer.features.locks``); a group's
+    # final job sets ``lock_lost`` too when its ``<group id>.then`` hold is lost.
     lock_token: int | None = None
     lock_lost: bool = False
     # Where ``done_before``/``mark_done`` keep their marks (Redis; set by the worker).

@@ -17,8 +17,9 @@ acked (``consumer.features.groups``). A worker that dies in between never acked 
 so the broker redelivers it; its settle finds it is still the completer with ``then`` not yet
 marked sent, and publishes the same id again. Once confirmed, ``then_sent`` is set. So ``then``
 is published at least once, and twice only if a worker dies in the microseconds between the
-confirm and that mark; a duplicate is not run again: the worker finds ``<group id>.then``
-already ended in the status store and settles it with the first run's result.
+confirm and that mark; a duplicate is not run again: a final job's delivery holds the lock
+key ``<group id>.then`` until it is settled, so a second copy waits (postponed) and then finds
+the job ended and is acked as a duplicate (``consumer.features.groups``).
 
 The ``then`` job runs with ``ctx.group`` (a ``JobGroup``): every member's id, job, state,
 result (on ``succeeded``) and error, and the counts. ``pub.status(group_id)`` (or

@@ -16,6 +16,10 @@ The chain of one job, outermost first (layers in brackets exist only for jobs th
     [RateLimited]      ``rate_limit=``/``global_rate_limit=``: waits for a start, or gives the
                        job back (``Postponed``) before anything started, so no attempt burns
                        (``leveret.consumer.features.ratelimit.layer``)
+    [ThenOnce]         with a status store, a group's final job (``x-group-then``): holds
+                       ``<group id>.then`` until the delivery is settled; a copy finding it
+                       held is ``Postponed``, one finding the job ended is dropped
+                       (``AlreadyEnded``); loads ``ctx.group`` (``features.groups``)
     [Locked]           ``lock=``: holds the job's lock key for the run, renewed while it lasts;
                        a key held elsewhere is waited for briefly, else ``Postponed``; a lost
                        lock cancels an async run (``LockLost``; ``features.locks``)
@@ -36,7 +40,8 @@ each layer is the middleware with its ``call_next`` already bound (``functools.p
 run costs one coroutine per layer and no closures.
 
 Built-in layers are ordered in one place, ``execution.build_chain``. A layer that decides the
-run's outcome itself raises a ``DecidedOutcome`` (``Postponed``, ``Cancelled``: ``outcomes``),
+run's outcome itself raises a ``DecidedOutcome`` (``Postponed``, ``Cancelled``, ``AlreadyEnded``:
+``outcomes``),
 which settle carries out; a user's middleware may raise them too. Seams:
 
 * results: the handler's return value already comes back through every layer to the pipeline,
