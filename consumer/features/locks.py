@@ -1,8 +1,9 @@
 """Job locks: ``@worker.job(..., lock="{customer_id}")``.
 
 Runs of jobs whose lock key (the format string over the payload's fields) renders equal never
-overlap, across every worker process: a run holds the key in Redis (``LEVERET_STATUS_URL``),
-taken just before its handler starts and held until it ends. The key space is shared by every
+overlap, across every worker process: a run holds the key in Redis (``LEVERET_STATUS_URL``), or
+on the broker where none is set (``broker_locks``), taken just before its handler starts and
+held until it ends. The key space is shared by every
 job: two jobs with ``lock="customer:{customer_id}"`` exclude each other for the same customer;
 put the job's name in the template to lock per job.
 
@@ -22,9 +23,10 @@ put the job's name in the template to lock per job.
   (``ctx.lock_lost``) and may overlap the next holder until it returns.
 
 Redis being down when a run wants its lock postpones the run (nothing ran, nothing burnt), as
-the global rate limiter does. Locks need Redis: a worker with ``lock=`` jobs and no
-``LEVERET_STATUS_URL`` refuses to start (``ConfigError``); the broker-only lock the contract
-asks for is not built (docs/coordination.md, "Limits").
+the global rate limiter does. Without ``LEVERET_STATUS_URL`` the locks are exclusive queues on
+the broker (``broker_locks``: a holder's keys go with its connection, no TTL to renew, and the
+fencing token only grows within a process); ``idempotency_key=`` still needs Redis, and a
+worker with such a job and no ``LEVERET_STATUS_URL`` refuses to start (``ConfigError``).
 """
 
 from __future__ import annotations
@@ -155,6 +157,11 @@ class LockStore(Protocol):
         """Extend a hold; false if it is no longer ours (expired, or taken since)."""
 
     async def release(self, key: str, owner: str, token: int) -> None: ...
+
+
+# Optional, besides: ``release_soon(key, owner, token) -> Future`` (release without a task of its
+# own) and ``watch(key, owner, token, on_lost)`` (a store that learns of a loss by itself, the
+# broker's when its connection closes, calls ``on_lost(why)`` at once).
 
 
 # Many holds in one call: KEYS are the lock keys then the fence counter; ARGV are (owner, ttl ms)
@@ -363,8 +370,8 @@ class MemoryLocks:
 class LockLost(Retry):
     """The run's lock was lost while it ran (see the module docstring): retried."""
 
-    def __init__(self, key: str) -> None:
-        super().__init__(f"lock {key!r} was lost while the job ran (LEVERET_LOCK_TTL)")
+    def __init__(self, key: str, why: str = "LEVERET_LOCK_TTL") -> None:
+        super().__init__(f"lock {key!r} was lost while the job ran ({why})")
 
 
 class _Lease:
@@ -375,6 +382,7 @@ class _Lease:
         "_handle",
         "_interval",
         "_last_ok",
+        "_live",
         "_loop",
         "_renewing",
         "_task",
@@ -385,6 +393,7 @@ class _Lease:
         "store",
         "token",
         "ttl_s",
+        "why",
     )
 
     def __init__(
@@ -401,6 +410,8 @@ class _Lease:
         self.ctx = ctx
         self._task = task  # cancelled when the lock is lost (async handlers only)
         self.cancelled_run = False
+        self.why = "LEVERET_LOCK_TTL"
+        self._live = True
         self._loop = asyncio.get_running_loop()
         self._interval = ttl_s / 3
         self._last_ok = self._loop.time()
@@ -430,11 +441,19 @@ class _Lease:
         if ok:
             self._last_ok = sent
         elif ok is False or self._loop.time() - self._last_ok >= self.ttl_s:
-            return self._lose("taken or expired" if ok is False else "Redis unreachable")
+            return self._lose("taken or expired" if ok is False else "lock store unreachable")
         delay = self._interval if ok else min(self._interval / 2, 1.0)
         self._handle = self._loop.call_later(delay, self._due)
 
+    def lost(self, why: str) -> None:
+        """The store says the hold is gone (``watch``): the run is told now."""
+        if self._live:
+            self.stop()
+            self._lose(why)
+
     def _lose(self, why: str) -> None:
+        self._live = False
+        self.why = why
         self.ctx.lock_lost = True
         log.error("job_lock_lost", lock=self.key, token=self.token, why=why)
         if self._task is not None and not self._task.done():
@@ -442,6 +461,7 @@ class _Lease:
             self._task.cancel()
 
     def stop(self) -> None:
+        self._live = False
         if self._handle is not None:
             self._handle.cancel()
             self._handle = None
@@ -460,7 +480,16 @@ class Locked:
     """The chain layer of a ``lock=`` job (order: after the rate limit, before the
     idempotency check; ``middleware``'s table)."""
 
-    __slots__ = ("_key", "_max_waiting", "_store", "_ttl", "_waiting", "cancels", "template")
+    __slots__ = (
+        "_key",
+        "_max_waiting",
+        "_store",
+        "_ttl",
+        "_waiting",
+        "_watch",
+        "cancels",
+        "template",
+    )
 
     def __init__(
         self,
@@ -478,6 +507,7 @@ class Locked:
         self._ttl = ttl_s
         self._max_waiting = max(1, max_waiting)
         self._waiting = 0
+        self._watch = getattr(store, "watch", None)
         self.cancels = cancels  # an async handler: cancelled when its lock is lost
 
     async def __call__(self, ctx: JobContext, call_next: CallNext) -> Any:
@@ -486,12 +516,14 @@ class Locked:
         token = await self._take(key, owner)
         task = asyncio.current_task() if self.cancels else None
         lease = _Lease(self._store, key, owner, token, self._ttl, ctx, task)
+        if self._watch is not None:
+            self._watch(key, owner, token, lease.lost)
         ctx.lock_token = token
         try:
             result = await call_next(ctx)
         except asyncio.CancelledError:
             if lease.cancelled_run and task is not None and task.uncancel() == 0:
-                raise LockLost(key) from None
+                raise LockLost(key, lease.why) from None
             raise
         finally:
             lease.stop()
@@ -536,31 +568,38 @@ class Locked:
 
 
 def require_redis(jobs: Mapping[str, Any], status_url: object) -> None:
-    """``lock=`` and ``idempotency_key=`` need Redis: refuse to start without it."""
+    """``idempotency_key=`` needs Redis (its done marks live there): refuse to start without
+    it. ``lock=`` does not: without Redis its locks are on the broker."""
     if status_url is not None:
         return
-    needing = sorted(
-        name
-        for name, spec in jobs.items()
-        if getattr(spec, "lock", None) is not None or getattr(spec, "idempotency_key", None)
-    )
+    needing = sorted(name for name, spec in jobs.items() if getattr(spec, "idempotency_key", None))
     if needing:
         raise ConfigError(
-            f"job(s) {', '.join(needing)} use lock= or idempotency_key=, which need Redis: set "
-            f"LEVERET_STATUS_URL (locks on the broker alone are not supported)"
+            f"job(s) {', '.join(needing)} use idempotency_key=, which needs Redis (the done "
+            f"marks are kept there): set LEVERET_STATUS_URL (lock= alone works without it, on "
+            f"the broker)"
         )
+
+
+def has_locks(jobs: Mapping[str, Any]) -> bool:
+    return any(getattr(spec, "lock", None) is not None for spec in jobs.values())
 
 
 class Coordination:
     """One worker's lock store and done marks, on the status store's Redis client: the chain
     layers are built before that client exists (``startup.pipeline``), so they hold this, and
     ``attach`` plugs the client in when the worker opens its status store
-    (``startup.session_plan``). The client is the status store's, closed with it."""
+    (``startup.session_plan``). The client is the status store's, closed with it.
 
-    def __init__(self, settings: CoordinationSettings) -> None:
+    Without a status store, ``locks`` is the broker's lock store (``BrokerLocks``), closed by
+    ``close``; there are no done marks then (``ctx.done_before`` says to set
+    ``LEVERET_STATUS_URL``)."""
+
+    def __init__(self, settings: CoordinationSettings, locks: Any = None) -> None:
         self.settings = settings
-        self._locks: RedisLocks | None = None
+        self._locks: Any = locks
         self._marks: Any = None
+        self._on_broker = locks is not None
 
     def attach(self, client: Any, where: str = "") -> None:
         from leveret.consumer.features.idempotency import RedisDoneMarks
@@ -586,13 +625,29 @@ class Coordination:
     def release_soon(self, key: str, owner: str, token: int) -> asyncio.Future[Any]:
         return self._store().release_soon(key, owner, token)  # type: ignore[no-any-return]
 
+    def watch(self, key: str, owner: str, token: int, on_lost: Callable[[str], None]) -> None:
+        if self._on_broker:
+            self._locks.watch(key, owner, token, on_lost)
+
+    async def close(self) -> None:
+        """The broker lock store's connection (Redis's client is the status store's)."""
+        if self._on_broker:
+            await self._locks.close()
+
     async def lookup(self, key: str) -> tuple[bool, Any]:
-        self._store()
+        self._marks_store()
         return await self._marks.lookup(key)  # type: ignore[no-any-return]
 
     async def mark(self, key: str, result: Any = None) -> None:
-        self._store()
+        self._marks_store()
         await self._marks.mark(key, result)
+
+    def _marks_store(self) -> None:
+        if self._on_broker:
+            from leveret.consumer.features.idempotency import no_marks
+
+            raise no_marks()
+        self._store()
 
     def layers(self, spec: Any, max_waiting: int) -> list[Any]:
         """The lock and idempotency layers of ``spec``, outermost first (none if it has

@@ -31,7 +31,7 @@ from leveret.consumer.delivery.pipeline import Pipeline
 from leveret.consumer.delivery.session import Plan
 from leveret.consumer.delivery.status_writer import StatusWriter
 from leveret.consumer.features.cancellation import Cancellation
-from leveret.consumer.features.locks import Coordination, require_redis, settings_of
+from leveret.consumer.features.locks import Coordination, has_locks, require_redis, settings_of
 from leveret.consumer.features.ratelimit.layer import RateLimited
 from leveret.consumer.features.ratelimit.limiters import GlobalLimiters, LocalLimiter
 from leveret.consumer.features.schedules.leader import Scheduler, with_heartbeat
@@ -81,16 +81,34 @@ def pipeline(
 
 def coordination(worker: Worker) -> Coordination | None:
     """Locks and done marks (``lock=``, ``idempotency_key=``, ``ctx.done_before``) live on the
-    status store's Redis, attached when ``session_plan`` opens it; jobs that need them refuse
-    to start without ``LEVERET_STATUS_URL`` (``ConfigError``). With a status store, each job's
-    layers start with the group layer: a group's final job runs once, with ``ctx.group``
-    (``features.groups.GroupCoordination``)."""
+    status store's Redis, attached when ``session_plan`` opens it; without it, ``lock=`` jobs
+    lock on the broker (``broker_locks``) and ``idempotency_key=`` jobs refuse to start
+    (``ConfigError``). With a status store, each job's layers start with the group layer: a
+    group's final job runs once, with ``ctx.group`` (``features.groups.GroupCoordination``)."""
     require_redis(worker.jobs.jobs, worker.settings.status_url)
     if worker.settings.status_url is None:
-        return None
+        return broker_locks(worker) if has_locks(worker.jobs.jobs) else None
     from leveret.consumer.features.groups import GroupCoordination
 
     return GroupCoordination(settings_of(worker.settings))
+
+
+def broker_locks(worker: Worker) -> Coordination:
+    """Without ``LEVERET_STATUS_URL``, ``lock=`` jobs lock on the broker (``BrokerLocks``): a
+    connection of their own, with a heartbeat the lock TTL asks for, opened on the first locked
+    run and closed with the worker (``Beside.start``). No done marks: ``idempotency_key=``
+    refused to start above, ``ctx.done_before`` says to set ``LEVERET_STATUS_URL``."""
+    from leveret.consumer.features.broker_locks import BrokerLocks, lock_heartbeat, lock_url
+
+    settings = worker.settings
+    coordination = settings_of(settings)
+    heartbeat = lock_heartbeat(coordination.lock_ttl)
+    url = lock_url(settings.amqp_url.get_secret_value(), heartbeat)
+    locking = settings.model_copy(update={"amqp_url": SecretStr(url)})
+    locks = BrokerLocks(
+        lambda: connect(locking, robust=False), settings.exchange, heartbeat_s=heartbeat
+    )
+    return Coordination(coordination, locks=locks)
 
 
 def session_plan(
@@ -217,6 +235,10 @@ class Beside:
                 stack.callback(loop.remove_signal_handler, sig)
         self.dlq_depth.start()
         stack.push_async_callback(self.dlq_depth.stop)
+        # The broker lock store's connection (no status store), once the last run ended.
+        coordination = worker._pipeline.coordination if worker._pipeline is not None else None
+        if coordination is not None:
+            stack.push_async_callback(coordination.close)
 
     @staticmethod
     def doctor(stack: contextlib.AsyncExitStack, worker: Worker) -> None:

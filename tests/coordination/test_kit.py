@@ -177,14 +177,20 @@ def test_bad_options_are_refused_at_registration() -> None:
         Retry(after=-1)
 
 
-def test_locks_and_idempotency_keys_need_redis() -> None:
+def test_idempotency_keys_need_redis_and_locks_do_not() -> None:
     worker = Worker()
 
     @job(worker, "charge", lock="{customer_id}")
     async def charge(c: Charge) -> None:
         pass
 
-    with pytest.raises(ConfigError, match="LEVERET_STATUS_URL"):
+    require_redis(worker.jobs.jobs, None)  # lock= alone: on the broker (test_broker_locks.py)
+
+    @job(worker, "refund", idempotency_key="{customer_id}")
+    async def refund(c: Charge) -> None:
+        pass
+
+    with pytest.raises(ConfigError, match=r"refund use idempotency_key=.*LEVERET_STATUS_URL"):
         require_redis(worker.jobs.jobs, None)
     require_redis(worker.jobs.jobs, "redis://x")
 
