@@ -77,7 +77,11 @@ def permission_regexes(topology: Topology) -> dict[str, str]:
     # ``<exchange>.cancel`` (leveret.consumer.features.cancel_watch).
     # The job history's queue, ``<exchange>.history`` (declared by workers where a history is
     # kept, consumed by ``leveret history``).
-    scheduler = f"{ex}\\.scheduler\\..+|{ex}\\.history|amq\\.gen-.+"
+    # Without Redis, ``lock=`` holds ``<exchange>.lock.<digest>`` (exclusive queues declared and
+    # deleted) and a broker rate limit takes turns on ``<exchange>.ratelimit.<job>`` queues.
+    scheduler = (
+        f"{ex}\\.scheduler\\..+|{ex}\\.history|{ex}\\.lock\\..+|{ex}\\.ratelimit\\..+|amq\\.gen-.+"
+    )
     both = f"{exchanges}|{all_queues}|{scheduler}" if all_queues else f"{exchanges}|{scheduler}"
     return {
         "configure": f"^({both})$",

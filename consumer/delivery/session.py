@@ -20,7 +20,7 @@ import contextlib
 import functools
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiormq.abc
 import structlog
@@ -32,17 +32,23 @@ from leveret.consumer.delivery.acker import Acker
 from leveret.consumer.delivery.pipeline import Pipeline
 from leveret.consumer.delivery.settle import Settler
 from leveret.consumer.delivery.status_writer import StatusWriter
-from leveret.consumer.features.cancel_watch import CancelWatch
 from leveret.consumer.features.cancellation import Cancellation
 from leveret.consumer.runtime.metrics import Outcomes
 from leveret.consumer.settings import WorkerSettings
 from leveret.producers import BrokerUnavailable
-from leveret.producers.broker import CONNECTION_ERRORS, connect, mask_secrets
-from leveret.producers.broker.frames import deliver_directly
+from leveret.producers.broker import (
+    CONNECTION_ERRORS,
+    connect,
+    deliver_directly,
+    mask_secrets,
+)
 from leveret.producers.stores import CancelMarks, DedupStore
 from leveret.producers.wire import one_line
 from leveret.topology.declare import declare
 from leveret.topology.model import Topology
+
+if TYPE_CHECKING:
+    from leveret.consumer.features.cancel_watch import CancelWatch
 
 log = structlog.get_logger("leveret.worker")
 
@@ -163,6 +169,8 @@ class Session:
         """With a status store: the cancel watch."""
         plan, settings = self.plan, self.plan.settings
         if plan.cancel_marks is not None and plan.cancellation is not None:
+            from leveret.consumer.features.cancel_watch import CancelWatch
+
             # Before consuming: the marks are loaded, so a job cancelled while no worker ran
             # is refused from the first delivery.
             # It fills the chain's cancellation layer's ids (the worker's, outliving sessions).

@@ -1,5 +1,6 @@
 """The AMQP connection (``connection``) and the one confirmed-publish path (``batch``, a single
-publish being a batch of one in ``confirm``), aiormq's internals behind one ``adapter``. Public
+publish being a batch of one in ``confirm``), aiormq's internals behind ``adapter`` (writing)
+and ``frames`` (reading: frames in bulk, deliveries without a wrapper task). Public
 to the worker (``leveret.consumer`` imports these names, nothing deeper).
 
 The names load on first use (PEP 562), so a worker pays only for the modules it uses (the
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
         mask_url,
         split_urls,
     )
+    from leveret.producers.broker.frames import deliver_directly
 
 _HOME = {
     "BatchPublishError": "leveret.producers.broker.batch",
@@ -39,6 +41,7 @@ _HOME = {
     "mask_secrets": "leveret.producers.broker.connection",
     "mask_url": "leveret.producers.broker.connection",
     "split_urls": "leveret.producers.broker.connection",
+    "deliver_directly": "leveret.producers.broker.frames",
 }
 
 __all__ = [
@@ -46,6 +49,7 @@ __all__ = [
     "BatchPublishError",
     "connect",
     "connected_url",
+    "deliver_directly",
     "mask_secrets",
     "mask_url",
     "publish_batch",

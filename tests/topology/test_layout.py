@@ -166,6 +166,17 @@ def test_exported_permissions_cover_the_scheduler_token_queue() -> None:
         assert not re.match(regexes[kind], "other.scheduler.x"), kind
 
 
+def test_exported_permissions_cover_broker_locks_and_rate_limits() -> None:
+    """Without Redis a worker declares and deletes ``<exchange>.lock.<digest>`` queues (lock=)
+    and takes turns on ``<exchange>.ratelimit.<job>`` queues (a broker rate limit)."""
+    topo = Topology(queues=(WorkQueue(name="email", jobs=("send_email",)),))
+    regexes = permission_regexes(topo)
+    for kind in ("configure", "write", "read"):
+        for name in ("jobs.lock.0123456789abcdef", "jobs.ratelimit.send_email"):
+            assert re.match(regexes[kind], name), (kind, name)
+        assert not re.match(regexes[kind], "other.lock.0123"), kind
+
+
 def test_exported_permissions_cover_the_delay_chain() -> None:
     """The shared delay queues and chain exchanges, and the v2 retry queues declare unbinds."""
     topo = Topology(queues=(WorkQueue(name="email", jobs=("send_email",)),))
