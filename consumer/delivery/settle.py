@@ -47,7 +47,6 @@ from leveret.consumer.delivery.copies import EventCopies, FollowUp
 from leveret.consumer.delivery.envelope import Delivery
 from leveret.consumer.delivery.outbox import Copy, CopyInvalid, Outbox, SettleFailed
 from leveret.consumer.errors import Reject, Retry
-from leveret.consumer.features.groups import group_ends
 from leveret.consumer.registry import JobSpec
 from leveret.consumer.runtime.metrics import (
     CANCELLED,
@@ -90,6 +89,7 @@ from leveret.topology.model import dlq_name
 
 if TYPE_CHECKING:
     from leveret.consumer.delivery.status_writer import StatusWriter
+    from leveret.consumer.features.groups import GroupEnds
     from leveret.producers.stores import DedupStore
 
 __all__ = ["Copy", "FollowUp", "SettleFailed", "Settler"]
@@ -151,7 +151,12 @@ class Settler:
         self._releases: set[asyncio.Task[bool]] = set()
         self.records_started = self.publishes_started or status is not None
         # Job groups (with a Redis status store): members' endings, the final job's publish.
-        self.groups = group_ends(status, self._queue_of)
+        # Imported only then: a worker without a status store has no groups to load.
+        self.groups: GroupEnds | None = None
+        if status is not None:
+            from leveret.consumer.features.groups import group_ends
+
+            self.groups = group_ends(status, self._queue_of)
 
     # -- outcomes ---------------------------------------------------------------------------------
 

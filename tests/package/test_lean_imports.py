@@ -32,6 +32,8 @@ NOT_AT_START = (
     "leveret.consumer.ops.schema",
     "leveret.consumer.ops.doctor",
     "leveret.consumer.ops.management",
+    "leveret.consumer.features.groups",  # only with a status store (settle imports it then)
+    "leveret.consumer.features.cancel_watch",  # likewise (a session starts it then)
     "leveret.consumer.api",
     "httpx",
     "cronsim",
