@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -153,9 +154,11 @@ class Session:
         await self._start_cancel_watch()
         self.consume.on_consumer_cancel_callbacks.add(self._on_cancel)
         for q in plan.queues:
-            on_delivery = plan.pipeline.start if direct else plan.pipeline.on_message
-            callback: Any = functools.partial(on_delivery, self.settler, self.lost, q)
-            ok = await self.consume.basic_consume(q, callback, no_ack=False)
+            tag = f"leveret.{uuid.uuid4().hex}"
+            if direct is not None:  # registered first: the first delivery may follow ConsumeOk
+                direct[tag] = functools.partial(plan.pipeline.start, self.settler, self.lost, q)
+            callback = functools.partial(plan.pipeline.on_message, self.settler, self.lost, q)
+            ok = await self.consume.basic_consume(q, callback, no_ack=False, consumer_tag=tag)
             self.consumer_tags[str(ok.consumer_tag)] = q
 
     def _consume_closed(self) -> None:

@@ -16,10 +16,10 @@ reader stays.
 ``deliver_directly`` is the consuming channel's other per-delivery cost: aiormq reads a
 delivery's body through a ``BytesIO`` and runs every consumer callback as a task wrapped in its
 ``TaskWrapper`` and ``FutureStore`` (two closures and several done callbacks per delivery). On
-a channel where it is installed, a consumer callback that returns ``None`` made its own task
-(the worker's ``Pipeline.start``), and the channel's close is reported synchronously to
-``on_close``, which cancels those tasks as aiormq's store would have. A callback that returns
-a coroutine still runs as aiormq runs it.
+a channel where it is installed, a consumer registered as *direct* is a plain callback that
+makes its own task (the worker's ``Pipeline.start``), and the channel's close is reported to
+``on_close`` (which cancels those tasks, as aiormq's store would have) as soon as aiormq
+marks the channel closed. Any other consumer still runs as aiormq runs it.
 """
 
 from __future__ import annotations
@@ -127,11 +127,18 @@ def install() -> bool:
     return True
 
 
-def deliver_directly(channel: Any, on_close: Callable[[], None]) -> bool:
-    """Deliveries on ``channel`` reach its consumers without aiormq's task wrapper (see the
+def deliver_directly(
+    channel: Any, on_close: Callable[[], None]
+) -> dict[str, Callable[[DeliveredMessage], None]] | None:
+    """Deliveries on ``channel`` reach their consumers without aiormq's task wrapper (see the
     module docstring); ``on_close`` runs as soon as the channel closes, before aiormq would
-    have cancelled consumer tasks. False (nothing changed) if the channel lacks what this
-    relies on: the caller then gives ``basic_consume`` coroutine callbacks as usual."""
+    have cancelled consumer tasks.
+
+    Returns the map to put a consumer tag's *plain* callback in (it makes its own task) before
+    ``basic_consume(..., consumer_tag=tag)`` is called with a coroutine callback for the same
+    tag: aiormq keeps that one (it wraps every callback into a coroutine function) and it runs
+    only for a tag missing from the map. ``None`` (nothing changed) if the channel lacks what
+    this relies on: the caller then consumes as usual."""
     get_frame = getattr(channel, "_get_frame", None)
     closing = getattr(channel, "_closing", None)
     if (
@@ -141,8 +148,9 @@ def deliver_directly(channel: Any, on_close: Callable[[], None]) -> bool:
         or not callable(getattr(channel, "_on_deliver_frame", None))
         or not callable(getattr(channel, "create_task", None))
     ):
-        return False
+        return None
     consumers: dict[str, Any] = channel.consumers
+    direct: dict[str, Callable[[DeliveredMessage], None]] = {}
 
     async def on_deliver(frame: Any) -> None:
         header = await get_frame()
@@ -155,14 +163,14 @@ def deliver_directly(channel: Any, on_close: Callable[[], None]) -> bool:
             if not isinstance(content, ContentBody):
                 raise ValueError(f"Unexpected frame {content!r} instead of ContentBody", content)
             body += content.value
-        consumer = consumers.get(frame.consumer_tag) if frame.consumer_tag is not None else None
-        if consumer is None:
-            return
+        tag = frame.consumer_tag
         message = DeliveredMessage(delivery=frame, header=header, body=body, channel=channel)
-        started = consumer(message)
-        if started is not None:  # a coroutine callback: run it the way aiormq does
-            channel.create_task(started)
+        plain = direct.get(tag)
+        if plain is not None:
+            plain(message)
+        elif (consumer := consumers.get(tag)) is not None:  # run it the way aiormq does
+            channel.create_task(consumer(message))
 
     channel._on_deliver_frame = on_deliver
     closing.add_done_callback(lambda _: on_close())
-    return True
+    return direct

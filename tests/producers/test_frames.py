@@ -94,9 +94,15 @@ async def test_direct_deliveries_arrive_whole_and_a_closing_channel_says_so(brok
         assert transport is not None
         raw = await transport.connection.channel()
         closed: list[int] = []
-        assert frames.deliver_directly(raw, lambda: closed.append(1))
+        direct = frames.deliver_directly(raw, lambda: closed.append(1))
+        assert direct is not None
         got: list[bytes] = []
-        await raw.basic_consume(queue, lambda m: got.append(m.body), no_ack=True)
+        direct["direct-1"] = lambda m: got.append(m.body)  # a plain callback, no task
+
+        async def wrapped(message: object) -> None:  # aiormq's path: must not be taken
+            raise AssertionError("the direct consumer's delivery went through aiormq's task")
+
+        await raw.basic_consume(queue, wrapped, no_ack=True, consumer_tag="direct-1")
         await wait_for(lambda: len(got) == len(bodies), 10, "every delivery")
         assert got == bodies
         await raw.close()
