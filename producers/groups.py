@@ -98,13 +98,17 @@ def new_group_id() -> GroupId:
     return GroupId(f"{GROUP_ID_PREFIX}{uuid.uuid4()}")
 
 
+THEN_SUFFIX = ".then"
+
+
 def is_group_id(value: str) -> bool:
-    return value.startswith(GROUP_ID_PREFIX)
+    """A group's own id, not its final job's (``<group id>.then``, a job id like any other)."""
+    return value.startswith(GROUP_ID_PREFIX) and not value.endswith(THEN_SUFFIX)
 
 
 def then_id(group_id: str) -> str:
     """The final job's id: deterministic, so a republish after a crash is the same job."""
-    return f"{group_id}.then"
+    return f"{group_id}{THEN_SUFFIX}"
 
 
 class ThenJob(BaseModel):
@@ -381,7 +385,10 @@ async def publish_group(
 
     gid = GroupId(group_id) if group_id is not None else new_group_id()
     if not is_group_id(gid):
-        raise ValueError(f"a group id starts with {GROUP_ID_PREFIX!r}, got {gid!r}")
+        raise ValueError(
+            f"a group id starts with {GROUP_ID_PREFIX!r} and does not end with "
+            f"{THEN_SUFFIX!r} (its final job's id), got {gid!r}"
+        )
     exchange = pub.settings.exchange
     members = []
     seen: set[str] = set()

@@ -26,7 +26,6 @@ from leveret.consumer.features.groups import then_copy
 from leveret.producers import Job, Publisher
 from leveret.producers.groups import DEFAULT_GROUP_PREFIX, ThenJob, then_id
 from leveret.producers.settings import ConnectionSettings
-from leveret.producers.stores import JobStatus, RedisStatusStore
 from tests.faults.plumbing import WorkerProcess, reaped
 from tests.support import Broker, running, unique, wait_for
 
@@ -64,15 +63,6 @@ async def publish_then_again(broker: Broker, group_id: str) -> None:
         assert isinstance(confirm, Basic.Ack), confirm
     finally:
         await connection.close()
-
-
-async def job_status(job_id: str) -> JobStatus | None:
-    """A job's status (``pub.status`` takes ``<group id>.then`` for a group id: see the report)."""
-    store = RedisStatusStore.from_url(STATUS_URL)
-    try:
-        return await store.get(job_id)
-    finally:
-        await store.close()
 
 
 def waiting(broker: Broker, exchange: str, queue: str) -> int:
@@ -154,7 +144,7 @@ async def test_two_copies_of_the_final_job_in_flight_at_once_run_it_once(
         assert completed(registries, queue, f"{queue}-final") == 1
         await asyncio.sleep(0.5)  # a late run would show by now
         status = await pub.status(gid)
-        then_status = await job_status(then_id(gid))
+        then_status = await pub.status(then_id(gid))  # the final job, not the group
     assert runs == [(then_id(gid), 1, [1, 2])]
     assert result == {"sum": 3}
     assert status is not None and status.ended == 2
@@ -260,7 +250,7 @@ async def test_a_final_run_sigkilled_mid_run_lets_the_final_job_complete_once(
             assert metric(survivor, "leveret_jobs_completed_total", **settled) == 1
             await asyncio.sleep(0.5)
             status = await pub.status(gid)
-            then_status = await job_status(then_id(gid))
+            then_status = await pub.status(then_id(gid))  # the final job, not the group
             survivor_runs = metric(survivor, "leveret_jobs_started_total", job_name=final)
     starts, dones = lines("start"), lines("done")
     assert len(starts) == 2 and len(dones) == 1, log.read_text()
