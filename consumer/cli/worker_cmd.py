@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import sys
 
 import click
@@ -60,6 +61,12 @@ def worker(
         return
     app_worker = load_app(app)
     log.debug("event_loop_installed", loop=loop_kind)
+    # Everything imported and built so far (modules, the app, its models and settings) lives
+    # as long as the process: moved out of the collector's generations, it is no longer
+    # traversed by every full collection, which a worker otherwise runs often (each job's
+    # objects promote). Measured with the status store: ~10 % less CPU per job.
+    gc.collect()
+    gc.freeze()
     run_async(_run(app_worker, list(queues) or None, prefetch, loop))
 
 
