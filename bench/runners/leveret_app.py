@@ -50,10 +50,11 @@ if spec:
 
 
 async def _consuming() -> None:
-    while not worker.ready:  # noqa: ASYNC110 - what the in-process runner polls too
+    assert tally is not None
+    # Ready, or every job already done (a small run can finish before the first poll).
+    while not worker.ready and not tally.done:  # noqa: ASYNC110 - as the in-process runner
         await asyncio.sleep(0.005)
     report("CONSUMING")
-    assert tally is not None
     if shares_queue(spec):
         tally.watch_idle()
 

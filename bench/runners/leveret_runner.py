@@ -180,8 +180,9 @@ async def consume(spec: dict[str, Any]) -> None:
     tally.go()
     task = asyncio.create_task(worker.run())
     while not worker.ready:
-        if task.done():
+        if task.done():  # failed (raises), or already finished every job and stopped
             task.result()
+            break
         await asyncio.sleep(0.005)
     say("CONSUMING")
     if shares_queue(spec):
