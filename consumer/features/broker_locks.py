@@ -33,7 +33,7 @@ it refused is taken as held, without asking again, for ``REFUSED_FOR_S`` (the wa
 interval), so the runs of a process waiting for one key cost one refusal per interval.
 
 **Renewal, loss.** There is no lease to renew: the hold lasts as long as the connection. A
-renewal (every third of ``LEVERET_LOCK_TTL``, the ``_Lease`` of ``locks``) checks that the
+renewal (every third of ``LEVERET_LOCK_TTL``, the ``Lease`` of ``locks``) checks that the
 connection is the one the key was taken on and still open, and that the queue is still there
 and ours (a passive declare: 404 or 405 mean it went behind our back, e.g. by an ``expires``
 policy; no answer within ``check_timeout`` counts as lost too). When the lock connection

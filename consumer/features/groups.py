@@ -66,8 +66,10 @@ from leveret.consumer.features.locks import (
     POSTPONE_S,
     UNAVAILABLE_RETRY_S,
     Coordination,
+    Lease,
     LockLost,
     LockStore,
+    release_soon,
 )
 from leveret.producers import (
     HEADER_GROUP,
@@ -249,7 +251,12 @@ class ThenOnce:
         if token is None:
             why = f"group final job {key!r} held by another copy's run"
             raise Postponed(random.uniform(*POSTPONE_S), why)
-        hold = _Hold(self._store, key, owner, token, self._ttl, ctx, task, self.cancels)
+        # The hold lasts until the delivery's task ends (settle included), renewed meanwhile;
+        # a loss cancels the task only while the handler runs (``_run``).
+        hold = Lease(
+            self._store, key, owner, token, self._ttl, ctx, None, lost_event="group_then_hold_lost"
+        )
+        task.add_done_callback(lambda _: _end(hold))
         try:  # nothing has run yet: Redis away postpones, as the lock layer does
             current = await status_writer.store.get(ctx.job_id)
             if current is None or not current.ended:
@@ -259,124 +266,30 @@ class ThenOnce:
         if current is not None and current.ended:
             log.warning("group_then_duplicate", group_id=group_id, state=current.state)
             raise AlreadyEnded(current.state)
-        return await hold.run(ctx, call_next)
+        return await self._run(hold, task, ctx, call_next)
 
-
-class _Hold:
-    """A final job's hold on its key, from before its status is read until its delivery's
-    task ends (settle has written the outcome's status and acked, or given the job back),
-    renewed every third of the TTL meanwhile. A hold lost while its run goes on (renewals
-    refused, or Redis unreachable for a whole TTL) sets ``ctx.lock_lost``, logs
-    ``group_then_hold_lost`` and cancels an async run (``LockLost``: retried; the retry takes
-    the hold again and finds the job ended if another copy ran it)."""
-
-    __slots__ = (
-        "_keeper",
-        "cancelled_run",
-        "cancels",
-        "ctx",
-        "key",
-        "owner",
-        "running",
-        "store",
-        "task",
-        "token",
-        "ttl_s",
-    )
-
-    def __init__(
-        self,
-        store: LockStore,
-        key: str,
-        owner: str,
-        token: int,
-        ttl_s: float,
-        ctx: JobContext,
-        task: asyncio.Task[Any],
-        cancels: bool,
-    ) -> None:
-        self.store, self.key, self.owner, self.token, self.ttl_s = store, key, owner, token, ttl_s
-        self.ctx, self.task, self.cancels = ctx, task, cancels
-        self.running = False
-        self.cancelled_run = False
-        self._keeper = asyncio.get_running_loop().create_task(self._keep())
-        task.add_done_callback(self._end)
-
-    async def run(self, ctx: JobContext, call_next: CallNext) -> Any:
+    async def _run(
+        self, hold: Lease, task: asyncio.Task[Any], ctx: JobContext, call_next: CallNext
+    ) -> Any:
         """The rest of the chain; a run its lost hold cancelled raises ``LockLost``."""
-        self.running = True
+        hold.watch_run(task if self.cancels else None)
         try:
             result = await call_next(ctx)
         except asyncio.CancelledError:
-            if self.cancelled_run and self.task.uncancel() == 0:
-                raise LockLost(self.key) from None
+            if hold.cancelled_run and task.uncancel() == 0:
+                raise LockLost(hold.key, hold.why) from None
             raise
         finally:
-            self.running = False
-        if self.cancelled_run:  # the handler swallowed the cancellation
-            self.task.uncancel()
+            hold.watch_run(None)
+        if hold.cancelled_run:  # the handler swallowed the cancellation
+            task.uncancel()
         return result
 
-    async def _keep(self) -> None:
-        loop = asyncio.get_running_loop()
-        last_ok = loop.time()
-        delay = self.ttl_s / 3
-        while True:
-            await asyncio.sleep(delay)
-            sent = loop.time()
-            ok: bool | None
-            try:
-                ok = await asyncio.wait_for(
-                    self.store.renew(self.key, self.owner, self.token, self.ttl_s),
-                    max(self.ttl_s - (sent - last_ok), 0.01),
-                )
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # Redis away: the hold may still stand until its TTL
-                ok = None
-                log.warning(
-                    "group_then_renewal_failed", lock=self.key, error=f"{type(exc).__name__}: {exc}"
-                )
-            if ok:
-                last_ok, delay = sent, self.ttl_s / 3
-            elif ok is False or loop.time() - last_ok >= self.ttl_s:
-                return self._lose("taken or expired" if ok is False else "Redis unreachable")
-            else:
-                delay = min(self.ttl_s / 6, 1.0)
 
-    def _lose(self, why: str) -> None:
-        self.ctx.lock_lost = True
-        log.error(
-            "group_then_hold_lost",
-            lock=self.key,
-            token=self.token,
-            why=why,
-            action="another copy of the final job may run",
-        )
-        if self.running and self.cancels and not self.task.done():
-            self.cancelled_run = True
-            self.task.cancel()
-
-    def _end(self, _: object) -> None:
-        """The delivery is over: stop renewing, release (not awaited: a release that fails
-        leaves the key to its TTL)."""
-        self._keeper.cancel()
-        try:
-            soon = getattr(self.store, "release_soon", None)
-            future = (
-                soon(self.key, self.owner, self.token)
-                if soon is not None
-                else asyncio.ensure_future(self.store.release(self.key, self.owner, self.token))
-            )
-        except Exception as exc:
-            log.debug("group_then_release_failed", error=f"{type(exc).__name__}: {exc}")
-            return
-        future.add_done_callback(_quiet)
-
-
-def _quiet(future: asyncio.Future[Any]) -> None:
-    if not future.cancelled() and (exc := future.exception()) is not None:
-        log.debug("group_then_release_failed", error=f"{type(exc).__name__}: {exc}")
+def _end(hold: Lease) -> None:
+    """The final job's delivery is over: stop renewing, release (not awaited)."""
+    hold.stop()
+    release_soon(hold.store, hold.key, hold.owner, hold.token)
 
 
 class GroupCoordination(Coordination):

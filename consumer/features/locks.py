@@ -374,9 +374,12 @@ class LockLost(Retry):
         super().__init__(f"lock {key!r} was lost while the job ran ({why})")
 
 
-class _Lease:
+class Lease:
     """One held lock: renews itself every third of the TTL on a timer (a run shorter than
-    that never starts a task), and tells the run when the lock is lost."""
+    that never starts a task), and tells the run when the lock is lost: ``ctx.lock_lost``, a
+    log line (``lost_event``), and the task it was given cancelled (``cancelled_run``).
+    ``Locked`` holds one for a run; a group's final job (``features.groups``) holds one for
+    its whole delivery and gives it the task only while the handler runs (``watch_run``)."""
 
     __slots__ = (
         "_handle",
@@ -389,6 +392,7 @@ class _Lease:
         "cancelled_run",
         "ctx",
         "key",
+        "lost_event",
         "owner",
         "store",
         "token",
@@ -405,9 +409,12 @@ class _Lease:
         ttl_s: float,
         ctx: JobContext,
         task: asyncio.Task[Any] | None,
+        *,
+        lost_event: str = "job_lock_lost",
     ) -> None:
         self.store, self.key, self.owner, self.token, self.ttl_s = store, key, owner, token, ttl_s
         self.ctx = ctx
+        self.lost_event = lost_event
         self._task = task  # cancelled when the lock is lost (async handlers only)
         self.cancelled_run = False
         self.why = "LEVERET_LOCK_TTL"
@@ -445,6 +452,10 @@ class _Lease:
         delay = self._interval if ok else min(self._interval / 2, 1.0)
         self._handle = self._loop.call_later(delay, self._due)
 
+    def watch_run(self, task: asyncio.Task[Any] | None) -> None:
+        """The task a loss cancels from now on (``None``: none, e.g. once the run is over)."""
+        self._task = task
+
     def lost(self, why: str) -> None:
         """The store says the hold is gone (``watch``): the run is told now."""
         if self._live:
@@ -455,7 +466,7 @@ class _Lease:
         self._live = False
         self.why = why
         self.ctx.lock_lost = True
-        log.error("job_lock_lost", lock=self.key, token=self.token, why=why)
+        log.error(self.lost_event, lock=self.key, token=self.token, why=why)
         if self._task is not None and not self._task.done():
             self.cancelled_run = True
             self._task.cancel()
@@ -468,6 +479,21 @@ class _Lease:
         renewing, self._renewing = self._renewing, None
         if renewing is not None and not renewing.done():
             renewing.cancel()
+
+
+def release_soon(store: LockStore, key: str, owner: str, token: int) -> None:
+    """Release without making the run wait for it (its outcome does not depend on it; a
+    release that fails leaves the key to its TTL). Batched with the next Redis calls."""
+    soon = getattr(store, "release_soon", None)
+    try:
+        future = (
+            soon(key, owner, token)
+            if soon
+            else asyncio.ensure_future(store.release(key, owner, token))
+        )
+    except Exception:
+        return  # not even sent: the key lapses after its TTL
+    future.add_done_callback(_quiet)
 
 
 def _quiet(future: asyncio.Future[Any]) -> None:
@@ -515,7 +541,7 @@ class Locked:
         owner = f"{ctx.job_id}:{uuid.uuid4().hex[:8]}"
         token = await self._take(key, owner)
         task = asyncio.current_task() if self.cancels else None
-        lease = _Lease(self._store, key, owner, token, self._ttl, ctx, task)
+        lease = Lease(self._store, key, owner, token, self._ttl, ctx, task)
         if self._watch is not None:
             self._watch(key, owner, token, lease.lost)
         ctx.lock_token = token
@@ -533,18 +559,7 @@ class Locked:
         return result
 
     def _release(self, key: str, owner: str, token: int) -> None:
-        """Release without making the run wait for it (its outcome does not depend on it; a
-        release that fails leaves the key to its TTL). Batched with the next Redis calls."""
-        soon = getattr(self._store, "release_soon", None)
-        try:
-            future = (
-                soon(key, owner, token)
-                if soon
-                else asyncio.ensure_future(self._store.release(key, owner, token))
-            )
-        except Exception:
-            return  # not even sent: the key lapses after its TTL
-        future.add_done_callback(_quiet)
+        release_soon(self._store, key, owner, token)
 
     async def _take(self, key: str, owner: str) -> int:
         try:
