@@ -246,11 +246,12 @@ def test_issue_20_budget_rows() -> None:
     assert "| dramatiq-results | threads (no loop) |" in table
 
 
-def _peers_and_redis() -> bool:
+def _with_redis(*modules: str) -> bool:
+    """``modules`` importable and a Redis answering on :6379 (the rows that keep outcomes)."""
     import importlib.util
     import socket
 
-    if not all(importlib.util.find_spec(m) for m in ("dramatiq", "celery", "redis")):
+    if not all(importlib.util.find_spec(m) for m in modules):
         return False
     try:
         socket.create_connection(("127.0.0.1", 6379), timeout=1).close()
@@ -260,7 +261,9 @@ def _peers_and_redis() -> bool:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not _peers_and_redis(), reason="needs the bench group and Redis on :6379")
+@pytest.mark.skipif(
+    not _with_redis("dramatiq", "celery", "redis"), reason="needs the bench group and Redis"
+)
 def test_results_rows_tiny_run(tmp_path: Path) -> None:
     """Issue 20's rows end to end on 100 jobs: each run ends with every outcome readable."""
     out = tmp_path / "RESULTS.md"
@@ -281,21 +284,8 @@ def test_results_rows_tiny_run(tmp_path: Path) -> None:
     assert "≥ 0.8× bare aio-pika on uvloop" in text
 
 
-def _redis() -> bool:
-    import importlib.util
-    import socket
-
-    if importlib.util.find_spec("redis") is None:
-        return False
-    try:
-        socket.create_connection(("127.0.0.1", 6379), timeout=1).close()
-    except OSError:
-        return False
-    return True
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not _redis(), reason="needs redis-py and Redis on :6379")
+@pytest.mark.skipif(not _with_redis("redis"), reason="needs redis-py and Redis on :6379")
 def test_lock_rows_tiny_run(tmp_path: Path) -> None:
     """Issue 26's lock rows on 200 jobs (Redis only, no peers): every job's lock taken and its
     status readable; the budget against the status row and plain Leveret both printed."""

@@ -9,11 +9,9 @@ aio-pika as well as the newest.
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import aio_pika
 import aiormq
 import pytest
 from aio_pika.abc import AbstractConnection
@@ -44,15 +42,6 @@ class _Item:
 def _item(routing_key: str, job_id: str) -> _Item:
     properties = Basic.Properties(delivery_mode=2, message_id=job_id, message_type="j")
     return _Item("j", job_id, b"{}", properties, "", routing_key)
-
-
-@pytest.fixture
-async def connection(broker: Broker) -> AsyncIterator[AbstractConnection]:
-    connection = await aio_pika.connect(broker.url)
-    try:
-        yield connection
-    finally:
-        await connection.close()
 
 
 async def _confirming(connection: AbstractConnection) -> aiormq.abc.AbstractChannel:

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
-import aio_pika
 import aiormq.abc
 import pytest
 from aio_pika.abc import AbstractConnection
@@ -20,15 +17,6 @@ from leveret.producers.errors import (
 )
 from leveret.producers.wire.message import job_properties
 from tests.support import Broker, unique
-
-
-@pytest.fixture
-async def connection(broker: Broker) -> AsyncIterator[AbstractConnection]:
-    connection = await aio_pika.connect(broker.url)
-    try:
-        yield connection
-    finally:
-        await connection.close()
 
 
 async def _confirming(connection: AbstractConnection) -> aiormq.abc.AbstractChannel:

@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
-import aio_pika
 import aiormq
 import pytest
 from aio_pika.abc import AbstractConnection
@@ -28,15 +26,6 @@ from leveret.producers.wire.message import job_properties
 from tests.faults.plumbing import TcpProxy
 from tests.producers.test_batch import _declare, _drain_ids
 from tests.support import Broker, unique
-
-
-@pytest.fixture
-async def connection(broker: Broker) -> AsyncIterator[AbstractConnection]:
-    connection = await aio_pika.connect(broker.url)
-    try:
-        yield connection
-    finally:
-        await connection.close()
 
 
 async def _confirming(connection: AbstractConnection) -> aiormq.Channel:
